@@ -1,0 +1,254 @@
+"""Chunked LM-head losses, normalisation helpers, confidence BCE and confidence metrics.
+
+Axis names: N tokens (flattened batch x length), B batch, T length, C tokens of one chunk,
+D hidden size, V vocabulary.
+
+Every LM-head loss takes post-norm hidden states and the head matrix `W_DV`, never logits. The
+token axis is cut into chunks of `chunk` rows; `jax.lax.scan` walks the chunks and its body is
+wrapped in `jax.checkpoint`, so neither the forward nor the backward ever holds more than one
+[C, V] logits block (the backward recomputes a chunk's logits instead of storing them). Logits are
+produced with fp32 accumulation (`preferred_element_type`) and all softmax / loss math is fp32.
+
+Normalisation (pipo_method.md 5.1, 8.7): every stream (backbone, MTP) is its own token-mean over its
+own valid positions, and the streams are added afterwards. Two token-means are supported through
+per-token weights (`normalisation_weights`):
+  * "batch":  sum over all valid tokens of the stream in the batch / their count (the SFT loss: one
+    token-mean over the batch, long sequences weigh more);
+  * "sample": mean over samples of each sample's token-mean (the reference OPD gradient, which
+    back-propagates every sample with weight 1/B; long responses are not up-weighted).
+A stream with no valid position yields exactly 0 and finite (zero) gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------
+# Chunking machinery (shared with opd_losses.py)
+# ----------------------------------------------------------------------------------
+
+
+def head_logits(h_CD: jax.Array, W_DV: jax.Array) -> jax.Array:
+  """[C, D] x [D, V] -> fp32 [C, V]; the matmul runs in the inputs' dtype, accumulating in fp32."""
+  dtype = jnp.promote_types(h_CD.dtype, W_DV.dtype)
+  return jax.lax.dot_general(
+      h_CD.astype(dtype), W_DV.astype(dtype), (((1,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32)
+
+
+def scan_token_chunks(
+    body: Callable,
+    per_token: Sequence[jax.Array],
+    pad_values: Sequence,
+    chunk: int,
+):
+  """Run `body` over token chunks with remat; add up its sums, concatenate its per-token outputs.
+
+  Args:
+    body: f(*chunk_arrays) -> (sums, per_token_out): `sums` a tuple of scalars, `per_token_out` a
+      tuple of [C, ...] arrays. It is wrapped in `jax.checkpoint`, so its [C, V] intermediates are
+      recomputed in the backward pass instead of being stacked over chunks.
+    per_token: arrays with a leading token axis N (all the same N).
+    pad_values: one fill value per array for the rows that round N up to a multiple of `chunk`;
+      choose values that make the padded rows invalid (label -100, weight 0, mask False).
+    chunk: tokens per chunk (clipped to N).
+
+  Returns:
+    (sums, per_token_out) with per-token outputs cut back to N rows.
+  """
+  n = per_token[0].shape[0]
+  chunk = max(1, min(int(chunk), n))
+  n_chunks = -(-n // chunk)
+  n_pad = n_chunks * chunk - n
+
+  def prep(x, v):
+    if n_pad:
+      fill = jnp.full((n_pad,) + x.shape[1:], v, x.dtype)
+      x = jnp.concatenate([x, fill], axis=0)
+    return x.reshape((n_chunks, chunk) + x.shape[1:])
+
+  xs = tuple(prep(x, v) for x, v in zip(per_token, pad_values))
+  body_remat = jax.checkpoint(body, prevent_cse=False)
+
+  def step(carry, x):
+    sums, outs = body_remat(*x)
+    carry = tuple(c + s.astype(jnp.float32) for c, s in zip(carry, sums))
+    return carry, outs
+
+  # One abstract evaluation to learn how many sums the body returns.
+  n_sums = len(jax.eval_shape(body, *(x[0] for x in xs))[0])
+  init = tuple(jnp.zeros((), jnp.float32) for _ in range(n_sums))
+  sums, outs = jax.lax.scan(step, init, xs)
+  outs = tuple(o.reshape((n_chunks * chunk,) + o.shape[2:])[:n] for o in outs)
+  return sums, outs
+
+
+def _flatten_tokens(h, labels, weights):
+  """h [..., D], labels [...] -> h [N, D], labels [N], weights [N] (fp32), and labels' shape."""
+  shape = labels.shape
+  if h.shape[:-1] != shape:
+    raise ValueError(f"hidden states {h.shape} and labels {shape} disagree on the token axes")
+  h_ND = h.reshape((-1, h.shape[-1]))
+  labels_N = labels.reshape(-1).astype(jnp.int32)
+  if weights is None:
+    w_N = jnp.ones(labels_N.shape, jnp.float32)
+  else:
+    if weights.shape != shape:
+      raise ValueError(f"weights {weights.shape} must have the labels' shape {shape}")
+    w_N = weights.reshape(-1).astype(jnp.float32)
+  return h_ND, labels_N, w_N, shape
+
+
+# ----------------------------------------------------------------------------------
+# Cross entropy
+# ----------------------------------------------------------------------------------
+
+
+def chunked_cross_entropy(
+    h_ND: jax.Array,
+    W_DV: jax.Array,
+    labels_N: jax.Array,
+    chunk: int,
+    weights_N: Optional[jax.Array] = None,
+):
+  """Cross entropy of `h @ W` against `labels`, O(chunk x V) memory in forward and backward.
+
+  Args:
+    h_ND: hidden states [..., D] (e.g. [N, D] or [B, T, D]), any float dtype.
+    W_DV: LM-head matrix [D, V].
+    labels_N: int labels with h's token axes ([N] or [B, T]); IGNORE_INDEX (-100) is ignored.
+    chunk: tokens per chunk; need not divide N.
+    weights_N: optional per-token weights (labels' shape), e.g. from `normalisation_weights`.
+
+  Returns:
+    sum_loss: fp32 scalar, sum over valid tokens of weight * (-log p(label)).
+    n_valid: fp32 scalar, number of valid tokens (unweighted).
+    gold_logprob_N: fp32, labels' shape, stop-gradient log p(label) (0 at ignored positions); the
+      SFT confidence target is exp of it on the MTP stream.
+  """
+  h_ND, labels, w, shape = _flatten_tokens(h_ND, labels_N, weights_N)
+
+  def body(h_CD, y_C, w_C):
+    logits = head_logits(h_CD, W_DV)
+    valid = y_C != IGNORE_INDEX
+    safe_y = jnp.where(valid, y_C, 0)
+    gold = jnp.take_along_axis(logits, safe_y[:, None], axis=-1)[:, 0]
+    logp = gold - jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.where(valid, logp, 0.0)
+    sums = (-jnp.sum(logp * w_C), jnp.sum(valid.astype(jnp.float32)))
+    return sums, (jax.lax.stop_gradient(logp),)
+
+  (sum_loss, n_valid), (gold,) = scan_token_chunks(
+      body, (h_ND, labels, w), (0, IGNORE_INDEX, 0.0), chunk)
+  return sum_loss, n_valid, gold.reshape(shape)
+
+
+def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  """total / count, and exactly 0 when count == 0 (the gradient stays finite: total's is 0)."""
+  return total / jnp.maximum(count, 1.0)
+
+
+def normalisation_weights(valid_BT: jax.Array, mode: str = "batch") -> jax.Array:
+  """Per-token weights w [B, T] so that sum(w * loss) is the stream's token-mean.
+
+  "batch": w = valid / (number of valid tokens in the batch).
+  "sample": w = valid / (valid tokens of the token's row) / B; a row without valid tokens adds 0
+    but still counts in B (as the reference's per-sample 1/B backward does).
+  Zero valid tokens anywhere -> all-zero weights (loss 0).
+  """
+  valid = valid_BT.astype(jnp.float32)
+  if mode == "batch":
+    return valid / jnp.maximum(valid.sum(), 1.0)
+  if mode == "sample":
+    if valid.ndim != 2:
+      raise ValueError(f"'sample' normalisation needs [B, T] masks, got shape {valid.shape}")
+    per_row = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1.0)
+    return valid / per_row / valid.shape[0]
+  raise ValueError(f"normalisation mode {mode!r}: expected 'batch' or 'sample'")
+
+
+def cross_entropy_mean(h_BTD, W_DV, labels_BT, chunk: int, normalisation: str = "batch"):
+  """Token-mean CE of one stream (see module docstring); returns (loss, n_valid, gold_logprob_BT)."""
+  w = normalisation_weights(labels_BT != IGNORE_INDEX, normalisation)
+  loss, n_valid, gold = chunked_cross_entropy(h_BTD, W_DV, labels_BT, chunk, weights_N=w)
+  return loss, n_valid, gold
+
+
+# ----------------------------------------------------------------------------------
+# Confidence head loss and metrics
+# ----------------------------------------------------------------------------------
+
+
+def bce_with_logits(logit: jax.Array, target: jax.Array) -> jax.Array:
+  """Elementwise, numerically stable BCE(sigmoid(logit), target) in fp32."""
+  a = logit.astype(jnp.float32)
+  t = target.astype(jnp.float32)
+  return jnp.maximum(a, 0.0) - a * t + jnp.log1p(jnp.exp(-jnp.abs(a)))
+
+
+def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Array,
+                   weights_N: Optional[jax.Array] = None) -> jax.Array:
+  """Mean over valid positions of BCEWithLogits(conf_logit, sg(target)).
+
+  Args:
+    conf_logit_N: confidence-head logits a_j, any shape [...].
+    target_N: targets in [0, 1] (e.g. `sft_confidence_target` or an OPD target), same shape; the
+      gradient is always stopped here, so the loss never pushes the student towards easy drafts.
+    mask_N: bool validity, same shape.
+    weights_N: optional per-token weights replacing the plain mean (sum(w * bce * mask)).
+
+  Returns: fp32 scalar; 0 when no position is valid. Input detaching (pipo_method.md 3) is the
+  caller's choice: pass stop_gradient'ed hidden states into the head.
+  """
+  t = jnp.clip(jax.lax.stop_gradient(target_N).astype(jnp.float32), 0.0, 1.0)
+  m = mask_N.astype(jnp.float32)
+  # where(): a masked position may carry garbage (inf/NaN) logits without poisoning the gradient.
+  bce = jnp.where(mask_N, bce_with_logits(jnp.where(mask_N, conf_logit_N, 0.0), t), 0.0)
+  if weights_N is not None:
+    return jnp.sum(bce * weights_N.astype(jnp.float32) * m)
+  return safe_mean(jnp.sum(bce), jnp.sum(m))
+
+
+def sft_confidence_target(gold_logprob_N: jax.Array) -> jax.Array:
+  """pipo_method.md 5.1: t = clamp(exp(log p_mtp(gold)), 0, 1), no gradient."""
+  return jnp.clip(jnp.exp(jax.lax.stop_gradient(gold_logprob_N).astype(jnp.float32)), 0.0, 1.0)
+
+
+def confidence_metrics(conf_prob_N: jax.Array, target_N: jax.Array, mask_N: jax.Array,
+                       threshold: float = 0.95, n_bins: int = 10) -> dict:
+  """Calibration metrics of the confidence head over valid positions (all fp32 scalars).
+
+  conf_prob_N: predicted acceptance c = sigmoid(a); target_N: its target (the acceptance
+  probability min(1, p_t/p_s) or 1 - TV, or p_mtp(gold) in SFT); mask_N: validity.
+
+  * ece: expected calibration error over `n_bins` equal-width bins of c on [0, 1] (c = 1 goes to
+    the last bin): sum_b (n_b / n) |mean_b(c) - mean_b(target)|. Targets are soft probabilities,
+    so a bin is calibrated when its mean confidence equals its mean acceptance probability.
+  * mean_pred, mean_target: plain means.
+  * kept_rate: share of valid drafts with c >= threshold (kept without a verifier at serving).
+  * kept_rejected_rate: among kept drafts, the expected share a verifier would have rejected,
+    mean over kept of (1 - target). The target is an acceptance probability, so 1 - target is
+    the expected rejection of that draft; this is the error rate of the gate. 0 if nothing is kept.
+  """
+  c = conf_prob_N.astype(jnp.float32).reshape(-1)
+  t = target_N.astype(jnp.float32).reshape(-1)
+  m = mask_N.reshape(-1).astype(jnp.float32)
+  n = jnp.sum(m)
+  bins = jnp.clip(jnp.floor(c * n_bins).astype(jnp.int32), 0, n_bins - 1)
+  onehot = jax.nn.one_hot(bins, n_bins, dtype=jnp.float32) * m[:, None]
+  gap = jnp.abs(onehot.T @ c - onehot.T @ t)  # per bin: n_b * |mean_b(c) - mean_b(t)|
+  kept = m * (c >= threshold)
+  n_kept = jnp.sum(kept)
+  return {
+      "ece": safe_mean(jnp.sum(gap), n),
+      "mean_pred": safe_mean(jnp.sum(c * m), n),
+      "mean_target": safe_mean(jnp.sum(t * m), n),
+      "kept_rate": safe_mean(n_kept, n),
+      "kept_rejected_rate": safe_mean(jnp.sum(kept * (1.0 - t)), n_kept),
+  }

@@ -1,0 +1,221 @@
+"""PIPO training examples from (prompt ids, response ids): pure numpy, one sequence at a time.
+
+Conventions (pipo_method.md section 1): labels are *unshifted* (label[t] = x_t where supervised, -100 elsewhere);
+T is even and pair i is (x_{2i}, x_{2i+1}); every PAD sits in a token2 slot (odd index) and has label -100.
+
+SFT example (pipo_method.md 5.2 and 6, with defects 6, 15, 16 fixed):
+  1. ids = prompt || response; labels = -100 on the prompt, ids on the response.
+  2. Think-prefix masking: the first `think_mask_tokens` response labels become -100 (the `<think>\\n` that
+     the generation prompt already holds at inference).
+  3. Parity PAD: if the unsupervised prefix (prompt + think prefix) is odd, insert PAD after it.
+  4. Trailing PAD if the total is odd.
+  5. Length budget: a sequence longer than `max_length` is truncated on the right (or dropped, `overlong`);
+     one left without a supervised label is dropped.
+  6. Random PAD splitting: ratio ~ U(0, max_pad_ratio) from the caller's Generator; n = round(n_eligible *
+     ratio) eligible pairs (token2 supervised) are split (a, b) -> (a, PAD), (b, PAD). No max(1, .): ratio 0
+     inserts nothing (defect 6). n is capped so the result never exceeds max_length (defect 16).
+Batches are built by `pad_right`-ing each example independently, so any batch size works (defect 15).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+IGNORE = -100
+OVERLONG = ("truncate", "drop")
+
+
+@dataclasses.dataclass
+class PairExample:
+  """One sequence. input_ids / labels: int32 [T] (T even for PIPO examples, <= max_length)."""
+  input_ids: np.ndarray
+  labels: np.ndarray
+  truncated: bool = False
+  n_split: int = 0  # pairs split by PAD augmentation
+  pad_ratio: float = 0.0  # the drawn ratio
+
+
+def _i32(x) -> np.ndarray:
+  return np.asarray(x, dtype=np.int32).reshape(-1)
+
+
+def _check_length(max_length: int, even: bool = True) -> None:
+  if max_length <= 0 or (even and max_length % 2):
+    raise ValueError(f"data.max_length={max_length}: PIPO needs a positive even length (whole pairs)")
+
+
+def sft_sequence(prompt_ids, response_ids, think_mask_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Concatenate and label: (ids int32 [P+R], labels int32 [P+R]) with -100 on the prompt and on the first
+  `think_mask_tokens` response tokens."""
+  p, r = _i32(prompt_ids), _i32(response_ids)
+  ids = np.concatenate([p, r])
+  labels = ids.copy()
+  labels[: len(p) + max(0, min(int(think_mask_tokens), len(r)))] = IGNORE
+  return ids, labels
+
+
+def first_supervised(labels: np.ndarray) -> int:
+  """Index of the first label != -100, or len(labels) when there is none."""
+  nz = np.flatnonzero(labels != IGNORE)
+  return int(nz[0]) if nz.size else len(labels)
+
+
+def insert_parity_pads(ids: np.ndarray, labels: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Parity PAD after an odd unsupervised prefix, then a trailing PAD if the total is odd. Both label -100.
+
+  The prefix end is the first supervised label (pipo_method.md 6, step 1), so both PADs land at odd indices.
+  """
+  p = first_supervised(labels)
+  if p % 2:
+    ids = np.insert(ids, p, pad_id)
+    labels = np.insert(labels, p, IGNORE)
+  if len(ids) % 2:
+    ids = np.append(ids, np.int32(pad_id))
+    labels = np.append(labels, np.int32(IGNORE))
+  return ids.astype(np.int32), labels.astype(np.int32)
+
+
+def fit_length(ids: np.ndarray, labels: np.ndarray, max_length: int,
+               overlong: str) -> Optional[tuple[np.ndarray, np.ndarray, bool]]:
+  """Apply the length budget: (ids, labels, truncated), or None when the example is dropped.
+
+  Dropped: longer than max_length under `overlong="drop"`, or no supervised label left after truncation.
+  """
+  if overlong not in OVERLONG:
+    raise ValueError(f"data.overlong={overlong!r}: expected one of {OVERLONG}")
+  truncated = len(ids) > max_length
+  if truncated:
+    if overlong == "drop":
+      return None
+    ids, labels = ids[:max_length], labels[:max_length]
+  if not np.any(labels != IGNORE):
+    return None
+  return ids, labels, truncated
+
+
+def choose_splits(labels: np.ndarray, rng: np.random.Generator, max_pad_ratio: float,
+                  max_splits: int) -> tuple[np.ndarray, float]:
+  """Pick pairs to split: (split bool [L], ratio). labels int32 [2L].
+
+  ratio = U[0, 1) * max_pad_ratio; n = round(n_eligible * ratio) (Python rounding, as the reference), capped
+  at max_splits; a pair is eligible iff its token2 label is supervised. The ratio is always drawn, so the
+  Generator advances the same way whatever the example looks like.
+  """
+  ratio = float(rng.random()) * float(max_pad_ratio)
+  eligible = np.flatnonzero(labels[1::2] != IGNORE)
+  n = min(int(round(len(eligible) * ratio)), max(0, int(max_splits)), len(eligible))
+  split = np.zeros(len(labels) // 2, bool)
+  if n > 0:
+    split[rng.choice(eligible, size=n, replace=False)] = True
+  return split, ratio
+
+
+def split_pairs(ids: np.ndarray, labels: np.ndarray, split: np.ndarray,
+                pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rebuild pair by pair: a split pair (a, b | la, lb) becomes (a, PAD | la, -100), (b, PAD | lb, -100).
+
+  ids, labels int32 [2L]; split bool [L] -> int32 [2L + 2 * split.sum()].
+  """
+  a, b, la, lb = ids[0::2], ids[1::2], labels[0::2], labels[1::2]
+  counts = 1 + split.astype(np.int64)
+  src = np.repeat(np.arange(len(a)), counts)  # source pair of every output pair
+  second = np.zeros(len(src), bool)
+  second[1:] = src[1:] == src[:-1]  # the (b, PAD) half of a split pair
+  is_split = split[src]
+  tok1 = np.where(second, b[src], a[src])
+  lab1 = np.where(second, lb[src], la[src])
+  tok2 = np.where(is_split, pad_id, b[src])
+  lab2 = np.where(is_split, IGNORE, lb[src])
+  out_ids = np.stack([tok1, tok2], axis=1).reshape(-1).astype(np.int32)
+  out_lab = np.stack([lab1, lab2], axis=1).reshape(-1).astype(np.int32)
+  return out_ids, out_lab
+
+
+def build_sft_example(prompt_ids, response_ids, *, pad_id: int, rng: np.random.Generator,
+                      max_pad_ratio: float, think_mask_tokens: int, max_length: int,
+                      overlong: str = "truncate") -> Optional[PairExample]:
+  """The PIPO SFT example (steps in the module docstring), or None when it is dropped.
+
+  prompt_ids int32 [P], response_ids int32 [R] -> PairExample with even T <= max_length.
+  PAD ids inside the given text are removed first: a PAD may only be one the pipeline placed (odd index).
+  """
+  _check_length(max_length)
+  p, r = _i32(prompt_ids), _i32(response_ids)
+  p, r = p[p != pad_id], r[r != pad_id]
+  ids, labels = sft_sequence(p, r, think_mask_tokens)
+  ids, labels = insert_parity_pads(ids, labels, pad_id)
+  fitted = fit_length(ids, labels, max_length, overlong)
+  if fitted is None:
+    return None
+  ids, labels, truncated = fitted
+  split, ratio = choose_splits(labels, rng, max_pad_ratio, (max_length - len(ids)) // 2)
+  if split.any():
+    ids, labels = split_pairs(ids, labels, split, pad_id)
+  return PairExample(ids, labels, truncated=truncated, n_split=int(split.sum()), pad_ratio=ratio)
+
+
+def build_ar_example(prompt_ids, response_ids, *, max_length: int, overlong: str = "truncate",
+                     think_mask_tokens: int = 0) -> Optional[PairExample]:
+  """Plain autoregressive example (mode ar): no PAD logic, T = min(P + R, max_length), labels unshifted."""
+  _check_length(max_length, even=False)
+  ids, labels = sft_sequence(prompt_ids, response_ids, think_mask_tokens)
+  fitted = fit_length(ids, labels, max_length, overlong)
+  if fitted is None:
+    return None
+  ids, labels, truncated = fitted
+  return PairExample(ids, labels, truncated=truncated)
+
+
+def encode_rollout(prompt_ids, response_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """OPD encoding of one rollout (pipo_method.md 8.2): (ids, labels, valid), int32/int32/bool [T], T even.
+
+  prompt_ids: the generation prompt incl. `<think>\\n`, without its parity PAD; response_ids: the ids as
+  generated, PADs included. A parity PAD follows an odd prompt; every PAD gets label -100; an odd total gets
+  a trailing PAD with valid = False (attention 0).
+  """
+  p, r = _i32(prompt_ids), _i32(response_ids)
+  if len(p) % 2:
+    p = np.append(p, np.int32(pad_id))
+  ids = np.concatenate([p, r]).astype(np.int32)
+  labels = np.concatenate([np.full(len(p), IGNORE, np.int32), r]).astype(np.int32)
+  labels[ids == pad_id] = IGNORE
+  valid = np.ones(len(ids), bool)
+  if len(ids) % 2:
+    ids = np.append(ids, np.int32(pad_id))
+    labels = np.append(labels, np.int32(IGNORE))
+    valid = np.append(valid, False)
+  return ids, labels, valid
+
+
+def pad_right(input_ids, labels, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad (ids, labels) [T] to [length] with PAD / -100. int32 [length] each.
+
+  With an even T and an even `length` the padding is a whole number of pairs, so no real token shares a pair
+  with it (the padded tail is causal-masked future and unsupervised). Raises if T > length.
+  """
+  ids, lab = _i32(input_ids), _i32(labels)
+  if len(ids) != len(lab):
+    raise ValueError(f"input_ids has {len(ids)} tokens but labels {len(lab)}")
+  if len(ids) > length:
+    raise ValueError(f"sequence of {len(ids)} tokens does not fit length {length}")
+  n = length - len(ids)
+  return (np.concatenate([ids, np.full(n, pad_id, np.int32)]),
+          np.concatenate([lab, np.full(n, IGNORE, np.int32)]))
+
+
+def stream_targets(labels):
+  """(backbone_labels, mtp_labels), each [..., L-1], from unshifted labels [..., 2L] (pipo_method.md 4.3).
+
+  Slot j (0 <= j <= L-2) uses the backbone state of pair j: the backbone predicts x_{2j+2} = labels[2::2],
+  the MTP head (fed e(x_{2j+2})) predicts x_{2j+3} = labels[3::2]. Works on numpy and jax arrays.
+  """
+  return labels[..., 2::2], labels[..., 3::2]
+
+
+def stream_masks(labels):
+  """(backbone_mask, mtp_mask) bool [..., L-1]: which slots carry a loss in each stream."""
+  b, m = stream_targets(labels)
+  return b != IGNORE, m != IGNORE

@@ -1,0 +1,123 @@
+"""Gated softmax attention of Qwen3.5 full-attention layers (qwen3_5.md section 2).
+
+Axis vocabulary: B batch, T new tokens, S key slots (T without a cache, the cache length with one),
+D model dim, H query heads, G kv heads, R = H/G query heads per kv head, K head dim, P rotary dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.models.norms import RMSNorm
+
+# Masked scores use the most negative finite fp32 instead of -inf: a query row whose keys are all masked
+# (a left-pad query) then gets a uniform softmax instead of NaN; its output is never used.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """inv_freq_P2 [P/2] in float32, built the way HF builds it (qwen3_5.md section 8.8).
+
+  A float64 inv_freq diverges from HF by up to 2.4e-3 in cos at long positions, so the computation stays in
+  float32 end to end (numpy float32 matches torch's float32 pow).
+  """
+  p = config.rotary_dim
+  exponent = np.arange(0, p, 2, dtype=np.int64).astype(np.float32) / np.float32(p)
+  return (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+
+
+def rope_cos_sin(positions_BT: jax.Array, config: ModelConfig, dtype) -> tuple[jax.Array, jax.Array]:
+  """cos_BTP, sin_BTP for 1-D NeoX RoPE; for text-only input Qwen3.5's interleaved mRoPE is bit-identical."""
+  angle_BTp = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+  angle_BTP = jnp.concatenate([angle_BTp, angle_BTp], axis=-1)
+  # HF casts cos/sin to the activation dtype before rotating.
+  return jnp.cos(angle_BTP).astype(dtype), jnp.sin(angle_BTP).astype(dtype)
+
+
+def apply_partial_rope(x_BTNK: jax.Array, cos_BTP: jax.Array, sin_BTP: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on the first P channels of each head (pairs (i, i+P/2)); the rest pass through."""
+  p = cos_BTP.shape[-1]
+  rot, rest = x_BTNK[..., :p], x_BTNK[..., p:]
+  half = p // 2
+  rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+  rot = rot * cos_BTP[:, :, None, :] + rotated * sin_BTP[:, :, None, :]
+  return jnp.concatenate([rot, rest], axis=-1)
+
+
+def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes))
+
+
+class GatedAttention(nn.Module):
+  """Qwen3.5 full attention: QK-norm, partial RoPE, GQA causal softmax, sigmoid output gate.
+
+  Params: q_proj [D, H*2K] (per-head interleaved [q_h | gate_h]), k_proj/v_proj [D, G*K], o_proj [H*K, D],
+  q_norm/k_norm scale [K].
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: Optional[jax.Array],
+               cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
+    """x_BTD (already input-normed) -> (out_BTD, new cache).
+
+    cache (optional): {"k_BSGK", "v_BSGK", "index" (int32 scalar: first slot to write), "valid_BS"
+    (key validity *before* this call)}. The T new keys are written at slots index..index+T-1 and the queries
+    attend causally by slot: query t sees slots s <= index + t that are valid.
+    """
+    cfg = self.config
+    B, T, _ = x_BTD.shape
+    H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dtype = jnp.dtype(cfg.dtype)
+
+    qg_BTHK2 = _dense(H * 2 * K, ("embed", "heads"), cfg, "q_proj")(x_BTD).reshape(B, T, H, 2 * K)
+    q_BTHK, gate_BTHK = qg_BTHK2[..., :K], qg_BTHK2[..., K:]
+    k_BTGK = _dense(G * K, ("embed", "kv_heads"), cfg, "k_proj")(x_BTD).reshape(B, T, G, K)
+    v_BTGK = _dense(G * K, ("embed", "kv_heads"), cfg, "v_proj")(x_BTD).reshape(B, T, G, K)
+
+    q_BTHK = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_BTHK)
+    k_BTGK = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_BTGK)
+    cos_BTP, sin_BTP = rope_cos_sin(positions_BT, cfg, q_BTHK.dtype)
+    q_BTHK = apply_partial_rope(q_BTHK, cos_BTP, sin_BTP)
+    k_BTGK = apply_partial_rope(k_BTGK, cos_BTP, sin_BTP)
+    q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "heads", "head_dim"))
+    k_BTGK = nn.with_logical_constraint(k_BTGK, ("batch", "length", "kv_heads", "head_dim"))
+
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
+    if cache is None:
+      k_BSGK, v_BSGK = k_BTGK, v_BTGK
+      key_valid_BS = valid_BT
+      query_slot_T = jnp.arange(T)
+      new_cache = None
+    else:
+      index = cache["index"]
+      k_BSGK = jax.lax.dynamic_update_slice(cache["k_BSGK"], k_BTGK.astype(cache["k_BSGK"].dtype), (0, index, 0, 0))
+      v_BSGK = jax.lax.dynamic_update_slice(cache["v_BSGK"], v_BTGK.astype(cache["v_BSGK"].dtype), (0, index, 0, 0))
+      key_valid_BS = jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index))
+      query_slot_T = index + jnp.arange(T)
+      new_cache = dict(cache, k_BSGK=k_BSGK, v_BSGK=v_BSGK, valid_BS=key_valid_BS, index=index + T)
+    S = k_BSGK.shape[1]
+    mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
+
+    # GQA: query head h = g*R + r reads kv head g = h // R (HF repeat_kv == repeat_interleave).
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(dtype)).astype(jnp.float32)
+    scores_BGRTS = scores_BGRTS * np.float32(K ** -0.5)
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)  # softmax in fp32
+    o_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK.astype(dtype))
+    o_BTF = o_BTGRK.reshape(B, T, H * K)
+    # The gate multiplies the concatenated head outputs, before o_proj (qwen3_5.md section 8.4).
+    o_BTF = o_BTF * jax.nn.sigmoid(gate_BTHK.reshape(B, T, H * K))
+    o_BTF = nn.with_logical_constraint(o_BTF, ("batch", "length", "heads"))
+    out_BTD = _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(o_BTF)
+    return out_BTD, new_cache

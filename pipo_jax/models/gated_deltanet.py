@@ -1,0 +1,212 @@
+"""Gated DeltaNet (linear attention) layer of Qwen3.5 (qwen3_5.md section 3).
+
+Axis vocabulary: B batch, T new tokens, D model dim, C conv channels (= 2*Hk*dk + Hv*dv, the q|k|v
+channels), W conv kernel width (K_conv), Hk key heads, H value heads (Hv), K key head dim (dk), V value head
+dim (dv), N chunks, L chunk length, i/j positions inside a chunk.
+
+Logical axes used here besides the common ones: 'gdn_qkv' (the C conv channels), 'gdn_heads' (Hv, the
+per-head gate projections and A_log/dt_bias), 'gdn_value' (Hv*dv, z and the out_proj input), 'conv_width'.
+
+The whole delta-rule kernel runs in fp32 with HIGHEST matmul precision: the recurrent state accumulates
+over the whole sequence, so reduced-precision passes would compound (HF keeps it fp32 too).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.models.norms import GatedRMSNorm
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _einsum(spec, *ops):
+  return jnp.einsum(spec, *ops, precision=_HI)
+
+
+def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum x^2 + eps) over the last axis; eps inside the root, fixed at 1e-6 (qwen3_5.md 3.4)."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def torch_softplus(x: jax.Array) -> jax.Array:
+  """PyTorch's softplus (threshold 20: identity above), so g matches HF bit for bit in the common range."""
+  return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV):
+  """Token-by-token delta rule (qwen3_5.md 3.5): decay, delta write, then read. All inputs fp32.
+
+  Returns (o_BTHV, final state_BHKV). Used for single-token decode and as the test reference.
+  """
+  def step(S_BHKV, inputs):
+    q, k, v, g, beta = inputs
+    S_BHKV = S_BHKV * jnp.exp(g)[..., None, None]
+    u_BHV = beta[..., None] * (v - _einsum("bhkv,bhk->bhv", S_BHKV, k))
+    S_BHKV = S_BHKV + k[..., :, None] * u_BHV[..., None, :]
+    return S_BHKV, _einsum("bhkv,bhk->bhv", S_BHKV, q)
+
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
+  state_BHKV, o_TBHV = jax.lax.scan(step, state_BHKV, xs)
+  return jnp.moveaxis(o_TBHV, 0, 1), state_BHKV
+
+
+def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, chunk: int):
+  """Chunked parallel delta rule (qwen3_5.md 3.6), continuing from state_BHKV. All inputs fp32.
+
+  Returns (o_BTHV, final state_BHKV). T is zero-padded to a multiple of the chunk; zero padding at the end
+  leaves outputs and the final state exact.
+  """
+  B, T, H, K = k_BTHK.shape
+  V = v_BTHV.shape[-1]
+  L = min(chunk, T)  # a short multi-token step need not pad to a full chunk; results agree to fp32 rounding
+  pad = (-T) % L
+  N = (T + pad) // L
+
+  def to_chunks(a):  # [B, T, H, ...] -> [B, H, N, L, ...]
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    a = a.reshape((B, N, L) + a.shape[2:])
+    return jnp.moveaxis(a, 3, 1)
+
+  q, k, v, g, beta = (to_chunks(a) for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
+  gam_BHNL = jnp.cumsum(g, axis=-1)  # cumulative log-decay inside each chunk
+  i = jnp.arange(L)
+  causal_ij = i[:, None] >= i[None, :]
+  strict_ij = i[:, None] > i[None, :]
+  # Mask *before* exp: above the diagonal gam_i - gam_j > 0 can reach 1e4 and exp would overflow to inf,
+  # and inf * 0 is NaN (qwen3_5.md section 8.7).
+  diff_BHNij = gam_BHNL[..., :, None] - gam_BHNL[..., None, :]
+  decay_BHNij = jnp.exp(jnp.where(causal_ij, diff_BHNij, -jnp.inf))
+
+  kk_BHNij = _einsum("bhnik,bhnjk->bhnij", k, k)
+  lower_BHNij = jnp.where(strict_ij, beta[..., :, None] * kk_BHNij * decay_BHNij, 0.0)
+  eye = jnp.eye(L, dtype=jnp.float32)
+  # One unit-lower-triangular solve gives both U = (I+L)^-1 diag(beta) V and W = (I+L)^-1 diag(beta e^gam) K.
+  rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gam_BHNL))[..., None] * k], axis=-1)
+  sol = jax.lax.linalg.triangular_solve(lower_BHNij + eye, rhs, left_side=True, lower=True,
+                                        unit_diagonal=True)
+  u_BHNLV, w_BHNLK = sol[..., :V], sol[..., V:]
+
+  qk_BHNij = jnp.where(causal_ij, _einsum("bhnik,bhnjk->bhnij", q, k) * decay_BHNij, 0.0)
+  q_dec = q * jnp.exp(gam_BHNL)[..., None]
+  gam_last_BHN = gam_BHNL[..., -1]
+  # exp(gam_C - gam_i) rather than exp(gam_C)/exp(gam_i): the latter is 0/0 for strong decays.
+  k_dec = k * jnp.exp(gam_last_BHN[..., None] - gam_BHNL)[..., None]
+
+  def step(S_BHKV, xs):
+    u, w, qd, qk, kd, glast = xs
+    v_new = u - _einsum("bhlk,bhkv->bhlv", w, S_BHKV)
+    o = _einsum("bhlk,bhkv->bhlv", qd, S_BHKV) + _einsum("bhij,bhjv->bhiv", qk, v_new)
+    S_BHKV = jnp.exp(glast)[..., None, None] * S_BHKV + _einsum("bhlk,bhlv->bhkv", kd, v_new)
+    return S_BHKV, o
+
+  xs = tuple(jnp.moveaxis(a, 2, 0) for a in (u_BHNLV, w_BHNLK, q_dec, qk_BHNij, k_dec, gam_last_BHN))
+  state_BHKV, o_NBHLV = jax.lax.scan(step, state_BHKV, xs)
+  o_BTHV = jnp.moveaxis(o_NBHLV, 0, 2).reshape(B, H, N * L, V)[:, :, :T]
+  return jnp.moveaxis(o_BTHV, 1, 2), state_BHKV
+
+
+class CausalConv(nn.Module):
+  """Depthwise causal conv over the last W-1 inputs, no bias. Param `kernel` [W, C] (kernel[j, c] is torch
+  conv1d.weight[c, 0, j]; tap W-1 multiplies the current token, cross-correlation as in torch).
+
+  Written as a sum of W shifted products over [cached W-1 pre-activation inputs | new inputs], so prefill,
+  single-step and multi-token decode are the same code.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC: jax.Array, prev_BWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_BTC pre-activation, prev_BWC the previous W-1 inputs) -> (silu(conv)_BTC, new prev_BWC)."""
+    cfg = self.config
+    W, C = cfg.linear_conv_kernel_dim, x_BTC.shape[-1]
+    kernel_WC = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv")), (W, C), cfg.param_dtype)
+    T = x_BTC.shape[1]
+    ext_BXC = jnp.concatenate([prev_BWC.astype(x_BTC.dtype), x_BTC], axis=1)  # X = T + W - 1
+    ext32 = ext_BXC.astype(jnp.float32)
+    acc_BTC = sum(ext32[:, j:j + T] * kernel_WC[j].astype(jnp.float32) for j in range(W))
+    return jax.nn.silu(acc_BTC).astype(x_BTC.dtype), ext_BXC[:, T:]
+
+
+def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes))
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+  # A ~ U(0.01, 16) as HF 5.24 initialises it; the param stores log(A).
+  return jnp.log(jax.random.uniform(key, shape, dtype, 0.01, 16.0))
+
+
+class GatedDeltaNet(nn.Module):
+  """Qwen3.5 `linear_attn`. Params: in_proj_qkv [D, C], in_proj_z [D, Hv*dv], in_proj_b/in_proj_a [D, Hv],
+  conv1d/kernel [W, C], A_log [Hv] (always fp32; the model computes -exp(A_log)), dt_bias [Hv],
+  norm/scale [dv] (plain scale), out_proj [Hv*dv, D].
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, valid_BT: Optional[jax.Array],
+               cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
+    """x_BTD (already input-normed) -> (out_BTD, new cache).
+
+    cache (optional): {"conv_BWC": last W-1 pre-activation q|k|v inputs, "state_BHKV": fp32 recurrent state,
+    ...other keys passed through}. Pads (valid_BT False) are zeroed here, which keeps left padding exact;
+    pads in the middle of a sequence would still decay the state (qwen3_5.md 3.8), so don't make them.
+    """
+    cfg = self.config
+    B, T, _ = x_BTD.shape
+    Hk, H, K, V = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                   cfg.linear_value_head_dim)
+    W = cfg.linear_conv_kernel_dim
+    if valid_BT is not None:
+      x_BTD = x_BTD * valid_BT[..., None].astype(x_BTD.dtype)
+
+    mixed_BTC = _dense(cfg.linear_conv_dim, ("embed", "gdn_qkv"), cfg, "in_proj_qkv")(x_BTD)
+    z_BTHV = _dense(H * V, ("embed", "gdn_value"), cfg, "in_proj_z")(x_BTD).reshape(B, T, H, V)
+    b_BTH = _dense(H, ("embed", "gdn_heads"), cfg, "in_proj_b")(x_BTD)
+    a_BTH = _dense(H, ("embed", "gdn_heads"), cfg, "in_proj_a")(x_BTD)
+
+    if cache is None:
+      prev_BWC = jnp.zeros((B, W - 1, cfg.linear_conv_dim), mixed_BTC.dtype)
+      state_BHKV = jnp.zeros((B, H, K, V), jnp.float32)
+    else:
+      prev_BWC, state_BHKV = cache["conv_BWC"], cache["state_BHKV"]
+    conv_BTC, new_prev_BWC = CausalConv(cfg, name="conv1d")(mixed_BTC, prev_BWC)
+    conv_BTC = nn.with_logical_constraint(conv_BTC, ("batch", "length", "gdn_qkv"))
+
+    kd = cfg.linear_key_dim
+    q_BTHK = conv_BTC[..., :kd].reshape(B, T, Hk, K).astype(jnp.float32)
+    k_BTHK = conv_BTC[..., kd:2 * kd].reshape(B, T, Hk, K).astype(jnp.float32)
+    v_BTHV = conv_BTC[..., 2 * kd:].reshape(B, T, H, V).astype(jnp.float32)
+    # Scale after the l2norm (qwen3_5.md 8.6); value head h reads key head h // (H/Hk): repeat_interleave.
+    q_BTHK = jnp.repeat(l2norm(q_BTHK) * np.float32(K ** -0.5), H // Hk, axis=2)
+    k_BTHK = jnp.repeat(l2norm(k_BTHK), H // Hk, axis=2)
+
+    a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("gdn_heads",)), (H,), jnp.float32)
+    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(nn.initializers.ones_init(), ("gdn_heads",)),
+                         (H,), cfg.param_dtype)
+    beta_BTH = jax.nn.sigmoid(b_BTH.astype(jnp.float32))
+    g_BTH = -jnp.exp(a_log.astype(jnp.float32)) * torch_softplus(
+        a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+
+    if T == 1 and cache is not None:
+      o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
+    else:
+      o_BTHV, state_BHKV = chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV,
+                                                    cfg.gdn_chunk_size)
+    # HF casts the kernel output back to the model dtype before the gated norm.
+    y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(o_BTHV.astype(x_BTD.dtype), z_BTHV)
+    y_BTF = nn.with_logical_constraint(y_BTHV.reshape(B, T, H * V), ("batch", "length", "gdn_value"))
+    out_BTD = _dense(cfg.hidden_size, ("gdn_value", "embed"), cfg, "out_proj")(y_BTF)
+    new_cache = None if cache is None else dict(cache, conv_BWC=new_prev_BWC.astype(cache["conv_BWC"].dtype),
+                                                state_BHKV=state_BHKV)
+    return out_BTD, new_cache

@@ -1,0 +1,170 @@
+"""PIPO pair construction: a hand-worked example and hypothesis properties (pipo_method.md 5.2, 6, 8.2)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pipo_jax.data import pairs
+from pipo_jax.data.pairs import IGNORE as X
+
+PAD = 99  # deliberately not 248044 or 1: nothing may assume the PAD id
+
+
+class _FixedRng:
+  """Stands in for np.random.Generator so the split pattern is chosen by hand."""
+
+  def __init__(self, u, chosen):
+    self.u, self.chosen = u, chosen
+
+  def random(self):
+    return self.u
+
+  def choice(self, eligible, size, replace):
+    assert not replace and size == len(self.chosen) and set(self.chosen) <= set(eligible.tolist())
+    return np.asarray(self.chosen)
+
+
+# prompt (3 tokens) + response (7 tokens, the first 2 being `<think>\n`) = 10 tokens.
+PROMPT = [11, 12, 13]
+RESPONSE = [21, 22, 23, 24, 25, 26, 27]
+
+
+def test_hand_worked_example_with_one_split():
+  # Masked prefix = 3 + 2 = 5 tokens (odd) -> parity PAD at index 5; 11 tokens (odd) -> trailing PAD.
+  # Pairs: (11,12) (13,21) (22,PAD) (23,24) (25,26) (27,PAD); eligible (token2 supervised): pairs 3 and 4.
+  # u = 0.5, max ratio 1 -> ratio 0.5 -> round(2 * 0.5) = 1 split, chosen by hand: pair 3 -> (23,PAD) (24,PAD).
+  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.5, [3]), max_pad_ratio=1.0,
+                               think_mask_tokens=2, max_length=16)
+  want_ids = [11, 12, 13, 21, 22, PAD, 23, PAD, 24, PAD, 25, 26, 27, PAD]
+  want_lab = [X, X, X, X, X, X, 23, X, 24, X, 25, 26, 27, X]
+  np.testing.assert_array_equal(ex.input_ids, want_ids)
+  np.testing.assert_array_equal(ex.labels, want_lab)
+  assert ex.input_ids.dtype == np.int32 and ex.labels.dtype == np.int32
+  assert ex.n_split == 1 and ex.pad_ratio == 0.5 and not ex.truncated
+  # Slot j: backbone predicts labels[2j+2], MTP predicts labels[2j+3]; L = 7 -> 6 slots.
+  back, mtp = pairs.stream_targets(ex.labels)
+  np.testing.assert_array_equal(back, [X, X, 23, 24, 25, 27])
+  np.testing.assert_array_equal(mtp, [X, X, X, X, 26, X])
+  back_m, mtp_m = pairs.stream_masks(ex.labels)
+  np.testing.assert_array_equal(back_m, [0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(mtp_m, [0, 0, 0, 0, 1, 0])
+  ids, lab = pairs.pad_right(ex.input_ids, ex.labels, 18, PAD)
+  np.testing.assert_array_equal(ids, want_ids + [PAD] * 4)
+  np.testing.assert_array_equal(lab, want_lab + [X] * 4)
+
+
+def test_ratio_zero_inserts_only_parity_pads():
+  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
+                               think_mask_tokens=2, max_length=16)
+  np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, 24, 25, 26, 27, PAD])
+  np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24, 25, 26, 27, X])
+  assert ex.n_split == 0
+
+
+def test_small_ratio_rounds_to_no_split():
+  # round(2 * 0.2) = 0: the reference's max(1, .) would still split one pair (defect 6).
+  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.2, []), max_pad_ratio=1.0,
+                               think_mask_tokens=2, max_length=16)
+  assert ex.n_split == 0 and len(ex.input_ids) == 12
+
+
+def test_split_never_exceeds_max_length():
+  # 12 tokens already fill max_length 12: no room for a split (each adds 2), whatever the ratio.
+  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.99, []), max_pad_ratio=1.0,
+                               think_mask_tokens=2, max_length=12)
+  assert ex.n_split == 0 and len(ex.input_ids) == 12
+
+
+def test_overlong_truncate_and_drop():
+  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
+                               think_mask_tokens=2, max_length=8)
+  np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, 24])
+  np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24])
+  assert ex.truncated
+  assert pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0),
+                                 max_pad_ratio=0.0, think_mask_tokens=2, max_length=8, overlong="drop") is None
+  # Nothing supervised left after truncation -> dropped.
+  assert pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0),
+                                 max_pad_ratio=0.0, think_mask_tokens=2, max_length=6) is None
+
+
+def test_even_prompt_gets_no_parity_pad():
+  ex = pairs.build_sft_example([11, 12, 13, 14], [21, 22, 23, 24], pad_id=PAD, rng=np.random.default_rng(0),
+                               max_pad_ratio=0.0, think_mask_tokens=2, max_length=8)
+  np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 14, 21, 22, 23, 24])
+  np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24])
+
+
+def test_ar_example_has_no_pad_logic():
+  ex = pairs.build_ar_example(PROMPT, RESPONSE, max_length=9, think_mask_tokens=0)
+  np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, 23, 24, 25, 26])
+  np.testing.assert_array_equal(ex.labels, [X, X, X, 21, 22, 23, 24, 25, 26])
+  assert ex.truncated
+
+
+def test_rollout_encoding():
+  # Prompt (incl. <think>\n) of 3 -> parity PAD; response as generated: prefill PAD at index 1, one rejected
+  # draft (PAD) later; 9 tokens -> trailing PAD with valid False.
+  ids, lab, valid = pairs.encode_rollout([5, 6, 7], [8, PAD, 9, 10, 11], PAD)
+  np.testing.assert_array_equal(ids, [5, 6, 7, PAD, 8, PAD, 9, 10, 11, PAD])
+  np.testing.assert_array_equal(lab, [X, X, X, X, 8, X, 9, 10, 11, X])
+  np.testing.assert_array_equal(valid, [1] * 9 + [0])
+  ids, lab, valid = pairs.encode_rollout([5, 6, 7, 8], [9, PAD, 10, PAD], PAD)
+  np.testing.assert_array_equal(ids, [5, 6, 7, 8, 9, PAD, 10, PAD])
+  np.testing.assert_array_equal(lab, [X, X, X, X, 9, X, 10, X])
+  assert valid.all()
+
+
+def test_pad_right_rejects_too_long():
+  with pytest.raises(ValueError, match="does not fit"):
+    pairs.pad_right([1, 2, 3, 4], [X] * 4, 2, PAD)
+
+
+def test_odd_max_length_is_an_error():
+  with pytest.raises(ValueError, match="even"):
+    pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
+                            think_mask_tokens=2, max_length=15)
+
+
+_ids = st.lists(st.integers(2, 60) | st.just(PAD), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=_ids, response=_ids, ratio=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]), think=st.integers(0, 3),
+       max_length=st.integers(1, 50).map(lambda n: 2 * n), overlong=st.sampled_from(["truncate", "drop"]),
+       seed=st.integers(0, 2**31))
+def test_properties(prompt, response, ratio, think, max_length, overlong, seed):
+  ex = pairs.build_sft_example(prompt, response, pad_id=PAD, rng=np.random.default_rng(seed),
+                               max_pad_ratio=ratio, think_mask_tokens=think, max_length=max_length,
+                               overlong=overlong)
+  p = [t for t in prompt if t != PAD]
+  r = [t for t in response if t != PAD]
+  if ex is None:  # dropped: too long under "drop", or nothing supervised within the budget
+    return
+  ids, lab = ex.input_ids, ex.labels
+  assert len(ids) == len(lab) and len(ids) % 2 == 0 and len(ids) <= max_length
+  assert not np.any(ids[0::2] == PAD)  # PAD only in token2 slots
+  assert np.all(lab[ids == PAD] == X)  # PAD never supervised
+  sup = lab != X
+  assert sup.any() and np.array_equal(lab[sup], ids[sup])  # unshifted labels
+  real = ids[ids != PAD].tolist()
+  assert real == (p + r)[:len(real)]  # real-token order kept, only truncated on the right
+  assert lab[sup].tolist() == r[think:][:int(sup.sum())]  # exactly the unmasked response, in order
+  assert ex.truncated == (len(real) < len(p + r))
+  if overlong == "drop":
+    assert not ex.truncated
+  if ratio == 0.0:
+    assert ex.n_split == 0 and int((ids == PAD).sum()) <= 2  # parity PADs only
+  # PADs = parity PADs (<= 2) + one per split pair (each split adds one PAD per half)
+  assert int((ids == PAD).sum()) - 2 * ex.n_split in (0, 1, 2)
+  back, mtp = pairs.stream_targets(lab)
+  assert back.shape == mtp.shape == (len(ids) // 2 - 1,)
+
+
+@settings(max_examples=100, deadline=None)
+@given(prompt=_ids, response=st.lists(st.integers(2, 60) | st.just(PAD), max_size=40))
+def test_rollout_properties(prompt, response):
+  ids, lab, valid = pairs.encode_rollout([t for t in prompt if t != PAD], response, PAD)
+  assert len(ids) % 2 == 0 and np.all(lab[ids == PAD] == X) and valid[:-1].all()
+  assert valid.all() or (ids[-1] == PAD and not valid[-1])
+  assert not np.any(ids[: len(prompt) - prompt.count(PAD)][0::2] == PAD)

@@ -168,3 +168,26 @@ def speedup(effective_tokens_per_s: float, baseline_tokens_per_s: float) -> floa
   if baseline_tokens_per_s <= 0:
     raise ValueError(f"baseline throughput must be > 0, got {baseline_tokens_per_s}")
   return float(effective_tokens_per_s / baseline_tokens_per_s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One report row per evaluated configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_row(method: str, correct_by_benchmark: Mapping[str, object], lengths: Sequence[LengthStats],
+            wall_time_s: Optional[float] = None, conf_threshold: Optional[float] = None,
+            control: Optional[str] = None, k: Optional[int] = None, **extra) -> dict:
+  """Everything `pipo_jax.report` needs about one method / threshold, from raw per-sample results.
+
+  `correct_by_benchmark` maps a benchmark name to its [questions, samples] 0/1 matrix; `lengths` holds one
+  LengthStats per generated answer (all benchmarks). Extra keyword fields are copied into the row.
+  """
+  benchmarks = {name: benchmark_metrics(c, k) for name, c in correct_by_benchmark.items()}
+  ks = {m["k"] for m in benchmarks.values()}
+  if len(ks) != 1:
+    raise ValueError(f"run_row: benchmarks disagree on k ({sorted(ks)}); pass k explicitly")
+  row = {"method": method, "conf_threshold": conf_threshold, "control": control, "k": ks.pop(),
+         "benchmarks": benchmarks, **overall_metrics(benchmarks), **length_metrics(lengths, wall_time_s)}
+  row.update(extra)
+  return row

@@ -39,7 +39,9 @@ import logging
 import re
 import signal
 import threading
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -148,3 +150,21 @@ def grade(completion: str, answer: str, answer_type: str, timeout_s: Optional[in
   if answer_type == "multiple_choice":
     return grade_multiple_choice(completion, answer)
   raise ValueError(f"grade: unknown answer_type {answer_type!r}; expected one of {ANSWER_TYPES}")
+
+
+def grade_samples(completions_QN: Sequence[Sequence[str]], answers_Q: Sequence[str],
+                  answer_types_Q: Sequence[str] | str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> np.ndarray:
+  """0/1 matrix [questions, samples] for a benchmark: sample j of question i graded against answer i.
+
+  `answer_types_Q` is one type for all questions or one per question. Every question needs the same number of
+  samples (pass@k / avg@k assume it).
+  """
+  q = len(completions_QN)
+  if len(answers_Q) != q:
+    raise ValueError(f"grade_samples: {q} questions but {len(answers_Q)} answers")
+  types = [answer_types_Q] * q if isinstance(answer_types_Q, str) else list(answer_types_Q)
+  n = {len(c) for c in completions_QN}
+  if len(n) > 1:
+    raise ValueError(f"grade_samples: questions have different sample counts {sorted(n)}")
+  return np.array([[grade(c, a, t, timeout_s) for c in comps]
+                   for comps, a, t in zip(completions_QN, answers_Q, types)], dtype=np.int8).reshape(q, -1)

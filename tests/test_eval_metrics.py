@@ -81,3 +81,15 @@ def test_budget_in_slots_defect_8():
   assert out[32_768]["avg_at_k"] == pytest.approx(0.5)
   assert out[32_768]["pass_at_k"] == 1.0
   assert out[16_384]["pass_at_k"] == 0.0
+
+
+def test_run_row_feeds_report():
+  lengths = [em.count_lengths([1, 2, 3, 0], pad_id=0, tokens_per_slot=2)] * 4
+  row = em.run_row("PIPO-SFT", {"a": [[1, 0], [0, 0]], "b": [[1, 1]]}, lengths, wall_time_s=3.0,
+                   conf_threshold=0.95, note="x")
+  assert row["benchmarks"]["a"]["pass_at_k"] == pytest.approx(0.5)
+  assert row["avg_at_k"] == pytest.approx((0.25 + 1.0) / 2)
+  assert row["pass_at_k"] == pytest.approx((0.5 + 1.0) / 2)
+  assert (row["k"], row["conf_threshold"], row["control"], row["note"]) == (2, 0.95, None, "x")
+  assert row["pad_ratio"] == pytest.approx(0.5) and row["tokens_per_answer"] == 3.0
+  assert row["effective_tokens_per_s"] == pytest.approx(12 / 3.0)

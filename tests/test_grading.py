@@ -67,3 +67,12 @@ def test_grade_math_off_main_thread():
   t.join()
   assert out["r"] is True
   assert grading._effective_timeout(5) == 5  # the main thread keeps the timeout
+
+
+def test_grade_samples_matrix():
+  comps = [[r"\boxed{2}", r"\boxed{3}"], [r"\boxed{B}", "no answer"]]
+  out = grading.grade_samples(comps, ["2", "B"], ["math", "multiple_choice"])
+  assert out.tolist() == [[1, 0], [1, 0]]
+  assert grading.grade_samples([[r"\boxed{1}"]], ["1"], "math").tolist() == [[1]]
+  with pytest.raises(ValueError, match="sample counts"):
+    grading.grade_samples([["a"], ["b", "c"]], ["1", "2"], "math")

@@ -80,3 +80,15 @@ def test_no_sweep_no_png(tmp_path):
   paths = report.write_report(ROWS[:2], str(tmp_path))
   assert "png" not in paths and not (tmp_path / "sweep.png").exists()
   assert "sweep" not in open(paths["md"]).read()
+
+
+def test_rows_from_eval_metrics(tmp_path):
+  from pipo_jax import eval_metrics as em
+  lengths = [em.count_lengths([1, 2], pad_id=None)] * 2
+  ar = em.run_row("Regular", {"AIME25": [[1, 0]]}, lengths, wall_time_s=2.0)
+  pipo = em.run_row("PIPO-SFT", {"AIME25": [[1, 1]]}, lengths, wall_time_s=1.0, conf_threshold=0.95)
+  paths = report.write_report([ar, pipo], str(tmp_path))
+  _, body = _table_lines(open(paths["md"]).read(), "Method")
+  assert body == [["Regular", "—", "50.00", "**100.00**", "50.00", "**100.00**"],
+                  ["PIPO-SFT", "0.95", "**100.00**", "**100.00**", "**100.00**", "**100.00**"]]
+  assert json.load(open(paths["json"]))["rows"][1]["speedup_vs_ar"] == pytest.approx(2.0)

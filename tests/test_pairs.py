@@ -115,6 +115,14 @@ def test_rollout_encoding():
   assert valid.all()
 
 
+def test_rollout_batch():
+  ids, lab, valid = pairs.encode_rollout_batch([[5, 6, 7], [5, 6, 7, 8]], [[8, PAD, 9, 10, 11], [9, PAD]], PAD, 12)
+  np.testing.assert_array_equal(ids, [[5, 6, 7, PAD, 8, PAD, 9, 10, 11, PAD, PAD, PAD],
+                                      [5, 6, 7, 8, 9, PAD, PAD, PAD, PAD, PAD, PAD, PAD]])
+  np.testing.assert_array_equal(lab, [[X, X, X, X, 8, X, 9, 10, 11, X, X, X], [X, X, X, X, 9] + [X] * 7])
+  np.testing.assert_array_equal(valid, [[1] * 9 + [0] * 3, [1] * 6 + [0] * 6])
+
+
 def test_pad_right_rejects_too_long():
   with pytest.raises(ValueError, match="does not fit"):
     pairs.pad_right([1, 2, 3, 4], [X] * 4, 2, PAD)

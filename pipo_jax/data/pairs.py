@@ -190,6 +190,24 @@ def encode_rollout(prompt_ids, response_ids, pad_id: int) -> tuple[np.ndarray, n
   return ids, labels, valid
 
 
+def encode_rollout_batch(prompts, responses, pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`encode_rollout` for B rollouts, right-padded to a fixed length: (ids int32, labels int32, valid bool) [B, length].
+
+  prompts / responses: sequences of B id arrays (a prompt may already end in its parity PAD). The right padding
+  is PAD / -100 / valid False; `length` must be even and >= every encoded rollout.
+  """
+  if length % 2:
+    raise ValueError(f"rollout length {length} must be even (whole pairs)")
+  out_ids, out_lab, out_valid = [], [], []
+  for p, r in zip(prompts, responses, strict=True):
+    ids, lab, valid = encode_rollout(p, r, pad_id)
+    ids_p, lab_p = pad_right(ids, lab, length, pad_id)
+    out_ids.append(ids_p)
+    out_lab.append(lab_p)
+    out_valid.append(np.concatenate([valid, np.zeros(length - len(valid), bool)]))
+  return np.stack(out_ids), np.stack(out_lab), np.stack(out_valid)
+
+
 def pad_right(input_ids, labels, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Right-pad (ids, labels) [T] to [length] with PAD / -100. int32 [length] each.
 

@@ -169,10 +169,13 @@ def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
     for raw in f:
       lineno += 1
       start, pos = pos, pos + len(raw)
-      text = raw.decode("utf-8", errors="strict") if raw.strip() else ""
-      if not text.strip():
+      if not raw.strip():
         continue
       try:
+        try:
+          text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise MalformedRecordError(f"{path}:{lineno}: not UTF-8 ({e})") from None
         parse_line(text, path, lineno, fmt, require_response)
       except MalformedRecordError:
         if not skip_malformed:
@@ -196,7 +199,7 @@ class JsonlSource:
   """Random access to the validated lines of a JSONL file (a grain `RandomAccessDataSource`).
 
   `source[i]` re-reads line i with `os.pread` from its byte span (thread-safe: grain reads with several
-  threads) and parses it. The file descriptor is reopened lazily, so the source pickles into grain workers.
+  threads) and parses it. The descriptor is reopened on unpickling, so the source pickles into grain workers.
   """
 
   def __init__(self, path: str, fmt: str = "auto", offsets: Optional[np.ndarray] = None,
@@ -207,14 +210,12 @@ class JsonlSource:
     if offsets is None:
       offsets, linenos, self.num_malformed = index_jsonl(path, fmt, skip_malformed, require_response)
     self._offsets, self._linenos = offsets, linenos
-    self._fh = None
+    self._fh = os.open(path, os.O_RDONLY)
 
   def __len__(self) -> int:
     return len(self._offsets)
 
   def __getitem__(self, i: int) -> Record:
-    if self._fh is None:
-      self._fh = os.open(self.path, os.O_RDONLY)
     start, length = self._offsets[i]
     line = os.pread(self._fh, int(length), int(start)).decode("utf-8")
     return parse_line(line, self.path, int(self._linenos[i]), self.fmt)
@@ -223,6 +224,14 @@ class JsonlSource:
     d = dict(self.__dict__)
     d["_fh"] = None
     return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._fh = os.open(self.path, os.O_RDONLY)
+
+  def __del__(self):
+    if getattr(self, "_fh", None) is not None:
+      os.close(self._fh)
 
   def __repr__(self) -> str:
     return f"JsonlSource({self.path!r}, n={len(self)}, malformed={self.num_malformed})"

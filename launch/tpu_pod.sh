@@ -16,7 +16,8 @@
 #   --dry-run            print the gcloud commands instead of running them
 #   --config.x=...       and everything after "--" are passed through to pipo_jax.train
 #
-# Steps: describe the slice, create it if missing; tar the working tree (no .git) and scp it to every worker;
+# Steps: describe the slice, create it if missing; tar the working tree (git-ignored files excluded) and scp it
+# to every worker;
 # unpack into ~/pipo_jax and pip-install requirements.txt plus jax[tpu] at the pinned jax version on every worker;
 # start `python3 -m pipo_jax.train --flagfile=F ARGS` on every worker in the background (log ~/pipo_train.log);
 # stream worker 0's log until its trainer exits, and exit with worker 0's exit code.
@@ -122,8 +123,11 @@ else
   run "${create[@]}"
 fi
 
-# 2. Sync the code: a tarball of the working tree (uncommitted edits included, VCS and caches excluded).
-run tar -czf "$tarball" -C "$repo" --exclude=.git --exclude=__pycache__ --exclude=.pytest_cache --exclude='*.pyc' .
+# 2. Sync the code: a tarball of the working tree as git sees it (tracked files plus untracked ones that are not
+#    git-ignored, uncommitted edits included), so that runs/, checkpoints and caches never travel.
+pack="git -C $(shquote "$repo") ls-files -z --cached --others --exclude-standard"
+pack+=" | tar -czf $(shquote "$tarball") -C $(shquote "$repo") --null --ignore-failed-read -T -"
+run bash -c "$pack"
 run gcloud compute tpus tpu-vm scp "$tarball" "$name":pipo_jax.tgz --worker=all "${common[@]}"
 if [[ $copy_flagfile == 1 ]]; then
   run gcloud compute tpus tpu-vm scp "$flag_abs" "$name":pipo_run.flags --worker=all "${common[@]}"

@@ -106,8 +106,14 @@ def test_tpu_pod_dry_run_commands(stub_dir):
   tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
   assert cmds[0] == tpu + ["describe", "pipo-a"] + loc + ["--format=value(state)"]
   assert cmds[1] == tpu + ["create", "pipo-a"] + loc + ["--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
-  assert cmds[2][:2] == ["tar", "-czf"] and "--exclude=.git" in cmds[2] and cmds[2][-1] == "."
-  tarball = cmds[2][2]
+  assert cmds[2][:2] == ["bash", "-c"] and "ls-files" in cmds[2][2]
+  tarball = shlex.split(cmds[2][2].split("|")[1])[2]
+  # The packing pipeline ships tracked files (and non-ignored new ones), never git-ignored ones like runs/.
+  pack = cmds[2][2].replace(tarball, str(stub_dir / "code.tgz"))
+  assert _run(["bash", "-c", pack]).returncode == 0
+  listed = subprocess.run(["tar", "-tzf", str(stub_dir / "code.tgz")], capture_output=True, text=True).stdout.split()
+  assert "launch/tpu_pod.sh" in listed and "pipo_jax/grading.py" in listed
+  assert not any(p.startswith(("runs/", ".git/")) or "__pycache__" in p for p in listed)
   assert cmds[3] == tpu + ["scp", tarball, "pipo-a:pipo_jax.tgz", "--worker=all"] + loc
   assert cmds[4] == tpu + ["scp", flags, "pipo-a:pipo_run.flags", "--worker=all"] + loc  # flagfile outside repo
   assert cmds[5][:9] == tpu + ["ssh", "pipo-a", "--worker=all"] + loc
@@ -140,10 +146,10 @@ def test_tpu_pod_flagfile_in_repo_and_options():
   assert r.returncode == 0, r.stderr
   cmds = _dry_run_commands(r.stdout)
   assert cmds[1][-3:] == ["--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot"]
-  assert not any(c[4] == "scp" and "pipo_run.flags" in c[6] for c in cmds if len(c) > 6)  # travels in the tarball
-  setup = next(c[-1] for c in cmds if c[4] == "ssh" and "tar -xzf" in c[-1])
+  assert not any(c[4] == "scp" and "pipo_run.flags" in c[6] for c in cmds if c[0] == "gcloud" and len(c) > 6)  # travels in the tarball
+  setup = next(c[-1] for c in cmds if c[0] == "gcloud" and c[4] == "ssh" and "tar -xzf" in c[-1])
   assert "pip install" not in setup
-  start = next(c[-1] for c in cmds if c[4] == "ssh" and "nohup" in c[-1])
+  start = next(c[-1] for c in cmds if c[0] == "gcloud" and c[4] == "ssh" and "nohup" in c[-1])
   assert "python3 -m pipo_jax.train --flagfile=requirements.txt" in start
 
 

@@ -208,6 +208,18 @@ def test_process_shards_partition_the_global_batch(data):
       np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), g[k])
 
 
+def test_split_pattern_is_redrawn_each_epoch(data, tok):
+  # Global batch = the whole (40-example) set: batch e is epoch e, reshuffled, with fresh PAD splits.
+  cfg = _cfg(data, batch_size=40, max_pad_ratio=1.0, num_epochs=2)
+  e0, e1 = _take(TrainPipeline(cfg, process_index=0, process_count=1), 2)
+  def by_text(batch):
+    return {tuple(ids[ids != tok.pad_id]): tuple(ids) for ids in batch["input_ids"]}
+  a, b = by_text(e0), by_text(e1)
+  assert a.keys() == b.keys()  # the same 40 examples in each epoch
+  assert [tuple(x) for x in e0["input_ids"]] != [tuple(x) for x in e1["input_ids"]]  # new order
+  assert sum(a[k] != b[k] for k in a) > 20  # new PAD positions for most examples
+
+
 def test_iterator_state_round_trip(data):
   cfg = _cfg(data)
   pipe = TrainPipeline(cfg, process_index=1, process_count=2)

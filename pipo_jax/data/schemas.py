@@ -159,8 +159,8 @@ def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
                 require_response: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray, int]:
   """Validate every line of a JSONL file once and index the good ones.
 
-  Returns (spans int64 [n, 2] = (byte offset, byte length), line_numbers int64 [n] (1-based), n_malformed). Blank lines are ignored (not
-  malformed). Validating up front makes a bad file fail before training starts, while only byte offsets are
+  Returns (spans int64 [n, 2] = (byte offset, byte length), line_numbers int64 [n] (1-based), n_malformed).
+  Blank lines are ignored (not malformed). Validating up front makes a bad file fail before training starts, while only byte offsets are
   kept in memory, so a file of long trajectories is not held as Python objects.
   """
   offsets, linenos, n_bad = [], [], 0

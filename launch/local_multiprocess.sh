@@ -11,7 +11,8 @@
 #   XLA_FLAGS=--xla_force_host_platform_device_count=8/N  (8 devices in total, like the test suite)
 #   JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo                (cross-process collectives on CPU)
 # Every process runs `python -m ${PIPO_LAUNCH_MODULE:-pipo_jax.train} --flagfile=FLAGFILE [extra args]`
-# from the repository root; PIPO_LAUNCH_MODULE exists so tests can launch a stub instead of the trainer.
+# from the repository root, with $PYTHON (default python3); PIPO_LAUNCH_MODULE exists so tests can launch a stub
+# instead of the trainer. Relative paths in extra args are read from the repository root.
 # Output lines are prefixed with "[proc I] ". The script waits for all processes; if one fails, the others are
 # stopped (a peer blocked in a collective would otherwise wait forever) and the first failing exit code is returned.
 set -euo pipefail

@@ -17,12 +17,13 @@ nothing supervised) are skipped by each process independently, so a process stil
 no example is used by two processes; with drops the processes' rows are no longer aligned by global batch.
 
 Counters (`stats`) are kept in this process; with `worker_count > 0` the per-example work (truncation, drops,
-splits) runs in grain workers and is not counted here.
+splits) runs in grain workers and is not counted here. Worker processes give the same batches, but their
+iterator state has another format (restore with the same worker_count), and grain reads absl flags in them, so
+they need parsed flags (any `absl.app` entry point; tests call `flags.FLAGS.mark_as_parsed()`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import threading

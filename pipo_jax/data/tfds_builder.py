@@ -108,10 +108,6 @@ def find_dataset_dir(path: str) -> str:
   return found[0]
 
 
-def is_array_record_dir(path: str) -> bool:
-  return os.path.isdir(path)
-
-
 class ArrayRecordPairs:
   """Random-access reader over a built split: `source[i]` -> `schemas.Record` with token ids and meta."""
 

@@ -120,3 +120,16 @@ def test_materialize_and_grad_flow():
   g = jax.jit(jax.grad(f))(ad)["mtp"]["layer"]["mlp"]["up_proj"]
   # dL/dB = s A^T dL/dW != 0 while dL/dA = s dL/dW B^T = 0 at B = 0 (as in PEFT)
   assert float(jnp.abs(g["b"]).sum()) > 0 and float(jnp.abs(g["a"]).sum()) == 0.0
+
+
+def test_lora_shardings_from_kernel_shardings():
+  from jax.sharding import Mesh, NamedSharding
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
+  params = toy_params()
+  ad = _init(params, jax.random.PRNGKey(1))
+  shard = jax.tree_util.tree_map(lambda x: NamedSharding(mesh, P(None, "fsdp") if x.ndim == 3 else P()), params)
+  ls = lora.lora_shardings(shard, ad)
+  up = ls["backbone"]["layers"]["layer_0"]["mlp"]["up_proj"]
+  assert up["a"].spec == P(None, "fsdp", None) and up["b"].spec == P(None, None, None)
+  placed = jax.device_put(ad["backbone"]["layers"]["layer_0"]["mlp"]["up_proj"]["a"], up["a"])
+  assert placed.sharding.shard_shape(placed.shape) == (R, D // 2, 4)

@@ -206,3 +206,18 @@ def lora_logical_axes(param_axes: Params, lora_params: Params) -> Params:
       raise ValueError(f"no logical axes for {'/'.join(path)}/kernel") from e
     _set(out, path, lora_axes_for_kernel(k_axes))
   return out
+
+
+def lora_shardings(param_shardings: Params, lora_params: Params) -> Params:
+  """NamedShardings for the adapters from the base kernels' NamedShardings (same mesh).
+
+  A PartitionSpec may omit trailing unsharded dims, so it is padded to the kernel's rank first.
+  """
+  out: Params = {}
+  for path, ab in _adapters(lora_params):
+    s = _get(param_shardings, path + ("kernel",))
+    ndim = len(ab["a"].shape)
+    spec = tuple(s.spec) + (None,) * (ndim - len(tuple(s.spec)))
+    axes = lora_axes_for_kernel(spec)
+    _set(out, path, {k: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*v)) for k, v in axes.items()})
+  return out

@@ -313,3 +313,19 @@ def test_prompt_pipeline(data, tok, tmp_path):
   for gb in g:
     a, b = next(s0), next(s1)
     np.testing.assert_array_equal(np.r_[a["index"], b["index"]], gb["index"])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(data):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+  cfg = _cfg(data)
+  want = _take(TrainPipeline(cfg, process_index=0, process_count=1), 5)
+  pipe = TrainPipeline(dataclasses.replace(cfg, worker_count=1), process_index=0, process_count=1)
+  got = _take(pipe, 2)
+  state = pipe.get_state()
+  got += _take(pipe, 3)
+  _assert_same(got, want)
+  again = TrainPipeline(dataclasses.replace(cfg, worker_count=1), process_index=0, process_count=1)
+  again.set_state(state)
+  _assert_same(_take(again, 3), want[2:])

@@ -1,0 +1,190 @@
+"""Metrics: TensorBoard events + `metrics.jsonl` (process 0 only), console progress, FLOP utilisation.
+
+`metrics.jsonl` holds one JSON object per logged step: {"step": int, "<name>": float, ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as lowercase
+# substrings of `jax.Device.device_kind`; the most specific (longest) key wins.
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,  # "TPU v5" is how v5p reports itself
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "tpu7x": 2307e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "b200": 2250e12,
+}
+
+
+def peak_flops_per_device(device: Optional[jax.Device] = None, override: float = 0.0) -> Optional[float]:
+  """Peak FLOP/s of one device: `override` if > 0, else the table; None when unknown (CPU)."""
+  if override and override > 0:
+    return float(override)
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  hits = [k for k in PEAK_FLOPS if k in kind]
+  return PEAK_FLOPS[max(hits, key=len)] if hits else None
+
+
+def count_matmul_params(cfg) -> dict:
+  """Weights that take part in a matmul per backbone position, by group (resolved ModelConfig).
+
+  Embedding lookups cost no matmul and are excluded; the LM head is included (it is a matmul).
+  """
+  d, inter = cfg.hidden_size, cfg.intermediate_size
+  hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+  # Qwen3.5 gated attention: q_proj emits queries and the output gate (2 * nq * hd)
+  full = d * (2 * nq * hd) + 2 * d * (nkv * hd) + nq * hd * d
+  # Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj (conv1d is depthwise: tiny)
+  linear = d * cfg.linear_conv_dim + d * cfg.linear_value_dim + 2 * d * cfg.linear_num_value_heads \
+      + cfg.linear_value_dim * d
+  mlp = 3 * d * inter
+  n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
+  n_lin = len(cfg.layer_types) - n_full
+  n_mtp = cfg.mtp_num_hidden_layers or 0
+  return {
+      "backbone": n_full * full + n_lin * linear + len(cfg.layer_types) * mlp,
+      "lm_head": d * cfg.vocab_size,
+      "mtp": n_mtp * (full + mlp + 2 * d * d),  # decoder layer + fc [2D, D]
+  }
+
+
+def estimate_flops_per_token(cfg, seq_len: int, training: bool = True, include_mtp: bool = True) -> float:
+  """Model FLOPs per backbone position (PaLM-style, fwd + bwd when training).
+
+  6 * N_matmul (2 fwd + 4 bwd per weight) plus attention scores/values: per full-attention layer
+  and position, 2 * 2 * nq * hd * seq_len / 2 forward (QK^T and AV over a causal half window), and
+  for Gated DeltaNet layers the state read/update, ~ 3 * 2 * Hv * dk * dv per position forward.
+  With PIPO the backbone sees one position per token *pair*: callers count positions, not tokens.
+  Backward = 2x forward, also for frozen weights (the usual MFU convention, so LoRA runs report
+  against the same model FLOPs).
+  """
+  n = count_matmul_params(cfg)
+  n_matmul = n["backbone"] + n["lm_head"] + (n["mtp"] if include_mtp else 0)
+  n_full = sum(1 for t in cfg.layer_types if t == "full_attention") + (cfg.mtp_num_hidden_layers or 0) * include_mtp
+  n_lin = sum(1 for t in cfg.layer_types if t != "full_attention")
+  attn_fwd = n_full * 2 * cfg.num_attention_heads * cfg.head_dim * seq_len
+  gdn_fwd = n_lin * 6 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+  mult = 3.0 if training else 1.0
+  return mult * (2.0 * n_matmul + attn_fwd + gdn_fwd)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak_per_device: Optional[float],
+        num_devices: int) -> Optional[float]:
+  """Model FLOP utilisation in [0, 1]; None when the peak is unknown."""
+  if not peak_per_device:
+    return None
+  return flops_per_token * tokens_per_second / (peak_per_device * num_devices)
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _scalar(v) -> float:
+  return float(np.asarray(v))
+
+
+class MetricsWriter:
+  """Writes scalars on process 0 only (others are no-ops, so every process can call it).
+
+  `log_progress(step, metrics, tokens)` adds throughput (tokens/s since the previous call), MFU
+  when `flops_per_token` and a peak are known, and prints one console line with the ETA to
+  `total_steps`.
+  """
+
+  def __init__(self, logdir: str, total_steps: Optional[int] = None, flops_per_token: Optional[float] = None,
+               peak_flops: Optional[float] = None, num_devices: Optional[int] = None,
+               enabled: Optional[bool] = None):
+    self.enabled = (jax.process_index() == 0) if enabled is None else enabled
+    self.logdir = logdir
+    self.total_steps = total_steps
+    self.flops_per_token = flops_per_token
+    self.peak_flops = peak_flops
+    self.num_devices = num_devices or jax.device_count()
+    self._tb = None
+    self._jsonl = None
+    self._last = None  # (time, step) of the previous progress line
+    if self.enabled:
+      os.makedirs(logdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # import only where used: workers never need it
+      self._tb = SummaryWriter(logdir=logdir)
+      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+
+  def write_scalars(self, step: int, metrics: Mapping[str, float]):
+    """One JSONL record and one TB scalar per metric. Values may be device arrays (fetched here)."""
+    if not self.enabled:
+      return
+    values = {k: _scalar(v) for k, v in metrics.items() if v is not None}
+    rec = {"step": int(step)}
+    rec.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+    self._jsonl.write(json.dumps(rec) + "\n")
+    self._jsonl.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, int(step))
+
+  def write_text(self, tag: str, text: str, step: int = 0):
+    if self.enabled:
+      self._tb.add_text(tag, text, step)
+
+  def log_progress(self, step: int, metrics: Mapping[str, float], tokens_since_last: Optional[int] = None) -> dict:
+    """Write metrics plus rates; returns what was written. The first call only starts the clock."""
+    now = time.perf_counter()
+    out = {k: _scalar(v) for k, v in metrics.items() if v is not None}
+    if self._last is not None and tokens_since_last:
+      dt = max(now - self._last[0], 1e-9)
+      tps = tokens_since_last / dt
+      out["tokens_per_second"] = tps
+      out["steps_per_second"] = (step - self._last[1]) / dt
+      u = mfu(self.flops_per_token, tps, self.peak_flops, self.num_devices) if self.flops_per_token else None
+      if u is not None:
+        out["mfu"] = u
+    self.write_scalars(step, out)
+    if self.enabled:
+      eta = float("nan")
+      if self.total_steps and out.get("steps_per_second"):
+        eta = (self.total_steps - step) / out["steps_per_second"]
+      parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
+      if "loss" in out:
+        parts.append(f"loss {out['loss']:.4f}")
+      if "tokens_per_second" in out:
+        parts.append(f"{out['tokens_per_second']:.0f} tok/s")
+      if "mfu" in out:
+        parts.append(f"mfu {100 * out['mfu']:.1f}%")
+      parts.append(f"eta {_format_duration(eta)}")
+      logging.info(" | ".join(parts))
+    self._last = (now, step)
+    return out
+
+  def flush(self):
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+      self.enabled = False

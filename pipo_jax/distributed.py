@@ -1,0 +1,101 @@
+"""Multi-process start-up and per-process batch helpers.
+
+Where the coordinates come from, first match wins:
+  1. explicit arguments (CLI flags);
+  2. env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (and optional
+     JAX_LOCAL_DEVICE_IDS, comma separated), e.g. from launch/local_multiprocess.sh;
+  3. JAX's own cluster detection, by calling `jax.distributed.initialize()` without arguments:
+     SLURM (srun), Cloud TPU pods (metadata server), Open MPI, ...
+Single-process runs (none of the above) skip initialisation.
+
+CPU multi-process needs a cross-process collectives backend: gloo is selected before initialising.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+_ENV_ADDR, _ENV_N, _ENV_ID, _ENV_DEV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", \
+    "JAX_LOCAL_DEVICE_IDS"
+
+
+def _auto_cluster_detected() -> bool:
+  """Environments where `jax.distributed.initialize()` finds its own coordinates."""
+  if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if "OMPI_COMM_WORLD_SIZE" in os.environ and int(os.environ["OMPI_COMM_WORLD_SIZE"]) > 1:
+    return True
+  # Multi-host Cloud TPU: the TPU runtime advertises its worker list.
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1
+
+
+def _platform() -> str:
+  plats = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+  return plats.split(",")[0].strip().lower()
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           local_device_ids: Optional[Sequence[int]] = None) -> bool:
+  """Start JAX's multi-controller runtime if this is a multi-process job. Returns True if started.
+
+  Must run before anything touches devices (`jax.devices()`, any computation).
+  """
+  coordinator_address = coordinator_address or os.environ.get(_ENV_ADDR) or None
+  if num_processes is None and os.environ.get(_ENV_N):
+    num_processes = int(os.environ[_ENV_N])
+  if process_id is None and os.environ.get(_ENV_ID):
+    process_id = int(os.environ[_ENV_ID])
+  if local_device_ids is None and os.environ.get(_ENV_DEV):
+    local_device_ids = [int(x) for x in os.environ[_ENV_DEV].split(",") if x]
+
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if not explicit and not _auto_cluster_detected():
+    return False
+  if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+    raise ValueError(
+        "multi-process run needs coordinator address, process count and process id together: got "
+        f"coordinator_address={coordinator_address!r}, num_processes={num_processes}, process_id={process_id} "
+        f"(flags or env {_ENV_ADDR}/{_ENV_N}/{_ENV_ID})")
+  if _platform() == "cpu":
+    # The default CPU client has no cross-process collectives; gloo works over TCP.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
+  else:
+    jax.distributed.initialize()
+  logging.info("distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def process_local_batch_size(global_batch: int) -> int:
+  """Rows this process loads: global / process_count; raises if it does not divide."""
+  n = jax.process_count()
+  if global_batch % n:
+    raise ValueError(f"data.batch_size={global_batch} is not divisible by the {n} processes")
+  return global_batch // n
+
+
+def make_global_batch(local_batch, sharding: jax.sharding.Sharding):
+  """Per-process numpy batch (leaves [B_local, ...]) -> global jax.Arrays ([B_global, ...]) on `sharding`.
+
+  `sharding` may be one sharding for every leaf or a matching tree. Every process passes its own
+  rows; the global batch is their concatenation in process order along the sharded batch axis.
+  """
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, sharding)

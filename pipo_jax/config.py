@@ -10,7 +10,7 @@ turns such a partial config into a fully specified one; model code only ever see
 resolved configs.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: config_flags needs real field types.
 
 import dataclasses
 import json
@@ -395,6 +395,7 @@ class TrainConfig:
                       "mtp/layer/post_attention_layernorm", "mtp/layer/self_attn/q_norm",
                       "mtp/layer/self_attn/k_norm")
   full_finetune: bool = False  # train every parameter except embeddings and LM head
+  train_embeddings: bool = False  # also train embeddings and LM head (from-scratch `ar` runs)
   peak_flops_per_device: float = 0.0  # for the FLOP-utilisation metric; 0 = auto
 
 

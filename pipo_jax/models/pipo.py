@@ -124,7 +124,7 @@ class MTPHead(nn.Module):
     e_BJD = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="pre_fc_norm_embedding")(e_BJD)
     h_BJD = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="pre_fc_norm_hidden")(h_BJD.astype(e_BJD.dtype))
     x_BJD = nn.Dense(cfg.hidden_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc",
-                     kernel_init=_normal(cfg, ("embed2", "embed")))(jnp.concatenate([e_BJD, h_BJD], -1))
+                     kernel_init=_normal(cfg, ("embed2", "embed_out")))(jnp.concatenate([e_BJD, h_BJD], -1))
     x_BJD = nn.with_logical_constraint(x_BJD, RESIDUAL_AXES)
     x_BJD, cache = DecoderLayer(cfg, FULL, name="layer")(x_BJD, positions_BJ, valid_BJ, cache)
     return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_BJD), cache

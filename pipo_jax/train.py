@@ -1,0 +1,51 @@
+"""The one training entry point: `python -m pipo_jax.train --flagfile=experiments/X.flags`.
+
+Modes (`--config.mode`):
+  ar   plain next-token training of the backbone (+ optional native-MTP auxiliary loss)
+  sft  PIPO supervised fine-tuning (compressed forward, two CE streams, confidence BCE)
+  opd  on-policy distillation from a teacher (pipo_jax/opd.py)
+
+Phases of `run(cfg)`: resolve the model config -> mesh -> params (loaded from `checkpoint.init_from` or
+initialised, born sharded) -> LoRA adapters -> trainable/frozen partition + optimizer -> resume from the
+workdir's latest checkpoint (state and data iterator) -> jitted step loop with metrics and checkpoints.
+
+Everything a run writes goes into `--config.workdir`: checkpoints/ (orbax), TensorBoard events and
+metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pipo_jax.config import Config
+
+_CONFIG = config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py).")
+
+
+def config_to_dict(cfg) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def main(argv):
+  del argv
+  from pipo_jax import distributed
+  distributed.initialize_distributed()
+  run(_CONFIG.value)
+
+
+def run(cfg: Config) -> Optional[dict]:
+  """Train as configured; returns the last logged metrics (process 0) or None."""
+  # Imported here so `--help` and flag parsing do not pay for jax initialisation.
+  from pipo_jax import trainer
+  return trainer.Trainer(cfg).train()
+
+
+if __name__ == "__main__":
+  app.run(main)

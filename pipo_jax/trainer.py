@@ -1,0 +1,225 @@
+"""The training loop behind `python -m pipo_jax.train` (modes ar | sft; opd plugs in its own step).
+
+Phases (each a method, run in order by `train`):
+  model config -> mesh -> params (loaded or initialised, sharded) -> LoRA -> train state (trainable /
+  frozen partition, optimizer only over trainable) -> data -> resume -> jitted loop (metrics, checkpoints,
+  SIGTERM-safe final save).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pipo_jax import checkpoint as ckpt_lib
+from pipo_jax import loading, metrics as metrics_lib, objectives, optim, sharding
+from pipo_jax.config import Config, ModelConfig
+from pipo_jax.models import lora as lora_lib
+from pipo_jax.models.pipo import PipoModel
+
+AR_KEYS = ("backbone", "mtp")
+
+
+def _config_dict(cfg) -> dict:
+  import json
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def boxed_params(model_cfg: ModelConfig, mode: str, rng=None):
+  """Boxed (logically annotated) params of the run's model: abstract when rng is None."""
+  def init(key):
+    variables = PipoModel(model_cfg).init(key, jnp.zeros((1, 4), jnp.int32), method=PipoModel.init_all)
+    params = variables["params"]
+    if mode == "ar":
+      params = {k: params[k] for k in AR_KEYS if k in params and (k != "mtp" or model_cfg.mtp_num_hidden_layers)}
+    return params
+  if rng is None:
+    return jax.eval_shape(init, jax.random.PRNGKey(0))
+  return init(rng)
+
+
+def logical_axes(boxed) -> Any:
+  return jax.tree_util.tree_map(lambda b: tuple(b.names) if isinstance(b, nn.meta.Partitioned) else (),
+                                boxed, is_leaf=lambda x: isinstance(x, nn.meta.Partitioned))
+
+
+def axes_to_shardings(axes_tree, mesh) -> Any:
+  return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, sharding.logical_to_mesh_spec(a)), axes_tree,
+                                is_leaf=lambda x: isinstance(x, tuple))
+
+
+class Trainer:
+
+  def __init__(self, cfg: Config):
+    if cfg.mode not in ("ar", "sft", "opd"):
+      raise ValueError(f"mode={cfg.mode!r}: expected ar | sft | opd")
+    if cfg.data.max_length % 2:
+      raise ValueError(f"data.max_length={cfg.data.max_length} must be even")
+    self.cfg = cfg
+    self.workdir = os.path.abspath(cfg.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self.model_cfg = loading.model_config_of(cfg)
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    logging.info("mode=%s model=%s mesh=%s workdir=%s", cfg.mode, cfg.model.preset or cfg.checkpoint.init_from,
+                 dict(self.mesh.shape), self.workdir)
+
+  # -- params ------------------------------------------------------------------------------------
+  def init_params(self, rng) -> tuple[dict, Any]:
+    """(params, shardings): loaded from checkpoint.init_from or initialised, placed on the mesh."""
+    cfg, mc = self.cfg, self.model_cfg
+    abstract = boxed_params(mc, cfg.mode)
+    shardings = sharding.param_shardings(abstract, self.mesh)  # raises naming any non-dividing axis
+    if cfg.checkpoint.init_from:
+      _, params = loading.load_model(cfg.checkpoint.init_from, cfg.model, init_heads=cfg.mode != "ar")
+      params = {k: v for k, v in params.items() if k in shardings}
+      missing = [k for k in shardings if k not in params]
+      if missing:  # an ar run from a checkpoint without an MTP head: initialise it
+        fresh = nn.meta.unbox(boxed_params(mc, cfg.mode, rng))
+        params.update({k: fresh[k] for k in missing})
+      params = jax.device_put(params, shardings)
+    else:
+      with sharding.use_rules(self.mesh):
+        params = jax.jit(lambda k: nn.meta.unbox(boxed_params(mc, cfg.mode, k)), out_shardings=shardings)(rng)
+    return params, shardings
+
+  def add_lora(self, params, shardings, rng):
+    lc = self.cfg.lora
+    if lc.rank <= 0:
+      return params, shardings
+    adapters = lora_lib.init_lora(params, lc, rng)
+    axes = lora_lib.lora_logical_axes(logical_axes(boxed_params(self.model_cfg, self.cfg.mode)), adapters)
+    lora_shardings = axes_to_shardings(axes, self.mesh)
+    adapters = jax.device_put(adapters, lora_shardings)
+    logging.info("LoRA r=%d alpha=%g on %d modules", lc.rank, lc.alpha, len(lora_lib.adapter_paths(adapters)))
+    return dict(params, **{lora_lib.LORA_KEY: adapters}), dict(shardings, **{lora_lib.LORA_KEY: lora_shardings})
+
+  def trainable_mask(self, params):
+    tc = self.cfg.train
+    present = tuple(p for p in tc.trainable if p.split("/")[0] in params)
+    mask = optim.trainable_mask(params, dataclasses.replace(tc, trainable=present), self.cfg.lora.rank > 0)
+    if tc.train_embeddings:
+      mask = dict(mask)
+      bb = dict(mask["backbone"])
+      for k in ("embed_tokens", "lm_head"):
+        if k in bb:
+          bb[k] = jax.tree_util.tree_map(lambda _: True, bb[k])
+      mask["backbone"] = bb
+    n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree_util.tree_leaves(params),
+                                                          jax.tree_util.tree_leaves(mask)) if m)
+    logging.info("trainable params: %s of %s", f"{n_train:,}", f"{optim.count_params(params):,}")
+    return mask
+
+  def loss_fn(self):
+    cfg = self.cfg
+    if cfg.mode == "ar":
+      return objectives.make_ar_loss(self.model_cfg, cfg.loss, cfg.lora)
+    if cfg.mode == "sft":
+      return objectives.make_sft_loss(self.model_cfg, cfg.loss, cfg.lora)
+    raise ValueError("opd runs through pipo_jax.opd")
+
+  # -- data --------------------------------------------------------------------------------------
+  def data_pipeline(self):
+    from pipo_jax.data import pipeline, tokenizer as tok_lib
+    dc = self.cfg.data
+    if not dc.train_path:
+      dc = self._generated_data(dc)
+      self.cfg = dataclasses.replace(self.cfg, data=dc)
+    tok_dir = dc.tokenizer_path or self.cfg.checkpoint.init_from
+    tok = tok_lib.load_tokenizer(tok_dir) if tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
+    if tok is not None and tok.vocab_size > self.model_cfg.vocab_size:
+      raise ValueError(f"tokenizer {tok_dir} has {tok.vocab_size} ids but model.vocab_size={self.model_cfg.vocab_size}")
+    pad = None if tok is not None else self.model_cfg.pad_token_id
+    return pipeline.TrainPipeline(dc, mode=self.cfg.mode, tokenizer=tok, pad_id=pad)
+
+  def _generated_data(self, dc):
+    """No data.train_path: generate the synthetic arithmetic task into the workdir (CPU demo default)."""
+    from pipo_jax.data import synthetic
+    out = os.path.join(self.workdir, "data")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "train.jsonl")):
+      logging.info("data.train_path is empty: generating the synthetic arithmetic task in %s", out)
+      synthetic.write_dataset(out, n_train=2000, n_test=100, seed=dc.seed)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("synthetic data written")
+    return dataclasses.replace(dc, train_path=os.path.join(out, "train.jsonl"),
+                               tokenizer_path=dc.tokenizer_path or os.path.join(out, "tokenizer"))
+
+  def global_batch(self, local_batches: list):
+    """k local micro-batches -> one global batch pytree ([B, T], or [k, B, T] with accumulation)."""
+    k = len(local_batches)
+    if k == 1:
+      return sharding.shard_batch(local_batches[0], self.mesh)
+    stacked = {key: np.stack([b[key] for b in local_batches]) for key in local_batches[0]}
+    s = NamedSharding(self.mesh, P(None, ("data", "fsdp"), None))
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(s, x), stacked)
+
+  # -- loop --------------------------------------------------------------------------------------
+  def build_state(self):
+    cfg = self.cfg
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    k_params, k_lora, k_state = jax.random.split(rng, 3)
+    params, shardings = self.init_params(k_params)
+    params, shardings = self.add_lora(params, shardings, k_lora)
+    mask = self.trainable_mask(params)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+    create = jax.jit(lambda p, r: optim.TrainState.create(p, mask, tx, r))
+    state = create(params, k_state)
+    return state
+
+  def train(self) -> Optional[dict]:
+    cfg = self.cfg
+    data = self.data_pipeline()
+    cfg = self.cfg  # may now name the generated data
+    state = self.build_state()
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=_config_dict(cfg))
+    restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, state_shardings), data.iterator)
+    if restored is not None:
+      state = restored[0]
+      logging.info("resumed at step %d", int(state.step))
+    schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
+    step_fn = optim.make_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
+    with sharding.use_rules(self.mesh):
+      jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+    flops = metrics_lib.estimate_flops_per_token(self.model_cfg, cfg.data.max_length)
+    writer = metrics_lib.MetricsWriter(self.workdir, cfg.train.num_steps, flops,
+                                       metrics_lib.peak_flops_per_device(override=cfg.train.peak_flops_per_device))
+    guard = ckpt_lib.PreemptionGuard().install()
+    pad_id = data.pad_id
+    step = int(state.step)
+    last, tokens = None, 0
+    t0 = time.time()
+    try:
+      while step < cfg.train.num_steps:
+        micro = [next(data) for _ in range(cfg.optim.grad_accum_steps)]
+        tokens += int(sum((b["input_ids"] != pad_id).sum() for b in micro)) * jax.process_count()
+        batch = self.global_batch(micro)
+        with sharding.use_rules(self.mesh):
+          state, m = jitted(state, batch)
+        step += 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.num_steps or step == 1:
+          m = jax.device_get(m)
+          m["lr"] = m.pop("learning_rate", None)
+          m.update({f"data/{k}": v for k, v in data.stats.as_dict().items()})
+          last = writer.log_progress(step, m, tokens)
+          tokens = 0
+        ckpt.save(step, state, data.iterator)
+        if guard.should_stop(step):
+          logging.warning("stop requested (SIGTERM): saving step %d and exiting", step)
+          break
+    finally:
+      ckpt.save(step, state, data.iterator, force=True, blocking=True)
+      ckpt.close()
+      writer.close()
+      guard.uninstall()
+    logging.info("finished at step %d in %.1fs", step, time.time() - t0)
+    return last

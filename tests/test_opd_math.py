@@ -211,3 +211,20 @@ def test_bad_mode_raises():
   hs, Ws, ht, Wt, y = _setup()
   with pytest.raises(ValueError, match="divergence"):
     opd.opd_stream_loss(hs, Ws, ht, Wt, y, "forward", chunk=4)
+
+
+def test_compiled_memory_scales_with_chunk():
+  """The topk step (student + teacher logits, top-k, union) stays O(chunk x V), not O(T x V)."""
+  t, v, d = 8192, 4096, 64
+  S = jax.ShapeDtypeStruct
+  args = (S((t, d), jnp.float32), S((d, v), jnp.float32), S((t, d), jnp.float32),
+          S((d, v), jnp.float32), S((t,), jnp.int32))
+  def temp(chunk):
+    f = jax.grad(lambda hs, Ws, ht, Wt, y: opd.opd_stream_loss(
+        hs, Ws, ht, Wt, y, "topk", chunk=chunk).loss_sum, (0, 1))
+    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  m128, m512 = temp(128), temp(512)
+  print(f"\nOPD topk temp bytes (T={t}, V={v}): chunk128={m128:,} chunk512={m512:,} (T*V*4={t * v * 4:,})")
+  assert 3 < m512 / m128 < 5  # linear in the chunk
+  assert m512 < 6 * 512 * v * 4 + 8 * d * v * 4
+  assert m128 < t * v * 4 / 16

@@ -1,0 +1,124 @@
+"""Pieces shared by the decode loops: model calls on the PIPO params tree and the output tracker.
+
+Axis vocabulary: B batch, T prompt tokens, N raw output slots, M max_new_tokens, V vocabulary, D model dim.
+
+Output tracker `out` (a dict pytree carried through `lax.while_loop`):
+  raw_BN        int32 every emitted slot in order, PAD slots included (pipo token2 PADs); unused slots = PAD id
+  padslot_BN    bool  True where the slot is a PAD slot (not a token). Ids are not enough: PAD may equal EOS.
+  raw_len_B     int32 slots written
+  count_B       int32 emitted tokens (non-PAD slots); `max_new_tokens` bounds this
+  active_B      bool  still generating (False after a stop id or when count reaches max_new_tokens)
+  presence_BV   bool  tokens emitted so far (presence penalty)
+  steps_B, proposed_B, kept_B  int32 per-row statistics (see GenerateResult)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.models.pipo import PipoModel
+
+
+# -- model calls (params is the full PIPO tree: backbone / mtp / compressor / confidence_head) ---------------
+
+def _apply(cfg: ModelConfig, params: dict, fn, *args):
+  return PipoModel(cfg).apply({"params": params}, *args, method=fn)
+
+
+def embed(cfg, params, ids_BT):
+  return _apply(cfg, params, lambda m, i: m.backbone.embed(i), ids_BT)
+
+
+def backbone(cfg, params, x_BTD, pos_BT, valid_BT, cache):
+  """Uncompressed backbone step -> (h_BTD, cache)."""
+  return _apply(cfg, params, lambda m, *a: m.backbone(*a), x_BTD, pos_BT, valid_BT, cache)
+
+
+def logits(cfg, params, h_BD):
+  """h [..., D] -> fp32 logits [..., V]."""
+  return _apply(cfg, params, lambda m, h: m.logits(h), h_BD).astype(jnp.float32)
+
+
+def mtp(cfg, params, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache):
+  """Native MTP layer on (e(tok), h) -> (m_BJD, conf_logit_BJ, cache). The confidence logit is cheap
+  next to the layer; modes that do not gate simply ignore it (XLA drops the dead computation)."""
+  return _apply(cfg, params, lambda m, *a: m.mtp_slots(*a), tok_BJ, h_BJD, pos_BJ, valid_BJ, cache)
+
+
+def mtp_only(cfg, params, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache):
+  """Native MTP layer without the confidence head -> (m_BJD, cache)."""
+  def f(m, t, h, p, v, c):
+    return m.mtp(m.backbone.embed(t), h, p, v, c)
+  return _apply(cfg, params, f, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache)
+
+
+def pairs(cfg, params, ids_BT, pos_BL, valid_BL, cache):
+  """Compressed backbone on token pairs (T = 2L) -> (h_BLD, cache)."""
+  return _apply(cfg, params, lambda m, *a: m.backbone_pairs(*a), ids_BT, pos_BL, valid_BL, cache)
+
+
+def next_positions(cache: dict) -> jax.Array:
+  """Per-row RoPE position of the next token: the number of valid slots already in the cache [B]."""
+  return jnp.sum(cache["valid_BS"], axis=-1).astype(jnp.int32)
+
+
+# -- output tracker -------------------------------------------------------------------------------------
+
+def init_out(batch: int, num_slots: int, vocab: int, pad_id: int) -> dict:
+  B, N = batch, num_slots
+  pad_id = 0 if pad_id is None else pad_id  # ar/mtp on a config without a PAD id: any filler works
+  z = jnp.zeros((B,), jnp.int32)
+  return {"raw_BN": jnp.full((B, N), pad_id, jnp.int32), "padslot_BN": jnp.zeros((B, N), bool),
+          "raw_len_B": z, "count_B": z, "active_B": jnp.ones((B,), bool),
+          "presence_BV": jnp.zeros((B, vocab), bool), "steps_B": z, "proposed_B": z, "kept_B": z}
+
+
+def emit(out: dict, tok_B: jax.Array, allowed_B: jax.Array, stop_ids_E: jax.Array, max_new: int,
+         pad_slot_B: Optional[jax.Array] = None) -> dict:
+  """Append one slot per row where the row is active and `allowed_B`.
+
+  A non-PAD slot counts toward max_new_tokens, is recorded for the presence penalty and stops the row when
+  it is a stop id (the stop token itself is kept). A PAD slot is written to the raw stream only.
+  stop_ids_E int32 [E] (entries < 0 are unused).
+  """
+  B, N = out["raw_BN"].shape
+  V = out["presence_BV"].shape[-1]
+  rows = jnp.arange(B)
+  do_B = out["active_B"] & allowed_B
+  pad_B = jnp.zeros((B,), bool) if pad_slot_B is None else pad_slot_B
+  idx_B = jnp.where(do_B, out["raw_len_B"], N)  # N is out of range: mode="drop" skips the write
+  real_B = do_B & ~pad_B
+  stop_B = real_B & jnp.any(tok_B[:, None] == stop_ids_E[None, :], axis=-1)
+  count_B = out["count_B"] + real_B
+  return dict(
+      out,
+      raw_BN=out["raw_BN"].at[rows, idx_B].set(tok_B, mode="drop"),
+      padslot_BN=out["padslot_BN"].at[rows, idx_B].set(pad_B, mode="drop"),
+      raw_len_B=out["raw_len_B"] + do_B,
+      count_B=count_B,
+      presence_BV=out["presence_BV"].at[rows, jnp.where(real_B, tok_B, V)].set(True, mode="drop"),
+      active_B=out["active_B"] & ~stop_B & (count_B < max_new),
+  )
+
+
+def finalize(out: dict, max_new: int, pad_id: int, phase2_runs=None) -> dict:
+  """Tracker -> the arrays of GenerateResult (tokens compacted without PAD slots, statistics)."""
+  B, N = out["raw_BN"].shape
+  keep_BN = (jnp.arange(N)[None, :] < out["raw_len_B"][:, None]) & ~out["padslot_BN"]
+  dest_BN = jnp.where(keep_BN, jnp.cumsum(keep_BN, axis=-1) - 1, max_new)
+  rows_BN = jnp.broadcast_to(jnp.arange(B)[:, None], (B, N))
+  tokens_BM = jnp.full((B, max_new), pad_id, jnp.int32).at[rows_BN, dest_BN].set(out["raw_BN"], mode="drop")
+  slots_B = out["raw_len_B"]
+  pad_slots_B = slots_B - out["count_B"]
+  return {
+      "tokens": tokens_BM, "num_tokens": out["count_B"],
+      "raw": out["raw_BN"], "raw_is_pad": out["padslot_BN"], "raw_len": slots_B,
+      "steps": out["steps_B"], "tokens_emitted": out["count_B"],
+      "drafts_proposed": out["proposed_B"], "drafts_kept": out["kept_B"],
+      "pad_ratio": pad_slots_B / jnp.maximum(slots_B, 1).astype(jnp.float32),
+      "phase2_runs": jnp.asarray(0 if phase2_runs is None else phase2_runs, jnp.int32),
+  }

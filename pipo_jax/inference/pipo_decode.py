@@ -1,0 +1,176 @@
+"""PIPO decoding: compressed prefill, then two phases per step (pipo_method.md 9, with defects #2-#5, #7, #14
+fixed).
+
+Axis vocabulary: B batch, T prompt bucket, L prompt pairs, S cache slots (pairs), V vocabulary, D model dim,
+N raw output slots (2 per step: token1, token2-or-PAD).
+
+Prefill (one pass; fixes #2, #3, #4):
+  * each row gets a parity PAD after its prompt when odd, then is left-padded in whole pairs;
+  * backbone_pairs over the L prompt pairs at compressed positions 0..L_r-1 -> h_0..h_{L-1};
+    token1 ~ W h_{L-1} (PAD masked: #14);
+  * MTP over the prompt with the training alignment: slot j takes (e(x_{2j+2}), h_j) at position j for
+    j = 0..L-2, then slot L-1 takes (e(token1), h_{L-1}) -> token2, gated by the confidence head. The MTP
+    cache thus holds exactly the teacher-forced states the head saw in training (#2), and the first output
+    pair already carries a draft (#4). A stop id as token1 is detected here (#3).
+Decode step k (compressed position p = L_r + k - 1 per row):
+  phase 1: backbone on the last emitted pair (token1, token2-or-PAD) -> h_p -> token1 (PAD masked);
+  phase 2: MTP + confidence on (e(token1), h_p) at position p -> token2, or PAD.
+Threshold tau (traced, one compilation serves every value; #5): tau < 0 keeps every token2; tau >= 1 skips
+phase 2 entirely (lax.cond; `phase2_runs` counts executions: prefill included); otherwise token2 is
+replaced by PAD where sigmoid(conf) < tau (strict).
+Stopping: a stop id as token1 ends the row and drops token2; a stop id as token2 ends it (kept).
+`max_new_tokens` counts emitted non-PAD tokens; a PAD sampled by the MTP as token2 is a PAD slot too.
+Cache sizing: 1 pair slot per step, L + max_new in all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pipo_jax.config import ModelConfig
+from pipo_jax.inference import common as C
+from pipo_jax.inference import sampling as smp
+from pipo_jax.models.pipo import init_mtp_cache, pair_valid
+from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
+
+
+def pair_layout(ids_BT, valid_BT, pad_id: int):
+  """Left-padded prompts -> (ids_BT2, valid_BT2) with T2 = T rounded up to even, each row's prompt followed by
+  one parity PAD when its length is odd and left-padded so that pairs align. The parity PAD is a real
+  (valid) token, as in training and serving (pipo_method.md 9.1)."""
+  B, T = ids_BT.shape
+  T2 = T + T % 2
+  n_B = jnp.sum(valid_BT, axis=-1).astype(jnp.int32)
+  n2_B = n_B + n_B % 2
+  s_T2 = jnp.arange(T2)
+  q_BT2 = s_T2[None, :] - (T2 - n2_B)[:, None]  # index into the row's real tokens (< 0: left pad)
+  src_BT2 = jnp.clip(T - n_B[:, None] + q_BT2, 0, T - 1)
+  real_BT2 = (q_BT2 >= 0) & (q_BT2 < n_B[:, None])
+  ids2 = jnp.where(real_BT2, jnp.take_along_axis(ids_BT, src_BT2, axis=1), pad_id)
+  return ids2.astype(jnp.int32), q_BT2 >= 0
+
+
+def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B):
+  """MTP + confidence on the slots; token2 from the last slot, gated by tau.
+  Returns (token2 or PAD [B], is_pad_slot [B], logits2_BV, conf_B, mcache)."""
+  m_BJD, conf_BJ, mcache = C.mtp(cfg, params, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache)
+  conf_B = conf_BJ[:, -1]
+  tok1_B = tok1_BJ[:, -1]
+  B = tok1_B.shape[0]
+  logits2_BV = C.logits(cfg, params, m_BJD[:, -1])
+  pres_BV = presence_BV.at[jnp.arange(B), tok1_B].set(True)  # token1 is already emitted in this completion
+  if forced2_B is None:
+    tok2_B = smp.sample(key, logits2_BV, sp, pres_BV)
+    keep_B = jax.nn.sigmoid(conf_B) >= tau  # PAD where sigmoid(conf) < tau (strict)
+  else:
+    tok2_B, keep_B = forced2_B, jnp.ones((B,), bool)
+  tok2_B = jnp.where(keep_B, tok2_B, cfg.pad_token_id)
+  return tok2_B, tok2_B == cfg.pad_token_id, logits2_BV, conf_B, mcache
+
+
+def _phase2_cond(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B):
+  """Phase 2 under lax.cond(tau < 1): with tau >= 1 neither the MTP layer, the confidence head nor the second
+  LM head runs, and token2 is PAD."""
+  B = tok1_BJ.shape[0]
+
+  def run(mc):
+    return _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mc, tau, presence_BV, sp, forced2_B)
+
+  def skip(mc):
+    return (jnp.full((B,), cfg.pad_token_id, jnp.int32), jnp.ones((B,), bool),
+            jnp.zeros((B, cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.float32), mc)
+
+  run2 = tau < 1.0
+  return run2, jax.lax.cond(run2, run, skip, mcache)
+
+
+def _record(trace, k, logits1_BV, logits2_BV, conf_B):
+  if trace is None:
+    return None
+  return {"logits1": trace["logits1"].at[:, k].set(logits1_BV), "logits2": trace["logits2"].at[:, k].set(logits2_BV),
+          "conf": trace["conf"].at[:, k].set(conf_B)}
+
+
+def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, tau, *, sp: smp.SamplingParams,
+                 max_new: int, forced_BN: Optional[jax.Array] = None, trace: bool = False) -> dict:
+  """Prompt -> state with the first pair emitted. forced_BN (tests): the raw stream to teacher-force instead
+  of sampling (slot 2k = token1 of step k, 2k+1 = token2; gating off). trace: record per-step logits."""
+  B = ids_BT.shape[0]
+  pad = cfg.pad_token_id
+  ids2, valid2 = pair_layout(ids_BT, valid_BT, pad)
+  L = ids2.shape[1] // 2
+  S = L + max_new + 1
+  pvalid_BL = pair_valid(valid2)
+  ppos_BL = positions_from_valid(pvalid_BL)
+  h_BLD, cache = C.pairs(cfg, params, ids2, ppos_BL, pvalid_BL, init_cache(cfg, B, S))
+  rng, k1, k2 = jax.random.split(rng, 3)
+  out = C.init_out(B, 2 * max_new, cfg.vocab_size, pad)
+  logits1_BV = C.logits(cfg, params, h_BLD[:, -1])
+  tok1_B = smp.sample(k1, logits1_BV, sp, out["presence_BV"], ban_id=pad)
+  if forced_BN is not None:
+    tok1_B = forced_BN[:, 0]
+  out = C.emit(out, tok1_B, jnp.ones((B,), bool), stop_ids_E, max_new)
+
+  mcache0 = init_mtp_cache(cfg, B, S)
+  tok1_BL = jnp.concatenate([ids2[:, 2::2], tok1_B[:, None]], axis=1)
+
+  run2, (tok2_B, pad2_B, logits2_BV, conf_B, mcache) = _phase2_cond(
+      cfg, params, k2, tok1_BL, h_BLD, ppos_BL, pvalid_BL, mcache0, tau, out["presence_BV"], sp,
+      None if forced_BN is None else forced_BN[:, 1])
+  proposed_B = out["active_B"] & run2
+  out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
+  out["steps_B"] = out["steps_B"] + 1
+  out["proposed_B"] = out["proposed_B"] + proposed_B
+  out["kept_B"] = out["kept_B"] + (proposed_B & ~pad2_B)
+  tr = None
+  if trace:
+    V = cfg.vocab_size
+    tr = {"logits1": jnp.zeros((B, max_new, V)), "logits2": jnp.zeros((B, max_new, V)),
+          "conf": jnp.zeros((B, max_new))}
+    tr = _record(tr, 0, logits1_BV, logits2_BV, conf_B)
+  return {"cache": cache, "mcache": mcache, "pair_B2": jnp.stack([tok1_B, tok2_B], 1), "out": out, "rng": rng,
+          "step": jnp.zeros((), jnp.int32), "phase2_runs": run2.astype(jnp.int32), "trace": tr,
+          "forced": forced_BN}
+
+
+def pipo_decode(cfg: ModelConfig, params, state, stop_ids_E, tau, *, sp: smp.SamplingParams,
+                max_new: int) -> dict:
+  """Decode steps until every row is done; at most max_new - 1 steps after the prefill (each step emits
+  at least one token)."""
+  pad = cfg.pad_token_id
+
+  def cond(s):
+    return jnp.any(s["out"]["active_B"]) & (s["step"] < max_new - 1)
+
+  def body(s):
+    out = s["out"]
+    act_B = out["active_B"]
+    B = act_B.shape[0]
+    k = s["step"] + 1  # index of this step's output pair (0 was the prefill)
+    forced = s["forced"]
+    pos_B1 = C.next_positions(s["cache"])[:, None]
+    # phase 1
+    h_B1D, cache = C.pairs(cfg, params, s["pair_B2"], pos_B1, act_B[:, None], s["cache"])
+    rng, k1, k2 = jax.random.split(s["rng"], 3)
+    logits1_BV = C.logits(cfg, params, h_B1D[:, 0])
+    tok1_B = smp.sample(k1, logits1_BV, sp, out["presence_BV"], ban_id=pad)
+    if forced is not None:
+      tok1_B = forced[:, 2 * k]
+    out = C.emit(out, tok1_B, jnp.ones((B,), bool), stop_ids_E, max_new)
+    # phase 2
+    run2, (tok2_B, pad2_B, logits2_BV, conf_B, mcache) = _phase2_cond(
+        cfg, params, k2, tok1_B[:, None], h_B1D, pos_B1, act_B[:, None], s["mcache"], tau, out["presence_BV"], sp,
+        None if forced is None else forced[:, 2 * k + 1])
+    proposed_B = out["active_B"] & run2
+    out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
+    out["steps_B"] = out["steps_B"] + act_B
+    out["proposed_B"] = out["proposed_B"] + proposed_B
+    out["kept_B"] = out["kept_B"] + (proposed_B & ~pad2_B)
+    return {"cache": cache, "mcache": mcache, "pair_B2": jnp.stack([tok1_B, tok2_B], 1), "out": out, "rng": rng,
+            "step": s["step"] + 1, "phase2_runs": s["phase2_runs"] + run2.astype(jnp.int32),
+            "trace": _record(s["trace"], k, logits1_BV, logits2_BV, conf_B), "forced": forced}
+
+  return jax.lax.while_loop(cond, body, state)

@@ -153,9 +153,9 @@ class Checkpointer:
     `blocking`. `data_iterator` needs `get_state()` (grain iterators).
     """
     step = int(step)
-    if not force and step % self.every_steps:
-      return False
-    if step in self.manager.all_steps():
+    if (not force and step % self.every_steps) or step in self.manager.all_steps():
+      if blocking:  # e.g. a preemption right after an interval save: that one must still land
+        self.manager.wait_until_finished()
       return False
     items = {"state": ocp.args.StandardSave(_state_tree(state))}
     if data_iterator is not None:

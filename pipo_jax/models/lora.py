@@ -84,15 +84,21 @@ def init_lora(params: Params, lora_cfg, rng: jax.Array, dtype: Optional[Any] = N
   if not found:
     raise ValueError(f"lora.targets={tuple(lora_cfg.targets)} match no Dense kernel in the params tree")
   r = int(lora_cfg.rank)
-  out: Params = {}
-  for i, (path, w) in enumerate(found):
+  for path, w in found:
     if len(w.shape) < 2:
       raise ValueError(f"{'/'.join(path)}/kernel has shape {w.shape}; LoRA needs [..., in, out]")
+  # One uniform draw for all adapters, sliced per kernel: one RNG program to compile instead of one
+  # per kernel shape (that dominated start-up time). Adapters are small (r x (in + out) per kernel),
+  # so the flat buffer is too.
+  sizes = [math.prod(w.shape[:-1]) * r for _, w in found]
+  flat = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)
+  out: Params = {}
+  offset = 0
+  for (path, w), n in zip(found, sizes):
     *lead, d_in, d_out = w.shape
     dt = dtype or w.dtype
-    bound = 1.0 / math.sqrt(d_in)
-    # fold_in by index: adapters do not change when an unrelated target is added later in the tree order
-    a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d_in, r), jnp.float32, -bound, bound)
+    a = flat[offset:offset + n].reshape(*lead, d_in, r) / math.sqrt(d_in)
+    offset += n
     _set(out, path, {"a": a.astype(dt), "b": jnp.zeros((*lead, r, d_out), dt)})
   return out
 

@@ -24,12 +24,15 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   """inv_freq_P2 [P/2] in float32, built the way HF builds it (qwen3_5.md section 8.8).
 
-  A float64 inv_freq diverges from HF by up to 2.4e-3 in cos at long positions, so the computation stays in
-  float32 end to end (numpy float32 matches torch's float32 pow).
+  HF computes theta ** (arange/P) with torch's float32 pow (glibc powf: the correctly rounded result), then
+  1 / that in float32. A single-ulp difference in inv_freq moves the angle at position 262143 by ~0.016 rad,
+  so we reproduce it exactly: the power in float64 rounded once to float32 (numpy's own float32 pow is off by
+  an ulp for some exponents), then the reciprocal in float32.
   """
   p = config.rotary_dim
   exponent = np.arange(0, p, 2, dtype=np.int64).astype(np.float32) / np.float32(p)
-  return (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  power = (np.float64(config.rope_theta) ** exponent.astype(np.float64)).astype(np.float32)
+  return (np.float32(1.0) / power).astype(np.float32)
 
 
 def rope_cos_sin(positions_BT: jax.Array, config: ModelConfig, dtype) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,139 @@
+r"""Score token sequences with a Qwen3.5 HF checkpoint: per-token log-probabilities (regular AR mode).
+
+  python -m pipo_jax.score --checkpoint=DIR --input=IN.jsonl --output=OUT.jsonl [--batch_size=8]
+
+Each input line is {"tokens": [int, ...]} (at least one token); each output line, in input order, is
+{"logprobs": [...]} with log p(tokens[t] | tokens[<t]) for t = 1..n-1 in float32.
+
+Sequences of any lengths are mixed freely: they are sorted by length, left-padded into fixed-size batches
+whose length is rounded up to a power of two (>= 16), so the number of compilations is logarithmic in the
+longest sequence. The LM head is applied in token chunks so [tokens, vocab] logits never exist for the whole
+batch at once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from pipo_jax import hf
+from pipo_jax.config import ModelConfig
+from pipo_jax.models import qwen3_5
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "HF model directory (config.json + safetensors).")
+flags.DEFINE_string("input", None, 'JSONL file, one {"tokens": [...]} per line.')
+flags.DEFINE_string("output", None, 'JSONL file to write, one {"logprobs": [...]} per input line.')
+flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_string("matmul_precision", "highest", "jax_default_matmul_precision for fp32 matmuls.")
+
+_MIN_BUCKET = 16
+_HEAD_CHUNK = 256  # tokens per LM-head chunk
+
+
+def read_token_file(path: str, vocab_size: int) -> list[np.ndarray]:
+  """Parse and validate the input JSONL; errors name file:line and what was expected."""
+  seqs = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      where = f"{path}:{lineno}"
+      if not line.strip():
+        raise ValueError(f"{where}: empty line; expected {{\"tokens\": [int, ...]}}")
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+      if not isinstance(rec, dict) or "tokens" not in rec:
+        raise ValueError(f"{where}: expected an object with a \"tokens\" list")
+      toks = rec["tokens"]
+      if not isinstance(toks, list) or not toks or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in toks):
+        raise ValueError(f"{where}: \"tokens\" must be a non-empty list of integers")
+      bad = [t for t in toks if not 0 <= t < vocab_size]
+      if bad:
+        raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+      seqs.append(np.asarray(toks, np.int32))
+  return seqs
+
+
+def _bucket(n: int) -> int:
+  return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def make_logprob_fn(config: ModelConfig):
+  """Jitted (params, ids_BT, valid_BT) -> lp_BT1 with lp[b, t] = log p(ids[b, t+1] | ids[b, <=t]), fp32."""
+  model = qwen3_5.Qwen35(config)
+
+  @jax.jit
+  def fn(params, ids_BT, valid_BT):
+    variables = {"params": params}
+    x_BTD = model.apply(variables, ids_BT, method=model.embed)
+    h_BTD, _ = model.apply(variables, x_BTD, qwen3_5.positions_from_valid(valid_BT), valid_BT)
+    w_DV = model.apply(variables, method=model.head_kernel)
+    B, T, D = h_BTD.shape
+    chunk = min(T, _HEAD_CHUNK)  # T is a power of two >= 16, so chunk divides it
+    targets_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), ids_BT.dtype)], axis=1)
+
+    def head(_, xs):
+      h_BCD, tgt_BC = xs
+      logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV).astype(jnp.float32)
+      lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+      return None, jnp.take_along_axis(logits_BCV, tgt_BC[..., None], axis=-1)[..., 0] - lse_BC
+
+    xs = (h_BTD.reshape(B, T // chunk, chunk, D).swapaxes(0, 1),
+          targets_BT.reshape(B, T // chunk, chunk).swapaxes(0, 1))
+    _, lp_NBC = jax.lax.scan(head, None, xs)
+    return lp_NBC.swapaxes(0, 1).reshape(B, T)[:, :-1]
+
+  return fn
+
+
+def score_sequences(config: ModelConfig, params, seqs: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray]:
+  """Per-sequence float32 log-probs of tokens 1..n-1 (empty for a 1-token sequence), in input order."""
+  fn = make_logprob_fn(config)
+  order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+  out: list = [None] * len(seqs)
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    T = _bucket(max(len(seqs[i]) for i in idx))
+    # Fixed batch size too (dummy all-pad rows), so each length bucket compiles once.
+    ids = np.zeros((batch_size, T), np.int32)
+    valid = np.zeros((batch_size, T), bool)
+    for row, i in enumerate(idx):
+      n = len(seqs[i])
+      ids[row, T - n:] = seqs[i]
+      valid[row, T - n:] = True
+    lp = np.asarray(fn(params, ids, valid))
+    for row, i in enumerate(idx):
+      n = len(seqs[i])
+      out[i] = lp[row, T - n:].astype(np.float32)
+  return out
+
+
+def main(argv):
+  del argv
+  for name in ("checkpoint", "input", "output"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is required")
+  if FLAGS.batch_size < 1:
+    raise app.UsageError("--batch_size must be >= 1")
+  jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
+  overrides = ModelConfig(preset=None, dtype=FLAGS.dtype)
+  ckpt = hf.load_qwen3_5(FLAGS.checkpoint, overrides)
+  seqs = read_token_file(FLAGS.input, ckpt.config.vocab_size)
+  logging.info("scoring %d sequences (%d tokens)", len(seqs), sum(len(s) for s in seqs))
+  results = score_sequences(ckpt.config, ckpt.params, seqs, FLAGS.batch_size)
+  with open(FLAGS.output, "w") as f:
+    for lp in results:
+      f.write(json.dumps({"logprobs": [float(v) for v in lp]}) + "\n")
+  logging.info("wrote %s", FLAGS.output)
+
+
+if __name__ == "__main__":
+  app.run(main)

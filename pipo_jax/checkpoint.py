@@ -157,7 +157,7 @@ class Checkpointer:
       if blocking:  # e.g. a preemption right after an interval save: that one must still land
         self.manager.wait_until_finished()
       return False
-    items = {"state": ocp.args.StandardSave(_state_tree(state))}
+    items = {"state": ocp.args.StandardSave(_host_local_to_numpy(_state_tree(state)))}
     if data_iterator is not None:
       items["data"] = grain_ckpt.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
     if self.config is not None:
@@ -219,6 +219,21 @@ class Checkpointer:
       return None
     logging.info("restoring checkpoint step %d from %s", step, self.directory)
     return self.restore(step, abstract_state, data_iterator)
+
+
+def _host_local_to_numpy(tree):
+  """Multi-process: arrays living on one local device (a step counter or rng made outside a jit with
+  shardings) are not global arrays, which orbax refuses; every process holds the same value, so they
+  are saved as numpy (written once, by the primary process)."""
+  if jax.process_count() == 1:
+    return tree
+
+  def fix(x):
+    if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+      return np.asarray(x)
+    return x
+
+  return jax.tree_util.tree_map(fix, tree)
 
 
 def _state_tree_any(state) -> dict:

@@ -4,6 +4,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -158,3 +159,71 @@ def test_restore_onto_different_sharding(tmp_path):
   assert k.sharding.shard_shape(k.shape) == (8, 2, 4)
   mu = restored.opt_state[1][0].mu["mtp"]["fc"]["kernel"]
   assert mu.sharding.spec == P("tensor", "fsdp")
+
+
+_MP_WORKER = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pipo_jax import checkpoint as ck, distributed, optim
+from pipo_jax.config import CheckpointConfig, OptimConfig
+assert distributed.initialize_distributed()
+workdir, i = sys.argv[1], jax.process_index()
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sh = NamedSharding(mesh, P("data"))
+w = jax.make_array_from_callback((4, 8), sh, lambda idx: np.arange(32, dtype=np.float32).reshape(4, 8)[idx])
+params = {"mtp": {"fc": {"kernel": w}}, "backbone": {"norm": {"scale": w}}}
+mask = {"mtp": {"fc": {"kernel": True}}, "backbone": {"norm": {"scale": False}}}
+state = optim.TrainState.create(params, mask, optim.make_optimizer(OptimConfig(), 10), jax.random.PRNGKey(0))
+
+class It:
+  def __init__(self, pos): self.pos = pos
+  def get_state(self): return str(self.pos).encode()
+  def set_state(self, s): self.pos = int(s)
+
+c = ck.Checkpointer(workdir, CheckpointConfig(every_steps=1, keep=2))
+c.save(1, state, It(100 + i), force=True, blocking=True)
+c.close()
+rep = NamedSharding(mesh, P())
+abstract = ck.abstract_with_shardings(state, jax.tree_util.tree_map(lambda _: rep, state))
+c = ck.Checkpointer(workdir, CheckpointConfig(every_steps=1, keep=2))
+it = It(0)
+restored, _, _ = c.restore_latest(abstract, it)
+c.close()
+k = restored.trainable["mtp"]["fc"]["kernel"]
+ok = k.sharding.spec == P() and np.array_equal(np.asarray(k.addressable_data(0)), np.arange(32).reshape(4, 8))
+# as the trainer does it: restore onto the live state's own shardings (step/rng process-local)
+c = ck.Checkpointer(workdir, CheckpointConfig(every_steps=1, keep=2))
+same, _, _ = c.restore_latest(ck.abstract_with_shardings(state, jax.tree_util.tree_map(lambda x: x.sharding, state)))
+c.close()
+for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(state)):
+  ok = ok and a.sharding == b.sharding and all(
+      np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.addressable_shards, b.addressable_shards))
+print("RESULT", i, it.pos, ok, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_save_restore(tmp_path):
+  """Two CPU processes over loopback: one sharded checkpoint, per-process iterator states."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "worker.py"
+  script.write_text(_MP_WORKER)
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  lines = sorted(l for o in outs for l in o.splitlines() if l.startswith("RESULT"))
+  assert lines == ["RESULT 0 100 True", "RESULT 1 101 True"], outs
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "1" / "data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]

@@ -19,7 +19,8 @@ Threshold tau (traced, one compilation serves every value; #5): tau < 0 keeps ev
 phase 2 entirely (lax.cond; `phase2_runs` counts executions: prefill included); otherwise token2 is
 replaced by PAD where sigmoid(conf) < tau (strict).
 Stopping: a stop id as token1 ends the row and drops token2; a stop id as token2 ends it (kept).
-`max_new_tokens` counts emitted non-PAD tokens; a PAD sampled by the MTP as token2 is a PAD slot too.
+`max_new_tokens` counts emitted non-PAD tokens. PAD is masked when sampling token1 (#14) and token2, so a
+PAD in the raw stream always means a gated (or skipped) token2.
 Cache sizing: 1 pair slot per step, L + max_new in all.
 """
 
@@ -63,7 +64,8 @@ def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, pre
   logits2_BV = C.logits(cfg, params, m_BJD[:, -1])
   pres_BV = presence_BV.at[jnp.arange(B), tok1_B].set(True)  # token1 is already emitted in this completion
   if forced2_B is None:
-    tok2_B = smp.sample(key, logits2_BV, sp, pres_BV)
+    # PAD is banned here too: the MTP is never trained to emit it, so a PAD token2 only ever means "gated".
+    tok2_B = smp.sample(key, logits2_BV, sp, pres_BV, ban_id=cfg.pad_token_id)
     keep_B = jax.nn.sigmoid(conf_B) >= tau  # PAD where sigmoid(conf) < tau (strict)
   else:
     tok2_B, keep_B = forced2_B, jnp.ones((B,), bool)

@@ -31,3 +31,10 @@ def make_hf_model(layer_types, tie: bool, seed: int = 0):
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+
+
+def write_jsonl(path, records):
+  import json
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")

@@ -140,8 +140,9 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
   s0 = jnp.asarray(rng.randn(B, H, K, V), jnp.float32)
   o_ref, s_ref = gdn.recurrent_gated_delta_rule(q, k, v, g, beta, s0)
 
-  # Relative to the magnitude; K=8 keys in chunks of 64 are far from orthogonal, so the triangular solve is
-  # poorly conditioned here and fp32 rounding reaches ~2e-5 (the model-level parity tests are the tight check).
+  # Relative to the magnitude. The chunked form is exact in float64 (checked: 6e-14); in fp32 the within-chunk
+  # cumsum of -300 decays reaches ~-3e3, where an ulp is 2.4e-4, so gamma_i - gamma_j loses absolute precision
+  # (HF's kernel shares this); with these extreme decays fp32 lands at ~3e-5 relative.
   def rel(a, ref):
     return float(np.abs(np.asarray(a - ref)).max() / np.abs(np.asarray(ref)).max())
 
@@ -149,10 +150,10 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
     o, s = gdn.chunked_gated_delta_rule(q, k, v, g, beta, s0, chunk)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(s)).all()
     print(f"chunk {chunk}: rel err output {rel(o, o_ref):.3g}, state {rel(s, s_ref):.3g}")
-    assert rel(o, o_ref) <= 5e-5 and rel(s, s_ref) <= 5e-5
+    assert rel(o, o_ref) <= 1e-4 and rel(s, s_ref) <= 1e-4
   o1, s1 = gdn.chunked_gated_delta_rule(q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], s0, 64)
   o2, s2 = gdn.chunked_gated_delta_rule(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], beta[:, 37:], s1, 64)
-  assert rel(jnp.concatenate([o1, o2], 1), o_ref) <= 5e-5 and rel(s2, s_ref) <= 5e-5
+  assert rel(jnp.concatenate([o1, o2], 1), o_ref) <= 1e-4 and rel(s2, s_ref) <= 1e-4
 
 
 def test_unrolled_and_remat_equal_scanned(models):

@@ -394,7 +394,8 @@ class OPDConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-  num_steps: int = 100
+  num_steps: int = 100  # optimiser steps of the whole run (the LR schedule spans these)
+  stop_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (time-sliced jobs)
   log_every: int = 10
   eval_every: int = 0
   seed: int = 0

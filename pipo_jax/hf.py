@@ -257,13 +257,15 @@ def _default_shardings(abstract):
 
 
 def load_qwen3_5(model_dir: str, overrides: Optional[ModelConfig] = None, shardings: Any = None,
-                 mtp_shardings: Any = None) -> LoadedCheckpoint:
+                 mtp_shardings: Any = None, ignore_prefixes: tuple = ()) -> LoadedCheckpoint:
   """Load an HF Qwen3.5 directory (text-only or VLM layout, tied or untied, sharded or not).
 
   overrides: ModelConfig whose non-None arch fields and numerics fields (dtype, param_dtype, scan_layers,
     remat, gdn_chunk_size) win over config.json.
   shardings: pytree of jax.sharding.Sharding matching the backbone params (e.g. from
     pipo_jax.sharding.param_shardings); default: the first local device. mtp_shardings likewise for MTP.
+  ignore_prefixes: tensor-name prefixes read by someone else (e.g. the PIPO heads, hf_pipo.HEAD_PREFIXES);
+    they are neither loaded nor reported as unexpected.
   Raises ValueError listing every missing, unexpected or mis-shaped tensor at once.
   """
   config = config_lib.load_hf_model_config(model_dir, overrides)
@@ -272,6 +274,8 @@ def load_qwen3_5(model_dir: str, overrides: Optional[ModelConfig] = None, shardi
   skipped = 0
   for raw, shard in files.items():
     name = _canonical_name(raw)
+    if name is not None and ignore_prefixes and name.startswith(tuple(ignore_prefixes)):
+      continue
     if name is None:
       skipped += 1
       continue

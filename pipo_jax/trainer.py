@@ -68,9 +68,20 @@ class Trainer:
     self.workdir = os.path.abspath(cfg.workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.model_cfg = loading.model_config_of(cfg)
-    self.mesh = sharding.make_mesh(cfg.mesh)
+    self.mesh = sharding.make_mesh(cfg.mesh, self._mesh_devices(cfg.mesh))
     logging.info("mode=%s model=%s mesh=%s workdir=%s", cfg.mode, cfg.model.preset or cfg.checkpoint.init_from,
                  dict(self.mesh.shape), self.workdir)
+
+  @staticmethod
+  def _mesh_devices(mc):
+    """All devices, or the first data*fsdp*tensor of them when every axis is given explicitly (a run on a
+    subset of the machine, e.g. 1 of 8 fake CPU devices)."""
+    devices = jax.devices()
+    sizes = (mc.data, mc.fsdp, mc.tensor)
+    if -1 not in sizes and int(np.prod(sizes)) < len(devices):
+      logging.info("mesh %s uses %d of %d devices", sizes, int(np.prod(sizes)), len(devices))
+      return devices[:int(np.prod(sizes))]
+    return devices
 
   # -- params ------------------------------------------------------------------------------------
   def init_params(self, rng) -> tuple[dict, Any]:
@@ -196,17 +207,20 @@ class Trainer:
     guard = ckpt_lib.PreemptionGuard().install()
     pad_id = data.pad_id
     step = int(state.step)
+    end = cfg.train.num_steps
+    if cfg.train.stop_after_steps > 0:
+      end = min(end, step + cfg.train.stop_after_steps)
     last, tokens = None, 0
     t0 = time.time()
     try:
-      while step < cfg.train.num_steps:
+      while step < end:
         micro = [next(data) for _ in range(cfg.optim.grad_accum_steps)]
         tokens += int(sum((b["input_ids"] != pad_id).sum() for b in micro)) * jax.process_count()
         batch = self.global_batch(micro)
         with sharding.use_rules(self.mesh):
           state, m = jitted(state, batch)
         step += 1
-        if step % cfg.train.log_every == 0 or step == cfg.train.num_steps or step == 1:
+        if step % cfg.train.log_every == 0 or step == end or step == 1:
           m = jax.device_get(m)
           m["lr"] = m.pop("learning_rate", None)
           m.update({f"data/{k}": v for k, v in data.stats.as_dict().items()})

@@ -1,0 +1,82 @@
+"""Checkpoint conversion between this project's orbax checkpoints and Hugging Face directories.
+
+  python -m pipo_jax.convert --checkpoint=WORKDIR_OR_STEP_DIR --to_hf=OUT_DIR [--tokenizer_dir=DIR]
+      orbax (latest step of a workdir, or a given step dir) -> HF directory; LoRA merged; the key layout of a
+      merged reference PIPO checkpoint; config.json with compressor_type, mtp_num_hidden_layers, pad id;
+      tokenizer files copied (from --tokenizer_dir, else the run's data.tokenizer_path / checkpoint.init_from).
+  python -m pipo_jax.convert --from_hf=DIR --to_checkpoint=OUT_DIR
+      HF PIPO or plain Qwen3.5 directory -> an orbax checkpoint (step 0) that `score`, `generate` and
+      `--config.checkpoint.init_from` accept. PIPO heads a plain Qwen3.5 directory lacks are initialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from absl import app, flags, logging
+
+from pipo_jax import checkpoint as ckpt_lib
+from pipo_jax import hf_pipo, loading
+from pipo_jax.config import Config, ModelConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "", "orbax workdir or step dir to export")
+flags.DEFINE_string("to_hf", "", "output HF directory")
+flags.DEFINE_string("tokenizer_dir", "", "directory whose tokenizer files are copied into the export")
+flags.DEFINE_string("from_hf", "", "HF directory to import")
+flags.DEFINE_string("to_checkpoint", "", "output orbax workdir")
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "") -> list:
+  """orbax checkpoint -> HF directory; returns the written file names."""
+  config, params = loading.load_model(checkpoint, init_heads=False)
+  if not tokenizer_dir:
+    saved = ckpt_lib.read_config(checkpoint) or {}
+    for cand in (saved.get("data", {}).get("tokenizer_path", ""), saved.get("checkpoint", {}).get("init_from", "")):
+      if cand and os.path.exists(os.path.join(cand, "tokenizer.json")):
+        tokenizer_dir = cand
+        break
+  files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir)
+  logging.info("exported %s -> %s (%d files)", ckpt_lib.resolve_step_dir(checkpoint), out_dir, len(files))
+  return files
+
+
+@dataclasses.dataclass
+class _Frozen:
+  """The minimal train state a converted checkpoint holds: everything frozen, no optimizer state."""
+  step: jax.Array
+  trainable: dict
+  frozen: dict
+  opt_state: dict
+  rng: jax.Array
+
+
+def import_hf(model_dir: str, out_workdir: str) -> str:
+  """HF directory -> orbax workdir with one step (0); returns the step directory."""
+  config, params = loading.load_model(model_dir)
+  cfg = Config(model=dataclasses.replace(config, preset=None))
+  cfg = dataclasses.replace(cfg, workdir=out_workdir)
+  cfg.data.tokenizer_path = model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else ""
+  state = _Frozen(step=jax.numpy.zeros((), jax.numpy.int32), trainable={}, frozen=params, opt_state={},
+                  rng=jax.random.PRNGKey(0))
+  from pipo_jax.trainer import _config_dict
+  ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=_config_dict(cfg))
+  ckpt.save(0, state, force=True, blocking=True)
+  ckpt.close()
+  return ckpt_lib.resolve_step_dir(out_workdir)
+
+
+def main(argv):
+  del argv
+  if FLAGS.checkpoint and FLAGS.to_hf:
+    export_checkpoint(FLAGS.checkpoint, FLAGS.to_hf, FLAGS.tokenizer_dir)
+  elif FLAGS.from_hf and FLAGS.to_checkpoint:
+    print(import_hf(FLAGS.from_hf, FLAGS.to_checkpoint))
+  else:
+    raise app.UsageError("give --checkpoint=... --to_hf=OUT, or --from_hf=DIR --to_checkpoint=OUT")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -107,7 +107,7 @@ def test_left_padded_batch_matches_single_prompts(models):
   """Pads are masked as keys and zeroed at the GDN input: each real token's logits equal its prompt alone
   (HF's), also after a decode step on the padded batch."""
   _, _, ckpt, fns, ids, ref = models["3to1_untied"]
-  lens, T, S = (5, 20), 20, 24
+  lens, T, S = (5, 12), 12, 32  # same shapes as the decode test: no new compilation
   batch = np.zeros((2, T), np.int32)
   valid = np.zeros((2, T), bool)
   for b, n in enumerate(lens):
@@ -138,7 +138,9 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
   g = -jnp.asarray(np.where(rng.rand(B, T, H) < 0.1, 300.0, rng.rand(B, T, H)), jnp.float32)
   beta = jax.nn.sigmoid(jnp.asarray(rng.randn(B, T, H), jnp.float32))
   s0 = jnp.asarray(rng.randn(B, H, K, V), jnp.float32)
-  o_ref, s_ref = gdn.recurrent_gated_delta_rule(q, k, v, g, beta, s0)
+  recurrent = jax.jit(gdn.recurrent_gated_delta_rule)
+  chunked = jax.jit(gdn.chunked_gated_delta_rule, static_argnums=6)
+  o_ref, s_ref = recurrent(q, k, v, g, beta, s0)
 
   # Relative to the magnitude. The chunked form is exact in float64 (checked: 6e-14); in fp32 the within-chunk
   # cumsum of -300 decays reaches ~-3e3, where an ulp is 2.4e-4, so gamma_i - gamma_j loses absolute precision
@@ -147,12 +149,12 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
     return float(np.abs(np.asarray(a - ref)).max() / np.abs(np.asarray(ref)).max())
 
   for chunk in (16, 64):
-    o, s = gdn.chunked_gated_delta_rule(q, k, v, g, beta, s0, chunk)
+    o, s = chunked(q, k, v, g, beta, s0, chunk)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(s)).all()
     print(f"chunk {chunk}: rel err output {rel(o, o_ref):.3g}, state {rel(s, s_ref):.3g}")
     assert rel(o, o_ref) <= 1e-4 and rel(s, s_ref) <= 1e-4
-  o1, s1 = gdn.chunked_gated_delta_rule(q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], s0, 64)
-  o2, s2 = gdn.chunked_gated_delta_rule(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], beta[:, 37:], s1, 64)
+  o1, s1 = chunked(q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], s0, 64)
+  o2, s2 = chunked(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], beta[:, 37:], s1, 64)
   assert rel(jnp.concatenate([o1, o2], 1), o_ref) <= 1e-4 and rel(s2, s_ref) <= 1e-4
 
 
@@ -209,7 +211,7 @@ def test_vlm_prefix_checkpoint_with_mtp_and_vision(models, tmp_path):
   vlm = str(tmp_path / "vlm")
   _rewrite(path, vlm, lambda k: k.replace("model.", "model.language_model.", 1), mtp)
   got = hf.load_qwen3_5(vlm)
-  assert np.abs(fns.logits(got.params, ids[:, :16]) - ref[:, :16]).max() <= TOL
+  assert np.abs(fns.logits(got.params, ids[:, :63]) - ref[:, :63]).max() <= TOL
   np.testing.assert_array_equal(got.mtp["fc"]["kernel"], mtp["mtp.fc.weight"].T)
   np.testing.assert_array_equal(got.mtp["layer"]["self_attn"]["q_proj"]["kernel"],
                                 mtp["mtp.layers.0.self_attn.q_proj.weight"].T)

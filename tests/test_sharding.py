@@ -85,3 +85,18 @@ def test_make_mesh_fills_and_validates():
   assert dict(sh.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   with pytest.raises(ValueError, match="needs 12 devices"):
     sh.make_mesh(MeshConfig(data=3, fsdp=2, tensor=2))
+
+
+def test_hf_load_onto_mesh(setup, tmp_path):
+  """Import straight onto the param shardings: the exported tensors of the sharded params load back equal
+  and already sharded."""
+  from safetensors.numpy import save_file
+  from pipo_jax import hf
+  cfg, mesh, _, params, _ = setup
+  tensors = hf.backbone_to_hf_tensors(params, cfg)
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(__import__("json").dumps(cfg.to_hf_dict()))
+  got = hf.load_qwen3_5(str(tmp_path), shardings=sh.backbone_param_shardings(cfg, mesh))
+  for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(params)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

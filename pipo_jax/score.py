@@ -1,9 +1,12 @@
-r"""Score token sequences with a Qwen3.5 HF checkpoint: per-token log-probabilities (regular AR mode).
+r"""Score token sequences: per-token log-probabilities, regular (AR) or compressed (PIPO) mode.
 
-  python -m pipo_jax.score --checkpoint=DIR --input=IN.jsonl --output=OUT.jsonl [--batch_size=8]
+  python -m pipo_jax.score --checkpoint=DIR --input=IN.jsonl --output=OUT.jsonl [--batch_size=8] [--pipo]
 
+DIR is an HF directory (plain Qwen3.5 or PIPO) or this project's orbax checkpoint (workdir or step dir).
 Each input line is {"tokens": [int, ...]} (at least one token); each output line, in input order, is
-{"logprobs": [...]} with log p(tokens[t] | tokens[<t]) for t = 1..n-1 in float32.
+{"logprobs": [...]} with log p(tokens[t] | tokens[<t]) for t = 1..n-1 in float32. With --pipo the line is
+{"backbone_logprobs", "mtp_logprobs", "confidence"} instead (see score_pipo.py; None where a stream has no
+prediction for that token).
 
 Sequences of any lengths are mixed freely: they are sorted by length, left-padded into fixed-size batches
 whose length is rounded up to a power of two (>= 16), so the number of compilations is logarithmic in the
@@ -21,17 +24,17 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from pipo_jax import hf
 from pipo_jax.config import ModelConfig
 from pipo_jax.models import qwen3_5
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "HF model directory (config.json + safetensors).")
+flags.DEFINE_string("checkpoint", None, "HF directory or orbax checkpoint (workdir or step dir).")
 flags.DEFINE_string("input", None, 'JSONL file, one {"tokens": [...]} per line.')
 flags.DEFINE_string("output", None, 'JSONL file to write, one {"logprobs": [...]} per input line.')
 flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_string("matmul_precision", "highest", "jax_default_matmul_precision for fp32 matmuls.")
+flags.DEFINE_bool("pipo", False, "Score in compressed PIPO mode (backbone and MTP streams, confidence).")
 
 _MIN_BUCKET = 16
 _HEAD_CHUNK = 256  # tokens per LM-head chunk
@@ -116,6 +119,30 @@ def score_sequences(config: ModelConfig, params, seqs: Sequence[np.ndarray], bat
   return out
 
 
+def score_file(checkpoint: str, input_path: str, output_path: str, batch_size: int = 8, pipo: bool = False,
+               dtype: str = "float32") -> int:
+  """Score every line of input_path into output_path; returns the number of sequences."""
+  from pipo_jax import loading
+  overrides = ModelConfig(preset=None, dtype=dtype)
+  config, params = loading.load_model(checkpoint, overrides, init_heads=pipo)
+  seqs = read_token_file(input_path, config.vocab_size)
+  logging.info("scoring %d sequences (%d tokens)%s", len(seqs), sum(len(s) for s in seqs),
+               " in compressed PIPO mode" if pipo else "")
+  if pipo:
+    from pipo_jax import score_pipo
+    if config.pad_token_id is None:
+      raise ValueError(f"{checkpoint}: config has no pad_token_id, which PIPO scoring needs for odd lengths")
+    records = score_pipo.score_sequences_pipo(config, params, seqs, batch_size, config.pad_token_id)
+  else:
+    records = [{"logprobs": [float(v) for v in lp]}
+               for lp in score_sequences(config, params["backbone"], seqs, batch_size)]
+  with open(output_path, "w") as f:
+    for rec in records:
+      f.write(json.dumps(rec) + "\n")
+  logging.info("wrote %s", output_path)
+  return len(records)
+
+
 def main(argv):
   del argv
   for name in ("checkpoint", "input", "output"):
@@ -124,15 +151,7 @@ def main(argv):
   if FLAGS.batch_size < 1:
     raise app.UsageError("--batch_size must be >= 1")
   jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
-  overrides = ModelConfig(preset=None, dtype=FLAGS.dtype)
-  ckpt = hf.load_qwen3_5(FLAGS.checkpoint, overrides)
-  seqs = read_token_file(FLAGS.input, ckpt.config.vocab_size)
-  logging.info("scoring %d sequences (%d tokens)", len(seqs), sum(len(s) for s in seqs))
-  results = score_sequences(ckpt.config, ckpt.params, seqs, FLAGS.batch_size)
-  with open(FLAGS.output, "w") as f:
-    for lp in results:
-      f.write(json.dumps({"logprobs": [float(v) for v in lp]}) + "\n")
-  logging.info("wrote %s", FLAGS.output)
+  score_file(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.batch_size, FLAGS.pipo, FLAGS.dtype)
 
 
 if __name__ == "__main__":

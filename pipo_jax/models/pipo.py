@@ -23,7 +23,7 @@ import flax.linen as nn
 
 from pipo_jax.config import FULL, ModelConfig
 from pipo_jax.models.norms import RMSNorm
-from pipo_jax.models.qwen3_5 import RESIDUAL_AXES, DecoderLayer, Qwen35, init_layer_cache
+from pipo_jax.models.qwen3_5 import RESIDUAL_AXES, DecoderLayer, Qwen35, init_layer_cache, positions_from_valid
 
 
 def _normal(cfg: ModelConfig, axes: tuple):
@@ -174,19 +174,24 @@ class PipoModel(nn.Module):
   def __call__(self, ids_BT: jax.Array, valid_BT: Optional[jax.Array] = None, detach_conf: bool = True):
     """Compressed teacher-forced forward over whole sequences.
 
-    ids_BT int (T even), valid_BT bool or None (None: all real; used for right padding of fixed-shape
-    batches and OPD, where causal attention already makes trailing pads harmless).
+    ids_BT int (T even), valid_BT bool or None (None: all real). Padding comes in whole pairs: left padding
+    (scoring batches; positions then count real pairs only) or right padding (fixed-shape training batches,
+    where causal attention already makes trailing pads harmless).
     Returns dict: h_BJD (backbone states h_0..h_{L-2}), m_BJD (MTP states), conf_logit_BJ, all for J = L-1.
     """
     B, T = ids_BT.shape
     L = T // 2
     z_BLD = self.compress(ids_BT)
     pvalid_BL = pair_valid(valid_BT)
-    pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    if pvalid_BL is None:
+      pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    else:
+      pos_BL = positions_from_valid(pvalid_BL)
     h_BLD, _ = self.backbone(z_BLD, pos_BL, pvalid_BL)
     h_BJD = h_BLD[:, :-1]
     tok1_BJ = ids_BT[:, 2::2]  # teacher forcing: the first token of the next pair
-    pvalid_BJ = None if pvalid_BL is None else pvalid_BL[:, 1:]
+    # Slot j is real when both the state h_j and the token1 of pair j+1 are.
+    pvalid_BJ = None if pvalid_BL is None else pvalid_BL[:, :-1] & pvalid_BL[:, 1:]
     m_BJD, _ = self.mtp(self.backbone.embed(tok1_BJ), h_BJD, pos_BL[:, :-1], pvalid_BJ)
     conf_BJ = self.confidence(h_BJD, m_BJD, detach=detach_conf)
     return {"h_BJD": h_BJD, "m_BJD": m_BJD, "conf_logit_BJ": conf_BJ}

@@ -14,7 +14,7 @@ from jax.scipy.special import gammaincc
 
 from pipo_jax.config import ModelConfig, resolve_model_config
 from pipo_jax.inference import pipo_decode
-from pipo_jax.inference.api import generate, left_pad, stop_id_array
+from pipo_jax.inference.api import _Static, generate, left_pad, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.models.pipo import PipoModel, init_pipo_params
 from pipo_jax.models.qwen3_5 import Qwen35
@@ -38,11 +38,26 @@ def model():
 
 def full_logits(cfg, params, ids_BT):
   """Reference: uncompressed full forward without a cache, fp32 logits [B, T, V]."""
-  m = Qwen35(cfg)
+  return np.asarray(_full_logits(params, jnp.asarray(ids_BT), cfg_key=_Static(cfg)), np.float64)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg_key",))
+def _full_logits(params, ids_BT, *, cfg_key):
+  m = Qwen35(cfg_key.obj)
   p = {"params": params["backbone"]}
   B, T = ids_BT.shape
   h, _ = m.apply(p, m.apply(p, ids_BT, method=Qwen35.embed), jnp.broadcast_to(jnp.arange(T), (B, T)))
-  return np.asarray(m.apply(p, h, method=Qwen35.logits), np.float64)
+  return m.apply(p, h, method=Qwen35.logits).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg_key",))
+def _training_forward(params, ids_BT, *, cfg_key):
+  """Reference: the compressed teacher-forced training forward -> (logits1, logits2, conf) over its slots."""
+  m = PipoModel(cfg_key.obj)
+  v = {"params": params}
+  out = m.apply(v, ids_BT)
+  return (m.apply(v, out["h_BJD"], method=PipoModel.logits), m.apply(v, out["m_BJD"], method=PipoModel.logits),
+          out["conf_logit_BJ"])
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +71,13 @@ def test_ar_greedy_teacher_forced_and_batch_independent(model, ar_greedy):
   cfg, params = model
   toks = np.asarray(ar_greedy.tokens)
   assert np.all(np.asarray(ar_greedy.num_tokens) == 8)
+  # Right-padded to one length (one compilation): causal layers make the padding invisible to earlier positions.
+  seqs = [prompt + toks[b].tolist() for b, prompt in enumerate(PROMPTS)]
+  width = max(map(len, seqs))
+  lg = full_logits(cfg, params, jnp.asarray([q + [PAD] * (width - len(q)) for q in seqs]))
   for b, prompt in enumerate(PROMPTS):
-    seq = np.asarray(prompt + toks[b].tolist())[None]
-    lg = full_logits(cfg, params, jnp.asarray(seq))[0]
     n = len(prompt)
-    np.testing.assert_array_equal(lg[n - 1:-1].argmax(-1), toks[b])
+    np.testing.assert_array_equal(lg[b, n - 1:n + 7].argmax(-1), toks[b])
   # Rows are independent: each prompt alone (replicated over the batch, so no other prompt length is present
   # and the compiled function is reused) gives the same tokens as in the mixed-length batch.
   for b, prompt in enumerate(PROMPTS):
@@ -128,7 +145,10 @@ def _chi2_pvalue(counts, probs):
   return stat, df, float(gammaincc(df / 2.0, stat / 2.0))
 
 
-@pytest.mark.parametrize("mode", ["ar", "mtp_spec"])
+# mtp_spec only: its samples are compared with the exact *ar* distribution computed by an independent numpy
+# sampler over full-forward logits, which checks the sampler and the speculative rule together (an ar run
+# of the same test passes too, p = 0.96; it is left out to save a compilation).
+@pytest.mark.parametrize("mode", ["mtp_spec"])
 def test_sampled_first_two_tokens_match_exact_distribution(model, mode):
   cfg, params = model
   sp = SamplingParams(temperature=0.8, top_k=10, top_p=0.95, presence_penalty=0.7)
@@ -166,7 +186,6 @@ def _pipo_forced(params, ids, valid, forced, *, cfg_key, max_new):
 
 def test_pipo_teacher_forced_logits_equal_training_forward(model):
   cfg, params = model
-  from pipo_jax.inference.api import _Static
   prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15]]  # odd (parity PAD) and even, left-padded to 8
   K = 5  # output pairs (prefill + 4 decode steps)
   rng = np.random.default_rng(0)
@@ -178,17 +197,16 @@ def test_pipo_teacher_forced_logits_equal_training_forward(model):
   trace, raw = _pipo_forced(params, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(forced, jnp.int32),
                             cfg_key=_Static(cfg), max_new=M)
   np.testing.assert_array_equal(np.asarray(raw)[:, :2 * K], forced[:, :2 * K])
-  model_ = PipoModel(cfg)
   worst = 0.0
+  seqs = [prompt + [PAD] * (len(prompt) % 2) + forced[b, :2 * K].tolist() for b, prompt in enumerate(prompts)]
+  width = max(map(len, seqs))  # right-padded (with whole pairs) to one length: causal, so invisible
+  lg1_all, lg2_all, conf_all = _training_forward(
+      params, jnp.asarray([q + [PAD] * (width - len(q)) for q in seqs]), cfg_key=_Static(cfg))
   for b, prompt in enumerate(prompts):
-    p = prompt + [PAD] * (len(prompt) % 2)
-    Lp = len(p) // 2
-    seq = jnp.asarray([p + forced[b, :2 * K].tolist()])
-    out = model_.apply({"params": params}, seq)
-    lg1 = model_.apply({"params": params}, out["h_BJD"], method=PipoModel.logits)[0]
-    lg2 = model_.apply({"params": params}, out["m_BJD"], method=PipoModel.logits)[0]
+    Lp = (len(prompt) + 1) // 2
+    lg1, lg2, conf = lg1_all[b], lg2_all[b], conf_all[b]
     for name, ref, got in [("logits1", lg1, trace["logits1"][b]), ("logits2", lg2, trace["logits2"][b]),
-                           ("conf", out["conf_logit_BJ"][0], trace["conf"][b])]:
+                           ("conf", conf, trace["conf"][b])]:
       got = np.asarray(got)[:K]
       ref = np.asarray(ref)[Lp - 1:Lp - 1 + K]
       diff = float(np.max(np.abs(ref - np.asarray(got))))

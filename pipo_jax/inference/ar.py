@@ -74,9 +74,10 @@ def mtp_prompt_pass(cfg, params, h_BTD, ids_BT, valid_BT, tok1_B, S: int):
 
 def mtp_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams,
                 max_new: int) -> dict:
-  """Prompt -> token1 (backbone) and token2 (MTP, kept). Caches: T + max_new slots (2 per 2 tokens)."""
+  """Prompt -> token1 (backbone) and token2 (MTP, kept). Caches: T + max_new + 2 slots (2 per step, at most
+  max_new // 2 + 1 steps)."""
   B, T = ids_BT.shape
-  S = T + max_new + 1
+  S = T + max_new + 2
   cache = init_cache(cfg, B, S)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT),
                             valid_BT, cache)
@@ -102,8 +103,8 @@ def _mtp_emit(s, tok1_B, tok2_B, act_B, stop_ids_E, max_new):
 def mtp_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingParams, max_new: int) -> dict:
   """Each step the backbone consumes the last two emitted tokens (o_a, o_b) at positions (n, n+1): h_{n+1}
   gives token1; the MTP consumes (e(o_b), h_n) and (e(token1), h_{n+1}) and its last slot gives token2."""
-  def cond(s):
-    return jnp.any(s["out"]["active_B"]) & (s["step"] < max_new)
+  def cond(s):  # each step emits 2 tokens per active row, so the budget ends the loop by then
+    return jnp.any(s["out"]["active_B"]) & (s["step"] < max_new // 2 + 1)
 
   def body(s):
     out = s["out"]

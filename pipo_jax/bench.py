@@ -1,0 +1,149 @@
+r"""Decode-speed benchmark: TTFT, time per step and effective (non-PAD) tokens per second of every mode.
+
+  python -m pipo_jax.bench --preset=qwen3_5_4b_narrow --init=random --prompt_len=512 --batch_size=1 \
+      --decode=ar,pipo,mtp,mtp_spec --conf_threshold=0.95 --new_tokens=64 --output=bench.json
+
+Prompts are random ids, no stop ids (every row runs the whole budget). Compilation and a warm-up run are
+excluded; each figure is the median of --repeats timed runs. ttft_s times the jitted prefill (prompt pass
+and first output step); step_s = (time of the jitted token loop) / (decode steps). effective_tokens_per_s
+counts non-PAD tokens emitted by the loop over the whole batch. Speed-ups are against `ar` of the same run.
+With random weights the pipo confidence head is meaningless, so pipo is also measured at tau = -1 (every
+token2 kept: 2 tokens per step) and tau = 1 (phase 2 skipped: 1 token per step), the two bounds. The
+matmul-FLOP bound of the pipo/ar speed-up is printed and stored. A PNG plot is written next to --output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from pipo_jax.generate import load
+from pipo_jax.inference import flops
+from pipo_jax.inference.api import MODES, _Static, decode_fn, prefill_fn, stop_id_array
+from pipo_jax.inference.sampling import SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "", "orbax checkpoint or HF directory")
+flags.DEFINE_string("preset", "", "without --checkpoint: a preset of pipo_jax.config.PRESETS")
+flags.DEFINE_enum("init", "random", ["random"], "without --checkpoint: how to initialise the preset")
+flags.DEFINE_integer("prompt_len", 512, "prompt tokens")
+flags.DEFINE_integer("batch_size", 1, "rows")
+flags.DEFINE_list("decode", ["ar", "pipo", "mtp", "mtp_spec"], "modes to measure (ar is always measured)")
+flags.DEFINE_float("conf_threshold", 0.95, "pipo tau")
+flags.DEFINE_integer("new_tokens", 64, "max_new_tokens (non-PAD tokens) per row")
+flags.DEFINE_integer("repeats", 3, "timed runs per figure (median)")
+flags.DEFINE_string("output", "bench.json", "JSON records; the plot goes to the same path with .png")
+flags.DEFINE_integer("seed", 0, "prompt and init seed")
+
+
+def _time(fn, repeats: int):
+  jax.block_until_ready(fn())  # compile + warm-up
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts)), out
+
+
+def measure(config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int,
+            repeats: int, seed: int = 0) -> dict:
+  """One benchmark record (greedy decoding, no stop ids)."""
+  ids = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 2, config.vocab_size, jnp.int32)
+  valid = jnp.ones(ids.shape, bool)
+  stop = stop_id_array(config, mode, [])
+  kw = dict(config=_Static(config), mode=mode, sp=SamplingParams(), max_new=new_tokens)
+  tau_a = jnp.float32(tau)
+  rng = jax.random.PRNGKey(seed)
+  ttft, state = _time(lambda: prefill_fn(params, ids, valid, stop, rng, tau_a, **kw), repeats)
+  loop_s, res = _time(lambda: decode_fn(params, state, stop, tau_a, **kw), repeats)
+  pre_tokens = np.asarray(state["out"]["count_B"])
+  steps = np.asarray(res.steps) - 1  # decode steps (the prefill emitted the first token(s))
+  loop_tokens = np.asarray(res.tokens_emitted) - pre_tokens
+  n_steps = max(int(steps.max()), 1)
+  rec = {
+      "mode": mode, "conf_threshold": tau if mode == "pipo" else None, "prompt_len": prompt_len,
+      "batch_size": batch, "new_tokens": new_tokens, "ttft_s": ttft, "step_s": loop_s / n_steps,
+      "decode_steps": n_steps, "tokens_per_step": float(loop_tokens.sum() / max(steps.sum(), 1)),
+      "effective_tokens_per_s": float(loop_tokens.sum() / loop_s),
+      "pad_ratio": float(np.mean(np.asarray(res.pad_ratio))),
+      "draft_acceptance": (float(np.asarray(res.drafts_kept).sum() / max(np.asarray(res.drafts_proposed).sum(), 1))
+                           if mode != "ar" else None),
+      "phase2_runs": int(res.phase2_runs) if mode == "pipo" else None,
+  }
+  logging.info("%s", rec)
+  return rec
+
+
+def plot(records: list, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = [r["mode"] + (f"\ntau={r['conf_threshold']:g}" if r["conf_threshold"] is not None else "")
+            for r in records]
+  x = np.arange(len(records))
+  fig, ax = plt.subplots(figsize=(1.6 * len(records) + 2, 4))
+  ax.bar(x - 0.2, [r["speedup_effective_vs_ar"] for r in records], 0.4, label="effective tokens/s vs ar")
+  ax.bar(x + 0.2, [r["speedup_ttft_vs_ar"] for r in records], 0.4, label="TTFT speed-up vs ar")
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.set_xticks(x, labels)
+  r0 = records[0]
+  ax.set_title(f"prompt {r0['prompt_len']}, batch {r0['batch_size']}, {r0['new_tokens']} new tokens")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, random_init: bool, seed=0) -> dict:
+  for m in modes:
+    if m not in MODES:
+      raise app.UsageError(f"--decode: unknown mode {m!r}; expected some of {MODES}")
+  plan = [("ar", None)]
+  for m in modes:
+    if m == "pipo":
+      taus = [tau] + ([-1.0, 1.0] if random_init else [])
+      plan += [("pipo", t) for t in dict.fromkeys(taus)]
+    elif m != "ar":
+      plan.append((m, None))
+  records = [measure(config, params, m, -1.0 if t is None else t, prompt_len, batch, new_tokens, repeats, seed)
+             for m, t in plan]
+  ar = records[0]
+  for r in records:
+    r["speedup_ttft_vs_ar"] = ar["ttft_s"] / r["ttft_s"]
+    r["speedup_effective_vs_ar"] = r["effective_tokens_per_s"] / ar["effective_tokens_per_s"]
+    r["speedup_step_vs_ar"] = ar["step_s"] / r["step_s"]
+  bound = flops.per_step(config, prompt_len + new_tokens // 2)
+  return {"records": records, "flops_per_step": bound, "device": str(jax.devices()[0])}
+
+
+def main(argv):
+  del argv
+  config, params = load(FLAGS.checkpoint, FLAGS.preset, FLAGS.seed)
+  out = run(config, params, FLAGS.decode, FLAGS.conf_threshold, FLAGS.prompt_len, FLAGS.batch_size,
+            FLAGS.new_tokens, FLAGS.repeats, random_init=not FLAGS.checkpoint, seed=FLAGS.seed)
+  b = out["flops_per_step"]
+  print(f"FLOP bound of the pipo/ar effective speed-up (matmul FLOPs per decode step): "
+        f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
+        f"tau<1 none kept: {b['bound_tau_lt_1_none_kept']:.3f}x")
+  for r in out["records"]:
+    tau = "" if r["conf_threshold"] is None else f" tau={r['conf_threshold']:g}"
+    acc = "" if r["draft_acceptance"] is None else f" acceptance={r['draft_acceptance']:.3f}"
+    print(f"{r['mode']:9s}{tau:10s} ttft={r['ttft_s'] * 1e3:9.2f}ms step={r['step_s'] * 1e3:8.2f}ms "
+          f"tokens/step={r['tokens_per_step']:.2f} eff_tok/s={r['effective_tokens_per_s']:8.1f} "
+          f"ttft_x={r['speedup_ttft_vs_ar']:.2f} step_x={r['speedup_step_vs_ar']:.2f} "
+          f"eff_x={r['speedup_effective_vs_ar']:.2f}{acc}")
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  with open(FLAGS.output, "w") as f:
+    json.dump(out, f, indent=1)
+  plot(out["records"], os.path.splitext(FLAGS.output)[0] + ".png")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -101,7 +101,7 @@ def _finish(state, max_new, pad_id, phase2_runs=None):
 # -- jitted pieces, cached per static shape (jax.jit caches by static args and input shapes) ---------------
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "sp", "max_new"))
-def prefill_fn(params, ids_BT, valid_BT, stop_ids_E, rng, tau, *, config, mode, sp, max_new):
+def prefill_fn(params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad=None, *, config, mode, sp, max_new):
   """The prompt pass and first output step(s); returns the loop state (for timing TTFT separately)."""
   kw = dict(sp=sp, max_new=max_new)
   config = config.obj
@@ -111,11 +111,11 @@ def prefill_fn(params, ids_BT, valid_BT, stop_ids_E, rng, tau, *, config, mode, 
     return ar_lib.mtp_prefill(config, params, ids_BT, valid_BT, stop_ids_E, rng, **kw)
   if mode == "mtp_spec":
     return spec_lib.spec_prefill(config, params, ids_BT, valid_BT, stop_ids_E, rng, **kw)
-  return pipo_lib.pipo_prefill(config, params, ids_BT, valid_BT, stop_ids_E, rng, tau, **kw)
+  return pipo_lib.pipo_prefill(config, params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad=random_pad, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "sp", "max_new"))
-def decode_fn(params, state, stop_ids_E, tau, *, config, mode, sp, max_new):
+def decode_fn(params, state, stop_ids_E, tau, random_pad=None, *, config, mode, sp, max_new):
   """The token loop from a prefill state to the end; returns GenerateResult."""
   kw = dict(sp=sp, max_new=max_new)
   config = config.obj
@@ -126,27 +126,31 @@ def decode_fn(params, state, stop_ids_E, tau, *, config, mode, sp, max_new):
   elif mode == "mtp_spec":
     state = spec_lib.spec_decode(config, params, state, stop_ids_E, **kw)
   else:
-    state = pipo_lib.pipo_decode(config, params, state, stop_ids_E, tau, **kw)
+    state = pipo_lib.pipo_decode(config, params, state, stop_ids_E, tau, random_pad=random_pad, **kw)
     return _finish(state, max_new, config.pad_token_id, state["phase2_runs"])
   return _finish(state, max_new, config.pad_token_id or 0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "sp", "max_new"))
-def _generate_jit(params, ids_BT, valid_BT, stop_ids_E, rng, tau, *, config, mode, sp, max_new):
-  state = prefill_fn.__wrapped__(params, ids_BT, valid_BT, stop_ids_E, rng, tau, config=config, mode=mode, sp=sp,
-                                 max_new=max_new)
-  return decode_fn.__wrapped__(params, state, stop_ids_E, tau, config=config, mode=mode, sp=sp, max_new=max_new)
+def _generate_jit(params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad=None, *, config, mode, sp, max_new):
+  state = prefill_fn.__wrapped__(params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad, config=config,
+                                 mode=mode, sp=sp, max_new=max_new)
+  return decode_fn.__wrapped__(params, state, stop_ids_E, tau, random_pad, config=config, mode=mode, sp=sp,
+                               max_new=max_new)
 
 
 def generate(params: dict, config: ModelConfig, prompt_ids_BT, prompt_valid_BT=None, mode: str = "pipo",
              sampling: SamplingParams = SamplingParams(), conf_threshold: float = 0.95, max_new_tokens: int = 256,
-             rng: Optional[jax.Array] = None, stop_ids: Optional[Sequence[int]] = None) -> GenerateResult:
+             rng: Optional[jax.Array] = None, stop_ids: Optional[Sequence[int]] = None,
+             random_pad_ratio: Optional[float] = None) -> GenerateResult:
   """Generate for a batch of left-padded prompts.
 
   params: full PIPO params tree; prompt_ids_BT int [B, T] left-padded to a fixed bucket T;
   prompt_valid_BT bool [B, T] (None: all valid); mode: ar | mtp | mtp_spec | pipo; conf_threshold: pipo's
   tau (< 0 keep every token2, >= 1 no phase 2); max_new_tokens: emitted non-PAD tokens per row (static);
   rng: PRNG key (ignored when greedy); stop_ids: default (config.eos_token_id,).
+  random_pad_ratio (pipo only): the random-PAD control: token2 becomes PAD with this probability by an
+  independent coin flip per step, ignoring the confidence (conf_threshold is then unused); None = the gate.
   """
   _check_mode(mode, config)
   if max_new_tokens < 1:
@@ -157,8 +161,14 @@ def generate(params: dict, config: ModelConfig, prompt_ids_BT, prompt_valid_BT=N
     raise ValueError("prompts must be left-padded: prompt_valid_BT[:, -1] must be True for every row")
   rng = jax.random.PRNGKey(0) if rng is None else rng
   sp = sampling.validate()
+  rpad = None
+  if random_pad_ratio is not None:
+    if mode != "pipo" or not 0.0 <= random_pad_ratio <= 1.0:
+      raise ValueError(f"random_pad_ratio={random_pad_ratio} needs mode='pipo' and a value in [0, 1]")
+    rpad = jnp.asarray(random_pad_ratio, jnp.float32)
+    conf_threshold = -1.0  # phase 2 always runs; the coin flip alone decides the PADs
   return _generate_jit(params, ids, valid, stop_id_array(config, mode, stop_ids), rng,
-                       jnp.asarray(conf_threshold, jnp.float32), config=_Static(config), mode=mode, sp=sp,
+                       jnp.asarray(conf_threshold, jnp.float32), rpad, config=_Static(config), mode=mode, sp=sp,
                        max_new=int(max_new_tokens))
 
 

@@ -18,6 +18,9 @@ Decode step k (compressed position p = L_r + k - 1 per row):
 Threshold tau (traced, one compilation serves every value; #5): tau < 0 keeps every token2; tau >= 1 skips
 phase 2 entirely (lax.cond; `phase2_runs` counts executions: prefill included); otherwise token2 is
 replaced by PAD where sigmoid(conf) < tau (strict).
+Random-PAD control (`random_pad`, traced, None = off): token2 is replaced by PAD by an independent coin flip
+with that probability instead of by the confidence gate (the paper's Fig. 6 "Random" baseline; phase 2 and the
+confidence head still run, so its cost matches the gated decode; the caller passes tau < 1).
 Stopping: a stop id as token1 ends the row and drops token2; a stop id as token2 ends it (kept).
 `max_new_tokens` counts emitted non-PAD tokens. PAD is masked when sampling token1 (#14) and token2, so a
 PAD in the raw stream always means a gated (or skipped) token2.
@@ -54,8 +57,9 @@ def pair_layout(ids_BT, valid_BT, pad_id: int):
   return ids2.astype(jnp.int32), q_BT2 >= 0
 
 
-def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B):
-  """MTP + confidence on the slots; token2 from the last slot, gated by tau.
+def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B,
+            random_pad=None):
+  """MTP + confidence on the slots; token2 from the last slot, gated by tau (or by a coin flip: random_pad).
   Returns (token2 or PAD [B], is_pad_slot [B], logits2_BV, conf_B, mcache)."""
   m_BJD, conf_BJ, mcache = C.mtp(cfg, params, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache)
   conf_B = conf_BJ[:, -1]
@@ -67,19 +71,25 @@ def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, pre
     # PAD is banned here too: the MTP is never trained to emit it, so a PAD token2 only ever means "gated".
     tok2_B = smp.sample(key, logits2_BV, sp, pres_BV, ban_id=cfg.pad_token_id)
     keep_B = jax.nn.sigmoid(conf_B) >= tau  # PAD where sigmoid(conf) < tau (strict)
+    if random_pad is not None:
+      # fold_in leaves `key` (token2's sample) untouched, so the control differs from the gate only in the PADs.
+      u_B = jax.random.uniform(jax.random.fold_in(key, 1), (B,))
+      keep_B = u_B >= random_pad
   else:
     tok2_B, keep_B = forced2_B, jnp.ones((B,), bool)
   tok2_B = jnp.where(keep_B, tok2_B, cfg.pad_token_id)
   return tok2_B, tok2_B == cfg.pad_token_id, logits2_BV, conf_B, mcache
 
 
-def _phase2_cond(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B):
+def _phase2_cond(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B,
+                 random_pad=None):
   """Phase 2 under lax.cond(tau < 1): with tau >= 1 neither the MTP layer, the confidence head nor the second
   LM head runs, and token2 is PAD."""
   B = tok1_BJ.shape[0]
 
   def run(mc):
-    return _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mc, tau, presence_BV, sp, forced2_B)
+    return _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mc, tau, presence_BV, sp, forced2_B,
+                   random_pad)
 
   def skip(mc):
     return (jnp.full((B,), cfg.pad_token_id, jnp.int32), jnp.ones((B,), bool),
@@ -97,7 +107,8 @@ def _record(trace, k, logits1_BV, logits2_BV, conf_B):
 
 
 def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, tau, *, sp: smp.SamplingParams,
-                 max_new: int, forced_BN: Optional[jax.Array] = None, trace: bool = False) -> dict:
+                 max_new: int, forced_BN: Optional[jax.Array] = None, trace: bool = False,
+                 random_pad: Optional[jax.Array] = None) -> dict:
   """Prompt -> state with the first pair emitted. forced_BN (tests): the raw stream to teacher-force instead
   of sampling (slot 2k = token1 of step k, 2k+1 = token2; gating off). trace: record per-step logits."""
   B = ids_BT.shape[0]
@@ -121,7 +132,7 @@ def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, ta
 
   run2, (tok2_B, pad2_B, logits2_BV, conf_B, mcache) = _phase2_cond(
       cfg, params, k2, tok1_BL, h_BLD, ppos_BL, pvalid_BL, mcache0, tau, out["presence_BV"], sp,
-      None if forced_BN is None else forced_BN[:, 1])
+      None if forced_BN is None else forced_BN[:, 1], random_pad)
   proposed_B = out["active_B"] & run2
   out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
   out["steps_B"] = out["steps_B"] + 1
@@ -139,7 +150,7 @@ def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, ta
 
 
 def pipo_decode(cfg: ModelConfig, params, state, stop_ids_E, tau, *, sp: smp.SamplingParams,
-                max_new: int) -> dict:
+                max_new: int, random_pad: Optional[jax.Array] = None) -> dict:
   """Decode steps until every row is done; at most max_new - 1 steps after the prefill (each step emits
   at least one token)."""
   pad = cfg.pad_token_id
@@ -165,7 +176,7 @@ def pipo_decode(cfg: ModelConfig, params, state, stop_ids_E, tau, *, sp: smp.Sam
     # phase 2
     run2, (tok2_B, pad2_B, logits2_BV, conf_B, mcache) = _phase2_cond(
         cfg, params, k2, tok1_B[:, None], h_B1D, pos_B1, act_B[:, None], s["mcache"], tau, out["presence_BV"], sp,
-        None if forced is None else forced[:, 2 * k + 1])
+        None if forced is None else forced[:, 2 * k + 1], random_pad)
     proposed_B = out["active_B"] & run2
     out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
     out["steps_B"] = out["steps_B"] + act_B

@@ -43,6 +43,9 @@ def main(argv):
 def run(cfg: Config) -> Optional[dict]:
   """Train as configured; returns the last logged metrics (process 0) or None."""
   # Imported here so `--help` and flag parsing do not pay for jax initialisation.
+  if cfg.mode == "opd":
+    from pipo_jax import opd_rollout
+    return opd_rollout.OPDTrainer(cfg).train()
   from pipo_jax import trainer
   return trainer.Trainer(cfg).train()
 

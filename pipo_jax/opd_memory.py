@@ -1,0 +1,102 @@
+"""Compiled per-device memory of one OPD train step, from abstract shapes only (no weights are created).
+
+`opd_step_memory(...)` lowers and compiles exactly the step the trainer jits (`opd.make_opd_train_step`:
+student compressed forward + LoRA, teacher forward on the PAD-compacted sequence, both chunked OPD streams,
+confidence BCE, backward, AdamW update with the TrainState donated) for an already rolled-out batch, and
+returns XLA's `memory_analysis()` per device. The rollout (generation with its KV cache) is NOT included:
+it runs before the step and its buffers are freed before the step starts.
+
+Every array is a `jax.ShapeDtypeStruct` carrying its NamedSharding on the given mesh, so the numbers are
+those of the sharded program on one device (the CPU backend's buffer assignment; a GPU/TPU compile of the
+same program differs mainly in fusion temporaries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pipo_jax import opd as opd_lib
+from pipo_jax import optim, sharding
+from pipo_jax.config import Config, ModelConfig
+from pipo_jax.models import lora as lora_lib
+from pipo_jax.trainer import Trainer, axes_to_shardings, boxed_params, logical_axes
+
+
+def _abstract(tree, shardings):
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+def opd_step_memory(cfg: Config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, mesh, batch_size: int,
+                    length: int) -> dict:
+  """Per-device bytes of the compiled OPD step: {"argument", "output", "alias", "temp", "total", ...}.
+
+  cfg: the run config (lora, loss, opd, optim, train sections are used); student_cfg / teacher_cfg: resolved
+  model configs; batch_size rollouts of `length` tokens (global; sharded over data * fsdp).
+  total = argument + output - alias + temp (the donated TrainState is aliased into the output).
+  """
+  boxed = boxed_params(student_cfg, "opd")
+  p_shard = sharding.param_shardings(boxed, mesh)
+  params = _abstract(_unbox(boxed), p_shard)
+  if cfg.lora.rank > 0:
+    adapters = jax.eval_shape(lambda p: lora_lib.init_lora(p, cfg.lora, jax.random.PRNGKey(0)), params)
+    axes = lora_lib.lora_logical_axes(logical_axes(boxed), adapters)
+    l_shard = axes_to_shardings(axes, mesh)
+    params = dict(params, **{lora_lib.LORA_KEY: _abstract(adapters, l_shard)})
+  mask = _trainable_mask(cfg, params)
+  tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
+  with sharding.use_rules(mesh):
+    create = jax.jit(lambda p, r: optim.TrainState.create(p, mask, tx, r)).lower(params, key).compile()
+  state_shardings = create.output_shardings
+  state = _abstract(jax.eval_shape(lambda p, r: optim.TrainState.create(p, mask, tx, r), params, key),
+                    state_shardings)
+
+  tboxed = boxed_params(teacher_cfg, "ar")["backbone"]
+  teacher = {"backbone": _abstract(_unbox(tboxed), sharding.param_shardings(tboxed, mesh))}
+  bs = sharding.batch_sharding(mesh, 2)
+  batch = {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32 if k in ("input_ids", "labels") else jnp.bool_,
+                                   sharding=bs) for k in opd_lib.BATCH_KEYS}
+
+  loss_fn = opd_lib.make_opd_loss(student_cfg, teacher_cfg, cfg.opd, cfg.loss, cfg.lora)
+  step = opd_lib.make_opd_train_step(loss_fn, 1, optim.make_schedule(cfg.optim, cfg.train.num_steps))
+  with sharding.use_rules(mesh):
+    compiled = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None)).lower(
+        state, teacher, batch).compile()
+  ma = compiled.memory_analysis()
+  out = {
+      "argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+      "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
+      "generated_code": int(ma.generated_code_size_in_bytes),
+  }
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  n_dev = int(np.prod(list(mesh.shape.values())))
+  out["student_params"] = _bytes(params) // n_dev
+  out["teacher_params"] = _bytes(teacher) // n_dev
+  out["optimizer_state"] = _bytes(state.opt_state) // n_dev
+  return out
+
+
+def _bytes(tree) -> int:
+  """Global bytes of an abstract tree (divide by the device count for a fully sharded tree)."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _trainable_mask(cfg: Config, params):
+  """The trainer's mask (same rules), computed without building a Trainer (which would make a mesh)."""
+  tr = Trainer.__new__(Trainer)
+  tr.cfg = cfg
+  return tr.trainable_mask(params)
+
+
+def with_dtype(mc: ModelConfig, dtype: str = "bfloat16", remat: str = "full") -> ModelConfig:
+  return dataclasses.replace(mc, dtype=dtype, param_dtype=dtype, remat=remat, scan_layers=True)

@@ -261,3 +261,21 @@ def test_bf16_compute_close_to_fp32(models):
   agree = (got.argmax(-1) == ref[:, :65].argmax(-1)).mean()
   print(f"bf16 vs fp32: max|diff| = {err:.3g} (logit scale {scale:.3g}), argmax agreement {agree:.3f}")
   assert err <= 0.05 * scale and agree >= 0.95
+
+
+def test_sharded_checkpoint_with_index_json(models, tmp_path):
+  """Two safetensors shards + model.safetensors.index.json (how released checkpoints ship)."""
+  from safetensors.numpy import load_file, save_file
+  _, path, ckpt, fns, ids, ref = models["mixed_tied"]
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  d = tmp_path / "sharded"
+  d.mkdir()
+  shutil.copy(os.path.join(path, "config.json"), d)
+  for fname, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, str(d / fname))
+  weight_map = {k: f for f, keys in shards.items() for k in keys}
+  (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  got = hf.load_qwen3_5(str(d))
+  assert np.abs(fns.logits(got.params, ids[:, :63]) - ref[:, :63]).max() <= TOL

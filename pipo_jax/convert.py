@@ -22,11 +22,6 @@ from pipo_jax import hf_pipo, loading
 from pipo_jax.config import Config, ModelConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "", "orbax workdir or step dir to export")
-flags.DEFINE_string("to_hf", "", "output HF directory")
-flags.DEFINE_string("tokenizer_dir", "", "directory whose tokenizer files are copied into the export")
-flags.DEFINE_string("from_hf", "", "HF directory to import")
-flags.DEFINE_string("to_checkpoint", "", "output orbax workdir")
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "") -> list:
@@ -78,5 +73,16 @@ def main(argv):
     raise app.UsageError("give --checkpoint=... --to_hf=OUT, or --from_hf=DIR --to_checkpoint=OUT")
 
 
+def define_flags():
+  """CLI flags, defined only when this module is the program (so importing it from another CLI or a test
+  never clashes on flag names)."""
+  flags.DEFINE_string("checkpoint", "", "orbax workdir or step dir to export")
+  flags.DEFINE_string("to_hf", "", "output HF directory")
+  flags.DEFINE_string("tokenizer_dir", "", "directory whose tokenizer files are copied into the export")
+  flags.DEFINE_string("from_hf", "", "HF directory to import")
+  flags.DEFINE_string("to_checkpoint", "", "output orbax workdir")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

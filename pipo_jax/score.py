@@ -28,13 +28,6 @@ from pipo_jax.config import ModelConfig
 from pipo_jax.models import qwen3_5
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "HF directory or orbax checkpoint (workdir or step dir).")
-flags.DEFINE_string("input", None, 'JSONL file, one {"tokens": [...]} per line.')
-flags.DEFINE_string("output", None, 'JSONL file to write, one {"logprobs": [...]} per input line.')
-flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_string("matmul_precision", "highest", "jax_default_matmul_precision for fp32 matmuls.")
-flags.DEFINE_bool("pipo", False, "Score in compressed PIPO mode (backbone and MTP streams, confidence).")
 
 _MIN_BUCKET = 16
 _HEAD_CHUNK = 256  # tokens per LM-head chunk
@@ -154,5 +147,19 @@ def main(argv):
   score_file(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.batch_size, FLAGS.pipo, FLAGS.dtype)
 
 
+
+def define_flags():
+  """CLI flags, defined only when this module is the program (so importing it from another CLI or a test
+  never clashes on flag names)."""
+  flags.DEFINE_string("checkpoint", None, "HF directory or orbax checkpoint (workdir or step dir).")
+  flags.DEFINE_string("input", None, 'JSONL file, one {"tokens": [...]} per line.')
+  flags.DEFINE_string("output", None, 'JSONL file to write, one {"logprobs": [...]} per input line.')
+  flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_string("matmul_precision", "highest", "jax_default_matmul_precision for fp32 matmuls.")
+  flags.DEFINE_bool("pipo", False, "Score in compressed PIPO mode (backbone and MTP streams, confidence).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -22,6 +22,8 @@ def saved(tmp_path_factory):
 
 
 def _run(argv):
+  if "pipo" not in FLAGS:  # the CLI defines its flags only when run as a program
+    score.define_flags()
   FLAGS.unparse_flags()
   FLAGS(["score"] + argv)
   score.main([])

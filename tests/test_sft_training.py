@@ -103,7 +103,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(full_run, 
 
 def test_8_device_mesh_gives_the_losses_of_1_device(full_run, data_dir, tmp_path):
   workdir = str(tmp_path / "mesh8")
-  Trainer(make_config(data_dir, workdir, steps=3, mesh=MeshConfig(data=2, fsdp=2, tensor=2))).train()
+  Trainer(make_config(data_dir, workdir, mesh=MeshConfig(data=2, fsdp=2, tensor=2), stop_after_steps=3)).train()
   one = read_metrics(full_run)[:3]
   eight = read_metrics(workdir)
   for r1, r8 in zip(one, eight):

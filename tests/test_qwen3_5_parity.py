@@ -279,3 +279,14 @@ def test_sharded_checkpoint_with_index_json(models, tmp_path):
   (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
   got = hf.load_qwen3_5(str(d))
   assert np.abs(fns.logits(got.params, ids[:, :63]) - ref[:, :63]).max() <= TOL
+
+
+def test_head_kernel_is_the_lm_head(models):
+  """head_kernel() (used by the chunked losses) is lm_head.weight^T when untied, embed_tokens^T when tied."""
+  from safetensors.numpy import load_file
+  for name, (_, tie) in PATTERNS.items():
+    _, path, ckpt, *_ = models[name]
+    model = qwen3_5.Qwen35(ckpt.config)
+    w_DV = np.asarray(model.apply({"params": ckpt.params}, method=model.head_kernel))
+    hf_w = load_file(os.path.join(path, "model.safetensors"))["model.embed_tokens.weight" if tie else "lm_head.weight"]
+    np.testing.assert_array_equal(w_DV, hf_w.T)

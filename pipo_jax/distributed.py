@@ -76,6 +76,24 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
   return True
 
 
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Block until every process reaches `barrier(name)`; a no-op in a single-process run.
+
+  Uses the coordination service (the coordinator's key-value store), not a device collective, so it can
+  line processes up *before* a program's first collective: e.g. after compiling, which finishes at different
+  times per process, while gloo (CPU) gives a peer only 30 s to join a new communicator.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None:  # the runtime was started by someone else without a client we can reach
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 

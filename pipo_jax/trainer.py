@@ -21,7 +21,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import loading, metrics as metrics_lib, objectives, optim, sharding
+from pipo_jax import distributed, loading, metrics as metrics_lib, objectives, optim, sharding
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import PipoModel
@@ -55,6 +55,23 @@ def logical_axes(boxed) -> Any:
 def axes_to_shardings(axes_tree, mesh) -> Any:
   return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, sharding.logical_to_mesh_spec(a)), axes_tree,
                                 is_leaf=lambda x: isinstance(x, tuple))
+
+
+def train_state_shardings(params, param_shardings, mask, tx, mesh) -> optim.TrainState:
+  """Shardings of `TrainState.create(params, mask, tx, rng)`: every optimizer slot shaped like a trainable
+  param (AdamW mu / nu) takes that param's sharding; step, counts and rng are replicated.
+
+  Left to jit's sharding propagation the slots come out replicated (they are zeros, with no data dependence
+  on the params), which costs every device a full copy of the optimizer state. `params` may be abstract.
+  """
+  import optax
+  rep = NamedSharding(mesh, P())
+  trainable_sh, frozen_sh = optim.partition(param_shardings, mask)
+  trainable, _ = optim.partition(params, mask)
+  opt_abstract = jax.eval_shape(tx.init, trainable)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_sh,
+                                 transform_non_params=lambda _: rep)
+  return optim.TrainState(step=rep, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=rep, tx=tx)
 
 
 class Trainer:
@@ -182,7 +199,8 @@ class Trainer:
     params, shardings = self.add_lora(params, shardings, k_lora)
     mask = self.trainable_mask(params)
     tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    create = jax.jit(lambda p, r: optim.TrainState.create(p, mask, tx, r))
+    create = jax.jit(lambda p, r: optim.TrainState.create(p, mask, tx, r),
+                     out_shardings=train_state_shardings(params, shardings, mask, tx, self.mesh))
     state = create(params, k_state)
     return state
 
@@ -211,6 +229,7 @@ class Trainer:
     if cfg.train.stop_after_steps > 0:
       end = min(end, step + cfg.train.stop_after_steps)
     last, tokens = None, 0
+    jitted_first = True
     t0 = time.time()
     try:
       while step < end:
@@ -218,6 +237,12 @@ class Trainer:
         tokens += int(sum((b["input_ids"] != pad_id).sum() for b in micro)) * jax.process_count()
         batch = self.global_batch(micro)
         with sharding.use_rules(self.mesh):
+          if jax.process_count() > 1 and jitted_first:
+            # Processes finish compiling at different times, and gloo (CPU collectives) gives a peer only 30 s
+            # to join a new communicator: compile ahead of time, then line up before the first run.
+            jitted = jitted.lower(state, batch).compile()
+            distributed.barrier("pipo_jax.trainer: train step compiled")
+          jitted_first = False
           state, m = jitted(state, batch)
         step += 1
         if step % cfg.train.log_every == 0 or step == end or step == 1:

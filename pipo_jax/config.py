@@ -202,7 +202,7 @@ PRESETS: dict[str, dict] = {
     # width a shared 2-core CPU trains in minutes; vocab 128 covers the synthetic task's character tokenizer
     # (pad <|endoftext|> = 1, eos <|im_end|> = 3, as pipo_jax/data/synthetic.py numbers them).
     "demo_teacher": _preset(
-        vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        vocab_size=128, hidden_size=96, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
         linear_value_head_dim=32, tie_word_embeddings=True, max_position_embeddings=4096,

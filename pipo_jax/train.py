@@ -35,7 +35,8 @@ def config_to_dict(cfg) -> dict:
 
 def main(argv):
   del argv
-  from pipo_jax import distributed
+  from pipo_jax import cpu_dispatch, distributed
+  cpu_dispatch.maybe_disable_async_dispatch()  # opt-in (env PIPO_CPU_SYNC_DISPATCH=1): see the module
   distributed.initialize_distributed()
   run(_CONFIG.value)
 

@@ -1,0 +1,70 @@
+"""Merge `pipo_jax.evaluate` row files into the run's report (report.json, report.md, sweep.png).
+
+    python -m pipo_jax.make_report --rows=runs/demo/eval/teacher.json,runs/demo/eval/sft.json,... \\
+        --run_dir=runs/demo --title="PIPO CPU miniature"
+
+Rows keep their file order. The speed-up of every row is its effective tokens/s over the Regular row's
+(`report.add_speedup`). `--extra_json` files (e.g. the demo's stage timings) are embedded in report.json under
+their stem and listed at the end of report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from absl import app, flags
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so the module can be imported next to other CLIs."""
+  global _ROWS, _RUN_DIR, _TITLE, _EXTRA, _NOTES
+  _ROWS = flags.DEFINE_list("rows", None, "row JSON files written by pipo_jax.evaluate", required=True)
+  _RUN_DIR = flags.DEFINE_string("run_dir", None, "where report.json / report.md / sweep.png go", required=True)
+  _TITLE = flags.DEFINE_string("title", "PIPO evaluation", "report title")
+  _EXTRA = flags.DEFINE_list("extra_json", [], "JSON files embedded in report.json (e.g. stage timings)")
+  _NOTES = flags.DEFINE_string("notes", "", "markdown file appended to report.md")
+
+
+def build(row_files: Sequence[str], run_dir: str, title: str, extra_files: Sequence[str] = (),
+          notes_file: str = "") -> dict:
+  from pipo_jax import report
+  rows = []
+  for path in row_files:
+    with open(path) as f:
+      rows += json.load(f)
+  paths = report.write_report(rows, run_dir, title)
+  extra = {}
+  for path in extra_files:
+    if os.path.exists(path):
+      with open(path) as f:
+        extra[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+  if extra:
+    with open(paths["json"]) as f:
+      doc = json.load(f)
+    doc.update(extra)
+    with open(paths["json"], "w") as f:
+      json.dump(doc, f, indent=2, sort_keys=True, default=str)
+      f.write("\n")
+  tail = []
+  if notes_file and os.path.exists(notes_file):
+    with open(notes_file) as f:
+      tail.append(f.read())
+  for name, value in extra.items():
+    tail.append(f"## {name}\n\n```json\n{json.dumps(value, indent=2)}\n```\n")
+  if tail:
+    with open(paths["md"], "a") as f:
+      f.write("\n" + "\n".join(tail))
+  return paths
+
+
+def main(argv):
+  del argv
+  paths = build(_ROWS.value, _RUN_DIR.value, _TITLE.value, _EXTRA.value, _NOTES.value)
+  print("[make_report] " + json.dumps(paths))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -24,7 +24,7 @@ from pipo_jax import opd as opd_lib
 from pipo_jax import optim, sharding
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.models import lora as lora_lib
-from pipo_jax.trainer import Trainer, axes_to_shardings, boxed_params, logical_axes
+from pipo_jax.trainer import Trainer, axes_to_shardings, boxed_params, logical_axes, train_state_shardings
 
 
 def _abstract(tree, shardings):
@@ -52,12 +52,12 @@ def opd_step_memory(cfg: Config, student_cfg: ModelConfig, teacher_cfg: ModelCon
     axes = lora_lib.lora_logical_axes(logical_axes(boxed), adapters)
     l_shard = axes_to_shardings(axes, mesh)
     params = dict(params, **{lora_lib.LORA_KEY: _abstract(adapters, l_shard)})
+    p_shard = dict(p_shard, **{lora_lib.LORA_KEY: l_shard})
   mask = _trainable_mask(cfg, params)
   tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-  with sharding.use_rules(mesh):
-    create = jax.jit(lambda p, r: optim.TrainState.create(p, mask, tx, r)).lower(params, key).compile()
-  state_shardings = create.output_shardings
+  # The trainer's own state shardings (optimizer slots sharded like their params).
+  state_shardings = train_state_shardings(params, p_shard, mask, tx, mesh)
   state = _abstract(jax.eval_shape(lambda p, r: optim.TrainState.create(p, mask, tx, r), params, key),
                     state_shardings)
 

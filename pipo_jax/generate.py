@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from pipo_jax.config import ModelConfig, resolve_model_config
 from pipo_jax.inference.api import MODES, generate, left_pad, result_rows
+from pipo_jax.inference.model_io import load, load_tokenizer_or_none
 from pipo_jax.inference.sampling import SamplingParams
 
 FLAGS = flags.FLAGS
@@ -46,25 +45,6 @@ flags.DEFINE_float("presence_penalty", 0.0, "subtracted from the logits of token
 flags.DEFINE_integer("seed", 0, "sampling seed (one key per batch, folded from it)")
 flags.DEFINE_integer("batch_size", 8, "prompts per batch")
 flags.DEFINE_integer("bucket_multiple", 64, "the prompt bucket is the longest prompt rounded up to this")
-
-
-def load(checkpoint: str, preset: str, seed: int = 0):
-  """(config, params): a checkpoint through pipo_jax.loading, or a random-initialised preset."""
-  if checkpoint:
-    from pipo_jax.loading import load_model
-    return load_model(checkpoint)
-  if not preset:
-    raise app.UsageError("give --checkpoint, or --preset=NAME --init=random")
-  from pipo_jax.models.pipo import init_pipo_params
-  cfg = resolve_model_config(ModelConfig(preset=preset))
-  return cfg, init_pipo_params(cfg, jax.random.PRNGKey(seed))
-
-
-def load_tokenizer_or_none(path: str):
-  if not path or not os.path.exists(os.path.join(path, "tokenizer.json")):
-    return None
-  from pipo_jax.data.tokenizer import load_tokenizer
-  return load_tokenizer(path)
 
 
 def encode_record(rec: dict, tok, where: str) -> list:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 from absl import app, flags
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   global _CKPT, _TOK, _BENCH, _DECODE, _TAU, _K, _METHOD, _OUT, _CONTROL, _RPAD, _MAX_Q, _MAX_NEW, _TEMP
   global _TOP_K, _TOP_P, _BATCH, _SEED
@@ -161,5 +161,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -17,7 +17,7 @@ from typing import Sequence
 from absl import app, flags
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   global _ROWS, _RUN_DIR, _TITLE, _EXTRA, _NOTES
   _ROWS = flags.DEFINE_list("rows", None, "row JSON files written by pipo_jax.evaluate", required=True)
@@ -66,5 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -18,7 +18,7 @@ from absl import app, flags
 from pipo_jax.data import synthetic
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   global _OUT, _N_TRAIN, _N_OPD, _N_TEST, _SEED, _MIN_OPS, _MAX_OPS, _MIN_OPERAND, _MAX_OPERAND, _OPS
   global _OVERWRITE
@@ -57,5 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

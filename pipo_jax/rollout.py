@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   global _CKPT, _TOK, _PROMPTS, _N, _OUT_SFT, _OUT_OPD, _RHO, _MAX_PROMPTS, _MAX_NEW, _TEMP, _TOP_K, _TOP_P
   global _BATCH, _SEED
@@ -115,5 +115,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

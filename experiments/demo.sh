@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 W=${1:-runs/demo}
 PY=${PYTHON:-python}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-# CPU hang workaround (pipo_jax/cpu_dispatch.py): synchronous dispatch.
-export PIPO_CPU_SYNC_DISPATCH=${PIPO_CPU_SYNC_DISPATCH:-1}
+# On a loaded CPU, jaxlib 0.10 executions were seen to wedge (all XLA worker threads parked, host waiting in
+# Execute), with and without async dispatch (PIPO_CPU_SYNC_DISPATCH=1, pipo_jax/cpu_dispatch.py, is available).
+# XNNPACK's own thread pool is off here as a precaution.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_use_xnnpack=false"
 F=experiments/demo
 D=$W/data
 TOK=$D/tokenizer
@@ -25,6 +27,7 @@ mkdir -p "$W/eval" "$W/logs"
 
 # Size knobs: the defaults are the flagfiles'; the smoke run overrides them.
 TASK_X=() TEACH_X=() ROLL_X=() SFT_X=() OPD_X=() EVAL_X=()
+SFT_DATA=$W/rollout/sft.jsonl  # the teacher's correct rollouts (pipo_method.md 11)
 if [ "${PIPO_DEMO_SMOKE:-0}" = 1 ]; then
   TASK_X=(--n_train=64 --n_opd=8 --n_test=3)
   TEACH_X=(--config.train.num_steps=2 --config.data.batch_size=4 --config.train.log_every=1)
@@ -33,6 +36,7 @@ if [ "${PIPO_DEMO_SMOKE:-0}" = 1 ]; then
   OPD_X=(--config.train.num_steps=2 --config.data.batch_size=2 --config.train.log_every=1
          --config.opd.max_new_tokens=8 --config.opd.min_pass_rate=0)
   EVAL_X=(--k=2 --max_new_tokens=8 --batch_size=8)
+  SFT_DATA=$D/train.jsonl  # a 2-step teacher answers nothing correctly: the smoke SFT uses the reference solutions
 fi
 
 T0=$(date +%s)
@@ -43,7 +47,9 @@ stage() {  # stage NAME OUTPUT_MARKER CMD...: run unless OUTPUT_MARKER exists; r
   echo "== [$name] $*"
   local t=$(date +%s)
   set +e  # the filter may match nothing; the stage's own exit status is what counts
-  "$@" 2>&1 | tee "$W/logs/$name.log" | grep -E "^\[|step [0-9]+/|Error|error"
+  # The watchdog reruns a stage whose processes stop using CPU (the jaxlib wedge above); training resumes.
+  $PY -m pipo_jax.watchdog --stall_s="${PIPO_DEMO_STALL_S:-240}" --retries=2 -- "$@" 2>&1 | tee "$W/logs/$name.log" \
+    | grep -E "^\[|step [0-9]+/|Error"
   local rc=${PIPESTATUS[0]}
   set -e
   if [ "$rc" != 0 ]; then echo "== [$name] FAILED (exit $rc); log: $W/logs/$name.log"; exit "$rc"; fi
@@ -65,7 +71,7 @@ stage rollout "$W/rollout/opd.jsonl" \
   $PY -m pipo_jax.rollout --flagfile=$F/rollout.flags --checkpoint="$W/teacher" --tokenizer="$TOK" \
   --prompts="$D/opd.jsonl" --output_sft="$W/rollout/sft.jsonl" --output_opd="$W/rollout/opd.jsonl" "${ROLL_X[@]}"
 stage sft "$W/sft/.done" bash -c "$PY -m pipo_jax.train --flagfile=$F/sft.flags \
-  --config.workdir=$W/sft --config.checkpoint.init_from=$W/teacher --config.data.train_path=$W/rollout/sft.jsonl \
+  --config.workdir=$W/sft --config.checkpoint.init_from=$W/teacher --config.data.train_path=$SFT_DATA \
   --config.data.tokenizer_path=$TOK ${SFT_X[*]} && touch $W/sft/.done"
 if $PY -c "import pipo_jax.opd_rollout" 2>/dev/null; then
   stage opd "$W/opd/.done" bash -c "$PY -m pipo_jax.train --flagfile=$F/opd.flags \

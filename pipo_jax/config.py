@@ -67,6 +67,9 @@ class ModelConfig:
   scan_layers: bool = True  # scan over repeating layer groups (compile time independent of depth)
   remat: str = "none"  # none | full | dots: rematerialisation policy per layer group
   gdn_chunk_size: int = 64  # Gated DeltaNet chunk length in the parallel (prefill) form
+  # Full attention runs blocked (flash-style online softmax, models/flash.py) with this query/key block when a
+  # call has more than this many new tokens: O(block^2) score memory instead of O(T x S). 0 = always dense.
+  attention_block: int = 512
 
   # -- derived quantities (valid on resolved configs) --------------------------------
   @property
@@ -147,7 +150,8 @@ def _mrope_section(rotary_dim: int) -> list:
 _ARCH_FIELDS = [
     f.name
     for f in dataclasses.fields(ModelConfig)
-    if f.name not in ("preset", "dtype", "param_dtype", "scan_layers", "remat", "gdn_chunk_size")
+    if f.name not in ("preset", "dtype", "param_dtype", "scan_layers", "remat", "gdn_chunk_size",
+                      "attention_block")
 ]
 
 _COMMON = dict(

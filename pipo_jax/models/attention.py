@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from pipo_jax.config import ModelConfig
+from pipo_jax.models.flash import blocked_attention
 from pipo_jax.models.norms import RMSNorm
 
 # Masked scores use the most negative finite fp32 instead of -inf: a query row whose keys are all masked
@@ -57,6 +58,21 @@ def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Den
   return nn.Dense(
       features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes))
+
+
+def _dense_attention(q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, query_slot_T: jax.Array,
+                     key_valid_BS: jax.Array) -> jax.Array:
+  """Reference path: full masked [B, G, R, T, S] fp32 scores. -> o_BTGRK [B, T, G, R, K] in q's dtype.
+
+  Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s].
+  """
+  S, K = k_BSGK.shape[1], q_BTGRK.shape[-1]
+  mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
+  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32)
+  scores_BGRTS = scores_BGRTS * np.float32(K ** -0.5)
+  scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
+  probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BTGRK.dtype)  # softmax in fp32
+  return jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
 
 
 class GatedAttention(nn.Module):
@@ -108,16 +124,17 @@ class GatedAttention(nn.Module):
       key_valid_BS = jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index))
       query_slot_T = index + jnp.arange(T)
       new_cache = dict(cache, k_BSGK=k_BSGK, v_BSGK=v_BSGK, valid_BS=key_valid_BS, index=index + T)
-    S = k_BSGK.shape[1]
-    mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
-
     # GQA: query head h = g*R + r reads kv head g = h // R (HF repeat_kv == repeat_interleave).
     q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(dtype)).astype(jnp.float32)
-    scores_BGRTS = scores_BGRTS * np.float32(K ** -0.5)
-    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)  # softmax in fp32
-    o_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK.astype(dtype))
+    block = cfg.attention_block
+    if block and T > block:
+      # Long calls (training, long prefill): never materialise [T, S] (memory O(block^2) per head, fwd + bwd).
+      # Short calls and decode stay dense: one small [T, S] tile is cheaper than a scan.
+      o_BTGRK = blocked_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T,
+                                  key_valid_BS, block, block)
+    else:
+      o_BTGRK = _dense_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T,
+                                 key_valid_BS)
     o_BTF = o_BTGRK.reshape(B, T, H * K)
     # The gate multiplies the concatenated head outputs, before o_proj (qwen3_5.md section 8.4).
     o_BTF = o_BTF * jax.nn.sigmoid(gate_BTHK.reshape(B, T, H * K))

@@ -1,0 +1,118 @@
+"""Blocked (flash-style) attention == the dense path, forward and gradient; O(block) compiled memory."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from pipo_jax.models import attention
+from pipo_jax.models.flash import blocked_attention
+
+TOL = 1e-5
+
+
+def _inputs(rng, B, T, S, G, R, K):
+  q = jnp.asarray(rng.randn(B, T, G, R, K), jnp.float32)
+  k = jnp.asarray(rng.randn(B, S, G, K), jnp.float32)
+  v = jnp.asarray(rng.randn(B, S, G, K), jnp.float32)
+  return q, k, v
+
+
+def _check(q, k, v, query_slot_T, key_valid_BS, block_q, block_k):
+  """Forward and d(loss)/d(q, k, v) on the query rows that see at least one valid key (the only rows the model
+  uses: a left-pad query's output is dense-mean vs blocked-zero, both never read)."""
+  S = k.shape[1]
+  seen_BT = ((jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]).any(-1)
+  w = jnp.asarray(np.random.RandomState(7).randn(*q.shape), jnp.float32) * seen_BT[:, :, None, None, None]
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v) * w)
+
+  dense = lambda q, k, v: attention._dense_attention(q, k, v, query_slot_T, key_valid_BS)
+  blocked = lambda q, k, v: blocked_attention(q, k, v, query_slot_T, key_valid_BS, block_q, block_k)
+  o_d, o_b = jax.jit(dense)(q, k, v), jax.jit(blocked)(q, k, v)
+  m = np.asarray(seen_BT)[:, :, None, None, None]
+  err = float(np.abs(np.where(m, np.asarray(o_d) - np.asarray(o_b), 0)).max())
+  assert np.isfinite(np.asarray(o_b)).all()
+  g_d = jax.jit(jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2)))(q, k, v)
+  g_b = jax.jit(jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2)))(q, k, v)
+  gerr = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(g_d, g_b))
+  print(f"  forward max|blocked - dense| = {err:.2e}, grad max = {gerr:.2e}")
+  assert err <= TOL and gerr <= TOL, (err, gerr)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (8, 32)])
+def test_blocked_equals_dense_causal_gqa_ragged(block_q, block_k):
+  """T = 70 (not a multiple of any block), GQA with 3 query heads per kv head, no padding."""
+  rng = np.random.RandomState(0)
+  B, T, G, R, K = 2, 70, 2, 3, 8
+  q, k, v = _inputs(rng, B, T, T, G, R, K)
+  _check(q, k, v, jnp.arange(T), jnp.ones((B, T), bool), block_q, block_k)
+
+
+def test_blocked_equals_dense_left_padding():
+  """Row 0 left-padded by 23 (its pad queries see no valid key), row 1 by 0."""
+  rng = np.random.RandomState(1)
+  B, T, G, R, K = 2, 53, 1, 4, 8
+  q, k, v = _inputs(rng, B, T, T, G, R, K)
+  valid = np.ones((B, T), bool)
+  valid[0, :23] = False
+  _check(q, k, v, jnp.arange(T), jnp.asarray(valid), 16, 16)
+
+
+def test_blocked_equals_dense_cached_multi_token_step():
+  """A 37-token step written at cache slots 20..56 of a 96-slot cache (slots past 57 empty) with left-padded
+  prefill slots: queries at slots index..index+T-1 against all S slots."""
+  rng = np.random.RandomState(2)
+  B, T, S, G, R, K, index = 2, 37, 96, 2, 2, 8, 20
+  q, k, v = _inputs(rng, B, T, S, G, R, K)
+  valid = np.zeros((B, S), bool)
+  valid[:, :index + T] = True
+  valid[1, :5] = False  # left pad of row 1's prompt
+  _check(q, k, v, index + jnp.arange(T), jnp.asarray(valid), 16, 16)
+
+
+def _temp_bytes(fn, *args):
+  return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def test_compiled_temp_memory_is_o_block():
+  """Forward + backward at T = 4096 with tiny heads: dense keeps [T, T] fp32 scores / probabilities; blocked
+  (256) keeps O(T) residuals and O(256^2) tiles."""
+  B, T, G, R, K = 1, 4096, 1, 2, 8
+  q = jax.ShapeDtypeStruct((B, T, G, R, K), jnp.float32)
+  kv = jax.ShapeDtypeStruct((B, T, G, K), jnp.float32)
+  slot, valid = jnp.arange(T), jnp.ones((B, T), bool)
+
+  def grad_of(fn):
+    return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
+
+  dense = _temp_bytes(grad_of(lambda q, k, v: attention._dense_attention(q, k, v, slot, valid)), q, kv, kv)
+  blocked = _temp_bytes(grad_of(lambda q, k, v: blocked_attention(q, k, v, slot, valid, 256, 256)), q, kv, kv)
+  print(f"\nT=4096 fwd+bwd temp bytes: dense {dense:,} ({dense / 2**20:.1f} MiB), blocked(256) {blocked:,} "
+        f"({blocked / 2**20:.2f} MiB), ratio {dense / blocked:.0f}x")
+  # Dense: at least R x T x T fp32 scores (128 MiB); blocked must be at least 20x smaller.
+  assert dense >= R * T * T * 4
+  assert blocked * 20 <= dense
+
+
+def test_gated_attention_uses_blocked_path_and_matches_dense():
+  """The module: attention_block=16 (blocked for T=40 > 16) vs 0 (dense), same params, with a left pad."""
+  from pipo_jax.config import ModelConfig, resolve_model_config
+  import dataclasses
+  cfg = resolve_model_config(ModelConfig(preset="tiny"))
+  B, T = 2, 40
+  x = jnp.asarray(np.random.RandomState(3).randn(B, T, cfg.hidden_size), jnp.float32)
+  valid = np.ones((B, T), bool)
+  valid[1, :6] = False
+  pos = jnp.maximum(jnp.cumsum(jnp.asarray(valid), -1) - 1, 0)
+  dense_mod = attention.GatedAttention(dataclasses.replace(cfg, attention_block=0))
+  blocked_mod = attention.GatedAttention(dataclasses.replace(cfg, attention_block=16))
+  params = dense_mod.init(jax.random.PRNGKey(0), x, pos, jnp.asarray(valid), None)
+  jaxpr = str(jax.make_jaxpr(lambda p: blocked_mod.apply(p, x, pos, jnp.asarray(valid), None))(params))
+  assert "custom_vjp" in jaxpr
+  o_d, _ = dense_mod.apply(params, x, pos, jnp.asarray(valid), None)
+  o_b, _ = blocked_mod.apply(params, x, pos, jnp.asarray(valid), None)
+  err = float(np.abs(np.where(valid[..., None], np.asarray(o_d - o_b), 0)).max())
+  print(f"GatedAttention blocked vs dense max|diff| = {err:.2e}")
+  assert err <= TOL

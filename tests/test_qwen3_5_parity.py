@@ -1,5 +1,6 @@
 """Qwen35 (Flax) against HF transformers Qwen3_5ForCausalLM on tiny random models (qwen3_5.md section 10)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,10 +24,17 @@ PATTERNS = {
 }
 
 
+# PIPO_TEST_ATTENTION_BLOCK=8 reruns the whole module with blocked (flash-style) attention on every call longer
+# than 8 tokens (prefills, the 11-token cached step); default: the model's own setting (dense at these lengths).
+ATTENTION_BLOCK = os.environ.get("PIPO_TEST_ATTENTION_BLOCK")
+
+
 class Fns:
   """Jitted entry points for one config (shared by all tests of the module: few compilations)."""
 
   def __init__(self, config):
+    if ATTENTION_BLOCK is not None:
+      config = dataclasses.replace(config, attention_block=int(ATTENTION_BLOCK))
     self.config = config
     model = qwen3_5.Qwen35(config)
 
@@ -72,6 +80,17 @@ def test_logits_match_hf(models, name):
   for T in LENGTHS:
     err = np.abs(fns.logits(ckpt.params, ids[:, :T]) - ref[:, :T]).max()
     print(f"{name}: T={T} max|jax - hf| = {err:.3g}")
+    assert err <= TOL, (name, T, err)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_logits_match_hf_blocked_attention(models, name):
+  """Blocked attention forced on (block 16: 65 and 150 tokens cross several blocks, ragged last block)."""
+  _, _, ckpt, _, ids, ref = models[name]
+  fns = Fns(dataclasses.replace(ckpt.config, attention_block=16))
+  for T in (65, 150):
+    err = np.abs(fns.logits(ckpt.params, ids[:, :T]) - ref[:, :T]).max()
+    print(f"{name} blocked(16): T={T} max|jax - hf| = {err:.3g}")
     assert err <= TOL, (name, T, err)
 
 

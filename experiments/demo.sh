@@ -39,6 +39,8 @@ if [ "${PIPO_DEMO_SMOKE:-0}" = 1 ]; then
   SFT_DATA=$D/train.jsonl  # a 2-step teacher answers nothing correctly: the smoke SFT uses the reference solutions
 fi
 
+# Training logs every step on purpose: the per-step device_get keeps at most one step in flight, and runs with
+# several async steps in flight were the ones that wedged.
 T0=$(date +%s)
 [ -f "$W/timings.json" ] || echo "{}" > "$W/timings.json"
 stage() {  # stage NAME OUTPUT_MARKER CMD...: run unless OUTPUT_MARKER exists; record and print the wall time
@@ -49,7 +51,7 @@ stage() {  # stage NAME OUTPUT_MARKER CMD...: run unless OUTPUT_MARKER exists; r
   set +e  # the filter may match nothing; the stage's own exit status is what counts
   # The watchdog reruns a stage whose processes stop using CPU (the jaxlib wedge above); training resumes.
   $PY -m pipo_jax.watchdog --stall_s="${PIPO_DEMO_STALL_S:-240}" --retries=2 -- "$@" 2>&1 | tee "$W/logs/$name.log" \
-    | grep -E "^\[|step [0-9]+/|Error"
+    | grep -E "^\[|^== |step ([0-9]*(00|25|50|75)|1)/|Error"
   local rc=${PIPESTATUS[0]}
   set -e
   if [ "$rc" != 0 ]; then echo "== [$name] FAILED (exit $rc); log: $W/logs/$name.log"; exit "$rc"; fi

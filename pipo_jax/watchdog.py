@@ -4,8 +4,8 @@
 
 Why: on a loaded CPU, jaxlib 0.10 executions were seen to wedge for good (every XLA worker thread parked in a
 futex, the host blocked in `Execute`), at random, in training and before or after the first step. A wedged
-process uses no CPU at all, while a slow one always uses some, so "no CPU tick for `stall_s` seconds" is a
-reliable stall signal. Training stages resume from their last checkpoint when rerun, other stages just redo
+process uses (almost) no CPU, while a slow one always uses some, so "less than `min_cpu_s` CPU seconds in
+`stall_s` seconds" is a reliable stall signal. Training stages resume from their last checkpoint when rerun, other stages just redo
 their work. Exit status: the command's, or 124 when every attempt stalled.
 """
 
@@ -41,16 +41,19 @@ def _tree_cpu_ticks(root: int) -> int:
   return total
 
 
-def run(cmd: list[str], stall_s: float, retries: int, poll_s: float = 5.0) -> int:
+def run(cmd: list[str], stall_s: float, retries: int, poll_s: float = 5.0, min_cpu_s: float = 1.0) -> int:
+  """Run `cmd`; a window of `stall_s` seconds with less than `min_cpu_s` CPU seconds used is a stall (a wedged
+  process still wakes a few polling threads now and then, so "no tick at all" is too strict)."""
+  min_ticks = min_cpu_s * os.sysconf("SC_CLK_TCK")
   for attempt in range(retries + 1):
     proc = subprocess.Popen(cmd, start_new_session=True)  # own process group: killed as a whole
-    last_ticks, last_change = -1, time.monotonic()
+    mark_ticks, mark_time = 0, time.monotonic()
     while proc.poll() is None:
       time.sleep(poll_s)
       t = _tree_cpu_ticks(proc.pid)
-      if t != last_ticks:
-        last_ticks, last_change = t, time.monotonic()
-      elif time.monotonic() - last_change > stall_s:
+      if t - mark_ticks >= min_ticks:
+        mark_ticks, mark_time = t, time.monotonic()
+      elif time.monotonic() - mark_time > stall_s:
         print(f"[watchdog] no CPU use for {stall_s:.0f}s: killing attempt {attempt + 1} of {cmd[:4]}...",
               flush=True)
         os.killpg(proc.pid, signal.SIGKILL)

@@ -77,21 +77,27 @@ def _temp_bytes(fn, *args):
 
 
 def test_compiled_temp_memory_is_o_block():
-  """Forward + backward at T = 4096 with tiny heads: dense keeps [T, T] fp32 scores / probabilities; blocked
+  """Forward + backward at T = 4096 with tiny heads, inside a 2-step scan like the layer stack (its slots and
+  key validity are loop-invariant: JAX's scan partial eval would hoist every mask tile out of the loop, O(T^2),
+  without flash.py's optimisation barrier). Dense keeps [T, T] fp32 scores / probabilities per step; blocked
   (256) keeps O(T) residuals and O(256^2) tiles."""
   B, T, G, R, K = 1, 4096, 1, 2, 8
   q = jax.ShapeDtypeStruct((B, T, G, R, K), jnp.float32)
   kv = jax.ShapeDtypeStruct((B, T, G, K), jnp.float32)
   slot, valid = jnp.arange(T), jnp.ones((B, T), bool)
 
-  def grad_of(fn):
-    return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
+  def grad_of(attn):
+    def loss(q, k, v):
+      def layer(q, _):
+        return attn(q, k, v), None
+      return jnp.sum(jax.lax.scan(layer, q, None, length=2)[0] ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))
 
   dense = _temp_bytes(grad_of(lambda q, k, v: attention._dense_attention(q, k, v, slot, valid)), q, kv, kv)
   blocked = _temp_bytes(grad_of(lambda q, k, v: blocked_attention(q, k, v, slot, valid, 256, 256)), q, kv, kv)
-  print(f"\nT=4096 fwd+bwd temp bytes: dense {dense:,} ({dense / 2**20:.1f} MiB), blocked(256) {blocked:,} "
-        f"({blocked / 2**20:.2f} MiB), ratio {dense / blocked:.0f}x")
-  # Dense: at least R x T x T fp32 scores (128 MiB); blocked must be at least 20x smaller.
+  print(f"\nT=4096 fwd+bwd (2 scanned layers) temp bytes: dense {dense:,} ({dense / 2**20:.1f} MiB), "
+        f"blocked(256) {blocked:,} ({blocked / 2**20:.2f} MiB), ratio {dense / blocked:.0f}x")
+  # Dense: at least R x T x T fp32 probabilities (128 MiB); blocked must be at least 20x smaller.
   assert dense >= R * T * T * 4
   assert blocked * 20 <= dense
 

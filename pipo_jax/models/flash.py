@@ -39,6 +39,11 @@ def _scores(q_BGRqK, k_BGsK, mask_BGRqs, scale):
 
 def _to_blocks(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, bq, bk):
   """Pad T / S up to whole blocks and move the block index to the front (the scanned axis)."""
+  # Inside a scan over layers the slots and key validity are loop-invariant, and JAX's scan partial eval
+  # hoists loop-invariant work out of the loop as stacked residuals: here every [q, s] mask tile of every
+  # (query block, key block) pair, i.e. O(T x S) again. Tying them to q (loop-varying) with an optimisation
+  # barrier keeps the mask computation inside the loop.
+  q_BTGRK, query_slot_T, key_valid_BS = jax.lax.optimization_barrier((q_BTGRK, query_slot_T, key_valid_BS))
   B, T, G, R, K = q_BTGRK.shape
   S = k_BSGK.shape[1]
   nq, nk = -(-T // bq), -(-S // bk)

@@ -102,6 +102,6 @@ import json, sys
 d = json.load(open(sys.argv[1])); d["total_this_invocation"] = int(sys.argv[2]); json.dump(d, open(sys.argv[1], "w"), indent=2)
 EOF
 $PY -m pipo_jax.make_report --rows="$ROWS" --run_dir="$W" --title="PIPO CPU miniature (experiments/demo.sh)" \
-  --extra_json="$W/timings.json,$D/task.json,$W/rollout/summary.json"
+  --extra_json="$W/timings.json,$D/task.json,$W/rollout/rollout_summary.json"
 echo "== report: $W/report.md ($(( $(date +%s) - T0 ))s in all)"
 cat "$W/report.md"

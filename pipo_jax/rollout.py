@@ -68,7 +68,7 @@ def _write_jsonl(path: str, rows) -> None:
 
 def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass_rate, max_prompts=0,
         max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0, batch_size=64, seed=0) -> dict:
-  """Sample, grade and write; returns a summary dict (also printed by the CLI)."""
+  """Sample, grade and write; returns a summary dict (printed by the CLI, saved as rollout_summary.json)."""
   from pipo_jax import batch_sampling, grading
   from pipo_jax.inference.sampling import SamplingParams
   t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass
              "decode_s": round(out.decode_s, 2), "compile_s": round(out.compile_s, 2),
              "total_s": round(time.perf_counter() - t0, 2)}
   # Next to the SFT file, so the report can say what the student was trained on.
-  with open(os.path.join(os.path.dirname(os.path.abspath(output_sft)), "summary.json"), "w") as f:
+  with open(os.path.join(os.path.dirname(os.path.abspath(output_sft)), "rollout_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
 

@@ -83,7 +83,7 @@ def test_rollout_grading_and_schemas(model, task, tmp_path, monkeypatch):
   assert len(sft_rows) == 2 and [m["role"] for m in sft_rows[0]["messages"]] == ["user", "assistant"]
   assert len(opd_rows) == 1 and opd_rows[0]["pass_rate"] == 1.0 and opd_rows[0]["answer"] == rows[0]["answer"]
   assert summary["opd_prompts"] == 1 and summary["sft_rows"] == 2
-  assert os.path.exists(tmp_path / "summary.json")
+  assert os.path.exists(tmp_path / "rollout_summary.json")
 
 
 def test_evaluate_rows(model, task, tmp_path, monkeypatch):

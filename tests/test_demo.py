@@ -106,13 +106,15 @@ def test_evaluate_rows(model, task, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 8 stage processes, each paying JAX start-up and compilation (~8 min on a loaded CPU)
 def test_demo_smoke(tmp_path):
   """experiments/demo.sh end to end at minimal sizes (PIPO_DEMO_SMOKE=1)."""
   work = str(tmp_path / "demo")
-  env = dict(os.environ, PIPO_DEMO_SMOKE="1", PIPO_DEMO_TAUS="-1,0.5,1", PYTHON=sys.executable)
+  env = dict(os.environ, PIPO_DEMO_SMOKE="1", PIPO_DEMO_TAUS="-1,0.5,1", PIPO_DEMO_STALL_S="120",
+             PYTHON=sys.executable)
   env.pop("XLA_FLAGS", None)  # one CPU device per stage, as a user runs it
   proc = subprocess.run(["bash", "experiments/demo.sh", work], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=1800)
+                        timeout=2300)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   for name in ("report.json", "report.md", "sweep.png", "timings.json"):
     assert os.path.exists(os.path.join(work, name)), name

@@ -100,6 +100,12 @@ class Trainer:
       return devices[:int(np.prod(sizes))]
     return devices
 
+  def saved_config(self) -> dict:
+    """The run config as saved with checkpoints: the model config *resolved* (preset None), so a checkpoint
+    rebuilds the model it holds whatever preset or init_from the run started from."""
+    model = dataclasses.replace(self.model_cfg, preset=None)
+    return _config_dict(dataclasses.replace(self.cfg, model=model))
+
   # -- params ------------------------------------------------------------------------------------
   def init_params(self, rng) -> tuple[dict, Any]:
     """(params, shardings): loaded from checkpoint.init_from or initialised, placed on the mesh."""
@@ -210,7 +216,7 @@ class Trainer:
     cfg = self.cfg  # may now name the generated data
     state = self.build_state()
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=_config_dict(cfg))
+    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=self.saved_config())
     restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, state_shardings), data.iterator)
     if restored is not None:
       state = restored[0]

@@ -170,6 +170,9 @@ class OPDTrainer(Trainer):
         ts = time.perf_counter()
         with sharding.use_rules(self.mesh):
           state, m = jitted(state, teacher, batch)
+        # Wait for the step before the next rollout is dispatched: on XLA:CPU the generate program launched
+        # while the train step still runs has hung (all threads idle in futex waits) in the tiny CPU run.
+        jax.block_until_ready(m)
         step += 1
         if step % cfg.train.log_every == 0 or step == cfg.train.num_steps or step == 1:
           m = jax.device_get(m)

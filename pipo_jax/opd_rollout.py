@@ -137,7 +137,7 @@ class OPDTrainer(Trainer):
     tcfg, teacher = load_teacher(cfg.opd, self.mesh)
     state = self.build_state()
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=_config_dict(cfg))
+    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=self.saved_config())
     restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, state_shardings), data.iterator)
     if restored is not None:
       state = restored[0]
@@ -194,8 +194,3 @@ class OPDTrainer(Trainer):
       guard.uninstall()
     logging.info("finished at step %d in %.1fs", step, time.time() - t0)
     return last
-
-
-def _config_dict(cfg) -> dict:
-  import json
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

@@ -175,12 +175,10 @@ class OPDTrainer(Trainer):
         jax.block_until_ready(m)
         step += 1
         if step % cfg.train.log_every == 0 or step == cfg.train.num_steps or step == 1:
-          m = jax.device_get(m)
-          m["lr"] = m.pop("learning_rate", None)
+          m = self.host_metrics(m, data)
           m.update(rstats)
           m["time/rollout_s"] = t_roll
           m["time/train_step_s"] = time.perf_counter() - ts
-          m.update({f"data/{k}": v for k, v in data.stats.as_dict().items()})
           last = writer.log_progress(step, m, tokens)
           tokens = 0
         ckpt.save(step, state, data.iterator)
@@ -188,9 +186,6 @@ class OPDTrainer(Trainer):
           logging.warning("stop requested (SIGTERM): saving step %d and exiting", step)
           break
     finally:
-      ckpt.save(step, state, data.iterator, force=True, blocking=True)
-      ckpt.close()
-      writer.close()
-      guard.uninstall()
+      self.close_run(step, state, data, ckpt, writer, guard)
     logging.info("finished at step %d in %.1fs", step, time.time() - t0)
     return last

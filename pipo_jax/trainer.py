@@ -196,6 +196,22 @@ class Trainer:
     s = NamedSharding(self.mesh, P(None, ("data", "fsdp"), None))
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(s, x), stacked)
 
+  @staticmethod
+  def host_metrics(m, data) -> dict:
+    """Device metrics of a step -> host floats, `learning_rate` named `lr`, plus the data pipeline counters."""
+    m = jax.device_get(m)
+    m["lr"] = m.pop("learning_rate", None)
+    m.update({f"data/{k}": v for k, v in data.stats.as_dict().items()})
+    return m
+
+  @staticmethod
+  def close_run(step, state, data, ckpt, writer, guard):
+    """Final blocking save (a no-op if this step is saved already), then release the writers and handlers."""
+    ckpt.save(step, state, data.iterator, force=True, blocking=True)
+    ckpt.close()
+    writer.close()
+    guard.uninstall()
+
   # -- loop --------------------------------------------------------------------------------------
   def build_state(self):
     cfg = self.cfg
@@ -252,9 +268,7 @@ class Trainer:
           state, m = jitted(state, batch)
         step += 1
         if step % cfg.train.log_every == 0 or step == end or step == 1:
-          m = jax.device_get(m)
-          m["lr"] = m.pop("learning_rate", None)
-          m.update({f"data/{k}": v for k, v in data.stats.as_dict().items()})
+          m = self.host_metrics(m, data)
           last = writer.log_progress(step, m, tokens)
           tokens = 0
         ckpt.save(step, state, data.iterator)
@@ -262,9 +276,6 @@ class Trainer:
           logging.warning("stop requested (SIGTERM): saving step %d and exiting", step)
           break
     finally:
-      ckpt.save(step, state, data.iterator, force=True, blocking=True)
-      ckpt.close()
-      writer.close()
-      guard.uninstall()
+      self.close_run(step, state, data, ckpt, writer, guard)
     logging.info("finished at step %d in %.1fs", step, time.time() - t0)
     return last

@@ -22,6 +22,7 @@ import flax.linen as nn
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.models.norms import GatedRMSNorm
+from pipo_jax.models.triangular import unit_lower_solve
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -86,11 +87,10 @@ def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV
 
   kk_BHNij = _einsum("bhnik,bhnjk->bhnij", k, k)
   lower_BHNij = jnp.where(strict_ij, beta[..., :, None] * kk_BHNij * decay_BHNij, 0.0)
-  eye = jnp.eye(L, dtype=jnp.float32)
-  # One unit-lower-triangular solve gives both U = (I+L)^-1 diag(beta) V and W = (I+L)^-1 diag(beta e^gam) K.
+  # One unit-lower-triangular solve gives both U = (I+L)^-1 diag(beta) V and W = (I+L)^-1 diag(beta e^gam) K
+  # (matmul-only: lax.linalg.triangular_solve deadlocks XLA's CPU thread pool, see models/triangular.py).
   rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gam_BHNL))[..., None] * k], axis=-1)
-  sol = jax.lax.linalg.triangular_solve(lower_BHNij + eye, rhs, left_side=True, lower=True,
-                                        unit_diagonal=True)
+  sol = unit_lower_solve(lower_BHNij, rhs)
   u_BHNLV, w_BHNLK = sol[..., :V], sol[..., V:]
 
   qk_BHNij = jnp.where(causal_ij, _einsum("bhnik,bhnjk->bhnij", q, k) * decay_BHNij, 0.0)

@@ -153,8 +153,6 @@ def _summary(row: dict) -> str:
 
 def main(argv):
   del argv
-  from pipo_jax import cpu_dispatch
-  cpu_dispatch.maybe_disable_async_dispatch()
   run(_CKPT.value, _TOK.value, _BENCH.value, _DECODE.value, [float(t) for t in _TAU.value], _K.value, _OUT.value,
       _METHOD.value, _CONTROL.value, _RPAD.value, _MAX_Q.value, _MAX_NEW.value, _TEMP.value, _TOP_K.value,
       _TOP_P.value, _BATCH.value, _SEED.value)

@@ -106,8 +106,6 @@ def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass
 
 def main(argv):
   del argv
-  from pipo_jax import cpu_dispatch
-  cpu_dispatch.maybe_disable_async_dispatch()
   summary = run(_CKPT.value, _TOK.value, _PROMPTS.value, _N.value, _OUT_SFT.value, _OUT_OPD.value, _RHO.value,
                 _MAX_PROMPTS.value, _MAX_NEW.value, _TEMP.value, _TOP_K.value, _TOP_P.value, _BATCH.value,
                 _SEED.value)

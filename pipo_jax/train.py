@@ -35,8 +35,7 @@ def config_to_dict(cfg) -> dict:
 
 def main(argv):
   del argv
-  from pipo_jax import cpu_dispatch, distributed
-  cpu_dispatch.maybe_disable_async_dispatch()  # opt-in (env PIPO_CPU_SYNC_DISPATCH=1): see the module
+  from pipo_jax import distributed
   distributed.initialize_distributed()
   run(_CONFIG.value)
 

@@ -10,6 +10,3 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# With jax 0.10 on an oversubscribed CPU, async dispatch has wedged jitted steps (jax-ml/jax#25861, see
-# pipo_jax/cpu_dispatch.py); tests trade the host/device overlap for never hanging.
-jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -152,9 +152,13 @@ def test_synthetic_task(data):
     assert eval(expr) == p.answer  # the question's parentheses give the left-to-right fold
     steps = p.response.split("\n")[1:-2]
     assert len(steps) == 4 and p.response.startswith("<think>\n")
-    for s in steps:  # every worked step is correct arithmetic
+    previous_rhs = expr[1:-1]  # without the outer parentheses
+    for s in steps:  # every worked line is a true equation that starts where the previous one ended
       lhs, rhs = s.split("=")
-      assert eval(lhs) == int(rhs) >= 0
+      assert lhs == previous_rhs and eval(lhs) == eval(rhs) >= 0
+      assert rhs.count("+") + rhs.count("-") + rhs.count("*") == lhs.count("+") + lhs.count("-") + lhs.count("*") - 1
+      previous_rhs = rhs
+    assert int(previous_rhs) == p.answer
     assert p.response.endswith(f"</think>\nThe answer is \\boxed{{{p.answer}}}.")
   splits = synthetic.make_splits(30, 10, seed=1, n_opd=5)
   qs = {k: {p.question for p in v} for k, v in splits.items()}

@@ -2,10 +2,14 @@
 
 Example (3 operations):
     question: "Compute ((3+4)*5-6)."
-    response: "<think>\\n3+4=7\\n7*5=35\\n35-6=29\\n</think>\\nThe answer is \\boxed{29}."
+    response: "<think>\\n(3+4)*5-6=7*5-6\\n7*5-6=35-6\\n35-6=29\\n</think>\\nThe answer is \\boxed{29}."
 
 Operations are applied left to right; the question shows the fold with the parentheses the precedence needs,
-wrapped in one outer pair. Subtraction never goes below zero (so no step shows a negative number), which keeps
+wrapped in one outer pair. Each worked line rewrites the remaining expression with its first operation done
+(`expr_k=expr_k+1`, the next line starting from the right-hand side), so every step is local: the next line
+copies the previous right-hand side, and the work ends when that side is a single number. (The earlier
+`a+b=c` lines made a small model count the remaining operations from the question to know when to stop,
+the one thing it got wrong.) Subtraction never goes below zero (so no step shows a negative number), which keeps
 the character vocabulary small. A character-level tokenizer (< 128 ids) covers the task and the chat template;
 it is saved as tokenizer.json + tokenizer_config.json so the ordinary `load_tokenizer` path reads it.
 """
@@ -44,26 +48,34 @@ class Problem:
   answer: int
 
 
+def fold_expression(value: int, ops_and_operands: list[tuple[str, int]]) -> str:
+  """`value` folded left to right with each (op, b), parenthesised where precedence needs it: "(3+4)*5-6"."""
+  expr, last_op = str(value), None
+  for op, b in ops_and_operands:
+    if op == "*" and last_op in ("+", "-"):
+      expr = f"({expr})"
+    expr, last_op = f"{expr}{op}{b}", op
+  return expr
+
+
 def make_problem(rng: np.random.Generator, difficulty: Difficulty = Difficulty()) -> Problem:
   """One random problem; all randomness comes from `rng`."""
   d = difficulty
   n_ops = int(rng.integers(d.min_ops, d.max_ops + 1))
   value = int(rng.integers(d.min_operand, d.max_operand + 1))
-  expr, last_op = str(value), None
-  steps = []
+  ops, values = [], [value]  # values[k] is the running result after k operations
   for _ in range(n_ops):
     op = d.ops[int(rng.integers(len(d.ops)))]
     b = int(rng.integers(d.min_operand, d.max_operand + 1))
     if op == "-" and b > value:  # keep every intermediate non-negative
       op = "+" if "+" in d.ops else "*"
-    new = value + b if op == "+" else value - b if op == "-" else value * b
-    if op == "*" and last_op in ("+", "-"):
-      expr = f"({expr})"
-    expr = f"{expr}{op}{b}"
-    steps.append(f"{value}{op}{b}={new}")
-    value, last_op = new, op
-  question = f"Compute ({expr})."
-  response = "<think>\n" + "".join(s + "\n" for s in steps) + "</think>\n" + f"The answer is \\boxed{{{value}}}."
+    value = value + b if op == "+" else value - b if op == "-" else value * b
+    ops.append((op, b))
+    values.append(value)
+  rests = [fold_expression(values[k], ops[k:]) for k in range(n_ops + 1)]  # rests[0] is the question's
+  lines = [f"{rests[k]}={rests[k + 1]}" for k in range(n_ops)]
+  question = f"Compute ({rests[0]})."
+  response = "<think>\n" + "".join(s + "\n" for s in lines) + "</think>\n" + f"The answer is \\boxed{{{value}}}."
   return Problem(question, response, value)
 
 

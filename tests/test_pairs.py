@@ -53,6 +53,62 @@ def test_hand_worked_example_with_one_split():
   np.testing.assert_array_equal(lab, want_lab + [X] * 4)
 
 
+class _ScriptedRng:
+  """random() returns the given values in order: the ratio draw first, then one coin per eligible pair."""
+
+  def __init__(self, values):
+    self.values = list(values)
+
+  def random(self):
+    return self.values.pop(0)
+
+
+def test_gate_insertion_hand_worked_example():
+  # After parity: (11,12) (13,21) (22,PAD) (23,24) (25,26) (27,PAD-trailing); gate mode drops the trailing PAD
+  # and walks: (11,12) (13,21) (22,PAD) are not eligible (token2 unsupervised); at 23 the coin 0.1 < ratio 0.5
+  # rejects the draft -> (23,PAD) and 24 opens the next pair; coins 0.9, 0.9 keep (24,25) and (26,27).
+  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_ScriptedRng([0.5, 0.1, 0.9, 0.9]),
+                               max_pad_ratio=1.0, think_mask_tokens=2, max_length=16, pad_insertion="gate")
+  np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, PAD, 24, 25, 26, 27])
+  np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, X, 24, 25, 26, 27])
+  assert ex.n_split == 1 and ex.pad_ratio == 0.5
+  back, mtp = pairs.stream_targets(ex.labels)
+  # Slot j: backbone predicts labels[2j+2], MTP labels[2j+3]; 6 pairs -> 5 slots.
+  np.testing.assert_array_equal(back, [X, X, 23, 24, 26])
+  np.testing.assert_array_equal(mtp, [X, X, X, 25, 27])
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompt_len=st.integers(1, 9), response_len=st.integers(3, 30), max_ratio=st.floats(0.0, 1.0),
+       room=st.integers(0, 12), seed=st.integers(0, 2**16))
+def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, seed):
+  prompt = list(range(100, 100 + prompt_len))
+  response = list(range(200, 200 + response_len))
+  plain = pairs.build_sft_example(prompt, response, pad_id=PAD, rng=np.random.default_rng(seed), max_pad_ratio=0.0,
+                                  think_mask_tokens=2, max_length=64)
+  max_length = len(plain.input_ids) + 2 * (room // 2)
+  ex = pairs.build_sft_example(prompt, response, pad_id=PAD, rng=np.random.default_rng(seed),
+                               max_pad_ratio=max_ratio, think_mask_tokens=2, max_length=max_length,
+                               pad_insertion="gate")
+  ids, lab = ex.input_ids, ex.labels
+  assert len(ids) % 2 == 0 and len(ids) <= max_length
+  assert np.all(ids[0::2] != PAD)  # PAD only ever in a token2 slot, always unsupervised
+  assert np.all(lab[ids == PAD] == X)
+  np.testing.assert_array_equal(ids[ids != PAD], plain.input_ids[plain.input_ids != PAD])  # same text, same order
+  np.testing.assert_array_equal(lab[lab != X], plain.labels[plain.labels != X])
+  # Inserted PADs: all PADs of the result minus the parity PAD the prompt already had (a trailing one may come or go).
+  parity = int(np.sum(plain.input_ids[:len(prompt) + 3] == PAD))
+  assert ex.n_split <= int(np.sum(ids == PAD)) - parity <= ex.n_split + 1
+  if max_ratio == 0.0:
+    assert ex.n_split == 0
+
+
+def test_unknown_pad_insertion_raises():
+  with pytest.raises(ValueError, match="pad_insertion"):
+    pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.5,
+                            think_mask_tokens=2, max_length=16, pad_insertion="sometimes")
+
+
 def test_ratio_zero_inserts_only_parity_pads():
   ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
                                think_mask_tokens=2, max_length=16)

@@ -149,6 +149,9 @@ class _BuildExample:
                think_mask_tokens: int, max_pad_ratio: float, stats: DataStats):
     self.source, self.tok, self.pad_id, self.mode, self.stats = source, tok, pad_id, mode, stats
     self.max_length, self.overlong, self.seed = cfg.max_length, cfg.overlong, cfg.seed
+    self.pad_insertion = cfg.pad_insertion
+    if mode != "ar" and cfg.pad_insertion not in pairs.PAD_INSERTION:
+      raise ValueError(f"data.pad_insertion={cfg.pad_insertion!r}: expected one of {pairs.PAD_INSERTION}")
     self.think, self.ratio = think_mask_tokens, max_pad_ratio
     self.n = len(source)
 
@@ -169,7 +172,8 @@ class _BuildExample:
       rng = np.random.default_rng([self.seed, k // self.n, i])
       ex = pairs.build_sft_example(prompt_ids, response_ids, pad_id=self.pad_id, rng=rng,
                                    max_pad_ratio=self.ratio, think_mask_tokens=self.think,
-                                   max_length=self.max_length, overlong=self.overlong)
+                                   max_length=self.max_length, overlong=self.overlong,
+                                   pad_insertion=self.pad_insertion)
     if ex is None:
       self.stats.add(dropped=1)
       return None

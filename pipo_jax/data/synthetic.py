@@ -83,8 +83,11 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty
                 n_opd: int = 0, max_tries: int = 100) -> dict[str, list[Problem]]:
   """Disjoint splits {"train", "opd", "test"} of distinct questions, deterministic in `seed`.
 
-  Questions are drawn from one stream and deduplicated; test takes the first n_test, opd the next n_opd, train
-  the rest, so no question is in two splits. Raises if the difficulty cannot give that many distinct questions.
+  Questions are drawn from one stream, deduplicated and then shuffled; test takes the first n_test, opd the next
+  n_opd, train the rest, so no question is in two splits and every split has the pool's mix. (Cut in drawing
+  order, the earliest splits took nearly all of the few distinct 1-operation questions and train got none: the
+  demo teacher then failed every 1-operation test question.) Raises if the difficulty cannot give that many
+  distinct questions.
   """
   rng = np.random.default_rng(seed)
   need = n_train + n_test + n_opd
@@ -98,6 +101,7 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty
       problems.append(p)
   if len(problems) < need:
     raise ValueError(f"only {len(problems)} distinct questions at {difficulty}; asked for {need}")
+  problems = [problems[i] for i in rng.permutation(need)]
   return {"test": problems[:n_test], "opd": problems[n_test:n_test + n_opd], "train": problems[n_test + n_opd:]}
 
 

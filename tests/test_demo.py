@@ -105,8 +105,7 @@ def test_evaluate_rows(model, task, tmp_path, monkeypatch):
     assert 0.0 < gate["pad_ratio"] < 1.0 and c["random_pad_ratio"] == gate["pad_ratio"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(2400)  # 8 stage processes, each paying JAX start-up and compilation (~8 min on a loaded CPU)
+@pytest.mark.timeout(2400)  # 8 stage processes, each paying JAX start-up and compilation (3 min on an idle 2-core CPU)
 def test_demo_smoke(tmp_path):
   """experiments/demo.sh end to end at minimal sizes (PIPO_DEMO_SMOKE=1)."""
   work = str(tmp_path / "demo")

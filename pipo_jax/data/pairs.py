@@ -172,6 +172,11 @@ def gate_pads(ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator, rat
 PAD_INSERTION = ("split", "gate")
 
 
+def check_pad_insertion(pad_insertion: str) -> None:
+  if pad_insertion not in PAD_INSERTION:
+    raise ValueError(f"data.pad_insertion={pad_insertion!r}: expected one of {PAD_INSERTION}")
+
+
 def build_sft_example(prompt_ids, response_ids, *, pad_id: int, rng: np.random.Generator,
                       max_pad_ratio: float, think_mask_tokens: int, max_length: int,
                       overlong: str = "truncate", pad_insertion: str = "split") -> Optional[PairExample]:
@@ -189,13 +194,12 @@ def build_sft_example(prompt_ids, response_ids, *, pad_id: int, rng: np.random.G
   if fitted is None:
     return None
   ids, labels, truncated = fitted
+  check_pad_insertion(pad_insertion)
   if pad_insertion == "gate":
     ratio = float(rng.random()) * float(max_pad_ratio)
     # Each insertion adds one slot and an odd count a trailing PAD: max_length - T - 1 insertions always fit.
     ids, labels, n = gate_pads(ids, labels, rng, ratio, max(0, max_length - len(ids) - 1), pad_id)
     return PairExample(ids, labels, truncated=truncated, n_split=n, pad_ratio=ratio)
-  if pad_insertion != "split":
-    raise ValueError(f"data.pad_insertion={pad_insertion!r}: expected one of {PAD_INSERTION}")
   split, ratio = choose_splits(labels, rng, max_pad_ratio, (max_length - len(ids)) // 2)
   if split.any():
     ids, labels = split_pairs(ids, labels, split, pad_id)

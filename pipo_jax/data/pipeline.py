@@ -150,8 +150,8 @@ class _BuildExample:
     self.source, self.tok, self.pad_id, self.mode, self.stats = source, tok, pad_id, mode, stats
     self.max_length, self.overlong, self.seed = cfg.max_length, cfg.overlong, cfg.seed
     self.pad_insertion = cfg.pad_insertion
-    if mode != "ar" and cfg.pad_insertion not in pairs.PAD_INSERTION:
-      raise ValueError(f"data.pad_insertion={cfg.pad_insertion!r}: expected one of {pairs.PAD_INSERTION}")
+    if mode != "ar":
+      pairs.check_pad_insertion(cfg.pad_insertion)  # at construction, not in the first batch's worker
     self.think, self.ratio = think_mask_tokens, max_pad_ratio
     self.n = len(source)
 

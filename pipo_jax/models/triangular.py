@@ -29,8 +29,12 @@ def _matmul(a, b):
 
 def unit_lower_inverse(strict_lower_nn: jax.Array) -> jax.Array:
   """(I + A)^-1 for A strictly lower triangular (entries on and above the diagonal are ignored)."""
-  n = strict_lower_nn.shape[-1]
-  a = jnp.tril(strict_lower_nn, k=-1)
+  return _inverse_of_strict_lower(jnp.tril(strict_lower_nn, k=-1))
+
+
+def _inverse_of_strict_lower(a: jax.Array) -> jax.Array:
+  """`unit_lower_inverse` for an `a` already zero on and above the diagonal (so are its diagonal blocks)."""
+  n = a.shape[-1]
   if n <= _ROW_BY_ROW_MAX:
     eye = jnp.eye(n, dtype=a.dtype)
     inv = jnp.broadcast_to(eye, a.shape)
@@ -39,10 +43,10 @@ def unit_lower_inverse(strict_lower_nn: jax.Array) -> jax.Array:
     return inv
   h = n // 2
   if 2 * h == n:  # equal halves: invert both in one batched call (half the traced ops)
-    both = unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]]))
+    both = _inverse_of_strict_lower(jnp.stack([a[..., :h, :h], a[..., h:, h:]]))
     t11, t22 = both[0], both[1]
   else:
-    t11, t22 = unit_lower_inverse(a[..., :h, :h]), unit_lower_inverse(a[..., h:, h:])
+    t11, t22 = _inverse_of_strict_lower(a[..., :h, :h]), _inverse_of_strict_lower(a[..., h:, h:])
   t21 = -_matmul(t22, _matmul(a[..., h:, :h], t11))
   top = jnp.concatenate([t11, jnp.zeros(t11.shape[:-1] + (n - h,), a.dtype)], axis=-1)
   return jnp.concatenate([top, jnp.concatenate([t21, t22], axis=-1)], axis=-2)

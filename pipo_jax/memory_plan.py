@@ -47,7 +47,7 @@ from ml_collections import config_flags
 from pipo_jax.config import Config
 
 # Per-device HBM in GiB (vendor figures: TPU v5p 95 GiB, v6e 32 GiB, H100 SXM 80 GB-class, H200 141 GB-class).
-HBM_GIB = {"v5p": 95, "v6e": 32, "H100": 80, "H200": 141}
+HBM_GIB = {"v5p": 95, "v6e": 32, "v5e": 16, "v4": 32, "H100": 80, "H200": 141}
 
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -179,26 +179,180 @@ def _analysis_dict(ma) -> dict:
   return out
 
 
-def _plan_sft(cfg: Config, model_cfg, mesh) -> dict:
-  """ar / sft: the trainer's jitted step on the abstract state and batch."""
+def build_step(cfg: Config, model_cfg, mesh) -> dict:
+  """The step the trainer jits, with abstract arguments: {fn, args, params, optimizer, batch, teacher, ...}.
+
+  ar / sft: `optim.make_train_step` over the mode's loss (Trainer.train); opd: `opd.make_opd_train_step` with
+  the frozen teacher as an argument (the OPD trainer's step), on one rolled-out batch of
+  `opd_rollout.rollout_length` tokens. Both with the TrainState donated and the trainer's state shardings.
+  """
   import jax
+  import jax.numpy as jnp
   from pipo_jax import optim, sharding
   state, state_shardings = abstract_train_state(cfg, model_cfg, mesh)
-  batch = abstract_batch(cfg, mesh)
-  loss_fn = _planning_trainer(cfg, model_cfg, mesh).loss_fn()
-  step_fn = optim.make_train_step(loss_fn, cfg.optim.grad_accum_steps,
-                                  optim.make_schedule(cfg.optim, cfg.train.num_steps))
+  schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
+  out = {"state": state, "params": (state.trainable, state.frozen), "optimizer": state.opt_state,
+         "teacher": None}
+  if cfg.mode in ("ar", "sft"):
+    batch = abstract_batch(cfg, mesh)
+    step_fn = optim.make_train_step(_planning_trainer(cfg, model_cfg, mesh).loss_fn(),
+                                    cfg.optim.grad_accum_steps, schedule)
+    args = (state, batch)
+    out.update(length=cfg.data.max_length)
+  else:
+    from pipo_jax import opd as opd_lib, opd_rollout
+    from pipo_jax.trainer import boxed_params
+    import flax.linen as nn
+    if cfg.optim.grad_accum_steps != 1:
+      raise ValueError("mode=opd: set --config.optim.grad_accum_steps=1 (the OPD step takes one rolled-out batch)")
+    teacher_cfg = teacher_config_of(cfg)
+    length = opd_rollout.rollout_length(cfg.opd)
+    tboxed = boxed_params(teacher_cfg, "ar")["backbone"]
+    teacher = {"backbone": _abstract(nn.meta.unbox(tboxed), sharding.param_shardings(tboxed, mesh))}
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % shards:
+      raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by data*fsdp={shards}")
+    bs = sharding.batch_sharding(mesh, 2)
+    batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, length),
+                                     jnp.int32 if k in ("input_ids", "labels") else jnp.bool_, sharding=bs)
+             for k in opd_lib.BATCH_KEYS}
+    loss_fn = opd_lib.make_opd_loss(model_cfg, teacher_cfg, cfg.opd, cfg.loss, cfg.lora)
+    step_fn = opd_lib.make_opd_train_step(loss_fn, 1, schedule)
+    args = (state, teacher, batch)
+    out.update(length=length, teacher=teacher, teacher_cfg=teacher_cfg)
+  out.update(fn=jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)), args=args, batch=batch,
+             state_shardings=state_shardings)
+  return out
+
+
+def compile_step(built: dict, mesh):
+  """(compiled, lower_seconds, compile_seconds) of build_step's jitted step under the sharding rules."""
+  from pipo_jax import sharding
   t0 = time.time()
   with sharding.use_rules(mesh):
-    lowered = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)).lower(state, batch)
+    lowered = built["fn"].lower(*built["args"])
     t1 = time.time()
     compiled = lowered.compile()
-  t2 = time.time()
+  return compiled, round(t1 - t0, 2), round(time.time() - t1, 2)
+
+
+def _plan_sft(cfg: Config, model_cfg, mesh) -> dict:
+  """ar / sft: the trainer's jitted step on the abstract state and batch."""
+  built = build_step(cfg, model_cfg, mesh)
+  compiled, t_lower, t_compile = compile_step(built, mesh)
   out = _analysis_dict(compiled.memory_analysis())
-  out.update(params_bytes=per_device_bytes((state.trainable, state.frozen)),
-             optimizer_bytes=per_device_bytes(state.opt_state), batch_bytes=per_device_bytes(batch),
-             lower_seconds=round(t1 - t0, 2), compile_seconds=round(t2 - t1, 2),
+  out.update(params_bytes=per_device_bytes(built["params"]), optimizer_bytes=per_device_bytes(built["optimizer"]),
+             batch_bytes=per_device_bytes(built["batch"]), lower_seconds=t_lower, compile_seconds=t_compile,
              length=cfg.data.max_length, batch_size=cfg.data.batch_size)
+  return out
+
+
+def model_flops_per_step(cfg: Config, model_cfg, built: dict) -> float:
+  """Useful FLOPs of one optimizer step, all chips (metrics.estimate_flops_per_token: 6N + attention, no remat).
+
+  ar: B*k*T positions; sft (PIPO): the backbone runs on pairs, B*k*T/2 positions; opd: the student's T/2
+  positions trained plus the teacher's T positions forward only.
+  """
+  from pipo_jax.metrics import estimate_flops_per_token
+  B, k, T = cfg.data.batch_size, cfg.optim.grad_accum_steps, built["length"]
+  if cfg.mode == "ar":
+    return B * k * T * estimate_flops_per_token(model_cfg, T, include_mtp=False)
+  student = B * k * (T // 2) * estimate_flops_per_token(model_cfg, T // 2)
+  if cfg.mode == "opd":
+    student += B * T * estimate_flops_per_token(built["teacher_cfg"], T, training=False, include_mtp=False)
+  return student
+
+
+def sharding_mismatches(compiled, built: dict) -> list:
+  """Paths of state / teacher leaves whose compiled input shard shape differs from the rules' shard shape.
+
+  The compiler may pick other input shardings than the ones given (e.g. replicate a parameter the rules
+  shard); an empty list means every parameter and optimizer slot is held exactly as planned.
+  """
+  import jax
+  out = []
+  n_args = len(built["args"])
+  got = compiled.input_shardings[0][:n_args]
+  for i, (arg, shard) in enumerate(zip(built["args"], got)):
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(arg), jax.tree_util.tree_leaves(shard)):
+      if x.sharding.shard_shape(x.shape) != s.shard_shape(x.shape):
+        out.append(f"arg{i}{jax.tree_util.keystr(path)}: planned {x.sharding.shard_shape(x.shape)}, "
+                   f"compiled {s.shard_shape(x.shape)}")
+  return out
+
+
+def whole_param_gathers(largest: list, built: dict, mesh) -> list:
+  """All-gathers whose result is a whole tensor-sharded parameter (one layer of it or all of it).
+
+  FSDP gathers a parameter's 'fsdp' shards per layer by design (ZeRO-3); a gather that also undoes its
+  'tensor' split means the model-parallel sharding the rules asked for is not used where the param is
+  consumed. Matched by shape (singleton dims ignored) against the largest collectives of the HLO.
+  """
+  import jax
+  from pipo_jax import hlo_stats
+  if mesh.shape.get("tensor", 1) == 1:
+    return []
+  squeeze = lambda dims: tuple(d for d in dims if d != 1)  # noqa: E731
+  whole = {}
+  for path, x in jax.tree_util.tree_leaves_with_path((built["params"], built["teacher"])):
+    if "tensor" in jax.tree_util.tree_leaves(tuple(x.sharding.spec)) and len(x.shape) >= 2:
+      name = jax.tree_util.keystr(path)
+      whole[squeeze(x.shape)] = name
+      whole[squeeze(x.shape[1:])] = name
+  hits = []
+  for c in largest:
+    if c["kind"] != "all-gather":
+      continue
+    for _, dims in hlo_stats.array_shapes(c["shape"]):
+      if squeeze(dims) in whole:
+        hits.append(dict(c, param=whole[squeeze(dims)]))
+        break
+  return hits
+
+
+def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: Optional[str] = None, top: int = 10) -> dict:
+  """Any mode on compile-only TPU devices: XLA:TPU's memory, its HLO's FLOPs / bytes / collectives, a roofline."""
+  built = build_step(cfg, model_cfg, mesh)
+  compiled, t_lower, t_compile = compile_step(built, mesh)
+  out = tpu_report(cfg, model_cfg, mesh, built, compiled, chip, hlo_out, top)
+  out.update(lower_seconds=t_lower, compile_seconds=t_compile)
+  return out
+
+
+def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, hlo_out: Optional[str] = None,
+               top: int = 10) -> dict:
+  """The plan's fields from a compiled TPU step (see _plan_tpu)."""
+  from pipo_jax import hlo_stats, tpu_plan
+  out = _analysis_dict(compiled.memory_analysis())
+  text = compiled.as_text()
+  if hlo_out:
+    import gzip
+    with gzip.open(hlo_out, "wt") as f:
+      f.write(text)
+  stats = hlo_stats.analyze(text, top=4 * top)
+  ca = compiled.cost_analysis() or {}
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  n = mesh.devices.size
+  model_flops = model_flops_per_step(cfg, model_cfg, built) / n
+  coll_bytes = sum(c["bytes"] for c in stats["collectives"].values())
+  chipc = tpu_plan.CHIPS[chip]
+  out.update(
+      params_bytes=per_device_bytes(built["params"]) + (per_device_bytes(built["teacher"]) if built["teacher"] else 0),
+      optimizer_bytes=per_device_bytes(built["optimizer"]), batch_bytes=per_device_bytes(built["batch"]),
+      length=built["length"], batch_size=cfg.data.batch_size, flops=stats["flops"], bytes_accessed=stats["bytes"], model_flops=model_flops,
+      compiler_cost_analysis={"flops": float(ca.get("flops", 0.0)), "bytes_accessed": float(ca.get("bytes accessed",
+                                                                                                   0.0))},
+      hlo_counts_once={"flops": stats["flops_once"], "bytes": stats["bytes_once"]},
+      loops=stats["loops"], unknown_trip_counts=stats["unknown_trip_counts"],
+      collectives=stats["collectives"], largest_collectives=stats["largest_collectives"][:top],
+      roofline=tpu_plan.roofline(stats["flops"], stats["bytes"], coll_bytes, chip, model_flops),
+      top_ops=hlo_stats.top_ops(stats["ops"], chipc["peak_flops"], chipc["hbm_bw"], top),
+      sharding_mismatches=sharding_mismatches(compiled, built),
+      whole_param_gathers=whole_param_gathers(stats["largest_collectives"], built, mesh))
+  if built["teacher"]:
+    out.update(student_params_bytes=per_device_bytes(built["params"]),
+               teacher_params_bytes=per_device_bytes(built["teacher"]),
+               teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
   return out
 
 
@@ -242,28 +396,44 @@ def _plan_opd(cfg: Config, model_cfg, mesh) -> dict:
   return out
 
 
-def plan(cfg: Config, accelerator: Optional[str] = None) -> dict:
-  """The memory plan of `cfg` on all of jax's current devices (see the module docstring for the fields)."""
+def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", topology: Optional[str] = None,
+         hlo_out: Optional[str] = None) -> dict:
+  """The memory plan of `cfg` (see the module docstring for the fields).
+
+  target "cpu": on all of jax's current (simulated CPU) devices; "tpu": on the chips of `topology`
+  (e.g. "v5p:2x2x2"), compiled by libtpu, with the chip type deciding `fits` (accelerator is ignored).
+  """
   import jax
   from pipo_jax import loading, sharding
   if cfg.data.max_length % 2:
     raise ValueError(f"data.max_length={cfg.data.max_length} must be even")
-  model_cfg = loading.model_config_of(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
-  if cfg.mode in ("ar", "sft"):
-    out = _plan_sft(cfg, model_cfg, mesh)
-  elif cfg.mode == "opd":
-    out = _plan_opd(cfg, model_cfg, mesh)
-  else:
+  if cfg.mode not in ("ar", "sft", "opd"):
     raise ValueError(f"mode={cfg.mode!r}: expected ar | sft | opd")
-  out.update(mode=cfg.mode, model=cfg.model.preset or cfg.checkpoint.init_from, num_devices=jax.device_count(),
-             mesh=dict(mesh.shape), grad_accum_steps=cfg.optim.grad_accum_steps, dtype=model_cfg.dtype,
-             param_dtype=model_cfg.param_dtype, remat=model_cfg.remat, lora_rank=cfg.lora.rank,
-             backend=jax.default_backend())
+  model_cfg = loading.model_config_of(cfg)
+  if target == "tpu":
+    from pipo_jax import tpu_plan
+    if not topology:
+      raise ValueError("--target=tpu needs --topology, e.g. v5p:2x2x2 (8 chips) or v6e:2x4")
+    accelerator = tpu_plan.chip_of(topology)
+    devices = tpu_plan.topology_devices(topology)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    out = _plan_tpu(cfg, model_cfg, mesh, accelerator, hlo_out)
+    out.update(backend="tpu", topology=topology, num_devices=len(devices),
+               produced_by=f"XLA:TPU (libtpu) AOT compile for {topology}")
+  elif target == "cpu":
+    mesh = sharding.make_mesh(cfg.mesh)
+    out = _plan_sft(cfg, model_cfg, mesh) if cfg.mode in ("ar", "sft") else _plan_opd(cfg, model_cfg, mesh)
+    out.update(backend=jax.default_backend(), num_devices=jax.device_count(),
+               produced_by=f"XLA:CPU on {jax.device_count()} simulated devices (an estimate)")
+  else:
+    raise ValueError(f"target={target!r}: expected cpu | tpu")
+  out.update(mode=cfg.mode, model=cfg.model.preset or cfg.checkpoint.init_from, mesh=dict(mesh.shape),
+             grad_accum_steps=cfg.optim.grad_accum_steps, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+             remat=model_cfg.remat, lora_rank=cfg.lora.rank)
   if accelerator:
     hbm = HBM_GIB[accelerator] * 2**30
     out.update(accelerator=accelerator, hbm_bytes=hbm, fits=bool(out["total_bytes"] <= hbm),
-               hbm_fraction=round(out["total_bytes"] / hbm, 4))
+               hbm_fraction=round(out["total_bytes"] / hbm, 4), headroom_bytes=hbm - out["total_bytes"])
   else:
     out.update(accelerator=None, hbm_bytes=None, fits=None)
   return out
@@ -281,7 +451,20 @@ def format_plan(p: dict) -> str:
   if p.get("accelerator"):
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     lines.append(f"  {verdict} in {p['accelerator']} HBM ({HBM_GIB[p['accelerator']]} GiB): "
-                 f"{100 * p['hbm_fraction']:.1f}% used")
+                 f"{100 * p['hbm_fraction']:.1f}% used, headroom {p['headroom_bytes'] / 2**30:.2f} GiB")
+  if p.get("roofline"):
+    r = p["roofline"]
+    lines.append(f"  compute    {p['flops'] / 1e12:10.2f} TFLOP per chip per step (trip-count corrected; "
+                 f"model {p['model_flops'] / 1e12:.2f}), {p['bytes_accessed'] / 2**30:.1f} GiB accessed")
+    lines.append(f"  roofline   {r['step_seconds']:.3f} s per step ({r['bound']}-bound), MFU {100 * r['mfu']:.1f}%, "
+                 f"collectives {r['collective_seconds']:.3f} s over ICI")
+    for kind, c in p["collectives"].items():
+      if c["count"]:
+        lines.append(f"  {kind:18s} {c['count']:7d} per step, {c['bytes'] / 2**30:9.2f} GiB, "
+                     f"largest {c['largest_bytes'] / 2**20:.1f} MiB")
+    for w in p["sharding_mismatches"][:5] + [f"whole-parameter all-gather: {g['param']} {g['shape']}"
+                                             for g in p["whole_param_gathers"][:5]]:
+      lines.append(f"  WARNING {w}")
   return "\n".join(lines)
 
 
@@ -294,15 +477,25 @@ def define_flags() -> dict:
                                           "or 8 when an axis is -1)."),
       "accelerator": flags.DEFINE_enum("accelerator", None, list(HBM_GIB), "Accelerator whose HBM decides `fits`."),
       "output": flags.DEFINE_string("output", "", "Write the plan as JSON here."),
+      "target": flags.DEFINE_enum("target", "cpu", ["cpu", "tpu"], "cpu: simulated CPU devices (an estimate, for "
+                                  "GPU targets); tpu: compile with libtpu for --topology (exact for TPU)."),
+      "topology": flags.DEFINE_string("topology", None, "TPU topology for --target=tpu, e.g. v5p:2x2x2 or v6e:2x4."),
+      "dump_hlo": flags.DEFINE_string("dump_hlo", "", "--target=tpu: write the optimized HLO here (gzip)."),
   }
 
 
 def main(argv, fl: dict):
   del argv
   cfg = fl["config"].value
-  n = fl["num_devices"].value or default_num_devices(cfg)
-  ensure_host_devices(n)
-  result = plan(cfg, fl["accelerator"].value)
+  target = fl["target"].value
+  if target == "tpu":  # the TPU compiler needs no host devices; keep jax from starting any TPU backend
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  else:
+    ensure_host_devices(fl["num_devices"].value or default_num_devices(cfg))
+  try:
+    result = plan(cfg, fl["accelerator"].value, target, fl["topology"].value, fl["dump_hlo"].value or None)
+  except (ValueError, RuntimeError) as e:  # user mistakes (topology, mesh, libtpu): one line, not a traceback
+    sys.exit(f"memory_plan: {str(e).splitlines()[0]}")
   print(format_plan(result), flush=True)
   out = fl["output"].value
   if out:

@@ -1,0 +1,256 @@
+"""memory_plan --target=tpu: the trainer's steps compiled by the real TPU compiler (libtpu, no TPU needed).
+
+libtpu is not a global dependency (an importable libtpu makes every jax process probe for a TPU): install it with
+`pip install --target DIR -r requirements-tpu.txt` and run with PIPO_TPU_SITE=DIR. Without it the tests that
+compile for a TPU skip with that reason; the HLO-counting tests run on the CPU compiler's HLO either way.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pipo_jax import hlo_stats, memory_plan, optim, sharding, tpu_plan
+from pipo_jax.config import Config, DataConfig, LoraConfig, LossConfig, MeshConfig, ModelConfig, OPDConfig, OptimConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "v5p:2x2x1"  # 4 chips: the production axes data x fsdp x tensor as 1 x 2 x 2
+
+
+def _libtpu_or_skip():
+  try:
+    return tpu_plan.libtpu_path()
+  except tpu_plan.LibTPUMissing as e:
+    pytest.skip(f"libtpu missing: {e}")
+
+
+@pytest.fixture(scope="module")
+def devices():
+  _libtpu_or_skip()
+  return tpu_plan.topology_devices(TOPOLOGY)
+
+
+def _cfg(mode: str) -> Config:
+  common = dict(model=ModelConfig(preset="tiny", remat="full"), mesh=MeshConfig(data=1, fsdp=2, tensor=2),
+                loss=LossConfig(logits_chunk=32), lora=LoraConfig(rank=8, alpha=16))
+  if mode == "sft":
+    return Config(mode="sft", data=DataConfig(batch_size=4, max_length=64), optim=OptimConfig(grad_accum_steps=2),
+                  **common)
+  return Config(mode="opd", data=DataConfig(batch_size=2, max_length=64),
+                opd=OPDConfig(teacher=ModelConfig(preset="tiny"), prompt_length=16, max_new_tokens=16, topk=4),
+                **common)
+
+
+def _compile(cfg: Config, devices):
+  from pipo_jax import loading
+  mc = loading.model_config_of(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  built = memory_plan.build_step(cfg, mc, mesh)
+  compiled, _, _ = memory_plan.compile_step(built, mesh)
+  return {"cfg": cfg, "mc": mc, "mesh": mesh, "built": built, "compiled": compiled,
+          "plan": memory_plan.tpu_report(cfg, mc, mesh, built, compiled, "v5p")}
+
+
+@pytest.fixture(scope="module")
+def sft(devices):
+  return _compile(_cfg("sft"), devices)
+
+
+@pytest.fixture(scope="module")
+def opd(devices):
+  return _compile(_cfg("opd"), devices)
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent references: shard sizes from the partition spec and the mesh axis sizes (not shard_shape)
+# ------------------------------------------------------------------------------------------------
+
+
+def _shard_bytes(x, mesh_shape: dict) -> int:
+  spec = tuple(x.sharding.spec) + (None,) * (len(x.shape) - len(tuple(x.sharding.spec)))
+  n = 1
+  for dim, axes in zip(x.shape, spec):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    k = math.prod(mesh_shape[a] for a in axes)
+    assert dim % k == 0
+    n *= dim // k
+  return n * np.dtype(x.dtype).itemsize
+
+
+def _tree_shard_bytes(tree, mesh_shape) -> int:
+  return sum(_shard_bytes(x, mesh_shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _rule_axes(names) -> list:
+  table = dict(sharding.RULES)
+  return [table[n] for n in names]
+
+
+@pytest.mark.parametrize("which", ["sft", "opd"])
+def test_per_chip_param_and_optimizer_bytes_are_the_shard_sums(which, request):
+  r = request.getfixturevalue(which)
+  p, built, mesh_shape = r["plan"], r["built"], dict(r["mesh"].shape)
+  params = _tree_shard_bytes(built["params"], mesh_shape)
+  if built["teacher"] is not None:
+    params += _tree_shard_bytes(built["teacher"], mesh_shape)
+    assert p["teacher_params_bytes"] == _tree_shard_bytes(built["teacher"], mesh_shape)
+  assert p["params_bytes"] == params
+  assert p["optimizer_bytes"] == _tree_shard_bytes(built["optimizer"], mesh_shape)
+  # AdamW: mu and nu per trainable param, each sharded like it, plus replicated int32 counts.
+  trainable = _tree_shard_bytes(built["state"].trainable, mesh_shape)
+  counts = [x for x in jax.tree_util.tree_leaves(built["optimizer"]) if x.ndim == 0]
+  assert p["optimizer_bytes"] == 2 * trainable + sum(np.dtype(x.dtype).itemsize for x in counts)
+  # The compiler held every argument as planned, and its buffers cover them.
+  assert p["sharding_mismatches"] == []
+  assert p["argument_bytes"] >= p["params_bytes"] + p["optimizer_bytes"] + p["batch_bytes"]
+  assert p["total_bytes"] == p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
+  assert p["alias_bytes"] > 0  # the donated state is updated in place
+
+
+def test_rule_sharded_params_stay_sharded_in_the_compiled_step(sft):
+  """Every param whose logical axes map to a mesh axis of size > 1 (per sharding.RULES) is split on the chips."""
+  from pipo_jax.trainer import boxed_params
+  mc, mesh, compiled = sft["mc"], sft["mesh"], sft["compiled"]
+  boxed = boxed_params(mc, "sft")
+  state_sh = compiled.input_shardings[0][0]
+  got = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_leaves_with_path(
+      optim.combine(state_sh.trainable, state_sh.frozen))}
+  checked = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.meta.Partitioned)):
+    shape = leaf.value.shape
+    shard = got[jax.tree_util.keystr(path)].shard_shape(shape)
+    for d, axes in enumerate(_rule_axes(leaf.names)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      k = math.prod(mesh.shape[a] for a in axes)
+      assert shard[d] == shape[d] // k, (jax.tree_util.keystr(path), leaf.names, shape, shard)
+      checked += k > 1
+  assert checked > 20  # embed / heads / mlp / vocab dims really are split on this mesh
+
+
+def test_mismatch_detector_flags_a_replicated_param(sft):
+  """sharding_mismatches reports a parameter the compiled program would hold whole."""
+  built, compiled, mesh = sft["built"], sft["compiled"], sft["mesh"]
+
+  class Replicating:  # the compiled step, except that one sharded frozen param comes out replicated
+    def __init__(self, inner):
+      shardings, kwargs = inner.input_shardings
+      state = shardings[0]
+      leaves, treedef = jax.tree_util.tree_flatten(state.frozen)
+      i = next(j for j, s in enumerate(leaves) if any(a is not None for a in s.spec))
+      leaves[i] = NamedSharding(mesh, P())
+      self.input_shardings = ((state.replace(frozen=jax.tree_util.tree_unflatten(treedef, leaves)),)
+                              + tuple(shardings[1:]), kwargs)
+
+  assert memory_plan.sharding_mismatches(compiled, built) == []
+  bad = memory_plan.sharding_mismatches(Replicating(compiled), built)
+  assert len(bad) == 1 and "frozen" in bad[0]
+
+
+def test_opd_step_compiles_with_teacher_and_counts_its_collectives(opd):
+  p = opd["plan"]
+  assert p["teacher_params_bytes"] > 0 and p["student_params_bytes"] > 0
+  assert p["length"] == 16 + 2 * 16
+  # FSDP over 2 chips gathers params and scatters gradients; tensor over 2 reduces partial matmul sums.
+  c = p["collectives"]
+  assert c["all-gather"]["count"] > 0 and c["all-reduce"]["count"] + c["reduce-scatter"]["count"] > 0
+
+
+def test_flops_are_trip_count_corrected_and_agree_with_the_compiler(sft):
+  p = sft["plan"]
+  ca = p["compiler_cost_analysis"]["flops"]
+  # Our once-counted HLO FLOPs follow HloCostAnalysis' conventions: within 10 % of the compiler's own total.
+  assert abs(p["hlo_counts_once"]["flops"] - ca) <= 0.1 * ca, (p["hlo_counts_once"], ca)
+  # Loops run more than once: layer scan (and the accumulation scan of 2 micro-batches).
+  assert p["unknown_trip_counts"] == 0 and any(l["trip_count"] == 2 for l in p["loops"])
+  assert p["flops"] > 2 * ca
+  # The analytic model FLOPs (6N + attention) are below the compiled count (remat=full recomputes the forward)
+  # but of its order.
+  assert 0.3 * p["flops"] < p["model_flops"] < p["flops"]
+
+
+# ------------------------------------------------------------------------------------------------
+# HLO counting against hand-computed figures (these need no libtpu: the CPU compiler's HLO has the same shape)
+# ------------------------------------------------------------------------------------------------
+
+
+def _scan_matmuls(L=5, M=16, K=64):
+  def f(x_MK, w_LKK):
+    return jax.lax.scan(lambda h, w: (h @ w, None), x_MK, w_LKK)[0]
+  x = jax.ShapeDtypeStruct((M, K), jnp.float32)
+  w = jax.ShapeDtypeStruct((L, K, K), jnp.float32)
+  return f, (x, w), L * 2 * M * K * K
+
+
+def test_scan_flops_multiplied_by_trip_count_cpu():
+  f, args, expected = _scan_matmuls()
+  compiled = jax.jit(f).lower(*args).compile()
+  r = hlo_stats.analyze(compiled.as_text())
+  # The matmuls, plus the loop's own counter: i + 1 per step and i < N per test (L + L + 1 scalar ops).
+  assert r["flops"] == expected + 2 * 5 + 1
+  assert [l["trip_count"] for l in r["loops"]] == [5]
+  # XLA's own cost analysis visits the loop body once: 1/5 of the work.
+  assert compiled.cost_analysis()["flops"] == pytest.approx(expected / 5, rel=0.01)
+
+
+def test_scan_flops_and_collectives_on_tpu(devices):
+  """psum of a known array inside a 3-step scan, on 4 chips: 3 all-reduces of 4 KiB; FLOPs as the formula."""
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(devices).reshape(4), ("x",))
+  L, M, K = 3, 128, 256
+
+  def f(x_MK, w_LKK):
+    def body(h, w):
+      y = h @ w
+      s = jnp.sum(y, axis=0)  # a cross-chip reduction of a [K] f32 vector, needed by the next step
+      return y * s, None
+    return jax.lax.scan(body, x_MK, w_LKK)[0]
+  x = jax.ShapeDtypeStruct((M, K), jnp.float32, sharding=NamedSharding(mesh, P("x", None)))
+  w = jax.ShapeDtypeStruct((L, K, K), jnp.float32, sharding=NamedSharding(mesh, P()))
+  compiled = jax.jit(f).lower(x, w).compile()
+  r = hlo_stats.analyze(compiled.as_text())
+  dot_flops = L * 2 * (M // 4) * K * K  # per chip: a quarter of the rows
+  assert dot_flops <= r["flops"] <= dot_flops * 1.05  # plus the column sums and the scaling (elementwise)
+  ar = r["collectives"]["all-reduce"]
+  assert ar["count"] == L and ar["largest_bytes"] == K * 4 and ar["bytes"] == L * K * 4
+
+
+def test_roofline_arithmetic():
+  c = tpu_plan.CHIPS["v5p"]
+  r = tpu_plan.roofline(c["peak_flops"] * 2.0, c["hbm_bw"] * 1.0, 0.0, "v5p", model_flops=c["peak_flops"])
+  assert r["step_seconds"] == pytest.approx(2.0) and r["bound"] == "compute"
+  assert r["mfu"] == pytest.approx(0.5)
+  r = tpu_plan.roofline(c["peak_flops"], c["hbm_bw"] * 4.0, 0.0, "v5p")
+  assert r["bound"] == "memory" and r["mfu"] == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one clear line
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_topology_and_missing_libtpu(monkeypatch, tmp_path):
+  with pytest.raises(ValueError, match="expected CHIP:SHAPE"):
+    tpu_plan.chip_of("h100:8")
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  monkeypatch.setenv("PIPO_TPU_SITE", str(tmp_path))
+  with pytest.raises(tpu_plan.LibTPUMissing, match="holds no libtpu"):
+    tpu_plan.libtpu_path()
+
+
+def test_cli_errors_are_one_line(devices):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  base = [sys.executable, "-m", "pipo_jax.memory_plan", "--config.model.preset=tiny", "--target=tpu"]
+  for extra, msg in [(["--topology=v5p:3x3x3"], "libtpu cannot make topology"),
+                     (["--topology=v5p:2x2x1", "--config.mesh.fsdp=8"], "needs 8 devices, have 4")]:
+    r = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("memory_plan: ") and msg in last, r.stderr[-2000:]

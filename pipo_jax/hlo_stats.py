@@ -337,7 +337,7 @@ def analyze(text: str, top: int = 10) -> dict:
   comps, entry = parse_module(text)
   mult, loops = multiplicities(comps, entry)
   fused = _fused_names(comps)
-  totals = {"flops": 0.0, "flops_once": 0.0, "bytes": 0.0, "bytes_once": 0.0}
+  totals = {"flops": 0.0, "flops_once": 0.0, "bytes": 0.0, "bytes_once": 0.0, "dot_flops": 0.0}
   coll = {k: {"count": 0, "bytes": 0.0, "count_static": 0, "largest_bytes": 0} for k in COLLECTIVES}
   largest, ops = [], []
   for cname, instrs in comps.items():
@@ -348,6 +348,8 @@ def analyze(text: str, top: int = 10) -> dict:
       f = _flops(ins, shapes)
       totals["flops"] += f * m
       totals["flops_once"] += f
+      if ins.opcode in ("dot", "convolution"):
+        totals["dot_flops"] += f * m
       if not top_level:
         continue
       b = _bytes(ins, comps, shapes)
@@ -379,7 +381,8 @@ def analyze(text: str, top: int = 10) -> dict:
   for c in coll.values():
     c["bytes"] = int(c["bytes"])
   largest.sort(key=lambda x: -x["bytes"] * max(x["times"], 1))
-  return {"flops": totals["flops"], "flops_once": totals["flops_once"], "bytes": totals["bytes"],
+  return {"flops": totals["flops"], "flops_once": totals["flops_once"], "dot_flops": totals["dot_flops"],
+          "bytes": totals["bytes"],
           "bytes_once": totals["bytes_once"], "collectives": coll, "largest_collectives": largest[:top],
           "loops": [{"while": n, "trip_count": t} for n, t in loops],
           "unknown_trip_counts": sum(t is None for _, t in loops), "ops": ops}
@@ -391,3 +394,34 @@ def top_ops(ops: list, peak_flops: float, hbm_bytes_per_s: float, n: int = 10) -
     o["seconds"] = max(o["flops"] / peak_flops, o["bytes"] / hbm_bytes_per_s)
     o["bound"] = "compute" if o["flops"] / peak_flops >= o["bytes"] / hbm_bytes_per_s else "memory"
   return sorted(ops, key=lambda o: -o["seconds"])[:n]
+
+
+def main(argv=None):
+  """`python -m pipo_jax.hlo_stats STEP.hlo.gz --chip=v5p`: totals, collectives and the costliest ops of a dump
+  (memory_plan --target=tpu --dump_hlo=...)."""
+  import argparse
+  import gzip
+  from pipo_jax.tpu_plan import CHIPS
+  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap.add_argument("hlo")
+  ap.add_argument("--chip", default="v5p", choices=sorted(CHIPS))
+  ap.add_argument("--top", type=int, default=10)
+  a = ap.parse_args(argv)
+  opener = gzip.open if a.hlo.endswith(".gz") else open
+  with opener(a.hlo, "rt") as f:
+    r = analyze(f.read(), top=a.top)
+  c = CHIPS[a.chip]
+  print(f"{r['flops'] / 1e12:.2f} TFLOP, {r['bytes'] / 2**30:.1f} GiB per chip per step (loops multiplied out; "
+        f"once-counted {r['flops_once'] / 1e12:.2f} TFLOP); loops {[l['trip_count'] for l in r['loops']]}")
+  for k, v in r["collectives"].items():
+    print(f"  {k:18s} {v['count']:7d} x, {v['bytes'] / 2**30:8.2f} GiB, largest {v['largest_bytes'] / 2**20:.1f} MiB")
+  total = sum(max(o["flops"] / c["peak_flops"], o["bytes"] / c["hbm_bw"]) for o in r["ops"])
+  print(f"sum of per-op roofline times {total:.3f} s on {a.chip}; the costliest:")
+  for o in top_ops(r["ops"], c["peak_flops"], c["hbm_bw"], a.top):
+    print(f"  {o['seconds']:8.4f} s {100 * o['seconds'] / total:5.1f}% {o['bound']:7s} x{o['times']:<6.0f} "
+          f"{o['flops'] / 1e12:8.2f} TFLOP {o['bytes'] / 2**30:8.2f} GiB  {o['opcode']} {o['op_name'][:110]} "
+          f"{o['source']}")
+
+
+if __name__ == "__main__":
+  main()

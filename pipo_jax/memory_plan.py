@@ -2,6 +2,7 @@
 
     python -m pipo_jax.memory_plan --flagfile=experiments/qwen3_5_4b_sft_v5p.flags \
         [--num_devices=64] [--accelerator=v5p|v6e|H100|H200] [--output=plan.json] [--config.x=...]
+    python -m pipo_jax.memory_plan --flagfile=... --target=tpu --topology=v5p:2x2x2 [--dump_hlo=step.hlo.gz]
 
 It builds what the trainer would build for the flagfile (model config, mesh, params + LoRA adapters, trainable /
 frozen partition, AdamW state, the micro-batch stack of grad accumulation) as `jax.ShapeDtypeStruct`s carrying
@@ -19,7 +20,16 @@ their NamedShardings (no weight is created or read), then AOT-compiles exactly t
 Mode opd plans `pipo_jax.opd_memory.opd_step_memory` (student + frozen 9B teacher, one rolled-out batch of
 `opd_rollout.rollout_length` tokens); the rollout's own generation memory (KV cache) is not part of that step.
 
-Caveats. The figures are the CPU backend's buffer assignment for the same SPMD-partitioned program; TPU and
+--target=tpu compiles the same step with the TPU compiler (libtpu, see pipo_jax.tpu_plan; no TPU needed) for
+the chips of --topology, so the memory figures are XLA:TPU's own buffer assignment, and adds, per chip and step:
+flops / bytes_accessed (read from the optimized HLO with every while-loop body multiplied by its trip count:
+pipo_jax.hlo_stats; compiler_cost_analysis keeps XLA's once-per-body figures beside them), model_flops (the
+analytic 6N + attention count, metrics.estimate_flops_per_token), collectives by kind with their bytes and the
+largest ones, a roofline (step time = max(flops / peak, bytes / HBM bandwidth), MFU = model_flops / (time *
+peak)), the costliest ops, sharding_mismatches (compiled input shards that differ from the rules') and
+whole_param_gathers (all-gathers that rebuild a whole tensor-sharded parameter).
+
+Caveats (target cpu). The figures are the CPU backend's buffer assignment for the same SPMD-partitioned program; TPU and
 GPU compilers fuse differently (typically fewer, smaller temporaries), so treat them as an estimate with
 some headroom, not a guarantee. checkpoint.init_from is read only for its config.json, and only if it
 exists: placeholder paths in the recipes fall back to model.preset.

@@ -38,7 +38,7 @@ def devices():
 
 
 def _cfg(mode: str) -> Config:
-  common = dict(model=ModelConfig(preset="tiny", remat="full"), mesh=MeshConfig(data=1, fsdp=2, tensor=2),
+  common = dict(model=ModelConfig(preset="tiny"), mesh=MeshConfig(data=1, fsdp=2, tensor=2),
                 loss=LossConfig(logits_chunk=32), lora=LoraConfig(rank=8, alpha=16))
   if mode == "sft":
     return Config(mode="sft", data=DataConfig(batch_size=4, max_length=64), optim=OptimConfig(grad_accum_steps=2),
@@ -167,12 +167,13 @@ def test_flops_are_trip_count_corrected_and_agree_with_the_compiler(sft):
   ca = p["compiler_cost_analysis"]["flops"]
   # Our once-counted HLO FLOPs follow HloCostAnalysis' conventions: within 10 % of the compiler's own total.
   assert abs(p["hlo_counts_once"]["flops"] - ca) <= 0.1 * ca, (p["hlo_counts_once"], ca)
-  # Loops run more than once: layer scan (and the accumulation scan of 2 micro-batches).
-  assert p["unknown_trip_counts"] == 0 and any(l["trip_count"] == 2 for l in p["loops"])
-  assert p["flops"] > 2 * ca
-  # The analytic model FLOPs (6N + attention) are below the compiled count (remat=full recomputes the forward)
-  # but of its order.
-  assert 0.3 * p["flops"] < p["model_flops"] < p["flops"]
+  # Loops (accumulation over 2 micro-batches, LM-head chunks) run more than once: their bodies count that often.
+  assert p["loops"] and p["unknown_trip_counts"] == 0
+  assert p["flops"] > 1.2 * ca
+  # The analytic model FLOPs (6N + attention, metrics.estimate_flops_per_token) against the compiled matmul
+  # FLOPs: the same order (remat recomputes the forward, frozen weights get no weight gradient), not 1/k of it.
+  print(f"\ntiny sft: compiled dot FLOPs {p['dot_flops']:.3e}, model FLOPs {p['model_flops']:.3e}")
+  assert 0.3 < p["dot_flops"] / p["model_flops"] < 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_cli_errors_are_one_line(devices):
   env.pop("XLA_FLAGS", None)
   base = [sys.executable, "-m", "pipo_jax.memory_plan", "--config.model.preset=tiny", "--target=tpu"]
   for extra, msg in [(["--topology=v5p:3x3x3"], "libtpu cannot make topology"),
-                     (["--topology=v5p:2x2x1", "--config.mesh.fsdp=8"], "needs 8 devices, have 4")]:
+                     (["--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=8"], "needs 8 devices, have 4")]:
     r = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]

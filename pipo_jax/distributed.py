@@ -117,3 +117,12 @@ def make_global_batch(local_batch, sharding: jax.sharding.Sharding):
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
   return jax.tree_util.tree_map(
       lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, sharding)
+
+
+def compile_and_meet(jitted, *args, name: str, **static):
+  """`jitted` compiled ahead of time for these arguments; in a multi-process run every process then waits at
+  `barrier(name)` before the program's first run (processes finish compiling at different times, and gloo
+  gives a peer only 30 s to join a collective). Returns the executable: call it with the dynamic arguments."""
+  compiled = jitted.lower(*args, **static).compile()
+  barrier(name)
+  return compiled

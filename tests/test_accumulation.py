@@ -1,0 +1,149 @@
+"""Token-weighted gradient accumulation: k micro-batches of deliberately unequal token counts give the loss,
+gradients, metrics and updated params of ONE un-accumulated step over the same sequences (the reference), for
+SFT (both streams and the confidence BCE, each with its own token count), AR (+ native-MTP loss) and OPD
+(per-sample means over every rollout of the step). The old rule (a mean of micro-batch means) is computed too,
+to show that the batches are unequal enough for it to differ.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipo_jax import objectives, optim
+from pipo_jax.config import LoraConfig, LossConfig, ModelConfig, OPDConfig, OptimConfig, TrainConfig, resolve_model_config
+from pipo_jax.models.pipo import init_pipo_params
+
+MC = resolve_model_config(ModelConfig(preset="tiny"))
+IGN = -100
+B, T, K = 4, 32, 2
+
+
+def _sft_batch(seed=0):
+  """4 sequences; micro-batch 0 = rows 0-1 (28 and 26 supervised tokens), micro-batch 1 = rows 2-3 (4 and 2)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, MC.vocab_size, (B, T)).astype(np.int32)
+  labels = ids.copy()
+  for b, n in enumerate((28, 26, 4, 2)):
+    labels[b, :T - n] = IGN  # a long prompt leaves n supervised tokens
+  return {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels)}
+
+
+def _split(batch):
+  """[B, ...] -> [K, B / K, ...], micro-batch i = rows i*B/K .. (i+1)*B/K - 1."""
+  return jax.tree_util.tree_map(lambda x: x.reshape((K, x.shape[0] // K) + x.shape[1:]), batch)
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _compare(loss_fn, params, batch, extra=(), mode="sft"):
+  """Accumulated (K micro-batches) vs one batch: loss, additive metrics, grads, and one AdamW step."""
+  mask = optim.trainable_mask(params, TrainConfig(full_finetune=True), False)
+  trainable, frozen = optim.partition(params, mask)
+  rng = jax.random.PRNGKey(0)
+  acc = jax.jit(lambda b, *e: optim.accumulate_gradients(loss_fn, trainable, frozen, b, rng, K, e))
+  one = jax.jit(lambda b, *e: optim.accumulate_gradients(loss_fn, trainable, frozen, b, rng, 1, e))
+  g_acc, l_acc, m_acc = acc(_split(batch), *extra)
+  g_one, l_one, m_one = one(batch, *extra)
+  errs = {"loss": _rel(l_acc, l_one)}
+  for k in loss_fn.additive:
+    if k in m_one:
+      errs[k] = _rel(m_acc[k], m_one[k])
+  errs["grads"] = max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_acc), jax.tree_util.tree_leaves(g_one)))
+
+  # eps 1e-3: Adam's first update g / (|g| + eps) is then linear in tiny gradients instead of their sign, so
+  # the params compare the gradients rather than fp32 noise around zero.
+  cfg = OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, grad_clip_norm=1.0, eps=1e-3)
+  tx = optim.make_optimizer(cfg, 10)
+  state = optim.TrainState.create(params, mask, tx, rng)
+  s_acc, mm_acc = jax.jit(optim.make_train_step(loss_fn, K))(state, _split(batch), *extra)
+  s_one, mm_one = jax.jit(optim.make_train_step(loss_fn, 1))(state, batch, *extra)
+  errs["grad_norm"] = _rel(mm_acc["grad_norm"], mm_one["grad_norm"])
+  errs["params"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                       for a, b in zip(jax.tree_util.tree_leaves(s_acc.trainable), jax.tree_util.tree_leaves(s_one.trainable)))
+
+  # The old rule: each micro-batch normalised by its own counts, the k losses averaged.
+  @jax.jit
+  def own(mb):
+    return loss_fn(optim.combine(trainable, frozen), mb, rng, loss_fn.denominators(mb), *extra)[0]
+  micro = _split(batch)
+  old = np.mean([float(own(jax.tree_util.tree_map(lambda x: x[i], micro))) for i in range(K)])
+  print(f"\n[{mode}] accumulation vs one batch, max relative error: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        + f"; mean of micro-batch means would be off by {abs(old - float(l_one)) / abs(float(l_one)):.1e}")
+  return errs, old, float(l_one)
+
+
+def test_sft_accumulation_equals_one_batch():
+  params = init_pipo_params(MC, jax.random.PRNGKey(1))
+  loss_fn = objectives.make_sft_loss(MC, LossConfig(logits_chunk=16), LoraConfig())
+  errs, old, ref = _compare(loss_fn, params, _sft_batch(), mode="sft")
+  for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "supervised_tokens", "grads", "grad_norm"):
+    assert errs[k] < 1e-6, (k, errs)
+  assert errs["params"] < 1e-6, errs
+  assert abs(old - ref) / ref > 1e-3  # the batches are unequal enough for the old rule to differ
+
+
+def test_ar_accumulation_with_native_mtp_equals_one_batch():
+  params = init_pipo_params(MC, jax.random.PRNGKey(2))
+  params = {k: params[k] for k in ("backbone", "mtp")}
+  loss_fn = objectives.make_ar_loss(MC, LossConfig(logits_chunk=16, native_mtp_weight=1.0), LoraConfig())
+  errs, old, ref = _compare(loss_fn, params, _sft_batch(1), mode="ar")
+  for k in ("loss", "loss_backbone", "loss_mtp", "grads", "grad_norm"):
+    assert errs[k] < 1e-6, (k, errs)
+  assert errs["params"] < 1e-6, errs
+  assert abs(old - ref) / ref > 1e-3
+
+
+def _opd_batch():
+  """4 rollouts of very unequal lengths (micro-batch 0: long responses; micro-batch 1: short), encoded as the
+  trainer does, rejected drafts included."""
+  from pipo_jax.opd import rollout
+  rng = np.random.default_rng(3)
+  pad, P_ = MC.pad_token_id, 8
+  pid = np.full((B, P_), pad, np.int32)
+  pvalid = np.zeros((B, P_), bool)
+  raw = np.full((B, 24), pad, np.int32)
+  lens = (23, 20, 3, 2)
+  for b in range(B):
+    p = rng.integers(4, 200, 6)
+    pid[b, P_ - 6:] = p
+    pvalid[b, P_ - 6:] = True
+    r = rng.integers(4, 200, lens[b])
+    r[1::5] = pad  # a rejected draft every few slots (token2 positions)
+    raw[b, :lens[b]] = r
+  return rollout.encode_rollouts(pid, pvalid, raw, np.asarray(lens), pad, T)
+
+
+@pytest.mark.parametrize("divergence", ["sampled", "topk"])
+def test_opd_accumulation_equals_one_batch(divergence):
+  from pipo_jax.opd import loss as opd_loss
+  teacher_cfg = resolve_model_config(ModelConfig(preset="tiny", hidden_size=96, intermediate_size=192))
+  teacher = {"backbone": init_pipo_params(teacher_cfg, jax.random.PRNGKey(4))["backbone"]}
+  params = init_pipo_params(MC, jax.random.PRNGKey(5))
+  batch = {k: jnp.asarray(v) for k, v in _opd_batch().items()}
+  batch.update(jax.jit(opd_loss.make_teacher_fn(teacher_cfg))(teacher, batch))
+  w_t = opd_loss.teacher_head(teacher_cfg, teacher)
+  loss_fn = opd_loss.make_opd_loss(MC, teacher_cfg, OPDConfig(divergence=divergence, topk=8),
+                                   LossConfig(logits_chunk=16), LoraConfig())
+  errs, _, _ = _compare(loss_fn, params, batch, extra=(w_t,), mode=f"opd {divergence}")
+  for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "kl_backbone", "kl_mtp", "grads", "grad_norm"):
+    assert errs[k] < 1e-6, (k, errs)
+  assert errs["params"] < 1e-6, errs
+
+
+def test_stacked_teacher_scores_equal_per_micro_batch():
+  """The teacher program on k stacked micro-batches ([k, B, T], as the trainer scores an accumulated step)
+  equals scoring each micro-batch alone."""
+  from pipo_jax.opd import loss as opd_loss
+  teacher = {"backbone": init_pipo_params(MC, jax.random.PRNGKey(6))["backbone"]}
+  batch = {k: jnp.asarray(v) for k, v in _opd_batch().items()}
+  score = jax.jit(opd_loss.make_teacher_fn(MC))
+  stacked = score(teacher, _split(batch))
+  for i in range(K):
+    alone = score(teacher, jax.tree_util.tree_map(lambda x: x[i], _split(batch)))
+    for k in opd_loss.TEACHER_KEYS:
+      np.testing.assert_allclose(stacked[k][i], alone[k], rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 gradients, metrics and updated params of ONE un-accumulated step over the same sequences (the reference), for
 SFT (both streams and the confidence BCE, each with its own token count), AR (+ native-MTP loss) and OPD
 (per-sample means over every rollout of the step). The old rule (a mean of micro-batch means) is computed too,
-to show that the batches are unequal enough for it to differ.
+to show that the micro-batches are unequal enough for it to differ.
 """
 
 import jax
@@ -41,7 +41,7 @@ def _rel(a, b) -> float:
 
 def _compare(loss_fn, params, batch, extra=(), mode="sft"):
   """Accumulated (K micro-batches) vs one batch: loss, additive metrics, grads, and one AdamW step."""
-  mask = optim.trainable_mask(params, TrainConfig(full_finetune=True), False)
+  mask = optim.trainable_mask(params, TrainConfig(full_finetune=True, trainable=()), False)
   trainable, frozen = optim.partition(params, mask)
   rng = jax.random.PRNGKey(0)
   acc = jax.jit(lambda b, *e: optim.accumulate_gradients(loss_fn, trainable, frozen, b, rng, K, e))
@@ -65,37 +65,37 @@ def _compare(loss_fn, params, batch, extra=(), mode="sft"):
   errs["params"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                        for a, b in zip(jax.tree_util.tree_leaves(s_acc.trainable), jax.tree_util.tree_leaves(s_one.trainable)))
 
-  # The old rule: each micro-batch normalised by its own counts, the k losses averaged.
-  @jax.jit
-  def own(mb):
-    return loss_fn(optim.combine(trainable, frozen), mb, rng, loss_fn.denominators(mb), *extra)[0]
-  micro = _split(batch)
-  old = np.mean([float(own(jax.tree_util.tree_map(lambda x: x[i], micro))) for i in range(K)])
+  # The old rule: each micro-batch normalised by its own counts, the k micro-batch gradients averaged.
+  def plain(p, mb, key, *e):
+    return loss_fn(p, mb, key, None, *e)
+  g_old, _, _ = jax.jit(lambda b, *e: optim.accumulate_gradients(plain, trainable, frozen, b, rng, K, e))(
+      _split(batch), *extra)
+  old = max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_old), jax.tree_util.tree_leaves(g_one)))
   print(f"\n[{mode}] accumulation vs one batch, max relative error: "
         + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
-        + f"; mean of micro-batch means would be off by {abs(old - float(l_one)) / abs(float(l_one)):.1e}")
-  return errs, old, float(l_one)
+        + f"; the mean of micro-batch means would be off by {old:.1e} in the gradients")
+  return errs, old
 
 
 def test_sft_accumulation_equals_one_batch():
   params = init_pipo_params(MC, jax.random.PRNGKey(1))
   loss_fn = objectives.make_sft_loss(MC, LossConfig(logits_chunk=16), LoraConfig())
-  errs, old, ref = _compare(loss_fn, params, _sft_batch(), mode="sft")
+  errs, old = _compare(loss_fn, params, _sft_batch(), mode="sft")
   for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "supervised_tokens", "grads", "grad_norm"):
     assert errs[k] < 1e-6, (k, errs)
   assert errs["params"] < 1e-6, errs
-  assert abs(old - ref) / ref > 1e-3  # the batches are unequal enough for the old rule to differ
+  assert old > 1e-2  # the micro-batches are unequal enough for the old rule to differ
 
 
 def test_ar_accumulation_with_native_mtp_equals_one_batch():
   params = init_pipo_params(MC, jax.random.PRNGKey(2))
   params = {k: params[k] for k in ("backbone", "mtp")}
   loss_fn = objectives.make_ar_loss(MC, LossConfig(logits_chunk=16, native_mtp_weight=1.0), LoraConfig())
-  errs, old, ref = _compare(loss_fn, params, _sft_batch(1), mode="ar")
+  errs, old = _compare(loss_fn, params, _sft_batch(1), mode="ar")
   for k in ("loss", "loss_backbone", "loss_mtp", "grads", "grad_norm"):
     assert errs[k] < 1e-6, (k, errs)
   assert errs["params"] < 1e-6, errs
-  assert abs(old - ref) / ref > 1e-3
+  assert old > 1e-2
 
 
 def _opd_batch():
@@ -129,7 +129,8 @@ def test_opd_accumulation_equals_one_batch(divergence):
   w_t = opd_loss.teacher_head(teacher_cfg, teacher)
   loss_fn = opd_loss.make_opd_loss(MC, teacher_cfg, OPDConfig(divergence=divergence, topk=8),
                                    LossConfig(logits_chunk=16), LoraConfig())
-  errs, _, _ = _compare(loss_fn, params, batch, extra=(w_t,), mode=f"opd {divergence}")
+  # Per-sample means over micro-batches of equal row counts: here the old rule was already exact.
+  errs, _ = _compare(loss_fn, params, batch, extra=(w_t,), mode=f"opd {divergence}")
   for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "kl_backbone", "kl_mtp", "grads", "grad_norm"):
     assert errs[k] < 1e-6, (k, errs)
   assert errs["params"] < 1e-6, errs

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pipo_jax import distributed, loading, sharding
 from pipo_jax.config import Config, ModelConfig, OPDConfig
@@ -88,8 +88,11 @@ class Rollout:
     # `api.generate`'s jitted program itself: generate() checks the prompts on the host, which a global
     # array spread over processes does not allow (done here on this process's rows instead).
     self.static = dict(config=api._Static(model_cfg), mode="pipo", sp=sp, max_new=int(cfg.opd.max_new_tokens))
-    self.stop_ids = api.stop_id_array(model_cfg, "pipo", stop_ids)
-    self.tau = jnp.asarray(cfg.opd.conf_threshold, jnp.float32)
+    # Small inputs as replicated global arrays (from host values, equal on every process): a program spanning
+    # processes takes no process-local device array.
+    self._rep = NamedSharding(mesh, P())
+    self.stop_ids = jax.device_put(np.asarray(api.stop_id_array(model_cfg, "pipo", stop_ids)), self._rep)
+    self.tau = jax.device_put(np.asarray(cfg.opd.conf_threshold, np.float32), self._rep)
     lora_cfg = cfg.lora
     # Merge on the fly: one jitted materialize per rollout, so generation sees plain (merged) kernels.
     self._merge = jax.jit(lambda p: lora_lib.materialize(p, lora_cfg))
@@ -113,9 +116,11 @@ class Rollout:
     ids = sharding.shard_batch(pid, self.mesh)
     valid = sharding.shard_batch(pvalid, self.mesh)
     merged = self._run("merge", self._merge, params)
+    rng = jax.device_put(np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                    else rng), self._rep)
     res = self._run("generate", self.api._generate_jit, merged, ids, valid, self.stop_ids, rng, self.tau, None,
                     **self.static)
-    raw, raw_len, totals = self._run("finish", self._finish, res)
+    raw, raw_len, totals = distributed.wait_until_ready(self._run("finish", self._finish, res))
     raw, raw_len = multihost_utils.global_array_to_host_local_array(
         (raw, raw_len), self.mesh, (P(("data", "fsdp"), None), P(("data", "fsdp"))))
     raw, raw_len = np.asarray(raw), np.asarray(raw_len)  # waits for the rollout

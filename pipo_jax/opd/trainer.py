@@ -83,8 +83,7 @@ class OPDTrainer(Trainer):
       stats.append(st)
     batch = self.global_batch(local)
     t0 = time.perf_counter()
-    scored, keep_tokens = self._teacher_scores(batch)
-    jax.block_until_ready(scored)
+    scored, keep_tokens = distributed.wait_until_ready(self._teacher_scores(batch))
     batch.update(scored)
     info = rollout_lib.rollout_metrics(stats, time.perf_counter() - t0)
     info["tokens"] = int(keep_tokens)
@@ -93,7 +92,7 @@ class OPDTrainer(Trainer):
   def run_step(self, step_fn, state, batch, extra, info: dict):
     t0 = time.perf_counter()
     state, m = step_fn(state, batch, *extra)
-    jax.block_until_ready(m)
+    distributed.wait_until_ready(m)
     info["time/train_s"] = time.perf_counter() - t0
     return state, m
 

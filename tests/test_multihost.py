@@ -200,18 +200,16 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   seeds: B's losses equal A's within 1e-5 and its params are close; C continues where B stopped."""
   from pipo_jax.data import synthetic
   data = synthetic.write_dataset(str(tmp_path / "data"), n_train=64, n_test=8, n_opd=64, seed=0)
-  # Teacher (and the student's starting point): the tiny model after one `ar` step, with its MTP head.
+  # Teacher (and the student's starting point): a random tiny Qwen3.5 with its MTP head, written as an HF
+  # directory (the student's PIPO heads are initialised from it as in training).
+  import jax
+  from pipo_jax import hf_pipo
+  from pipo_jax.config import ModelConfig, resolve_model_config
+  from pipo_jax.models.pipo import init_pipo_params
+  mc = resolve_model_config(ModelConfig(preset="tiny"))
+  params = init_pipo_params(mc, jax.random.PRNGKey(0))
   teacher = str(tmp_path / "teacher")
-  t0 = time.time()
-  cmd = [sys.executable, "-m", "pipo_jax.train", "--config.mode=ar", "--config.model.preset=tiny",
-         f"--config.workdir={teacher}", f"--config.data.train_path={data['train']}",
-         f"--config.data.tokenizer_path={data['tokenizer']}", "--config.data.max_length=64",
-         "--config.train.num_steps=1", "--config.train.full_finetune=True", "--config.mesh.data=1",
-         "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.checkpoint.every_steps=1"]
-  p = subprocess.run(cmd, cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-                     capture_output=True, text=True, timeout=900)
-  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  print(f"[test_multihost] teacher: {time.time() - t0:.1f}s wall", flush=True)
+  hf_pipo.export_hf({k: params[k] for k in ("backbone", "mtp")}, mc, teacher, tokenizer_dir=data["tokenizer"])
 
   flagfile = tmp_path / "opd.flags"
   flagfile.write_text(OPD_FLAGS)

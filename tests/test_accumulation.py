@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from pipo_jax import objectives, optim
-from pipo_jax.config import LoraConfig, LossConfig, ModelConfig, OPDConfig, OptimConfig, TrainConfig, resolve_model_config
+from pipo_jax.config import (FULL, LINEAR, LoraConfig, LossConfig, ModelConfig, OPDConfig, OptimConfig, TrainConfig,
+                             resolve_model_config)
 from pipo_jax.models.pipo import init_pipo_params
 
-MC = resolve_model_config(ModelConfig(preset="tiny"))
+# Two layers (one Gated DeltaNet, one full attention): every kind of layer, half the compile time of `tiny`.
+MC = resolve_model_config(ModelConfig(preset="tiny", num_hidden_layers=2, layer_types=(LINEAR, FULL)))
 IGN = -100
 B, T, K = 4, 32, 2
 
@@ -40,40 +42,38 @@ def _rel(a, b) -> float:
 
 
 def _compare(loss_fn, params, batch, extra=(), mode="sft"):
-  """Accumulated (K micro-batches) vs one batch: loss, additive metrics, grads, and one AdamW step."""
+  """Accumulated (K micro-batches) vs one batch, through the real train step (clipped AdamW): loss, additive
+  metrics, gradient norm and the updated params; plus the old rule (each micro-batch normalised by its own
+  counts, micro-batch gradients averaged) against the same reference. Three compiles in all."""
   mask = optim.trainable_mask(params, TrainConfig(full_finetune=True, trainable=()), False)
-  trainable, frozen = optim.partition(params, mask)
   rng = jax.random.PRNGKey(0)
-  acc = jax.jit(lambda b, *e: optim.accumulate_gradients(loss_fn, trainable, frozen, b, rng, K, e))
-  one = jax.jit(lambda b, *e: optim.accumulate_gradients(loss_fn, trainable, frozen, b, rng, 1, e))
-  g_acc, l_acc, m_acc = acc(_split(batch), *extra)
-  g_one, l_one, m_one = one(batch, *extra)
-  errs = {"loss": _rel(l_acc, l_one)}
+  # eps 1e-3: Adam's first update g / (|g| + eps) is then linear in small gradients instead of their sign, so
+  # the updated params compare the gradients rather than fp32 noise around zero.
+  cfg = OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, grad_clip_norm=100.0, eps=1e-3)
+  tx = optim.make_optimizer(cfg, 10)
+  state = optim.TrainState.create(params, mask, tx, rng)
+
+  def plain(p, mb, key, *e):
+    return loss_fn(p, mb, key, None, *e)
+
+  s_acc, m_acc = jax.jit(optim.make_train_step(loss_fn, K))(state, _split(batch), *extra)
+  s_one, m_one = jax.jit(optim.make_train_step(loss_fn, 1))(state, batch, *extra)
+  s_old, m_old = jax.jit(optim.make_train_step(plain, K))(state, _split(batch), *extra)
+
+  def param_err(s):  # relative to the update's size (lr * g / (|g| + eps) <= lr)
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / cfg.learning_rate
+               for a, b in zip(jax.tree_util.tree_leaves(s.trainable), jax.tree_util.tree_leaves(s_one.trainable)))
+
+  errs = {"loss": _rel(m_acc["loss"], m_one["loss"])}
   for k in loss_fn.additive:
     if k in m_one:
       errs[k] = _rel(m_acc[k], m_one[k])
-  errs["grads"] = max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_acc), jax.tree_util.tree_leaves(g_one)))
-
-  # eps 1e-3: Adam's first update g / (|g| + eps) is then linear in tiny gradients instead of their sign, so
-  # the params compare the gradients rather than fp32 noise around zero.
-  cfg = OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, grad_clip_norm=1.0, eps=1e-3)
-  tx = optim.make_optimizer(cfg, 10)
-  state = optim.TrainState.create(params, mask, tx, rng)
-  s_acc, mm_acc = jax.jit(optim.make_train_step(loss_fn, K))(state, _split(batch), *extra)
-  s_one, mm_one = jax.jit(optim.make_train_step(loss_fn, 1))(state, batch, *extra)
-  errs["grad_norm"] = _rel(mm_acc["grad_norm"], mm_one["grad_norm"])
-  errs["params"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                       for a, b in zip(jax.tree_util.tree_leaves(s_acc.trainable), jax.tree_util.tree_leaves(s_one.trainable)))
-
-  # The old rule: each micro-batch normalised by its own counts, the k micro-batch gradients averaged.
-  def plain(p, mb, key, *e):
-    return loss_fn(p, mb, key, None, *e)
-  g_old, _, _ = jax.jit(lambda b, *e: optim.accumulate_gradients(plain, trainable, frozen, b, rng, K, e))(
-      _split(batch), *extra)
-  old = max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_old), jax.tree_util.tree_leaves(g_one)))
+  errs["grad_norm"] = _rel(m_acc["grad_norm"], m_one["grad_norm"])
+  errs["params"] = param_err(s_acc)
+  old = {"grad_norm": _rel(m_old["grad_norm"], m_one["grad_norm"]), "params": param_err(s_old)}
   print(f"\n[{mode}] accumulation vs one batch, max relative error: "
         + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
-        + f"; the mean of micro-batch means would be off by {old:.1e} in the gradients")
+        + f"; the old rule (mean of micro-batch means): grad_norm {old['grad_norm']:.1e}, params {old['params']:.1e}")
   return errs, old
 
 
@@ -81,10 +81,9 @@ def test_sft_accumulation_equals_one_batch():
   params = init_pipo_params(MC, jax.random.PRNGKey(1))
   loss_fn = objectives.make_sft_loss(MC, LossConfig(logits_chunk=16), LoraConfig())
   errs, old = _compare(loss_fn, params, _sft_batch(), mode="sft")
-  for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "supervised_tokens", "grads", "grad_norm"):
-    assert errs[k] < 1e-6, (k, errs)
-  assert errs["params"] < 1e-6, errs
-  assert old > 1e-2  # the micro-batches are unequal enough for the old rule to differ
+  for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "supervised_tokens", "grad_norm", "params"):
+    assert errs[k] < 1e-5, (k, errs)
+  assert old["params"] > 1e-2  # the micro-batches are unequal enough for the old rule to differ
 
 
 def test_ar_accumulation_with_native_mtp_equals_one_batch():
@@ -92,10 +91,9 @@ def test_ar_accumulation_with_native_mtp_equals_one_batch():
   params = {k: params[k] for k in ("backbone", "mtp")}
   loss_fn = objectives.make_ar_loss(MC, LossConfig(logits_chunk=16, native_mtp_weight=1.0), LoraConfig())
   errs, old = _compare(loss_fn, params, _sft_batch(1), mode="ar")
-  for k in ("loss", "loss_backbone", "loss_mtp", "grads", "grad_norm"):
-    assert errs[k] < 1e-6, (k, errs)
-  assert errs["params"] < 1e-6, errs
-  assert old > 1e-2
+  for k in ("loss", "loss_backbone", "loss_mtp", "grad_norm", "params"):
+    assert errs[k] < 1e-5, (k, errs)
+  assert old["params"] > 1e-2
 
 
 def _opd_batch():
@@ -118,10 +116,10 @@ def _opd_batch():
   return rollout.encode_rollouts(pid, pvalid, raw, np.asarray(lens), pad, T)
 
 
-@pytest.mark.parametrize("divergence", ["sampled", "topk"])
-def test_opd_accumulation_equals_one_batch(divergence):
+def test_opd_accumulation_equals_one_batch(divergence="topk"):
   from pipo_jax.opd import loss as opd_loss
-  teacher_cfg = resolve_model_config(ModelConfig(preset="tiny", hidden_size=96, intermediate_size=192))
+  teacher_cfg = resolve_model_config(ModelConfig(preset="tiny", num_hidden_layers=2, layer_types=(LINEAR, FULL),
+                                                hidden_size=96, intermediate_size=192))
   teacher = {"backbone": init_pipo_params(teacher_cfg, jax.random.PRNGKey(4))["backbone"]}
   params = init_pipo_params(MC, jax.random.PRNGKey(5))
   batch = {k: jnp.asarray(v) for k, v in _opd_batch().items()}
@@ -131,9 +129,8 @@ def test_opd_accumulation_equals_one_batch(divergence):
                                    LossConfig(logits_chunk=16), LoraConfig())
   # Per-sample means over micro-batches of equal row counts: here the old rule was already exact.
   errs, _ = _compare(loss_fn, params, batch, extra=(w_t,), mode=f"opd {divergence}")
-  for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "kl_backbone", "kl_mtp", "grads", "grad_norm"):
-    assert errs[k] < 1e-6, (k, errs)
-  assert errs["params"] < 1e-6, errs
+  for k in ("loss", "loss_backbone", "loss_mtp", "loss_conf", "kl_backbone", "kl_mtp", "grad_norm", "params"):
+    assert errs[k] < 1e-5, (k, errs)
 
 
 def test_stacked_teacher_scores_equal_per_micro_batch():

@@ -123,7 +123,7 @@ class Rollout:
     raw, raw_len, totals = distributed.wait_until_ready(self._run("finish", self._finish, res))
     raw, raw_len = multihost_utils.global_array_to_host_local_array(
         (raw, raw_len), self.mesh, (P(("data", "fsdp"), None), P(("data", "fsdp"))))
-    raw, raw_len = np.asarray(raw), np.asarray(raw_len)  # waits for the rollout
+    raw, raw_len = np.asarray(raw), np.asarray(raw_len)
     batch = encode_rollouts(pid, pvalid, raw, raw_len, self.model_cfg.pad_token_id, self.length)
     stats = {k: float(v) for k, v in jax.device_get(totals).items()}
     stats["seconds"] = time.perf_counter() - t0

@@ -17,6 +17,10 @@ tolerance (tensor parallelism reorders reductions).
 Slow: five jax processes each compile the step (19 min wall on a 2-core machine shared with ~10 other busy
 processes; losses were bitwise equal, max |param diff| 8e-7 A-B, 1.1e-6 A-C), so it is excluded from the default
 run: `pytest -m slow tests/test_multihost.py -s` prints the wall times.
+
+`test_opd_two_processes_match_one_and_resume_on_another_mesh` does the same for the tiny OPD recipe (each process
+rolls out its own prompt rows; 2 accumulated rollout batches per step). It compiles generation, teacher scoring and
+the step in five processes: give it `-o timeout=0` on a small machine (pytest-timeout's 20 min is too short).
 """
 
 import json

@@ -4,8 +4,9 @@
     python experiments/opd_memory.py --lengths 8192,16384,32768 --mesh data=1,fsdp=8
 
 Each measurement runs in a fresh subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (8 simulated
-CPU devices) and AOT-compiles the step from abstract shapes (`pipo_jax.opd_memory.opd_step_memory`): no weights
-exist. Measured: the train step on an already rolled-out batch (student + teacher forwards, chunked OPD losses,
+CPU devices) and AOT-compiles the step from abstract shapes (`pipo_jax.opd.memory.opd_step_memory`): no weights
+exist. Measured: the teacher scoring and the train step on an already rolled-out batch (teacher forward; student
+forward, chunked OPD losses,
 backward, AdamW update); the rollout's generation memory is NOT included. One rollout per device
 (global batch = device count) of `length` tokens. Prints one JSON line per length and a table.
 """
@@ -25,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def measure(length: int, mesh: dict, student: str, teacher: str, rollouts_per_device: int, chunk: int,
             all_linear: bool = False) -> dict:
   import jax
-  from pipo_jax import opd_memory, sharding
+  from pipo_jax import sharding
+  from pipo_jax.opd import memory as opd_memory
   from pipo_jax.config import Config, LoraConfig, LossConfig, MeshConfig, ModelConfig, OPDConfig, TrainConfig
   from pipo_jax.config import resolve_model_config
   cfg = Config(mode="opd", lora=LoraConfig(rank=64, alpha=128.0, dropout=0.05),

@@ -5,6 +5,7 @@
 #   2. student: PIPO SFT from the teacher with experiments/tiny_sft_cpu.flags   -> runs/tiny_sft_cpu
 #   3. OPD prompts: unseen synthetic questions in the reference RL schema        -> runs/tiny_opd_cpu_data
 #   4. OPD (experiments/tiny_opd_cpu.flags)                                     -> runs/tiny_opd_cpu/metrics.jsonl
+#      (per step: rollout / teacher / train seconds, rollout tokens/s, mean rollout length, PAD ratio)
 # Steps whose output exists are skipped (delete the run directory to redo one). Extra arguments go to step 4.
 # Usage (from the repository root): bash experiments/tiny_opd_cpu.sh [--config.train.num_steps=N ...]
 set -euo pipefail

@@ -385,11 +385,14 @@ class SamplingConfig:
   seed: int = 0
 
 
+OPD_DIVERGENCES = ("sampled", "topk", "full", "jsd")  # see pipo_jax/opd/divergences.py
+
+
 @dataclasses.dataclass
 class OPDConfig:
   teacher_checkpoint: str = ""
   teacher: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(preset=None))
-  divergence: str = "topk"  # sampled | topk | full | jsd
+  divergence: str = "topk"  # one of OPD_DIVERGENCES
   topk: int = 32
   jsd_beta: float = 0.5
   temperature: float = 1.0
@@ -432,3 +435,35 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   opd: OPDConfig = dataclasses.field(default_factory=OPDConfig)
+
+  def validate(self) -> None:
+    """Raise one ValueError naming the field for a configuration no run could use (called by the trainer
+    before any weight is loaded). A plain list of checks."""
+    modes = ("ar", "sft", "opd")
+    if self.mode not in modes:
+      raise ValueError(f"mode={self.mode!r}: expected one of {modes}")
+    if self.data.max_length % 2:
+      raise ValueError(f"data.max_length={self.data.max_length} must be even (whole pairs)")
+    if self.data.batch_size < 1:
+      raise ValueError(f"data.batch_size={self.data.batch_size}: must be >= 1")
+    if self.optim.grad_accum_steps < 1:
+      raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps}: must be >= 1")
+    if self.mode != "opd":
+      return
+    o = self.opd
+    if not o.teacher_checkpoint:
+      raise ValueError("mode=opd needs opd.teacher_checkpoint (an orbax checkpoint or an HF directory)")
+    if not self.data.train_path:
+      raise ValueError("mode=opd needs data.train_path: a prompt JSONL (reference RL schema or {'prompt': ...})")
+    if o.divergence not in OPD_DIVERGENCES:
+      raise ValueError(f"opd.divergence={o.divergence!r}: expected one of {OPD_DIVERGENCES}")
+    if o.prompt_length < 2 or o.prompt_length % 2:
+      raise ValueError(f"opd.prompt_length={o.prompt_length} must be even and >= 2 (whole pairs)")
+    if o.max_new_tokens < 1:
+      raise ValueError(f"opd.max_new_tokens={o.max_new_tokens}: must be >= 1")
+    if o.divergence == "topk" and o.topk < 1:
+      raise ValueError(f"opd.topk={o.topk}: must be >= 1 with opd.divergence=topk")
+    if not 0.0 <= o.jsd_beta <= 1.0:
+      raise ValueError(f"opd.jsd_beta={o.jsd_beta}: expected a value in [0, 1]")
+    if o.temperature <= 0:
+      raise ValueError(f"opd.temperature={o.temperature}: must be > 0")

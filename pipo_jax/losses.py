@@ -17,6 +17,10 @@ per-token weights (`normalisation_weights`):
   * "sample": mean over samples of each sample's token-mean (the reference OPD gradient, which
     back-propagates every sample with weight 1/B; long responses are not up-weighted).
 A stream with no valid position yields exactly 0 and finite (zero) gradients.
+
+Gradient accumulation (optim.make_train_step) passes each term the denominator of the whole step (every
+micro-batch's count added up, `normalisation_denominator`), so k micro-batches of unequal token counts give
+exactly the loss and gradient of one batch holding all their sequences.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------------
-# Chunking machinery (shared with opd_losses.py)
+# Chunking machinery (shared with opd/divergences.py)
 # ----------------------------------------------------------------------------------
 
 
@@ -154,28 +158,50 @@ def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
 
 
-def normalisation_weights(valid_BT: jax.Array, mode: str = "batch") -> jax.Array:
+def normalisation_weights(valid_BT: jax.Array, mode: str = "batch", denominator=None) -> jax.Array:
   """Per-token weights w [B, T] so that sum(w * loss) is the stream's token-mean.
 
   "batch": w = valid / (number of valid tokens in the batch).
   "sample": w = valid / (valid tokens of the token's row) / B; a row without valid tokens adds 0
     but still counts in B (as the reference's per-sample 1/B backward does).
   Zero valid tokens anywhere -> all-zero weights (loss 0).
+
+  denominator: the count to divide by instead of this batch's own (`normalisation_denominator` summed over
+  every micro-batch of an accumulated step), so that the micro-batch losses add up to the loss of one batch
+  holding all of them: token-weighted, not a mean of micro-batch means.
   """
   valid = valid_BT.astype(jnp.float32)
+  if mode not in ("batch", "sample"):
+    raise ValueError(f"normalisation mode {mode!r}: expected 'batch' or 'sample'")
+  if mode == "sample" and valid.ndim != 2:
+    raise ValueError(f"'sample' normalisation needs [B, T] masks, got shape {valid.shape}")
+  if denominator is None:
+    denominator = normalisation_denominator(valid_BT, mode)
+  denominator = jnp.maximum(jnp.asarray(denominator, jnp.float32), 1.0)
   if mode == "batch":
-    return valid / jnp.maximum(valid.sum(), 1.0)
+    return valid / denominator
+  per_row = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1.0)
+  return valid / per_row / denominator
+
+
+def normalisation_denominator(valid_BT: jax.Array, mode: str = "batch") -> jax.Array:
+  """What a stream's token-mean divides by: its valid tokens ("batch") or its rows ("sample"), fp32 scalar.
+
+  Additive over micro-batches: the sum over the k micro-batches of an accumulated step is the denominator of
+  the one batch holding all of them.
+  """
+  if mode == "batch":
+    return jnp.sum(valid_BT.astype(jnp.float32))
   if mode == "sample":
-    if valid.ndim != 2:
-      raise ValueError(f"'sample' normalisation needs [B, T] masks, got shape {valid.shape}")
-    per_row = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1.0)
-    return valid / per_row / valid.shape[0]
+    return jnp.float32(valid_BT.shape[0])
   raise ValueError(f"normalisation mode {mode!r}: expected 'batch' or 'sample'")
 
 
-def cross_entropy_mean(h_BTD, W_DV, labels_BT, chunk: int, normalisation: str = "batch"):
-  """Token-mean CE of one stream (see module docstring); returns (loss, n_valid, gold_logprob_BT)."""
-  w = normalisation_weights(labels_BT != IGNORE_INDEX, normalisation)
+def cross_entropy_mean(h_BTD, W_DV, labels_BT, chunk: int, normalisation: str = "batch", denominator=None):
+  """Token-mean CE of one stream (see module docstring); returns (loss, n_valid, gold_logprob_BT).
+
+  denominator: see `normalisation_weights` (default: this batch's own count)."""
+  w = normalisation_weights(labels_BT != IGNORE_INDEX, normalisation, denominator)
   loss, n_valid, gold = chunked_cross_entropy(h_BTD, W_DV, labels_BT, chunk, weights_N=w)
   return loss, n_valid, gold
 
@@ -193,7 +219,7 @@ def bce_with_logits(logit: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Array,
-                   weights_N: Optional[jax.Array] = None) -> jax.Array:
+                   weights_N: Optional[jax.Array] = None, denominator=None) -> jax.Array:
   """Mean over valid positions of BCEWithLogits(conf_logit, sg(target)).
 
   Args:
@@ -202,6 +228,8 @@ def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Arr
       gradient is always stopped here, so the loss never pushes the student towards easy drafts.
     mask_N: bool validity, same shape.
     weights_N: optional per-token weights replacing the plain mean (sum(w * bce * mask)).
+    denominator: without weights, divide the sum by this instead of the mask's count (the count of every
+      micro-batch of an accumulated step).
 
   Returns: fp32 scalar; 0 when no position is valid. Input detaching (pipo_method.md 3) is the
   caller's choice: pass stop_gradient'ed hidden states into the head.
@@ -212,7 +240,7 @@ def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Arr
   bce = jnp.where(mask_N, bce_with_logits(jnp.where(mask_N, conf_logit_N, 0.0), t), 0.0)
   if weights_N is not None:
     return jnp.sum(bce * weights_N.astype(jnp.float32) * m)
-  return safe_mean(jnp.sum(bce), jnp.sum(m))
+  return safe_mean(jnp.sum(bce), jnp.sum(m) if denominator is None else denominator)
 
 
 def sft_confidence_target(gold_logprob_N: jax.Array) -> jax.Array:

@@ -17,8 +17,8 @@ their NamedShardings (no weight is created or read), then AOT-compiles exactly t
   total_bytes      argument + output - aliased + temp (the donated state is updated in place)
   fits             total_bytes <= the HBM of --accelerator (v5p 95 GiB, v6e 32 GiB, H100 80 GiB, H200 141 GiB)
 
-Mode opd plans `pipo_jax.opd_memory.opd_step_memory` (student + frozen 9B teacher, one rolled-out batch of
-`opd_rollout.rollout_length` tokens); the rollout's own generation memory (KV cache) is not part of that step.
+Mode opd plans `pipo_jax.opd.memory.opd_step_memory` (student + frozen 9B teacher, one rolled-out batch of
+`opd.rollout.rollout_length` tokens); the rollout's own generation memory (KV cache) is not part of that step.
 
 --target=tpu compiles the same step with the TPU compiler (libtpu, see pipo_jax.tpu_plan; no TPU needed) for
 the chips of --topology, so the memory figures are XLA:TPU's own buffer assignment, and adds, per chip and step:
@@ -384,21 +384,18 @@ def teacher_config_of(cfg: Config):
 def _plan_opd(cfg: Config, model_cfg, mesh) -> dict:
   """opd: delegated to the OPD module's own planner (the step it jits takes the teacher as an argument).
 
-  Hook: `pipo_jax.opd_memory.opd_step_memory(cfg, student_cfg, teacher_cfg, mesh, batch_size, length)` ->
-  {argument, output, alias, temp, student_params, teacher_params, optimizer_state, ...}; if the OPD modules
-  change shape, this is the one place to adapt.
+  Hook: `pipo_jax.opd.memory.opd_step_memory(cfg, student_cfg, teacher_cfg, mesh, batch_size, length)` ->
+  {argument, output, alias, temp, total, student_params, teacher_params, optimizer_state, ...}; if the OPD
+  modules change shape, this is the one place to adapt.
   """
-  try:
-    from pipo_jax import opd_memory, opd_rollout
-  except ImportError as e:
-    raise NotImplementedError(f"mode=opd needs pipo_jax.opd_memory / opd_rollout ({e}); plan sft or ar") from e
+  from pipo_jax.opd import memory as opd_memory, rollout as opd_rollout
   teacher_cfg = teacher_config_of(cfg)
   length = opd_rollout.rollout_length(cfg.opd)
   t0 = time.time()
   m = opd_memory.opd_step_memory(cfg, model_cfg, teacher_cfg, mesh, cfg.data.batch_size, length)
   out = {"argument_bytes": m["argument"], "output_bytes": m["output"], "alias_bytes": m["alias"],
          "temp_bytes": m["temp"], "generated_code_bytes": m.get("generated_code", 0)}
-  out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  out["total_bytes"] = m["total"]  # the larger of teacher scoring and train step, each with its resident inputs
   out.update(params_bytes=m["student_params"] + m["teacher_params"], student_params_bytes=m["student_params"],
              teacher_params_bytes=m["teacher_params"], optimizer_bytes=m["optimizer_state"],
              compile_seconds=round(time.time() - t0, 2), length=length, batch_size=cfg.data.batch_size,

@@ -10,10 +10,14 @@ back for the forward pass.
 
 Gradient accumulation is an explicit `lax.scan` over k micro-batches inside the one jitted step
 (chosen over `optax.MultiSteps`): one host call and one checkpointable step per optimizer update, no
-persistent accumulator in the optimizer state, and the schedule counts optimizer steps. Gradients are
-averaged over micro-batches (accumulated in fp32), i.e. equal to the gradient of the mean of the
-micro-batch losses; for equal-size micro-batches and a mean loss that is the big-batch gradient, and
-clipping then sees the same norm as one big batch would.
+persistent accumulator in the optimizer state, and the schedule counts optimizer steps. It is
+token-weighted (as MaxText and Tunix do): a loss function with a `denominators(batch)` attribute (every
+loss of `objectives` and `opd.loss`) reports each term's denominator (valid tokens of a stream, or rows
+for a per-sample mean); the step adds them up over the k micro-batches first, then every micro-batch
+divides by those step totals, so the micro-batch losses and gradients (summed in fp32) are exactly those
+of one batch holding all the sequences, whatever their lengths; clipping then sees the big batch's norm.
+A plain `loss_fn(params, batch, rng)` without it is taken as a mean, and micro-batch means are averaged
+(exact only for micro-batches of equal weight).
 """
 
 from __future__ import annotations
@@ -199,19 +203,41 @@ class TrainState:
                         rng=self.rng if rng is None else rng)
 
 
-LossFn = Callable[[Params, Any, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def step_denominators(loss_fn: LossFn, batch: Any, accum_steps: int) -> Optional[dict]:
+  """The denominators of the whole step (summed over micro-batches), or None for a plain mean loss."""
+  fn = getattr(loss_fn, "denominators", None)
+  if fn is None:
+    return None
+  if accum_steps == 1:
+    return fn(batch)
+  return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), jax.vmap(fn)(batch))
 
 
 def accumulate_gradients(loss_fn: LossFn, trainable: Params, frozen: Params, batch: Any, rng: jax.Array,
-                         accum_steps: int) -> tuple[Params, jax.Array, dict]:
-  """Mean gradient (w.r.t. `trainable`), mean loss and mean metrics over micro-batches.
+                         accum_steps: int, extra: tuple = ()) -> tuple[Params, jax.Array, dict]:
+  """Gradient (w.r.t. `trainable`), loss and metrics of one optimizer step over k micro-batches.
 
-  `loss_fn(params, batch, rng) -> (scalar loss, {name: scalar})` sees the combined params tree.
-  With accum_steps == 1, `batch` is one micro-batch; with k > 1 every batch leaf has a leading
-  axis of size k (micro-batch i is `batch[i]`, rng `fold_in(rng, i)`).
+  `loss_fn` sees the combined params tree. Two kinds (module docstring):
+    * token-weighted: `loss_fn(params, batch, rng, denominators, *extra) -> (loss, metrics)` with attributes
+      `denominators(batch) -> {name: fp32 scalar}` and `additive` (metric names that are sums over
+      micro-batches: the loss terms, token counts); loss, gradient and additive metrics are summed over
+      micro-batches, the other metrics (ratios such as calibration) averaged;
+    * plain: `loss_fn(params, batch, rng, *extra) -> (mean loss, metrics)`: everything averaged.
+  With accum_steps == 1, `batch` is one micro-batch; with k > 1 every batch leaf has a leading axis of
+  size k (micro-batch i is `batch[i]`, rng `fold_in(rng, i)`).
   """
+  denoms = step_denominators(loss_fn, batch, accum_steps)
+  if denoms is None:
+    call, additive, scale = (lambda p, mb, key: loss_fn(p, mb, key, *extra)), frozenset(), 1.0 / accum_steps
+  else:
+    call, additive, scale = (lambda p, mb, key: loss_fn(p, mb, key, denoms, *extra)), frozenset(
+        loss_fn.additive), 1.0
+
   def micro(tr, mb, key):
-    return loss_fn(combine(tr, frozen), mb, key)
+    return call(combine(tr, frozen), mb, key)
 
   grad_fn = jax.value_and_grad(micro, has_aux=True)
   if accum_steps == 1:
@@ -226,28 +252,32 @@ def accumulate_gradients(loss_fn: LossFn, trainable: Params, frozen: Params, bat
 
   zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
   acc, (losses, metrics) = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), batch))
-  grads = jax.tree_util.tree_map(lambda a, p: (a / accum_steps).astype(p.dtype), acc, trainable)
-  return grads, losses.mean(), jax.tree_util.tree_map(lambda m: m.mean(0), metrics)
+  grads = jax.tree_util.tree_map(lambda a, p: (a * scale).astype(p.dtype), acc, trainable)
+  metrics = {k: (v.sum(0) if k in additive else v.mean(0)) for k, v in metrics.items()}
+  return grads, losses.sum() * scale, metrics
 
 
 def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Callable] = None):
-  """`step(state, batch) -> (state, metrics)`, to be wrapped in `jax.jit(..., donate_argnums=0)`.
+  """`step(state, batch, *extra) -> (state, metrics)`, to be wrapped in `jax.jit(..., donate_argnums=0)`.
 
-  metrics: loss, grad_norm (global norm before clipping) and, given the schedule, learning_rate
-  (the rate this update used), plus the mean of loss_fn's own metrics.
+  extra: step inputs that are not batch rows (OPD: the frozen teacher's LM head), passed to loss_fn after
+  the batch arguments. metrics: loss, grad_norm (global norm before clipping) and, given the schedule,
+  learning_rate (the rate this update used), plus loss_fn's own metrics (see `accumulate_gradients`).
   """
   if accum_steps < 1:
     raise ValueError(f"optim.grad_accum_steps={accum_steps}: must be >= 1")
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, *extra):
     rng, step_rng = jax.random.split(state.rng)
     grads, loss, metrics = accumulate_gradients(loss_fn, state.trainable, state.frozen, batch, step_rng,
-                                                accum_steps)
+                                                accum_steps, extra)
     out = dict(metrics)
     out["loss"] = loss
     out["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
       out["learning_rate"] = schedule(state.step)
+    # The one place where the update is decided: a guard that skips non-finite steps belongs here
+    # (select between `state` and the updated state on isfinite(loss) & isfinite(grad_norm)).
     return state.apply_gradients(grads, rng=rng), out
 
   return step

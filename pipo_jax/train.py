@@ -3,7 +3,7 @@
 Modes (`--config.mode`):
   ar   plain next-token training of the backbone (+ optional native-MTP auxiliary loss)
   sft  PIPO supervised fine-tuning (compressed forward, two CE streams, confidence BCE)
-  opd  on-policy distillation from a teacher (pipo_jax/opd.py)
+  opd  on-policy distillation from a teacher (pipo_jax/opd/)
 
 Phases of `run(cfg)`: resolve the model config -> mesh -> params (loaded from `checkpoint.init_from` or
 initialised, born sharded) -> LoRA adapters -> trainable/frozen partition + optimizer -> resume from the
@@ -44,8 +44,8 @@ def run(cfg: Config) -> Optional[dict]:
   """Train as configured; returns the last logged metrics (process 0) or None."""
   # Imported here so `--help` and flag parsing do not pay for jax initialisation.
   if cfg.mode == "opd":
-    from pipo_jax import opd_rollout
-    return opd_rollout.OPDTrainer(cfg).train()
+    from pipo_jax.opd import trainer as opd_trainer
+    return opd_trainer.OPDTrainer(cfg).train()
   from pipo_jax import trainer
   return trainer.Trainer(cfg).train()
 

@@ -1,9 +1,15 @@
-"""The training loop behind `python -m pipo_jax.train` (modes ar | sft; opd plugs in its own step).
+"""The training loop behind `python -m pipo_jax.train`: the one loop of every mode (ar | sft | opd).
 
 Phases (each a method, run in order by `train`):
-  model config -> mesh -> params (loaded or initialised, sharded) -> LoRA -> train state (trainable /
-  frozen partition, optimizer only over trainable) -> data -> resume -> jitted loop (metrics, checkpoints,
-  SIGTERM-safe final save).
+  config checks -> model config -> mesh -> data -> params (loaded or initialised, sharded) -> LoRA -> train
+  state (trainable / frozen partition, optimizer only over trainable) -> resume -> jitted loop (metrics,
+  checkpoints, SIGTERM-safe final save).
+
+A mode plugs in only what differs, by overriding the hooks (as `opd.trainer.OPDTrainer` does): `data_pipeline`
+(what `next` yields), `loss_fn`, `step_inputs` (step arguments that are not batch rows), `next_batch` (how
+one optimizer step's global batch is produced, with host-side metrics), `run_step` and `sequence_length`.
+stop_after_steps, preemption saves, resume, gradient accumulation, progress and metrics live in `train`
+alone, so every mode has them.
 """
 
 from __future__ import annotations
@@ -77,10 +83,7 @@ def train_state_shardings(params, param_shardings, mask, tx, mesh) -> optim.Trai
 class Trainer:
 
   def __init__(self, cfg: Config):
-    if cfg.mode not in ("ar", "sft", "opd"):
-      raise ValueError(f"mode={cfg.mode!r}: expected ar | sft | opd")
-    if cfg.data.max_length % 2:
-      raise ValueError(f"data.max_length={cfg.data.max_length} must be even")
+    cfg.validate()  # every configuration error, before anything is loaded
     self.cfg = cfg
     self.workdir = os.path.abspath(cfg.workdir)
     os.makedirs(self.workdir, exist_ok=True)
@@ -158,7 +161,15 @@ class Trainer:
       return objectives.make_ar_loss(self.model_cfg, cfg.loss, cfg.lora)
     if cfg.mode == "sft":
       return objectives.make_sft_loss(self.model_cfg, cfg.loss, cfg.lora)
-    raise ValueError("opd runs through pipo_jax.opd")
+    raise ValueError("mode=opd runs through pipo_jax.opd.trainer.OPDTrainer")
+
+  def step_inputs(self) -> tuple:
+    """Arguments of the train step after the batch that are not batch rows (none here; OPD: the teacher head)."""
+    return ()
+
+  def sequence_length(self) -> int:
+    """Tokens per sequence of a training batch (for the FLOP estimate)."""
+    return self.cfg.data.max_length
 
   # -- data --------------------------------------------------------------------------------------
   def data_pipeline(self):
@@ -226,8 +237,25 @@ class Trainer:
     state = create(params, k_state)
     return state
 
+  def next_batch(self, data, state, step: int) -> tuple[Any, dict]:
+    """The global batch of optimizer step `step` (k = grad_accum_steps micro-batches) and host-side metrics
+    of producing it; `"tokens"` in them counts the batch's non-PAD tokens (for tokens/s)."""
+    micro = [next(data) for _ in range(self.cfg.optim.grad_accum_steps)]
+    tokens = int(sum((b["input_ids"] != data.pad_id).sum() for b in micro)) * jax.process_count()
+    return self.global_batch(micro), {"tokens": tokens}
+
+  def compile_step(self, jitted, state, batch, extra):
+    """The step's executable. Multi-process: processes finish compiling at different times, and gloo (CPU
+    collectives) gives a peer only 30 s to join a new communicator: compile ahead of time, then line up."""
+    if jax.process_count() == 1:
+      return jitted
+    return distributed.compile_and_meet(jitted, state, batch, *extra, name="pipo_jax.trainer: train step compiled")
+
+  def run_step(self, step_fn, state, batch, extra, info: dict):
+    """One optimizer step (dispatched, not waited for); a mode may add host metrics to `info`."""
+    return step_fn(state, batch, *extra)
+
   def train(self) -> Optional[dict]:
-    cfg = self.cfg
     data = self.data_pipeline()
     cfg = self.cfg  # may now name the generated data
     state = self.build_state()
@@ -238,39 +266,36 @@ class Trainer:
       state = restored[0]
       logging.info("resumed at step %d", int(state.step))
     schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
+    extra = self.step_inputs()  # before loss_fn: OPD's loss needs the teacher's config
     step_fn = optim.make_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
     with sharding.use_rules(self.mesh):
       jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
-    flops = metrics_lib.estimate_flops_per_token(self.model_cfg, cfg.data.max_length)
+    flops = metrics_lib.estimate_flops_per_token(self.model_cfg, self.sequence_length())
     writer = metrics_lib.MetricsWriter(self.workdir, cfg.train.num_steps, flops,
                                        metrics_lib.peak_flops_per_device(override=cfg.train.peak_flops_per_device))
     guard = ckpt_lib.PreemptionGuard().install()
-    pad_id = data.pad_id
     step = int(state.step)
     end = cfg.train.num_steps
     if cfg.train.stop_after_steps > 0:
       end = min(end, step + cfg.train.stop_after_steps)
-    last, tokens = None, 0
-    jitted_first = True
+    last, tokens, since_log = None, 0, []
+    compiled = None
     t0 = time.time()
     try:
       while step < end:
-        micro = [next(data) for _ in range(cfg.optim.grad_accum_steps)]
-        tokens += int(sum((b["input_ids"] != pad_id).sum() for b in micro)) * jax.process_count()
-        batch = self.global_batch(micro)
         with sharding.use_rules(self.mesh):
-          if jax.process_count() > 1 and jitted_first:
-            # Processes finish compiling at different times, and gloo (CPU collectives) gives a peer only 30 s
-            # to join a new communicator: compile ahead of time, then line up before the first run.
-            jitted = jitted.lower(state, batch).compile()
-            distributed.barrier("pipo_jax.trainer: train step compiled")
-          jitted_first = False
-          state, m = jitted(state, batch)
+          batch, info = self.next_batch(data, state, step)
+          tokens += info.pop("tokens")
+          if compiled is None:
+            compiled = self.compile_step(jitted, state, batch, extra)
+          state, m = self.run_step(compiled, state, batch, extra, info)
+        since_log.append(info)
         step += 1
         if step % cfg.train.log_every == 0 or step == end or step == 1:
           m = self.host_metrics(m, data)
+          m.update(_mean_dicts(since_log))
           last = writer.log_progress(step, m, tokens)
-          tokens = 0
+          tokens, since_log = 0, []
         ckpt.save(step, state, data.iterator)
         if guard.should_stop(step):
           logging.warning("stop requested (SIGTERM): saving step %d and exiting", step)
@@ -279,3 +304,9 @@ class Trainer:
       self.close_run(step, state, data, ckpt, writer, guard)
     logging.info("finished at step %d in %.1fs", step, time.time() - t0)
     return last
+
+
+def _mean_dicts(ds: list) -> dict:
+  """Key-wise mean of the host metrics of the steps since the last log line (keys absent in some: skipped)."""
+  keys = set().union(*ds) if ds else set()
+  return {k: float(np.mean([d[k] for d in ds if k in d])) for k in sorted(keys)}

@@ -17,6 +17,10 @@ tolerance (tensor parallelism reorders reductions).
 Slow: five jax processes each compile the step (19 min wall on a 2-core machine shared with ~10 other busy
 processes; losses were bitwise equal, max |param diff| 8e-7 A-B, 1.1e-6 A-C), so it is excluded from the default
 run: `pytest -m slow tests/test_multihost.py -s` prints the wall times.
+
+`test_opd_two_processes_match_one_and_resume_on_another_mesh` does the same for the tiny OPD recipe (each process
+rolls out its own prompt rows; 2 accumulated rollout batches per step). It compiles generation, teacher scoring and
+the step in five processes: give it `-o timeout=0` on a small machine (pytest-timeout's 20 min is too short).
 """
 
 import json
@@ -160,4 +164,97 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   _assert_params_close(pa4, pc4, atol=1e-5)
 
   print(f"[test_multihost] losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
+        f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s", flush=True)
+
+
+OPD_FLAGS = """\
+--config.mode=opd
+--config.mesh.data=-1
+--config.data.batch_size=8
+--config.opd.divergence=topk
+--config.opd.topk=16
+--config.opd.prompt_length=64
+--config.opd.max_new_tokens=16
+--config.opd.conf_threshold=0.5
+--config.opd.sampling.temperature=1.0
+--config.opd.sampling.top_k=0
+--config.opd.sampling.top_p=1.0
+--config.opd.sampling.presence_penalty=0.0
+--config.lora.rank=8
+--config.lora.alpha=16
+--config.lora.dropout=0.0
+--config.train.trainable=compressor,confidence_head,mtp/fc,mtp/pre_fc_norm_embedding,mtp/pre_fc_norm_hidden,mtp/norm
+--config.train.num_steps={steps}
+--config.train.log_every=1
+--config.optim.grad_accum_steps=2
+--config.optim.learning_rate=3e-3
+--config.optim.warmup_ratio=0.25
+--config.optim.weight_decay=0.0
+--config.loss.logits_chunk=64
+--config.checkpoint.every_steps=2
+--config.checkpoint.keep=5
+""".format(steps=STEPS)
+
+
+@pytest.mark.slow
+def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
+  """The tiny OPD recipe (LoRA student, topk divergence, 2 accumulated rollout micro-batches of 8 prompts per
+  step) run as A 1 process x 8 devices, B 2 processes x 4 devices (each process rolls out its own 4 rows of
+  every prompt batch), C 2 processes resumed from B's step 2 on data=2,fsdp=2,tensor=2. Same prompts, same
+  seeds: B's losses equal A's within 1e-5 and its params are close; C continues where B stopped."""
+  from pipo_jax.data import synthetic
+  data = synthetic.write_dataset(str(tmp_path / "data"), n_train=64, n_test=8, n_opd=64, seed=0)
+  # Teacher (and the student's starting point): a random tiny Qwen3.5 with its MTP head, written as an HF
+  # directory (the student's PIPO heads are initialised from it as in training).
+  import jax
+  from pipo_jax import hf_pipo
+  from pipo_jax.config import ModelConfig, resolve_model_config
+  from pipo_jax.models.pipo import init_pipo_params
+  mc = resolve_model_config(ModelConfig(preset="tiny"))
+  params = init_pipo_params(mc, jax.random.PRNGKey(0))
+  teacher = str(tmp_path / "teacher")
+  hf_pipo.export_hf({k: params[k] for k in ("backbone", "mtp")}, mc, teacher, tokenizer_dir=data["tokenizer"])
+
+  flagfile = tmp_path / "opd.flags"
+  flagfile.write_text(OPD_FLAGS)
+  common = [f"--config.data.train_path={data['opd']}", f"--config.data.tokenizer_path={data['tokenizer']}",
+            f"--config.checkpoint.init_from={teacher}", f"--config.opd.teacher_checkpoint={teacher}"]
+  wa, wb, wc = (str(tmp_path / n) for n in ("a", "b", "c"))
+  t_all = time.time()
+  t0 = time.time()
+  pa = _start_single(flagfile, wa, common)
+  pb = _start_two(flagfile, wb, common)
+  _, wall_a = _finish("OPD A (1 process x 8 devices)", pa, t0)
+  out_b, wall_b = _finish("OPD B (2 processes x 4 devices)", pb, t0)
+
+  la, lb = _losses(wa), _losses(wb)
+  assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+  for s in la:
+    assert abs(la[s] - lb[s]) <= 1e-5 * max(1.0, abs(la[s])), (s, la[s], lb[s])
+  with open(os.path.join(wa, "metrics.jsonl")) as f:
+    rec = json.loads(f.readline())
+  for k in ("time/rollout_s", "time/teacher_s", "time/train_s", "rollout/tokens_per_s", "rollout/mean_length",
+            "rollout/pad_ratio"):
+    assert k in rec and np.isfinite(rec[k]), (k, rec)
+  assert 0 < rec["rollout/mean_length"] <= 16 and 0 <= rec["rollout/pad_ratio"] <= 1
+  assert len([f for f in os.listdir(wb) if f.startswith("events.out.tfevents")]) == 1
+  assert not [l for l in out_b.splitlines() if l.startswith("[proc 1]") and "| loss" in l]
+  pa4, pb4 = _params(wa, STEPS), _params(wb, STEPS)
+  diff_ab = _max_param_diff(pa4, pb4)
+  _assert_params_close(pa4, pb4, atol=1e-5)
+
+  os.makedirs(os.path.join(wc, "checkpoints"))
+  shutil.copytree(os.path.join(wb, "checkpoints", "2"), os.path.join(wc, "checkpoints", "2"))
+  t0 = time.time()
+  pc = _start_two(flagfile, wc, common + ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+  out_c, wall_c = _finish("OPD C (2 processes, resumed on data=2,fsdp=2,tensor=2)", pc, t0)
+  assert "resumed at step 2" in out_c
+  lc = _losses(wc)
+  assert sorted(lc) == [3, 4], lc
+  for s in (3, 4):
+    assert abs(lc[s] - la[s]) <= 1e-4 * max(1.0, abs(la[s])), (s, la[s], lc[s])
+  pc4 = _params(wc, STEPS)
+  diff_ac = _max_param_diff(pa4, pc4)
+  _assert_params_close(pa4, pc4, atol=1e-4)
+  print(f"[test_multihost] OPD losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
         f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s", flush=True)

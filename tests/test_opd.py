@@ -1,4 +1,4 @@
-"""OPD (pipo_jax/opd.py, opd_rollout.py): PAD compaction on real models, confidence targets and their
+"""OPD (pipo_jax/opd/loss.py, rollout.py): PAD compaction on real models, confidence targets and their
 gradient isolation, and a tiny on-policy run that must lower the reverse KL and improve calibration.
 
 (The divergences against brute force and the estimators are tested in test_opd_math.py.)
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import opd, opd_rollout, optim, sharding
+from pipo_jax import optim, sharding
+from pipo_jax.opd import loss as opd, rollout as opd_rollout
 from pipo_jax.config import (Config, LoraConfig, LossConfig, MeshConfig, ModelConfig, OPDConfig, OptimConfig,
                              SamplingConfig, resolve_model_config)
 from pipo_jax.models import lora as lora_lib
@@ -61,7 +62,7 @@ def test_encode_rollouts_layout_and_fill_rule():
   np.testing.assert_array_equal(np.flatnonzero(b["response"][1]), np.arange(4, 10))
   # The fill (defect 13 fixed): only rejected-draft PADs inside the stream; not the prompt-parity PAD (3),
   # the trailing parity PAD (11) or the right padding (13, 15). MTP slot j targets position 2j + 3.
-  from pipo_jax import pad_compaction
+  from pipo_jax.opd import pad_compaction
   fill = np.asarray(pad_compaction.mtp_fill_mask(jnp.asarray(b["input_ids"]), PAD, jnp.asarray(b["fill_allow"])))
   np.testing.assert_array_equal(2 * np.flatnonzero(fill[0]) + 3, [7, 9])
   np.testing.assert_array_equal(2 * np.flatnonzero(fill[1]) + 3, [5])
@@ -106,7 +107,7 @@ def _loss_fn(mode, lora=LoraConfig(), loss=LossConfig(logits_chunk=8), **kw):
 
 def test_confidence_targets_jsd_full_formula():
   """full / jsd: sum_v min(p_s, p_t) (1 - TV), whatever the label; sampled / topk: min(1, p_t(y) / p_s(y))."""
-  from pipo_jax import opd_losses
+  from pipo_jax.opd import divergences as opd_losses
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   zs, zt = 3 * jax.random.normal(k1, (6, 40)), 3 * jax.random.normal(k2, (6, 40))
   y = jax.random.randint(k3, (6,), 0, 40)
@@ -133,13 +134,15 @@ def test_confidence_targets_and_bce_gradient_isolation():
   tp = _teacher_params()
 
   def run(params, tp):
-    f = loss_fn.forward(params, tp, b)
+    b_t = dict(b, **opd.make_teacher_fn(TEACHER)(tp, b))
+    W_t = opd.teacher_head(TEACHER, tp)
+    f = loss_fn.forward(params, b_t, W_t)
     merged = {"params": lora_lib.materialize(params, lc)}
     out = PipoModel(STUDENT).apply(merged, b["input_ids"])  # the MTP-stream distributions, straight from the models
     W_s = PipoModel(STUDENT).apply(merged, method=PipoModel.head_kernel)
     _, g_mtp, W_t = opd.teacher_states(TEACHER, tp, b["input_ids"], b["keep"])
     ls, lt = jax.nn.log_softmax(out["m_BJD"] @ W_s, -1), jax.nn.log_softmax(g_mtp @ W_t, -1)
-    g = jax.grad(lambda p: loss_fn(p, tp, b, None)[1]["loss_conf"])(params)
+    g = jax.grad(lambda p: loss_fn(p, b_t, None, None, W_t)[1]["loss_conf"])(params)
     return f, ls, lt, g
   f, ls, lt, g = jax.jit(run)(params, tp)
 
@@ -198,7 +201,13 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
   tx = optim.make_optimizer(cfg.optim, steps)
   state = optim.TrainState.create(params, mask, tx, jax.random.PRNGKey(3))
   loss_fn = opd.make_opd_loss(STUDENT, TEACHER, cfg.opd, cfg.loss, cfg.lora)
-  step = jax.jit(opd.make_opd_train_step(loss_fn, 1, optim.make_schedule(cfg.optim, steps)), donate_argnums=0)
+  step = jax.jit(optim.make_train_step(loss_fn, 1, optim.make_schedule(cfg.optim, steps)), donate_argnums=0)
+  score = jax.jit(opd.make_teacher_fn(TEACHER))
+  W_t = opd.teacher_head(TEACHER, tp)
+
+  def scored(batch):
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    return dict(batch, **score(tp, batch))
   roll = opd_rollout.Rollout(STUDENT, cfg, mesh, stop_ids=[3])
   held = [_prompts(8, seed=100), _prompts(8, seed=101)]
 
@@ -210,14 +219,14 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
     for i, h in enumerate(held):
       batch, _ = roll(state.params, h, jax.random.PRNGKey(123 + i))
       copy = jax.tree_util.tree_map(jnp.copy, state)
-      ms.append(jax.device_get(step(copy, tp, {k: jnp.asarray(v) for k, v in batch.items()})[1]))
+      ms.append(jax.device_get(step(copy, scored(batch), W_t)[1]))
     return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
 
   with sharding.use_rules(mesh):
     start = evaluate(state)
     for i in range(steps):
       batch, _ = roll(state.params, _prompts(8, seed=i), jax.random.PRNGKey(1000 + i))
-      state, m = step(state, tp, {k: jnp.asarray(v) for k, v in batch.items()})
+      state, m = step(state, scored(batch), W_t)
     end = evaluate(state)
   keys = ("kl_backbone", "kl_mtp", "loss_conf", "conf_ece", "conf_pred_mean", "conf_target_mean", "pad_ratio",
           "rollout_length")
@@ -227,3 +236,29 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
   assert end["kl_mtp"] < 0.9 * start["kl_mtp"]
   assert end["loss_conf"] < start["loss_conf"]
   assert end["conf_ece"] < start["conf_ece"]
+
+
+@pytest.mark.parametrize("field,override", [
+    ("opd.teacher_checkpoint", {"opd": OPDConfig(teacher_checkpoint="")}),
+    ("opd.divergence", {"opd": OPDConfig(teacher_checkpoint="/nonexistent/teacher", divergence="kl")}),
+    ("opd.prompt_length", {"opd": OPDConfig(teacher_checkpoint="/nonexistent/teacher", prompt_length=63)}),
+    ("data.train_path", {"data": None}),
+    ("optim.grad_accum_steps", {"optim": OptimConfig(grad_accum_steps=0)}),
+])
+def test_bad_opd_config_fails_in_one_line_before_any_load(field, override, tmp_path):
+  """Config.validate() runs first in Trainer.__init__: the error names the field, and nothing was read (the
+  student checkpoint path does not exist, so any attempt to load would fail differently)."""
+  from pipo_jax.config import DataConfig
+  from pipo_jax.opd.trainer import OPDTrainer
+  kw = dict(mode="opd", workdir=str(tmp_path / "w"),
+            data=DataConfig(train_path="/nonexistent/prompts.jsonl"),
+            opd=OPDConfig(teacher_checkpoint="/nonexistent/teacher"))
+  kw.update({k: v for k, v in override.items() if v is not None})
+  if override.get("data", 0) is None:
+    kw["data"] = DataConfig(train_path="")
+  cfg = Config(**kw)
+  cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from="/nonexistent/student"))
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")) as e:
+    OPDTrainer(cfg)
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "w").exists()  # failed before the trainer created anything

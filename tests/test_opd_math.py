@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipo_jax import losses
-from pipo_jax import opd_losses as opd
+from pipo_jax.opd import divergences as opd
 
 N, DS, DT, V, K = 6, 5, 4, 9, 2
 IGN = losses.IGNORE_INDEX

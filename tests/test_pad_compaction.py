@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import pad_compaction as pc
+from pipo_jax.opd import pad_compaction as pc
 
 P, F = 1, 0  # PAD id, filler id
 IDS = jnp.array([

@@ -49,9 +49,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pipo_jax.config import OPD_DIVERGENCES
 from pipo_jax.losses import IGNORE_INDEX, head_logits, scan_token_chunks
 
-MODES = ("sampled", "topk", "full", "jsd")
+MODES = OPD_DIVERGENCES
 
 
 def _reverse_kl(ls, lt):
@@ -178,7 +179,7 @@ def opd_stream_loss(h_s_ND, W_s_DV, h_t_ND, W_t_DV, labels_N, mode: str, *, chun
     h_s_ND: student post-norm hidden states [..., D_s] (gradient flows into them and W_s).
     W_s_DV: student LM head [D_s, V].
     h_t_ND, W_t_DV: teacher hidden states [..., D_t] aligned with the student's (see
-      pad_compaction.teacher_stream_states) and teacher head [D_t, V]; both stop-gradient.
+      opd.pad_compaction.teacher_stream_states) and teacher head [D_t, V]; both stop-gradient.
     labels_N: int labels (token axes of h_s); -100 = ignored.
     mode: "sampled" | "topk" | "full" | "jsd". topk, beta, temperature: see module docstring.
     fill_N: optional bool, labels' shape: where true the label becomes the student's own argmax

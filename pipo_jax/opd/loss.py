@@ -1,27 +1,32 @@
-"""On-policy distillation (mode `opd`): the loss and train step on an already rolled-out batch.
+"""On-policy distillation (mode `opd`): teacher scoring and the loss on an already rolled-out batch.
 
-Spec: pipo_method.md 8 (with defects 1, 13, 14, 17 fixed). The rollout glue and the loop live in
-`pipo_jax/opd_rollout.py`; this module is pure jnp and knows nothing about generation.
+Spec: pipo_method.md 8 (with defects 1, 13, 14, 17 fixed). Rollouts and the trainer live in
+`pipo_jax/opd/rollout.py` and `pipo_jax/opd/trainer.py`; this module is pure jnp and knows nothing about
+generation.
 
 Axis names: B rollouts, T tokens (prompt bucket + response bucket, even), L = T/2 pairs, J = L - 1 slots,
 D student hidden, E teacher hidden, V vocabulary (shared by student and teacher).
 
-Batch (host-built by `opd_rollout.encode_rollouts`, every array [B, T]):
+Batch (rollout keys host-built by `opd.rollout.encode_rollouts`, every array [B, T]):
   input_ids    int32  prompt (left-aligned, parity PAD included) || raw response stream (PADs included) ||
                       trailing parity PAD if odd || right padding with PAD
   labels       int32  unshifted; -100 on the prompt, on every PAD and on the padding
   keep         bool   real (non-PAD) tokens of prompt + response: what the teacher sees after compaction
   response     bool   the raw response slots (PAD slots included): where a PAD is a rejected draft
   fill_allow   bool   the PAD positions whose MTP slot may be filled (see below)
+and the teacher's scoring (`make_teacher_fn`, its own jitted program before the train step, [B, J, E]):
+  teacher_back, teacher_mtp   the teacher's post-norm states aligned with the student's two streams
 
 One step, per pipo_method.md 8.3-8.7:
-  * student: the compressed forward `PipoModel(ids)` -> h_BJD, m_BJD, conf_logit_BJ (LoRA applied);
-  * teacher: a separate frozen model (its own config; a jit argument, never in the TrainState), run
+  * teacher (`teacher_states`): a separate frozen model (its own config, never in the TrainState), run
     uncompressed and without gradient on the PAD-compacted sequence (`pad_compaction.compact`), its
     post-norm states gathered back per stream with the cumsum map (backbone stream: position 2j+1, MTP
-    stream: position 2j+2; a PAD position takes the previous real token's state);
-  * per stream, `opd_losses.opd_stream_loss` (chunked, never [T, V] logits) with opd.divergence;
-  * normalisation "sample": each rollout's token-mean per stream, then the mean over rollouts;
+    stream: position 2j+2; a PAD position takes the previous real token's state). Its LM head `W_t` is an
+    extra argument of the train step;
+  * student: the compressed forward `PipoModel(ids)` -> h_BJD, m_BJD, conf_logit_BJ (LoRA applied);
+  * per stream, `divergences.opd_stream_loss` (chunked, never [T, V] logits) with opd.divergence;
+  * normalisation "sample": each rollout's token-mean per stream, then the mean over rollouts (over every
+    rollout of the step when micro-batches are accumulated: `denominators` counts rows);
   * confidence BCE (MTP slots, inputs detached) against the stop-gradient acceptance target.
 
 PAD label fill (opd.fill_pad_label; our fix of defect 13): an MTP slot whose target x_{2j+3} is PAD gets the
@@ -39,14 +44,18 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pipo_jax import losses, opd_losses, pad_compaction
+from pipo_jax import losses
 from pipo_jax.config import LoraConfig, LossConfig, ModelConfig, OPDConfig
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import PipoModel
 from pipo_jax.models.qwen3_5 import Qwen35
+from pipo_jax.opd import divergences, pad_compaction
 
 IGNORE = losses.IGNORE_INDEX
-BATCH_KEYS = ("input_ids", "labels", "keep", "response", "fill_allow")
+ROLLOUT_KEYS = ("input_ids", "labels", "keep", "response", "fill_allow")
+TEACHER_KEYS = ("teacher_back", "teacher_mtp")
+BATCH_KEYS = ROLLOUT_KEYS + TEACHER_KEYS
+ADDITIVE = ("loss_backbone", "loss_mtp", "loss_conf", "kl_backbone", "kl_mtp", "mtp_filled", "supervised_tokens")
 
 
 def teacher_states(teacher_cfg: ModelConfig, teacher_params: dict, ids_BT: jax.Array, keep_BT: jax.Array):
@@ -68,43 +77,72 @@ def teacher_states(teacher_cfg: ModelConfig, teacher_params: dict, ids_BT: jax.A
   return jax.lax.stop_gradient(g_back), jax.lax.stop_gradient(g_mtp), jax.lax.stop_gradient(W)
 
 
+def make_teacher_fn(teacher_cfg: ModelConfig):
+  """`score(teacher_params, batch) -> {"teacher_back", "teacher_mtp"}` ([B, J, E] each) for one rollout
+  batch, or for k stacked micro-batches ([k, B, T] in, [k, B, J, E] out, one micro-batch at a time)."""
+  def one(teacher_params, ids_BT, keep_BT):
+    g_back, g_mtp, _ = teacher_states(teacher_cfg, teacher_params, ids_BT, keep_BT)
+    return {"teacher_back": g_back, "teacher_mtp": g_mtp}
+
+  def score(teacher_params, batch):
+    ids, keep = batch["input_ids"], batch["keep"]
+    if ids.ndim == 2:
+      return one(teacher_params, ids, keep)
+    return jax.lax.map(lambda xs: one(teacher_params, *xs), (ids, keep))
+
+  return score
+
+
+def teacher_head(teacher_cfg: ModelConfig, teacher_params: dict) -> jax.Array:
+  """The teacher's LM-head matrix W_EV (tied or not), the OPD step's extra argument."""
+  model = Qwen35(teacher_cfg)
+  return model.apply({"params": teacher_params["backbone"]}, method=Qwen35.head_kernel)
+
+
 def make_opd_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, opd_cfg: OPDConfig, loss_cfg: LossConfig,
                   lora_cfg: LoraConfig, pad_id: Optional[int] = None):
-  """`loss_fn(params, teacher_params, batch, rng) -> (loss, metrics)`; params is the student's combined tree."""
-  if opd_cfg.divergence not in opd_losses.MODES:
-    raise ValueError(f"opd.divergence={opd_cfg.divergence!r}: expected one of {opd_losses.MODES}")
+  """`loss_fn(params, batch, rng, denominators, W_t) -> (loss, metrics)` (the `optim.make_train_step`
+  protocol; `loss_fn.denominators`, `loss_fn.additive`); params is the student's combined tree, batch holds
+  `BATCH_KEYS` (teacher states included), W_t is `teacher_head`."""
+  if opd_cfg.divergence not in divergences.MODES:
+    raise ValueError(f"opd.divergence={opd_cfg.divergence!r}: expected one of {divergences.MODES}")
   if student_cfg.vocab_size != teacher_cfg.vocab_size:
     raise ValueError(f"student vocab {student_cfg.vocab_size} != teacher vocab {teacher_cfg.vocab_size}")
   pad = student_cfg.pad_token_id if pad_id is None else pad_id
   model = PipoModel(student_cfg)
   kw = dict(chunk=loss_cfg.logits_chunk, topk=opd_cfg.topk, beta=opd_cfg.jsd_beta, temperature=opd_cfg.temperature)
 
-  def forward(params, teacher_params, batch, rng=None) -> dict:
-    """Both models and both streams: {"back", "mtp": OPDStream, "conf_logit_BJ", "fill_BJ", "w_b", "w_m"}.
+  def denominators(batch) -> dict:
+    """Both streams and the confidence BCE are per-sample means: they divide by the rows of the step."""
+    return {"rows": jnp.float32(batch["labels"].shape[0])}
 
-    rng None: evaluation (LoRA dropout off)."""
+  def forward(params, batch, W_t, rng=None, denoms=None) -> dict:
+    """The student and both streams: {"back", "mtp": OPDStream, "conf_logit_BJ", "fill_BJ", "w_b", "w_m"}.
+
+    rng None: evaluation (LoRA dropout off). denoms None: this batch's own."""
+    denoms = denominators(batch) if denoms is None else denoms
     deterministic = rng is None or not (lora_cfg.rank > 0 and lora_cfg.dropout > 0)
     p = {"params": lora_lib.materialize(params, lora_cfg, rng=rng, deterministic=deterministic)}
     ids_BT, labels_BT = batch["input_ids"], batch["labels"]
     out = model.apply(p, ids_BT, None, loss_cfg.conf_detach_inputs)
     W_s = model.apply(p, method=PipoModel.head_kernel)
-    g_back, g_mtp, W_t = teacher_states(teacher_cfg, teacher_params, ids_BT, batch["keep"])
+    g_back, g_mtp = batch["teacher_back"], batch["teacher_mtp"]
 
     lb_BJ, lm_BJ = pad_compaction.stream_labels(labels_BT)
     fill_BJ = None
     if opd_cfg.fill_pad_label:
       fill_BJ = pad_compaction.mtp_fill_mask(ids_BT, pad, batch["fill_allow"])
-    w_b = losses.normalisation_weights(lb_BJ != IGNORE, "sample")
-    w_m = losses.normalisation_weights(opd_losses.stream_valid(lm_BJ, fill_BJ), "sample")
-    back = opd_losses.opd_stream_loss(out["h_BJD"], W_s, g_back, W_t, lb_BJ, opd_cfg.divergence,
-                                      weights_N=w_b, **kw)
-    mtp = opd_losses.opd_stream_loss(out["m_BJD"], W_s, g_mtp, W_t, lm_BJ, opd_cfg.divergence,
-                                     fill_N=fill_BJ, weights_N=w_m, **kw)
+    w_b = losses.normalisation_weights(lb_BJ != IGNORE, "sample", denoms["rows"])
+    w_m = losses.normalisation_weights(divergences.stream_valid(lm_BJ, fill_BJ), "sample", denoms["rows"])
+    back = divergences.opd_stream_loss(out["h_BJD"], W_s, g_back, W_t, lb_BJ, opd_cfg.divergence,
+                                       weights_N=w_b, **kw)
+    mtp = divergences.opd_stream_loss(out["m_BJD"], W_s, g_mtp, W_t, lm_BJ, opd_cfg.divergence,
+                                      fill_N=fill_BJ, weights_N=w_m, **kw)
     return {"back": back, "mtp": mtp, "conf_logit_BJ": out["conf_logit_BJ"], "fill_BJ": fill_BJ,
             "w_b": w_b, "w_m": w_m}
 
-  def loss_fn(params, teacher_params, batch, rng=None):
-    f = forward(params, teacher_params, batch, rng)
+  def loss_fn(params, batch, rng, denoms, W_t):
+    f = forward(params, batch, W_t, rng, denoms)
     back, mtp, fill_BJ, w_b, w_m = f["back"], f["mtp"], f["fill_BJ"], f["w_b"], f["w_m"]
     conf_logit = f["conf_logit_BJ"]
     loss_c = losses.confidence_bce(conf_logit, mtp.conf_target, mtp.valid, weights_N=w_m)
@@ -129,27 +167,6 @@ def make_opd_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, opd_cfg: O
     return total, metrics
 
   loss_fn.forward = forward
+  loss_fn.denominators = denominators
+  loss_fn.additive = ADDITIVE
   return loss_fn
-
-
-def make_opd_train_step(loss_fn, accum_steps: int = 1, schedule=None):
-  """`step(state, teacher_params, batch) -> (state, metrics)`: optim's step with the teacher closed over.
-
-  The teacher is an argument of the jitted step (sharded like any input), not part of the TrainState, so
-  it gets neither gradients nor optimizer state and is never checkpointed with the student.
-  """
-  from pipo_jax import optim
-
-  def step(state, teacher_params, batch):
-    inner = lambda params, mb, rng: loss_fn(params, teacher_params, mb, rng)  # noqa: E731
-    return optim.make_train_step(inner, accum_steps, schedule)(state, batch)
-
-  return step
-
-
-def make_opd_eval(loss_fn):
-  """`eval(params, teacher_params, batch) -> metrics` (no gradient, deterministic: no LoRA dropout key)."""
-  def ev(params, teacher_params, batch):
-    _, m = loss_fn(params, teacher_params, batch, None)
-    return m
-  return ev

@@ -366,6 +366,9 @@ class LossConfig:
   conf_detach_inputs: bool = True
   logits_chunk: int = 2048  # tokens per LM-head chunk: peak logits memory O(chunk x vocab)
   native_mtp_weight: float = 0.0  # mode=ar: auxiliary native-MTP loss (predict token t+2)
+  # mode=sft with the teacher in the loop (pipo_jax/sft_distill.py; teacher = opd.teacher_checkpoint):
+  distill_weight: float = 0.0  # per stream (1 - w) * CE + w * opd.divergence(student || teacher)
+  hidden_weight: float = 0.0  # + w * MSE(student state, teacher state predicting the same token)
 
 
 @dataclasses.dataclass

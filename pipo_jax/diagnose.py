@@ -176,6 +176,16 @@ def make_teacher_fn(config: ModelConfig):
   return fn
 
 
+_STUDENT_FNS: dict = {}  # one compilation for every student of the same architecture
+
+
+def student_fn(config: ModelConfig):
+  key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+  if key not in _STUDENT_FNS:
+    _STUDENT_FNS[key] = make_student_fn(config)
+  return _STUDENT_FNS[key]
+
+
 def make_student_fn(config: ModelConfig):
   """(params, ids_BT) -> per token index t of the student sequence: gold logprob and correct of the stream that
   predicts it (backbone for even t >= 2, MTP for odd t >= 3), and sigmoid(conf) of the MTP slot of odd t."""
@@ -356,6 +366,21 @@ def probe_table_md(probe: dict, tau: float) -> str:
   return "\n".join(lines)
 
 
+def curve_md(result: dict) -> str:
+  """One line per student (e.g. SFT checkpoints in step order, then OPD): the headline numbers."""
+  lines = ["| student | backbone acc / NLL | MTP acc / NLL | result digits bb / MTP acc | gate: MTP draft → "
+           "backbone after PAD | random: MTP draft → backbone after PAD |", "|---|---|---|---|---|---|"]
+  for path, s in result["students"].items():
+    t, p = s["table"], s["probe"]
+    cell = lambda k, f="acc": (f"{100 * t[k]['acc']:.1f}" if f == "acc" else f"{t[k]['nll']:.3f}") if k in t else "—"
+    probe = lambda g: (f"{100 * p[g]['mtp_draft_acc']:.1f} → {100 * p[g]['backbone_after_pad_acc']:.1f} "
+                       f"(n {p[g]['n']})") if p.get(g, {}).get("n") else "—"
+    lines.append(f"| {path} | {cell('student_bb/all')} / {cell('student_bb/all', 'nll')} | "
+                 f"{cell('student_mtp/all')} / {cell('student_mtp/all', 'nll')} | "
+                 f"{cell('student_bb/result')} / {cell('student_mtp/result')} | {probe('gate')} | {probe('random')} |")
+  return "\n".join(lines)
+
+
 def diagnose(teacher_path: str, student_paths: Sequence[str], data_path: str, tokenizer_path: str,
              tau: float = 0.95, max_examples: int = 0, probes_per_example: int = 2, batch_size: int = 32,
              think_mask_tokens: int = 2) -> dict:
@@ -369,7 +394,7 @@ def diagnose(teacher_path: str, student_paths: Sequence[str], data_path: str, to
   result, md = {"students": {}}, []
   for i, path in enumerate(student_paths):
     s_cfg, s_params = loading.load_model(path)
-    student = (make_student_fn(s_cfg), s_params)
+    student = (student_fn(s_cfg), s_params)
     table, s_out = per_token_table(examples, teacher if i == 0 else None, student, tok.pad_id, batch_size)
     if i == 0 and teacher is not None:
       result["teacher"] = {k: v for k, v in table.items() if k.startswith("teacher")}
@@ -379,6 +404,8 @@ def diagnose(teacher_path: str, student_paths: Sequence[str], data_path: str, to
     result["students"][path] = {"table": table, "probe": probe}
     md += [class_table_md(table, path), "", probe_table_md(probe, tau), ""]
   result["markdown"] = "\n".join(md)
+  if len(student_paths) > 1:
+    result["markdown"] = "Students in order:\n\n" + curve_md(result) + "\n\n" + result["markdown"]
   result["n_examples"] = len(examples)
   return result
 

@@ -61,6 +61,10 @@ class ModelConfig:
   # PIPO heads.
   compressor_type: Optional[str] = None  # linear | mlp | gated | mlp_residual
   compressor_random_init: Optional[bool] = None  # ablation: skip the identity-style init
+  # RoPE position of pair j (backbone and MTP head) = pair_position_stride * j. 1 is the reference's layout (and
+  # what its serving code assumes); 2 keeps the token distances the backbone was pre-trained with (pair j starts at
+  # token 2j), so a student initialised from a token-level model starts with its attention geometry intact.
+  pair_position_stride: int = 1
   # Numerics and compilation (not part of HF config.json).
   dtype: str = "float32"  # compute dtype of matmuls: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params
@@ -366,9 +370,6 @@ class LossConfig:
   conf_detach_inputs: bool = True
   logits_chunk: int = 2048  # tokens per LM-head chunk: peak logits memory O(chunk x vocab)
   native_mtp_weight: float = 0.0  # mode=ar: auxiliary native-MTP loss (predict token t+2)
-  # mode=sft with the teacher in the loop (pipo_jax/sft_distill.py; teacher = opd.teacher_checkpoint):
-  distill_weight: float = 0.0  # per stream (1 - w) * CE + w * opd.divergence(student || teacher)
-  hidden_weight: float = 0.0  # + w * MSE(student state, teacher state predicting the same token)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import distributed, loading, metrics as metrics_lib, objectives, optim, sft_distill, sharding
+from pipo_jax import distributed, loading, metrics as metrics_lib, objectives, optim, sharding
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import PipoModel
@@ -156,9 +156,6 @@ class Trainer:
     cfg = self.cfg
     if cfg.mode == "ar":
       return objectives.make_ar_loss(self.model_cfg, cfg.loss, cfg.lora)
-    if cfg.mode == "sft" and sft_distill.uses_teacher(cfg.loss):
-      return sft_distill.make_sft_distill_loss(self.model_cfg, self.teacher_cfg, cfg.opd, cfg.loss, cfg.lora,
-                                               self.model_cfg.pad_token_id)
     if cfg.mode == "sft":
       return objectives.make_sft_loss(self.model_cfg, cfg.loss, cfg.lora)
     raise ValueError("opd runs through pipo_jax.opd")
@@ -241,15 +238,7 @@ class Trainer:
       state = restored[0]
       logging.info("resumed at step %d", int(state.step))
     schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
-    extra_args = ()  # jit arguments between the state and the batch (the SFT-distillation teacher)
-    if cfg.mode == "sft" and sft_distill.uses_teacher(cfg.loss):
-      from pipo_jax.opd import make_opd_train_step
-      from pipo_jax.opd_rollout import load_teacher
-      self.teacher_cfg, teacher_params = load_teacher(cfg.opd, self.mesh)
-      step_fn = make_opd_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
-      extra_args = (teacher_params,)
-    else:
-      step_fn = optim.make_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
+    step_fn = optim.make_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
     with sharding.use_rules(self.mesh):
       jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
     flops = metrics_lib.estimate_flops_per_token(self.model_cfg, cfg.data.max_length)
@@ -273,10 +262,10 @@ class Trainer:
           if jax.process_count() > 1 and jitted_first:
             # Processes finish compiling at different times, and gloo (CPU collectives) gives a peer only 30 s
             # to join a new communicator: compile ahead of time, then line up before the first run.
-            jitted = jitted.lower(state, *extra_args, batch).compile()
+            jitted = jitted.lower(state, batch).compile()
             distributed.barrier("pipo_jax.trainer: train step compiled")
           jitted_first = False
-          state, m = jitted(state, *extra_args, batch)
+          state, m = jitted(state, batch)
         step += 1
         if step % cfg.train.log_every == 0 or step == end or step == 1:
           m = self.host_metrics(m, data)

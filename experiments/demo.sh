@@ -19,7 +19,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 F=experiments/demo
 D=$W/data
 TOK=$D/tokenizer
-TAUS=${PIPO_DEMO_TAUS:--1,0.5,0.8,0.9,0.95,0.98,1}
+TAUS=${PIPO_DEMO_TAUS:--1,0.5,0.9,0.95,0.99,0.999,0.9999,1}
 mkdir -p "$W/eval" "$W/logs"
 
 # Size knobs: the defaults are the flagfiles'; the smoke run overrides them.
@@ -87,7 +87,7 @@ stage eval_opd "$W/eval/opd.json" "${EV[@]}" --checkpoint="$W/opd" --decode=pipo
 stage speed "$W/eval/speed.json" $PY -m pipo_jax.speed --flagfile=$F/speed.flags --tokenizer="$TOK" \
   --benchmark="$D/test.jsonl" --run="Regular=$W/teacher:ar" --run="MTP=$W/teacher:mtp" \
   --run="MTP-spec=$W/teacher:mtp_spec" --run="PIPO-SFT=$W/sft:pipo@0.95" --run="PIPO+OPD=$W/opd:pipo@0.95" \
-  --run="PIPO+OPD=$W/opd:pipo@-1" --output="$W/eval/speed.json" "${SPEED_X[@]}"
+  --output="$W/eval/speed.json" "${SPEED_X[@]}"
 # Diagnosis: teacher-forced accuracy by token class for the SFT checkpoints (the learning curve) and OPD.
 STUDENTS=$(ls -dv "$W"/sft/checkpoints/[0-9]* | sed 's/$/,/' | tr -d '\n')$W/opd
 stage diagnose "$W/eval/diagnosis.json" $PY -m pipo_jax.diagnose --teacher="$W/teacher" --student="$STUDENTS" \

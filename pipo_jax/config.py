@@ -61,10 +61,6 @@ class ModelConfig:
   # PIPO heads.
   compressor_type: Optional[str] = None  # linear | mlp | gated | mlp_residual
   compressor_random_init: Optional[bool] = None  # ablation: skip the identity-style init
-  # RoPE position of pair j (backbone and MTP head) = pair_position_stride * j. 1 is the reference's layout (and
-  # what its serving code assumes); 2 keeps the token distances the backbone was pre-trained with (pair j starts at
-  # token 2j), so a student initialised from a token-level model starts with its attention geometry intact.
-  pair_position_stride: int = 1
   # Numerics and compilation (not part of HF config.json).
   dtype: str = "float32"  # compute dtype of matmuls: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params

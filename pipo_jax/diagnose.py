@@ -402,7 +402,8 @@ def diagnose(teacher_path: str, student_paths: Sequence[str], data_path: str, to
       table.update(result.get("teacher", {}))
     probe = rejection_probe(examples, s_out, student, tok.pad_id, tau, probes_per_example, batch_size)
     result["students"][path] = {"table": table, "probe": probe}
-    md += [class_table_md(table, path), "", probe_table_md(probe, tau), ""]
+    if i >= len(student_paths) - 2:  # full tables for the last two (final SFT, OPD); all of them in the JSON
+      md += [class_table_md(table, path), "", probe_table_md(probe, tau), ""]
   result["markdown"] = "\n".join(md)
   if len(student_paths) > 1:
     result["markdown"] = "Students in order:\n\n" + curve_md(result) + "\n\n" + result["markdown"]

@@ -167,10 +167,6 @@ class PipoModel(nn.Module):
   def head_kernel(self) -> jax.Array:
     return self.backbone.head_kernel()
 
-  def rope_positions(self, pair_positions: jax.Array) -> jax.Array:
-    """Pair indices -> the RoPE positions the backbone and MTP head see (`config.pair_position_stride`)."""
-    return pair_positions * self.config.pair_position_stride
-
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     return self.backbone.logits(h_BTD)
 
@@ -191,7 +187,6 @@ class PipoModel(nn.Module):
       pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     else:
       pos_BL = positions_from_valid(pvalid_BL)
-    pos_BL = self.rope_positions(pos_BL)
     h_BLD, _ = self.backbone(z_BLD, pos_BL, pvalid_BL)
     h_BJD = h_BLD[:, :-1]
     tok1_BJ = ids_BT[:, 2::2]  # teacher forcing: the first token of the next pair
@@ -206,13 +201,12 @@ class PipoModel(nn.Module):
                      cache: dict):
     """Phase 1 (and prefill): compress the token pairs and run the backbone with its cache.
     ids_BT (T = 2 * #pairs) -> (h_BLD, cache)."""
-    return self.backbone(self.compress(ids_BT), self.rope_positions(positions_BL), valid_BL, cache)
+    return self.backbone(self.compress(ids_BT), positions_BL, valid_BL, cache)
 
   def mtp_slots(self, tok1_BJ: jax.Array, h_BJD: jax.Array, positions_BJ: jax.Array,
                 valid_BJ: Optional[jax.Array], cache: dict):
     """Phase 2 (and the MTP prefill over the prompt): -> (m_BJD, conf_logit_BJ, mtp cache)."""
-    m_BJD, cache = self.mtp(self.backbone.embed(tok1_BJ), h_BJD, self.rope_positions(positions_BJ), valid_BJ,
-                            cache)
+    m_BJD, cache = self.mtp(self.backbone.embed(tok1_BJ), h_BJD, positions_BJ, valid_BJ, cache)
     return m_BJD, self.confidence_head(h_BJD, m_BJD), cache
 
   def init_all(self, ids_BT: jax.Array):

@@ -6,7 +6,8 @@
 # Every stage is one `python -m pipo_jax.X --flagfile=experiments/demo/X.flags` command (paths re-pointed at
 # WORKDIR by the overrides below), so any stage can be rerun alone. A stage whose output exists is skipped
 # (delete its directory to redo it). Stage timings go to WORKDIR/timings.json and into the report.
-# Outputs: WORKDIR/report.md, WORKDIR/report.json, WORKDIR/sweep.png.
+# Outputs: WORKDIR/report.md (targets met / missed, diagnosis, tables), WORKDIR/report.json, WORKDIR/sweep.png
+# (threshold sweep), WORKDIR/budget.png (accuracy vs slot budget).
 #
 # Environment: PYTHON (default python); PIPO_DEMO_SMOKE=1 shrinks every stage to a few steps / questions (the
 # test suite's smoke run: checks the plumbing, not the numbers); PIPO_DEMO_TAUS overrides the sweep.
@@ -18,11 +19,11 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 F=experiments/demo
 D=$W/data
 TOK=$D/tokenizer
-TAUS=${PIPO_DEMO_TAUS:--1,0.5,0.8,0.9,0.95,0.98,1}
+TAUS=${PIPO_DEMO_TAUS:--1,0.5,0.9,0.95,0.99,0.999,0.9999,1}
 mkdir -p "$W/eval" "$W/logs"
 
 # Size knobs: the defaults are the flagfiles'; the smoke run overrides them.
-TASK_X=() TEACH_X=() ROLL_X=() SFT_X=() OPD_X=() EVAL_X=()
+TASK_X=() TEACH_X=() ROLL_X=() SFT_X=() OPD_X=() EVAL_X=() SPEED_X=() DIAG_X=()
 SFT_DATA=$W/rollout/sft.jsonl  # the teacher's correct rollouts (pipo_method.md 11)
 if [ "${PIPO_DEMO_SMOKE:-0}" = 1 ]; then
   TASK_X=(--n_train=64 --n_opd=8 --n_test=3)
@@ -32,6 +33,8 @@ if [ "${PIPO_DEMO_SMOKE:-0}" = 1 ]; then
   OPD_X=(--config.train.num_steps=2 --config.data.batch_size=2 --config.train.log_every=1
          --config.opd.max_new_tokens=8 --config.opd.min_pass_rate=0)
   EVAL_X=(--k=2 --max_new_tokens=8 --batch_size=8)
+  SPEED_X=(--k=1 --repeats=2 --max_new_tokens=8 --batch_size=8)
+  DIAG_X=(--max_examples=4 --batch_size=4)
   SFT_DATA=$D/train.jsonl  # a 2-step teacher answers nothing correctly: the smoke SFT uses the reference solutions
 fi
 
@@ -80,12 +83,22 @@ stage eval_sft "$W/eval/sft.json" "${EV[@]}" --checkpoint="$W/sft" --decode=pipo
   --method=PIPO-SFT --output="$W/eval/sft.json"
 stage eval_opd "$W/eval/opd.json" "${EV[@]}" --checkpoint="$W/opd" --decode=pipo --conf_threshold="$TAUS" \
   --method=PIPO+OPD --random_pad_control --output="$W/eval/opd.json"
+# Speed-ups with their spread: every method timed in turn, several rounds, one process (pipo_jax/speed.py).
+stage speed "$W/eval/speed.json" $PY -m pipo_jax.speed --flagfile=$F/speed.flags --tokenizer="$TOK" \
+  --benchmark="$D/test.jsonl" --run="Regular=$W/teacher:ar" --run="MTP=$W/teacher:mtp" \
+  --run="MTP-spec=$W/teacher:mtp_spec" --run="PIPO-SFT=$W/sft:pipo@0.95" --run="PIPO+OPD=$W/opd:pipo@0.95" \
+  --output="$W/eval/speed.json" "${SPEED_X[@]}"
+# Diagnosis: teacher-forced accuracy by token class for the SFT checkpoints (the learning curve) and OPD.
+STUDENTS=$(ls -dv "$W"/sft/checkpoints/[0-9]* | sed 's/$/,/' | tr -d '\n')$W/opd
+stage diagnose "$W/eval/diagnosis.json" $PY -m pipo_jax.diagnose --teacher="$W/teacher" --student="$STUDENTS" \
+  --data="$D/test_sft.jsonl" --tokenizer="$TOK" --output="$W/eval/diagnosis.json" "${DIAG_X[@]}"
 ROWS=$W/eval/teacher.json,$W/eval/sft.json,$W/eval/opd.json
 $PY - "$W/timings.json" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1])); d["total_this_invocation"] = int(sys.argv[2]); json.dump(d, open(sys.argv[1], "w"), indent=2)
 EOF
 $PY -m pipo_jax.make_report --rows="$ROWS" --run_dir="$W" --title="PIPO CPU miniature (experiments/demo.sh)" \
+  --speed="$W/eval/speed.json" --targets_tau=0.95 --diagnosis="$W/eval/diagnosis.json" \
   --extra_json="$W/timings.json,$D/task.json,$W/rollout/rollout_summary.json"
 echo "== report: $W/report.md ($(( $(date +%s) - T0 ))s in all)"
 cat "$W/report.md"

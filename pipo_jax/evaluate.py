@@ -27,6 +27,8 @@ import os
 import time
 from typing import Optional, Sequence
 
+import numpy as np
+
 from absl import app, flags
 
 
@@ -95,12 +97,29 @@ def evaluate_one(model, benchmarks: dict, mode: str, k: int, sampling, tau: Opti
   token2 = sum(s.token2_slots for s in flat)
   pad_ratio = (sum(s.n_pad for s in flat) / token2 if token2 else 0.0) if mode == "pipo" else 0.0
   control = "random_pad" if random_pad_ratio is not None else None
+  slots_by_bench, start = {}, 0
+  for n in names:
+    slots_by_bench[n] = [[s.steps for s in per_q] for per_q in run.samples[start:start + len(benchmarks[n])]]
+    start += len(benchmarks[n])
   return eval_metrics.run_row(
       method, by_bench, lengths, wall_time_s=run.decode_s, conf_threshold=tau if mode == "pipo" else None,
       control=control, k=k, decode=mode, pad_ratio=pad_ratio, random_pad_ratio=random_pad_ratio,
       decode_s=run.decode_s, compile_s=run.compile_s, eval_s=time.perf_counter() - t0, max_new_tokens=max_new_tokens,
       truncated_rate=sum(len(s.tokens) >= max_new_tokens for s in flat) / len(flat),
+      budget_curve=slot_budget_curve(by_bench, slots_by_bench, max_new_tokens, k),
+      per_question_avg={n: np.asarray(c, float).mean(axis=1).tolist() for n, c in by_bench.items()},
       sampling={"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p})
+
+
+def slot_budget_curve(correct_by_bench: dict, slots_by_bench: dict, max_slots: int, k: int) -> dict:
+  """{budget: {"avg_at_k", "pass_at_k"}} for slot budgets 1..max_slots: an answer counts only when it is correct
+  and finished within the budget (the paper's Fig. 2; a PIPO slot holds one or two tokens). The overall value is
+  the unweighted mean over benchmarks, as in the main table."""
+  from pipo_jax import eval_metrics
+  per = {n: eval_metrics.budget_metrics(correct_by_bench[n], slots_by_bench[n], range(1, max_slots + 1), k)
+         for n in correct_by_bench}
+  return {b: {key: float(np.mean([per[n][b][key] for n in per])) for key in ("avg_at_k", "pass_at_k")}
+          for b in range(1, max_slots + 1)}
 
 
 def run(checkpoint: str, tokenizer: str, benchmark_paths: Sequence[str], decodes: Sequence[str],

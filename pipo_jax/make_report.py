@@ -19,22 +19,37 @@ from absl import app, flags
 
 def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
-  global _ROWS, _RUN_DIR, _TITLE, _EXTRA, _NOTES
+  global _ROWS, _RUN_DIR, _TITLE, _EXTRA, _NOTES, _SPEED, _TARGETS, _DIAGNOSIS
   _ROWS = flags.DEFINE_list("rows", None, "row JSON files written by pipo_jax.evaluate", required=True)
   _RUN_DIR = flags.DEFINE_string("run_dir", None, "where report.json / report.md / sweep.png go", required=True)
   _TITLE = flags.DEFINE_string("title", "PIPO evaluation", "report title")
   _EXTRA = flags.DEFINE_list("extra_json", [], "JSON files embedded in report.json (e.g. stage timings)")
   _NOTES = flags.DEFINE_string("notes", "", "markdown file appended to report.md")
+  _SPEED = flags.DEFINE_string("speed", "", "rows of pipo_jax.speed: speed-ups with their spread replace the "
+                               "single-run ones")
+  _TARGETS = flags.DEFINE_float("targets_tau", None, "state the CPU miniature's targets (met / missed) at this τ")
+  _DIAGNOSIS = flags.DEFINE_string("diagnosis", "", "JSON of pipo_jax.diagnose: its tables go into the report")
 
 
 def build(row_files: Sequence[str], run_dir: str, title: str, extra_files: Sequence[str] = (),
-          notes_file: str = "") -> dict:
+          notes_file: str = "", speed_file: str = "", targets_tau=None, diagnosis_file: str = "") -> dict:
   from pipo_jax import report
   rows = []
   for path in row_files:
     with open(path) as f:
       rows += json.load(f)
-  paths = report.write_report(rows, run_dir, title)
+  if speed_file:
+    with open(speed_file) as f:
+      rows = report.apply_speed(rows, json.load(f))
+  preamble = []
+  if targets_tau is not None:
+    targets = report.miniature_targets(report.add_speedup(rows), targets_tau)
+    preamble += ["## Targets\n", report.targets_md(targets)]
+  if diagnosis_file:
+    with open(diagnosis_file) as f:
+      preamble += ["## Diagnosis (teacher-forced, held-out correct answers; `pipo_jax.diagnose`)\n",
+                   json.load(f)["markdown"]]
+  paths = report.write_report(rows, run_dir, title, preamble="\n".join(preamble))
   extra = {}
   for path in extra_files:
     if os.path.exists(path):
@@ -61,7 +76,8 @@ def build(row_files: Sequence[str], run_dir: str, title: str, extra_files: Seque
 
 def main(argv):
   del argv
-  paths = build(_ROWS.value, _RUN_DIR.value, _TITLE.value, _EXTRA.value, _NOTES.value)
+  paths = build(_ROWS.value, _RUN_DIR.value, _TITLE.value, _EXTRA.value, _NOTES.value, _SPEED.value,
+                _TARGETS.value, _DIAGNOSIS.value)
   print("[make_report] " + json.dumps(paths))
 
 

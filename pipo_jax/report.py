@@ -15,6 +15,8 @@ Row fields (missing optional fields render as "—"):
   slots_per_answer        decode slots per answer
   effective_tokens_per_s  real tokens per second of wall time
   speedup_vs_ar           effective_tokens_per_s / the Regular row's (filled by `add_speedup` when absent)
+  speedup_min/max         optional spread of the speed-up (repeated timed rounds, `pipo_jax.speed`)
+  budget_curve            optional {slot budget: {"avg_at_k", "pass_at_k"}} (`evaluate.slot_budget_curve`)
 Any other keys are kept in report.json untouched.
 
 The main table holds every row that is not a control; the sweep table every row with a τ, controls included.
@@ -125,13 +127,22 @@ def main_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
   return _md_table(header, body)
 
 
+def _speed(r: Mapping[str, Any]) -> str:
+  """"1.62× (1.58–1.66)" with the timing spread when known, else "1.62×"."""
+  v = _num(r.get("speedup_vs_ar"))
+  if v is None:
+    return _DASH
+  if _num(r.get("speedup_min")) is not None:
+    return f"{v:.2f}× ({float(r['speedup_min']):.2f}–{float(r['speedup_max']):.2f})"
+  return f"{v:.2f}×"
+
+
 def efficiency_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
   """Lengths and speed: PAD ratio, real tokens and slots per answer, effective tokens/s, speed-up vs AR."""
   header = ["Method", "τ_c", "PAD ratio", "tokens/answer", "slots/answer", "eff. tokens/s", "speed-up vs AR"]
   body = [[_label(r), _tau(r), _fmt(r.get("pad_ratio"), ".3f"), _fmt(r.get("tokens_per_answer"), ",.0f"),
            _fmt(r.get("slots_per_answer"), ",.0f"), _fmt(r.get("effective_tokens_per_s"), ",.1f"),
-           _fmt(r.get("speedup_vs_ar"), ".2f") + ("×" if _num(r.get("speedup_vs_ar")) is not None else "")]
-          for r in rows if not r.get("control")]
+           _speed(r)] for r in rows if not r.get("control")]
   return _md_table(header, body)
 
 
@@ -153,9 +164,10 @@ def sweep_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def report_markdown(rows: Sequence[Mapping[str, Any]], title: str = "PIPO evaluation",
-                    plot_name: Optional[str] = None) -> str:
-  """The whole report.md text."""
-  parts = [f"# {title}\n", "Accuracies in %. Overall = unweighted mean over benchmarks. Tokens never count PAD;"
+                    plot_name: Optional[str] = None, budget_tau: float = 0.95,
+                    budget_plot: Optional[str] = None, preamble: str = "") -> str:
+  """The whole report.md text (`preamble`: markdown placed right under the title)."""
+  parts = [f"# {title}\n"] + ([preamble] if preamble else []) + ["Accuracies in %. Overall = unweighted mean over benchmarks. Tokens never count PAD;"
            " a slot is one decode step (one pair for PIPO).\n",
            "## Accuracy (Table 1 layout)\n", main_table_md(rows), "## Efficiency\n", efficiency_table_md(rows)]
   if sweep_rows(rows):
@@ -164,6 +176,13 @@ def report_markdown(rows: Sequence[Mapping[str, Any]], title: str = "PIPO evalua
               sweep_table_md(rows)]
     if plot_name:
       parts.append(f"![threshold sweep]({plot_name})\n")
+  budget = budget_table_md(rows, budget_tau)
+  if budget:
+    parts += ["## Accuracy vs response budget (slots)\n",
+              "An answer counts when it is correct and finished within the budget; a Regular slot is one token, "
+              "an MTP or PIPO slot one or two.\n", budget]
+    if budget_plot:
+      parts.append(f"![slot budget]({budget_plot})\n")
   return "\n".join(parts)
 
 
@@ -215,8 +234,155 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
   return True
 
 
+def budget_rows(rows: Sequence[Mapping[str, Any]], tau: float) -> list[Mapping[str, Any]]:
+  """Rows of the slot-budget curve: every non-control row with a curve, gated ones only at threshold `tau`."""
+  return [r for r in rows if r.get("budget_curve") and not r.get("control")
+          and (_num(r.get("conf_threshold")) is None or abs(float(r["conf_threshold"]) - tau) < 1e-9)]
+
+
+def _curve(row: Mapping[str, Any], key: str) -> dict:
+  return {int(b): float(v[key]) for b, v in row["budget_curve"].items()}  # JSON keys come back as strings
+
+
+def budget_span(rows: Sequence[Mapping[str, Any]], step: int = 5) -> list[int]:
+  """Budgets (multiples of `step`) from just before the first answer fits to just after every curve is flat."""
+  curves = [_curve(r, "pass_at_k") for r in rows]
+  budgets = sorted(set().union(*[c.keys() for c in curves]))
+  first = min((b for b in budgets if any(c.get(b, 0) > 0 for c in curves)), default=budgets[0])
+  last = max((b for b in budgets if any(c.get(b, 0) != c[max(c)] for c in curves)), default=budgets[-1])
+  lo, hi = max(step, (first // step) * step), min(budgets[-1], -(-(last + 1) // step) * step)
+  return list(range(lo, hi + 1, step))
+
+
+def budget_table_md(rows: Sequence[Mapping[str, Any]], tau: float) -> str:
+  """pass@k / avg@k at slot budgets (paper Fig. 2 as a table); one row per method."""
+  sel = budget_rows(rows, tau)
+  if not sel:
+    return ""
+  budgets = budget_span(sel)
+  k = next((r.get("k") for r in sel if r.get("k")), "k")
+  header = ["Method", "τ_c"] + [f"{b}" for b in budgets]
+  body = []
+  for key, name in (("pass_at_k", f"pass@{k}"), ("avg_at_k", f"avg@{k}")):
+    for r in sel:
+      c = _curve(r, key)
+      body.append([f"{_label(r)} {name}", _tau(r)] + [_pct(c.get(b)) for b in budgets])
+  return _md_table(header, body)
+
+
+def plot_budget(rows: Sequence[Mapping[str, Any]], path: str, tau: float) -> bool:
+  """PNG: pass@k (left) and avg@k (right) vs slot budget, one line per method. False when no row has a curve."""
+  sel = budget_rows(rows, tau)
+  if not sel:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  k = next((r.get("k") for r in sel if r.get("k")), "k")
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, key, name in ((axes[0], "pass_at_k", f"pass@{k}"), (axes[1], "avg_at_k", f"avg@{k}")):
+    for r in sel:
+      c = _curve(r, key)
+      b = sorted(c)
+      label = _label(r) + (f" τ={_tau(r)}" if _num(r.get("conf_threshold")) is not None else "")
+      ax.plot(b, [100 * c[x] for x in b], label=label)
+    ax.set(xlabel="response budget (slots; a PIPO slot holds 1-2 tokens)", ylabel=f"{name} (%)",
+           title=f"{name} vs slot budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def apply_speed(rows: Sequence[Mapping[str, Any]], speed_rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """Copies of `rows` whose speed-up comes from the repeated timing rounds (`pipo_jax.speed`) where one matches
+  (same method, same τ, not a control): speedup_vs_ar = the median over rounds, speedup_min / _max its spread."""
+  out = []
+  for r in rows:
+    r = dict(r)
+    for s in speed_rows:
+      same_tau = (_num(s.get("tau")) is None and _num(r.get("conf_threshold")) is None) or (
+          _num(s.get("tau")) is not None and _num(r.get("conf_threshold")) is not None
+          and abs(float(s["tau"]) - float(r["conf_threshold"])) < 1e-9)
+      if s.get("method") == r.get("method") and same_tau and not r.get("control"):
+        r.update(speedup_vs_ar=s["speedup_median"], speedup_min=s["speedup_min"], speedup_max=s["speedup_max"],
+                 speedup_rounds=s["speedup"])
+    out.append(r)
+  return out
+
+
+def _row(rows, method: str, tau: Optional[float] = None, control: bool = False):
+  for r in rows:
+    t = _num(r.get("conf_threshold"))
+    if (r.get("method") == method and bool(r.get("control")) == control
+        and ((tau is None and t is None) or (tau is not None and t is not None and abs(t - tau) < 1e-9))):
+      return r
+  return None
+
+
+def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float]:
+  """(mean, standard error) over questions of a's per-question avg@k minus b's (same questions, paired)."""
+  import numpy as np
+  da, db = a.get("per_question_avg") or {}, b.get("per_question_avg") or {}
+  diffs = np.concatenate([np.asarray(da[n]) - np.asarray(db[n]) for n in da if n in db]) if da else np.zeros(0)
+  if diffs.size < 2:
+    return float("nan"), float("nan")
+  return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(diffs.size))
+
+
+def miniature_targets(rows: Sequence[Mapping[str, Any]], tau: float = 0.95, teacher: str = "Regular",
+                      sft: str = "PIPO-SFT", opd: str = "PIPO+OPD") -> list[dict]:
+  """The CPU miniature's targets, each {"target", "measured", "met"} (met None when it cannot be measured)."""
+  out = []
+
+  def add(target, measured, met):
+    out.append({"target": target, "measured": measured, "met": met})
+
+  t, s, o = _row(rows, teacher), _row(rows, sft, tau), _row(rows, opd, tau)
+  if t is not None:
+    add("teacher (Regular) avg@k ≥ 90 %", f"{_pct(t['avg_at_k'])} %", t["avg_at_k"] >= 0.9)
+  if t is not None and o is not None:
+    gap = 100 * (t["avg_at_k"] - o["avg_at_k"])
+    add(f"PIPO+OPD at τ {tau:g} within 5 points avg@k of the teacher", f"{gap:+.2f} points below", gap <= 5)
+    add(f"PIPO+OPD at τ {tau:g} pass@k ≥ the teacher's",
+        f"{_pct(o['pass_at_k'])} vs {_pct(t['pass_at_k'])}", o["pass_at_k"] >= t["pass_at_k"])
+  if t is not None and s is not None:
+    gap = 100 * (t["avg_at_k"] - s["avg_at_k"])
+    add(f"PIPO-SFT at τ {tau:g} within 10 points avg@k of the teacher", f"{gap:+.2f} points below", gap <= 10)
+  if s is not None and o is not None:
+    add(f"OPD above SFT on avg@k at τ {tau:g}", f"{100 * (o['avg_at_k'] - s['avg_at_k']):+.2f} points",
+        o["avg_at_k"] > s["avg_at_k"])
+  gated = [r for r in rows if r.get("method") == opd and not r.get("control") and _num(r.get("conf_threshold"))
+           is not None]
+  ratios = [float(r["pad_ratio"]) for r in gated if _num(r.get("pad_ratio")) is not None
+            and 0 < float(r["pad_ratio"]) < 1]
+  if ratios:
+    add("the sweep spans PAD ratios from a few % to ≥ 0.6", f"{min(ratios):.3f} … {max(ratios):.3f}",
+        min(ratios) <= 0.1 and max(ratios) >= 0.6)
+  for r in sorted(gated, key=lambda r: float(r["conf_threshold"])):
+    ctl = _row(rows, opd, float(r["conf_threshold"]), control=True)
+    if ctl is None or float(r.get("pad_ratio") or 0) < 0.1:
+      continue
+    d, se = paired_difference(r, ctl)
+    add(f"gate above random PAD at τ {_tau(r)} (PAD ratio {float(r['pad_ratio']):.2f}), avg@k",
+        f"{100 * d:+.2f} ± {100 * se:.2f} points (paired SE over questions)", d > 0)
+  if o is not None and _num(o.get("speedup_min")) is not None:
+    lo, hi, med = float(o["speedup_min"]), float(o["speedup_max"]), float(o["speedup_vs_ar"])
+    add(f"effective speed-up of PIPO+OPD at τ {tau:g} ≥ 1.5× (spread ≤ ±0.05×)",
+        f"{med:.2f}× (min {lo:.2f}, max {hi:.2f}, {len(o.get('speedup_rounds') or [])} rounds)",
+        med >= 1.5 and (hi - lo) / 2 <= 0.05)
+  return out
+
+
+def targets_md(targets: Sequence[Mapping[str, Any]]) -> str:
+  body = [[t["target"], t["measured"], {True: "met", False: "**missed**", None: "—"}[t["met"]]] for t in targets]
+  return _md_table(["target", "measured", ""], body)
+
+
 def write_report(rows: Sequence[Mapping[str, Any]], run_dir: str, title: str = "PIPO evaluation",
-                 baseline_method: str = "Regular") -> dict:
+                 baseline_method: str = "Regular", budget_tau: float = 0.95, preamble: str = "") -> dict:
   """Write report.json, report.md and (when there is a sweep) sweep.png into `run_dir`; returns their paths."""
   os.makedirs(run_dir, exist_ok=True)
   rows = add_speedup(rows, baseline_method)
@@ -224,10 +390,14 @@ def write_report(rows: Sequence[Mapping[str, Any]], run_dir: str, title: str = "
   png = os.path.join(run_dir, "sweep.png")
   if plot_sweep(rows, png):
     paths["png"] = png
+  budget_png = os.path.join(run_dir, "budget.png")
+  if plot_budget(rows, budget_png, budget_tau):
+    paths["budget_png"] = budget_png
   with open(paths["json"], "w") as f:
     json.dump({"title": title, "baseline_method": baseline_method, "benchmarks": benchmark_names(rows),
                "rows": rows}, f, indent=2, sort_keys=True, default=str)
     f.write("\n")
   with open(paths["md"], "w") as f:
-    f.write(report_markdown(rows, title, "sweep.png" if "png" in paths else None))
+    f.write(report_markdown(rows, title, "sweep.png" if "png" in paths else None, budget_tau,
+                            "budget.png" if "budget_png" in paths else None, preamble))
   return paths

@@ -16,7 +16,6 @@ Timing: the first batch of a shape is run once untimed (compilation), then every
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import NamedTuple, Optional, Sequence
 
@@ -61,15 +60,9 @@ _WARM: set = set()  # signatures already compiled in this process
 
 
 def load(checkpoint: str, tokenizer_path: str = "") -> Model:
-  """Model (LoRA merged, heads present) + tokenizer (`tokenizer_path`, else the checkpoint directory)."""
-  config, params = loading.load_model(checkpoint)
-  path = tokenizer_path or checkpoint
-  if not os.path.exists(os.path.join(path, "tokenizer.json")):
-    raise FileNotFoundError(f"no tokenizer.json in {path!r}: pass the tokenizer directory")
-  tok = tok_lib.load_tokenizer(path)
-  if tok.vocab_size > config.vocab_size:
-    raise ValueError(f"tokenizer {path} has {tok.vocab_size} ids but the model only {config.vocab_size}")
-  return Model(config, params, tok)
+  """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.loading)."""
+  m = loading.load_for_cli(checkpoint, tokenizer_path, need_tokenizer=True)
+  return Model(m.config, m.params, m.tokenizer)
 
 
 def prompt_ids(tok: tok_lib.ChatTokenizer, messages: Sequence[dict], parity_pad: bool) -> np.ndarray:

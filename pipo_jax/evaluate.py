@@ -27,7 +27,7 @@ import os
 import time
 from typing import Optional, Sequence
 
-from absl import app, flags
+from absl import flags
 
 
 def define_flags() -> None:
@@ -159,5 +159,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from pipo_jax import cli
+  cli.run(main, define_flags)

@@ -78,17 +78,28 @@ def encode_record(rec: dict, tok, where: str) -> list:
 
 
 def read_prompts(path: str, tok) -> list:
-  prompts = []
+  """Token-id prompts of a JSONL file; an empty file, a malformed line or an empty prompt is a ValueError
+  naming file:line."""
+  records = []
   for n, line in cli.read_nonempty_lines(path, "prompts"):
     try:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    records.append((rec, f"{path}:{n}"))
+  return read_prompts_from_records([r for r, _ in records], tok, [w for _, w in records])
+
+
+def read_prompts_from_records(records: list, tok, where: list = ()) -> list:
+  """Token-id prompts of input records (dicts of the JSONL format)."""
+  prompts = []
+  for i, rec in enumerate(records):
+    w = where[i] if where else f"record {i}"
     if not isinstance(rec, dict):
-      raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt', 'messages' or 'tokens'")
-    ids = encode_record(rec, tok, f"{path}:{n}")
+      raise ValueError(f"{w}: expected a JSON object with 'prompt', 'messages' or 'tokens'")
+    ids = encode_record(rec, tok, w)
     if not ids:
-      raise ValueError(f"{path}:{n}: empty prompt")
+      raise ValueError(f"{w}: empty prompt")
     prompts.append(ids)
   return prompts
 

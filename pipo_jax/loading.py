@@ -162,13 +162,28 @@ def find_tokenizer_dir(checkpoint: str, tokenizer: str = "", _depth: int = 0) ->
     workdir = os.path.dirname(os.path.dirname(step_dir))  # <workdir>/checkpoints/<step>
     if _has_tokenizer(os.path.join(workdir, "tokenizer")):
       return os.path.join(workdir, "tokenizer")
-    tok_path = (saved.get("data") or {}).get("tokenizer_path") or ""
+    run_cwd = _run_cwd(os.path.abspath(workdir), saved.get("workdir") or "")
+    tok_path = _as_run_path((saved.get("data") or {}).get("tokenizer_path") or "", run_cwd)
     if _has_tokenizer(tok_path):
       return tok_path
-    init_from = (saved.get("checkpoint") or {}).get("init_from") or ""
+    init_from = _as_run_path((saved.get("checkpoint") or {}).get("init_from") or "", run_cwd)
     if init_from and os.path.abspath(init_from) != os.path.abspath(checkpoint) and os.path.exists(init_from):
       return find_tokenizer_dir(init_from, "", _depth + 1)
   return ""
+
+
+def _run_cwd(workdir_abs: str, saved_workdir: str) -> str:
+  """The directory a run was started from, when its saved workdir is relative (e.g. `runs/demo/opd`) and the
+  checkpoint's absolute path ends with it; '' otherwise."""
+  w = os.path.normpath(saved_workdir) if saved_workdir and not os.path.isabs(saved_workdir) else ""
+  return workdir_abs[:-len(w) - 1] if w and workdir_abs.endswith(os.sep + w) else ""
+
+
+def _as_run_path(p: str, run_cwd: str) -> str:
+  """A path saved in a run's config, as seen from here: as is when it exists, else relative to the run's cwd."""
+  if not p or os.path.isabs(p) or os.path.exists(p) or not run_cwd:
+    return p
+  return os.path.join(run_cwd, p)
 
 
 def read_generation_config(model_dir: str) -> dict:

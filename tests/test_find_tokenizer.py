@@ -42,3 +42,17 @@ def test_no_tokenizer_anywhere(tmp_path):
   run = _fake_run(str(tmp_path / "r"), 1, {"data": {"tokenizer_path": str(tmp_path / "gone")},
                                            "checkpoint": {"init_from": ""}})
   assert loading.find_tokenizer_dir(run) == ""
+
+
+def test_relative_paths_of_a_run_started_elsewhere(tmp_path, monkeypatch):
+  """The demo saves relative paths (workdir runs/demo/opd, tokenizer runs/demo/data/tokenizer); from another
+  directory they are resolved against the directory the run was started from."""
+  repo = tmp_path / "repo"
+  synthetic.save_tokenizer(str(repo / "runs" / "demo" / "data" / "tokenizer"))
+  _fake_run(str(repo / "runs" / "demo" / "sft"), 3, {"workdir": "runs/demo/sft",
+                                                       "data": {"tokenizer_path": "runs/demo/data/tokenizer"},
+                                                       "checkpoint": {"init_from": ""}})
+  _fake_run(str(repo / "runs" / "demo" / "opd"), 4, {"workdir": "runs/demo/opd", "data": {"tokenizer_path": ""},
+                                                       "checkpoint": {"init_from": "runs/demo/sft"}})
+  monkeypatch.chdir(tmp_path)
+  assert loading.find_tokenizer_dir("repo/runs/demo/opd") == str(repo / "runs" / "demo" / "data" / "tokenizer")

@@ -28,6 +28,8 @@ USER_ERRORS = (ValueError, OSError)
 def _define_verbose() -> None:
   if "verbose" not in FLAGS:
     flags.DEFINE_bool("verbose", False, "on an input or config error, print the full traceback instead of one line")
+  # Listed by the program's --help beside its own flags (absl names the main module after sys.argv[0]).
+  FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS["verbose"])
 
 
 def one_line(e: BaseException) -> str:
@@ -44,7 +46,7 @@ def guard(main: Callable, prog: str) -> Callable:
     try:
       return main(argv)
     except USER_ERRORS as e:
-      if "verbose" in FLAGS and FLAGS.verbose:
+      if "verbose" in FLAGS and FLAGS["verbose"].value:
         raise
       sys.stderr.write(f"{prog}: error: {one_line(e)}  (--verbose for the traceback)\n")
       sys.stderr.flush()

@@ -92,9 +92,9 @@ def test_file_writes_stay_in_a_removed_temp_dir(tmp_path):
   """Relative writes land in the per-test directory, which is removed; a big write hits the size limit."""
   before = set(os.listdir("/tmp"))
   code = ("import os\nopen('out.txt', 'w').write('x')\nprint(os.getcwd())\n"
-          "open('big.bin', 'wb').write(b'0' * (64 << 20))\n")
-  status, out, _ = code_grading.run_one(code, "", "stdin", "", Limits(time_s=5.0, file_mb=1))
-  assert status == "error"  # SIGXFSZ / OSError on the 64 MiB write
+          "open('big.bin', 'wb').write(b'0' * (8 << 20))\n")
+  status, out, _ = code_grading.run_one(code, "", "stdin", "", Limits(time_s=30.0, file_mb=1))
+  assert status == "error"  # EFBIG (Python ignores SIGXFSZ) on the 8 MiB write
   work = out.strip()
   assert work.startswith(os.path.realpath(os.path.dirname(work))) and "pipo_code_" in work
   assert not os.path.exists(work)
@@ -127,12 +127,12 @@ def test_no_network():
 
 
 def test_grade_samples_code_in_parallel_with_pass_at_k():
-  """Code rows through grading.grade_samples (parallel workers) beside a math row; pass@k / avg@k by hand."""
+  """Code rows through grading.grade_samples (parallel workers) beside a multiple-choice row; pass@k / avg@k by hand."""
   comps = [[fence(ADD), fence("print(0)"), "no code"],
            [fence(TWO_SUM), fence(TWO_SUM), fence("class Solution: pass")],
-           ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}"]]
+           ["\\boxed{B}", "\\boxed{C}", "\\boxed{B}"]]
   t0 = time.perf_counter()
-  c = grading.grade_samples(comps, [STDIN_ROW, FUNC_ROW, "4"], ["code", "code", "math"])
+  c = grading.grade_samples(comps, [STDIN_ROW, FUNC_ROW, "B"], ["code", "code", "multiple_choice"])
   print(f"graded 6 code samples in {time.perf_counter() - t0:.2f}s")
   np.testing.assert_array_equal(c, [[1, 0, 0], [1, 1, 0], [1, 0, 1]])
   m = eval_metrics.benchmark_metrics(c, k=2)

@@ -157,3 +157,60 @@ def test_bench_cli_end_to_end(release, tmp_path):
   assert modes == [("ar", None), ("pipo", 0.95)]
   assert res["records"][0]["tokens_per_step"] == 1.0
   assert "matmul-FLOP model" in r.stdout and (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.slow
+def test_every_other_cli_on_the_release_dir(release, tmp_path):
+  """score (plain and --pipo), convert both ways, rollout, evaluate and train (SFT init_from) on the release
+  directory, each as a subprocess from another directory; outputs checked against transformers or by hand."""
+  model, path = release
+  tw = str(tmp_path)
+  # score: log-probs equal transformers'; --pipo needs the PAD the loader resolves from the tokenizer.
+  seq = [5, 9, 17, 33, 60, 2, 7]
+  (tmp_path / "toks.jsonl").write_text(json.dumps({"tokens": seq}) + "\n")
+  r = _cli("score", f"--checkpoint={path}", "--input=toks.jsonl", "--output=lp.jsonl", cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with torch.no_grad():
+    ref = torch.log_softmax(model(torch.tensor([seq])).logits.float(), -1)[0, :-1]
+  ref = ref.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].numpy()
+  np.testing.assert_allclose(json.loads((tmp_path / "lp.jsonl").read_text())["logprobs"], ref, atol=1e-4)
+  r = _cli("score", f"--checkpoint={path}", "--input=toks.jsonl", "--output=pipo.jsonl", "--pipo", cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert len(json.loads((tmp_path / "pipo.jsonl").read_text())["mtp_logprobs"]) == len(seq) - 1
+
+  # convert: HF -> orbax (the tokenizer referenced), then orbax -> HF (the tokenizer copied, PAD written).
+  r = _cli("convert", f"--from_hf={path}", "--to_checkpoint=ck", cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert loading.find_tokenizer_dir(os.path.join(tw, "ck")) == os.path.abspath(path)
+  r = _cli("convert", "--checkpoint=ck", "--to_hf=exported", cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  exported = json.load(open(os.path.join(tw, "exported", "config.json")))
+  assert exported["pad_token_id"] == 1 and os.path.exists(os.path.join(tw, "exported", "tokenizer.json"))
+
+  # rollout / evaluate: a benchmark graded by rule; every row sampled (k = n = 2).
+  bench = tmp_path / "b.jsonl"
+  bench.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "type": "math"}) + "\n"
+                           for i in range(3)))
+  r = _cli("rollout", f"--checkpoint={path}", f"--prompts={bench}", "--n=2", "--output_sft=ro/sft.jsonl",
+           "--output_opd=ro/opd.jsonl", "--max_new_tokens=8", "--batch_size=6", cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.load(open(os.path.join(tw, "ro", "rollout_summary.json")))
+  assert summary["prompts"] == 3 and summary["samples"] == 6
+  r = _cli("evaluate", f"--checkpoint={path}", f"--benchmark={bench}", "--decode=ar,pipo", "--k=2",
+           "--max_new_tokens=8", "--batch_size=6", "--output=ev/rows.json", cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.load(open(os.path.join(tw, "ev", "rows.json")))
+  assert [row["decode"] for row in rows] == ["ar", "pipo"]
+
+  # train: PIPO SFT from the release directory (its null PAD resolved from the tokenizer), two steps.
+  sft = tmp_path / "sft.jsonl"
+  sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                                  {"role": "assistant", "content": f"<think>\n{i}+1\n</think>\n\n"
+                                                                                   f"\\boxed{{{i + 1}}}"}]}) + "\n"
+                         for i in range(16)))
+  r = _cli("train", "--config.mode=sft", f"--config.checkpoint.init_from={path}", "--config.workdir=run",
+           f"--config.data.train_path={sft}", "--config.data.max_length=64", "--config.data.batch_size=4",
+           "--config.train.num_steps=2", "--config.train.log_every=1", "--config.checkpoint.every_steps=2",
+           cwd=tw)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert loading.find_tokenizer_dir(os.path.join(tw, "run")) == path

@@ -287,7 +287,7 @@ def load_for_cli(checkpoint: str = "", tokenizer: str = "", preset: str = "", se
   elif need_tokenizer:
     raise FileNotFoundError(f"{checkpoint or preset}: no tokenizer.json found with the checkpoint or its run's "
                             "config; pass --tokenizer=DIR")
-  model_dir = checkpoint if is_hf_dir(checkpoint) else tok_dir
+  model_dir = checkpoint if checkpoint and is_hf_dir(checkpoint) else tok_dir
   generation = read_generation_config(model_dir)
   config, tok, stop = resolve_special_ids(config, tok, generation, pad_token_id, eos_token_id,
                                           where=checkpoint or f"preset {preset}", need_pad=need_pad)

@@ -24,7 +24,6 @@ import json
 import time
 
 import jax
-import numpy as np
 from absl import flags, logging
 
 from pipo_jax import cli, loading

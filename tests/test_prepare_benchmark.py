@@ -92,7 +92,8 @@ def test_livecodebench_stdin_and_functional(tmp_path):
   # The rows grade through the sandbox: a right and a wrong program each.
   good0 = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
   good1 = ("```python\nclass Solution:\n    def twoSum(self, nums, target):\n        d = {}\n"
-           "        for i, x in enumerate(nums):\n            if target - x in d:\n                return [d[target - x], i]\n"
+           "        for i, x in enumerate(nums):\n            if target - x in d:\n"
+           "                return [d[target - x], i]\n"
            "            d[x] = i\n```")
   c = grading.grade_samples([[good0, good0.replace("+", "*")], [good1, "```python\nprint(1)\n```"]],
                             [r["answer"] for r in rows], [r["type"] for r in rows])

@@ -211,6 +211,8 @@ def _pipo_trained(path: str) -> bool:
   if not path:
     return False
   if is_orbax_checkpoint(path) and not is_hf_dir(path):
+    if os.path.basename(ckpt_lib.resolve_step_dir(path)) == "0":  # `convert --from_hf`: imported, not trained
+      return False
     return ((ckpt_lib.read_config(path) or {}).get("mode") or "ar") != "ar"
   import json
   with open(os.path.join(path, "config.json"), encoding="utf-8") as f:

@@ -16,14 +16,13 @@ Timing: the first batch of a shape is run once untimed (compilation), then every
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
-from pipo_jax import loading
+from pipo_jax import cli, loading
 from pipo_jax.config import ModelConfig
 from pipo_jax.data import tokenizer as tok_lib
 from pipo_jax.data.tokenizer import THINK_PREFIX
@@ -61,15 +60,9 @@ _WARM: set = set()  # signatures already compiled in this process
 
 
 def load(checkpoint: str, tokenizer_path: str = "") -> Model:
-  """Model (LoRA merged, heads present) + tokenizer (`tokenizer_path`, else the checkpoint directory)."""
-  config, params = loading.load_model(checkpoint)
-  path = tokenizer_path or checkpoint
-  if not os.path.exists(os.path.join(path, "tokenizer.json")):
-    raise FileNotFoundError(f"no tokenizer.json in {path!r}: pass the tokenizer directory")
-  tok = tok_lib.load_tokenizer(path)
-  if tok.vocab_size > config.vocab_size:
-    raise ValueError(f"tokenizer {path} has {tok.vocab_size} ids but the model only {config.vocab_size}")
-  return Model(config, params, tok)
+  """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.loading)."""
+  m = loading.load_for_cli(checkpoint, tokenizer_path, need_tokenizer=True)
+  return Model(m.config, m.params, m.tokenizer)
 
 
 def prompt_ids(tok: tok_lib.ChatTokenizer, messages: Sequence[dict], parity_pad: bool) -> np.ndarray:
@@ -89,12 +82,15 @@ def sample(model: Model, prompts: Sequence[Sequence[dict]], n: int, mode: str, s
            random_pad_ratio: Optional[float] = None) -> SampleRun:
   """n samples for each prompt (a list of chat messages) in decode `mode`; see the module docstring."""
   tok, cfg = model.tokenizer, model.config
+  if not prompts:
+    raise ValueError("no prompts to sample (empty prompt file?)")
   encoded = [prompt_ids(tok, m, parity_pad=(mode == "pipo")) for m in prompts]
   bucket = _bucket([len(e) for e in encoded])
   rows = [(q, i) for q in range(len(prompts)) for i in range(n)]
   B = min(batch_size, len(rows))
   samples = [[None] * n for _ in prompts]
   decode_s, compile_s, n_batches = 0.0, 0.0, 0
+  progress = cli.Progress(len(rows), f"sample ({mode})", "samples")
   for start in range(0, len(rows), B):
     chunk = rows[start:start + B]
     fill = chunk + [chunk[0]] * (B - len(chunk))  # a fixed batch shape: one compilation per run
@@ -123,4 +119,5 @@ def sample(model: Model, prompts: Sequence[Sequence[dict]], n: int, mode: str, s
       samples[q][i] = Sample(text=THINK_PREFIX + tok.decode(row["tokens"]), tokens=row["tokens"], raw=raw,
                              steps=row["stats"]["steps"], n_pad=n_pad,
                              token2_slots=len(raw) // 2 if mode == "pipo" else 0)
+    progress.update(len(chunk))
   return SampleRun(samples, decode_s, compile_s, n_batches)

@@ -1,7 +1,11 @@
 r"""Decode-speed benchmark: TTFT, time per step and effective (non-PAD) tokens per second of every mode.
 
-  python -m pipo_jax.bench --preset=qwen3_5_4b_narrow --init=random --prompt_len=512 --batch_size=1 \
+  python -m pipo_jax.bench --checkpoint=DIR --prompt_len=512 --batch_size=1 \
       --decode=ar,pipo,mtp,mtp_spec --conf_threshold=0.95 --new_tokens=64 --output=bench.json
+  python -m pipo_jax.bench --preset=qwen3_5_4b_narrow ...   (random-initialised model of a preset)
+
+DIR: an orbax workdir / step dir or an HF directory (plain Qwen3.5 or PIPO), loaded as every CLI loads it
+(pipo_jax.loading.load_for_cli; --pad_token_id when neither config.json nor a tokenizer names PAD).
 
 Prompts are random ids, no stop ids (every row runs the whole budget). Compilation and a warm-up run are
 excluded; each figure is the fastest of --repeats timed runs (on a shared machine, interference only ever
@@ -22,25 +26,31 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from pipo_jax import cli, loading
 from pipo_jax.inference import flops
-from pipo_jax.inference.api import MODES, _Static, decode_fn, prefill_fn, stop_id_array
-from pipo_jax.inference.model_io import load
+from pipo_jax.inference.api import MODES, _Static, _check_mode, decode_fn, prefill_fn, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "", "orbax checkpoint or HF directory")
-flags.DEFINE_string("preset", "", "without --checkpoint: a preset of pipo_jax.config.PRESETS")
-flags.DEFINE_enum("init", "random", ["random"], "without --checkpoint: how to initialise the preset")
-flags.DEFINE_integer("prompt_len", 512, "prompt tokens")
-flags.DEFINE_integer("batch_size", 1, "rows")
-flags.DEFINE_list("decode", ["ar", "pipo", "mtp", "mtp_spec"], "modes to measure (ar is always measured)")
-flags.DEFINE_float("conf_threshold", 0.95, "pipo tau")
-flags.DEFINE_integer("new_tokens", 64, "max_new_tokens (non-PAD tokens) per row")
-flags.DEFINE_integer("repeats", 3, "timed runs per figure (the fastest is kept)")
-flags.DEFINE_string("output", "bench.json", "JSON records; the plot goes to the same path with .png")
-flags.DEFINE_integer("seed", 0, "prompt and init seed")
+
+
+def define_flags():
+  """The CLI's flags (defined by `cli.run`, only when this module is the program)."""
+  flags.DEFINE_string("checkpoint", "", "orbax workdir / step dir, or HF directory (plain Qwen3.5 or PIPO)")
+  flags.DEFINE_string("preset", "", "without --checkpoint: a preset of pipo_jax.config.PRESETS, random init")
+  flags.DEFINE_string("tokenizer", "", "directory with tokenizer.json, for the PAD id (default: found with the "
+                      "checkpoint)")
+  flags.DEFINE_integer("pad_token_id", None, "PAD id when neither config.json nor the tokenizer names one")
+  flags.DEFINE_integer("prompt_len", 512, "prompt tokens")
+  flags.DEFINE_integer("batch_size", 1, "rows")
+  flags.DEFINE_list("decode", ["ar", "pipo", "mtp", "mtp_spec"], "modes to measure (ar is always measured)")
+  flags.DEFINE_float("conf_threshold", 0.95, "pipo tau")
+  flags.DEFINE_integer("new_tokens", 64, "max_new_tokens (non-PAD tokens) per row")
+  flags.DEFINE_integer("repeats", 3, "timed runs per figure (the fastest is kept)")
+  flags.DEFINE_string("output", "bench.json", "JSON records; the plot goes to the same path with .png")
+  flags.DEFINE_integer("seed", 0, "prompt and init seed")
 
 
 def _time(fn, repeats: int):
@@ -56,6 +66,7 @@ def _time(fn, repeats: int):
 def measure(config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int,
             repeats: int, seed: int = 0) -> dict:
   """One benchmark record (greedy decoding, no stop ids)."""
+  _check_mode(mode, config)
   ids = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 2, config.vocab_size, jnp.int32)
   valid = jnp.ones(ids.shape, bool)
   stop = stop_id_array(config, mode, [])
@@ -102,10 +113,21 @@ def plot(records: list, path: str):
   plt.close(fig)
 
 
+def flop_model_speedup(per_step: dict, rec: dict):
+  """Effective pipo/ar speed-up if step time were proportional to matmul FLOPs: the record's measured
+  tokens per step over ar's, times FLOPs(ar step) / FLOPs(its step). None for modes the model does not cover."""
+  if rec["mode"] == "ar":
+    return 1.0
+  if rec["mode"] != "pipo":
+    return None
+  pipo = per_step["pipo_tau_ge_1"] if rec["conf_threshold"] >= 1.0 else per_step["pipo_tau_lt_1"]
+  return rec["tokens_per_step"] * per_step["ar"] / pipo
+
+
 def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, random_init: bool, seed=0) -> dict:
   for m in modes:
     if m not in MODES:
-      raise app.UsageError(f"--decode: unknown mode {m!r}; expected some of {MODES}")
+      raise ValueError(f"--decode: unknown mode {m!r}; expected some of {MODES}")
   plan = [("ar", None)]
   for m in modes:
     if m == "pipo":
@@ -121,25 +143,30 @@ def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, rand
     r["speedup_effective_vs_ar"] = r["effective_tokens_per_s"] / ar["effective_tokens_per_s"]
     r["speedup_step_vs_ar"] = ar["step_s"] / r["step_s"]
   bound = flops.per_step(config, prompt_len + new_tokens // 2)
+  for r in records:
+    r["flop_model_speedup"] = flop_model_speedup(bound, r)
   return {"records": records, "flops_per_step": bound, "device": str(jax.devices()[0])}
 
 
 def main(argv):
   del argv
-  config, params = load(FLAGS.checkpoint, FLAGS.preset, FLAGS.seed)
-  out = run(config, params, FLAGS.decode, FLAGS.conf_threshold, FLAGS.prompt_len, FLAGS.batch_size,
+  m = loading.load_for_cli(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.preset, FLAGS.seed,
+                           pad_token_id=FLAGS.pad_token_id, need_pad="pipo" in FLAGS.decode)
+  out = run(m.config, m.params, FLAGS.decode, FLAGS.conf_threshold, FLAGS.prompt_len, FLAGS.batch_size,
             FLAGS.new_tokens, FLAGS.repeats, random_init=not FLAGS.checkpoint, seed=FLAGS.seed)
   b = out["flops_per_step"]
-  print(f"FLOP bound of the pipo/ar effective speed-up (matmul FLOPs per decode step): "
+  print(f"matmul-FLOP model of the pipo/ar effective speed-up (what a compute-bound decode would reach; "
+        f"small-batch decode is bandwidth-bound, so measured eff_x may exceed it): "
         f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
         f"tau<1 none kept: {b['bound_tau_lt_1_none_kept']:.3f}x")
   for r in out["records"]:
     tau = "" if r["conf_threshold"] is None else f" tau={r['conf_threshold']:g}"
     acc = "" if r["draft_acceptance"] is None else f" acceptance={r['draft_acceptance']:.3f}"
+    fm = "" if r["flop_model_speedup"] is None else f" flop_model_x={r['flop_model_speedup']:.2f}"
     print(f"{r['mode']:9s}{tau:10s} ttft={r['ttft_s'] * 1e3:9.2f}ms step={r['step_s'] * 1e3:8.2f}ms "
           f"tokens/step={r['tokens_per_step']:.2f} eff_tok/s={r['effective_tokens_per_s']:8.1f} "
           f"ttft_x={r['speedup_ttft_vs_ar']:.2f} step_x={r['speedup_step_vs_ar']:.2f} "
-          f"eff_x={r['speedup_effective_vs_ar']:.2f}{acc}")
+          f"eff_x={r['speedup_effective_vs_ar']:.2f}{fm}{acc}")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   with open(FLAGS.output, "w") as f:
     json.dump(out, f, indent=1)
@@ -147,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -18,21 +18,20 @@ import jax
 from absl import app, flags, logging
 
 from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import hf_pipo, loading
-from pipo_jax.config import Config, ModelConfig
+from pipo_jax import cli, hf_pipo, loading
+from pipo_jax.config import Config
 
 FLAGS = flags.FLAGS
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "") -> list:
   """orbax checkpoint -> HF directory; returns the written file names."""
-  config, params = loading.load_model(checkpoint, init_heads=False)
-  if not tokenizer_dir:
-    saved = ckpt_lib.read_config(checkpoint) or {}
-    for cand in (saved.get("data", {}).get("tokenizer_path", ""), saved.get("checkpoint", {}).get("init_from", "")):
-      if cand and os.path.exists(os.path.join(cand, "tokenizer.json")):
-        tokenizer_dir = cand
-        break
+  m = loading.load_for_cli(checkpoint, tokenizer_dir, init_heads=False, need_pad=False)
+  config, params, tokenizer_dir = m.config, m.params, m.tokenizer_dir
+  if m.pipo_trained:
+    logging.warning("%s is a PIPO checkpoint: in the export, the backbone alone (as transformers' "
+                    "Qwen3_5ForCausalLM loads it) reads pair latents, not tokens; decode it with PIPO "
+                    "(compressor + backbone + MTP + confidence head), e.g. `python -m pipo_jax.generate`", checkpoint)
   files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir)
   logging.info("exported %s -> %s (%d files)", ckpt_lib.resolve_step_dir(checkpoint), out_dir, len(files))
   return files
@@ -50,10 +49,11 @@ class _Frozen:
 
 def import_hf(model_dir: str, out_workdir: str) -> str:
   """HF directory -> orbax workdir with one step (0); returns the step directory."""
-  config, params = loading.load_model(model_dir)
+  m = loading.load_for_cli(model_dir, need_pad=False)
+  config, params = m.config, m.params
   cfg = Config(model=dataclasses.replace(config, preset=None))
   cfg = dataclasses.replace(cfg, workdir=out_workdir)
-  cfg.data.tokenizer_path = model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else ""
+  cfg.data.tokenizer_path = os.path.abspath(m.tokenizer_dir) if m.tokenizer_dir else ""
   state = _Frozen(step=jax.numpy.zeros((), jax.numpy.int32), trainable={}, frozen=params, opt_state={},
                   rng=jax.random.PRNGKey(0))
   from pipo_jax.trainer import _config_dict
@@ -70,12 +70,11 @@ def main(argv):
   elif FLAGS.from_hf and FLAGS.to_checkpoint:
     print(import_hf(FLAGS.from_hf, FLAGS.to_checkpoint))
   else:
-    raise app.UsageError("give --checkpoint=... --to_hf=OUT, or --from_hf=DIR --to_checkpoint=OUT")
+    raise app.UsageError("give --checkpoint=DIR --to_hf=OUT, or --from_hf=DIR --to_checkpoint=OUT")
 
 
 def define_flags():
-  """CLI flags, defined only when this module is the program (so importing it from another CLI or a test
-  never clashes on flag names)."""
+  """The CLI's flags (defined by `cli.run`, only when this module is the program)."""
   flags.DEFINE_string("checkpoint", "", "orbax workdir or step dir to export")
   flags.DEFINE_string("to_hf", "", "output HF directory")
   flags.DEFINE_string("tokenizer_dir", "", "directory whose tokenizer files are copied into the export")
@@ -84,5 +83,4 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -28,8 +28,7 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
-
-from absl import app, flags
+from absl import flags
 
 
 def define_flags() -> None:
@@ -178,5 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from pipo_jax import cli
+  cli.run(main, define_flags)

@@ -1,50 +1,66 @@
 r"""Generate completions for a JSONL file of prompts.
 
-  python -m pipo_jax.generate --checkpoint=DIR --prompts=IN.jsonl --output=OUT.jsonl \
-      --decode=pipo --conf_threshold=0.95 --max_new_tokens=512 [--temperature=0.6 --top_k=20 --top_p=0.95 \
-      --presence_penalty=1.5 --seed=0 --batch_size=8]
+  python -m pipo_jax.generate --checkpoint=DIR --prompts=IN.jsonl --output=OUT.jsonl [--tokenizer=DIR] \
+      [--decode=pipo --conf_threshold=0.95 --max_new_tokens=256 --batch_size=8 --seed=0] \
+      [--temperature=T --top_k=K --top_p=P --presence_penalty=X] [--pad_token_id=N --eos_token_id=N]
 
+DIR is an orbax workdir / step dir of this project or an HF directory (plain Qwen3.5 or PIPO); the tokenizer
+is found with the checkpoint (an HF dir's own files, or the run's configured tokenizer) unless --tokenizer
+names one. Sampling defaults come from the checkpoint's generation_config.json when it has one, else greedy;
+flags override them, and the effective values are logged.
 Input lines: {"prompt": str} (user turn; the chat template and the `<think>\n` opener are applied),
 {"messages": [{"role", "content"}, ...]}, or {"tokens": [int, ...]} (used as is).
 Output lines: {"tokens": [...] (PAD slots removed), "raw": [...] (the raw stream, PAD slots included),
 "text": str, "stats": {steps, tokens_emitted, drafts_proposed, drafts_kept, pad_ratio}}, in input order.
 `--max_new_tokens` counts emitted non-PAD tokens. Prompts are left-padded to one bucket (the longest prompt
 rounded up to --bucket_multiple) and the last batch is filled up, so the whole file compiles once.
-Without --checkpoint, `--preset=NAME --init=random` runs a random-initialised model (token input only,
-unless --tokenizer is given).
+Without --checkpoint, `--preset=NAME` runs a random-initialised model (token input only, unless --tokenizer
+is given).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
 import jax
-import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from pipo_jax import cli, loading
 from pipo_jax.inference.api import MODES, generate, left_pad, result_rows
-from pipo_jax.inference.model_io import load, load_tokenizer_or_none
 from pipo_jax.inference.sampling import SamplingParams
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "", "orbax checkpoint or HF directory (pipo_jax.loading.load_model)")
-flags.DEFINE_string("preset", "", "without --checkpoint: a model preset of pipo_jax.config.PRESETS")
-flags.DEFINE_enum("init", "random", ["random"], "without --checkpoint: how to initialise the preset")
-flags.DEFINE_string("tokenizer", "", "directory with tokenizer.json (default: the checkpoint directory)")
-flags.DEFINE_string("prompts", None, "input JSONL")
-flags.DEFINE_string("output", None, "output JSONL")
-flags.DEFINE_enum("decode", "pipo", list(MODES), "decoding mode")
-flags.DEFINE_float("conf_threshold", 0.95, "pipo: keep token2 iff sigmoid(conf) >= tau; <0 keep all, >=1 none")
-flags.DEFINE_integer("max_new_tokens", 256, "emitted non-PAD tokens per prompt")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-flags.DEFINE_integer("top_k", 0, "0 = off")
-flags.DEFINE_float("top_p", 1.0, "1 = off")
-flags.DEFINE_float("presence_penalty", 0.0, "subtracted from the logits of tokens already emitted")
-flags.DEFINE_integer("seed", 0, "sampling seed (one key per batch, folded from it)")
-flags.DEFINE_integer("batch_size", 8, "prompts per batch")
-flags.DEFINE_integer("bucket_multiple", 64, "the prompt bucket is the longest prompt rounded up to this")
+
+
+def define_flags():
+  """The CLI's flags (defined by `cli.run`, only when this module is the program)."""
+  flags.DEFINE_string("checkpoint", "", "orbax workdir / step dir, or HF directory (plain Qwen3.5 or PIPO)")
+  flags.DEFINE_string("preset", "", "without --checkpoint: a model preset of pipo_jax.config.PRESETS, random init")
+  flags.DEFINE_string("tokenizer", "", "directory with tokenizer.json (default: found with the checkpoint)")
+  flags.DEFINE_string("prompts", None, "input JSONL")
+  flags.DEFINE_string("output", None, "output JSONL")
+  flags.DEFINE_enum("decode", "pipo", list(MODES), "decoding mode")
+  flags.DEFINE_float("conf_threshold", 0.95, "pipo: keep token2 iff sigmoid(conf) >= tau; <0 keep all, >=1 none")
+  flags.DEFINE_integer("max_new_tokens", 256, "emitted non-PAD tokens per prompt")
+  flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 0)")
+  flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
+  flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
+  flags.DEFINE_float("presence_penalty", None, "subtracted from the logits of tokens already emitted "
+                     "(default: generation_config.json, else 0)")
+  flags.DEFINE_integer("pad_token_id", None, "PAD id when neither config.json nor the tokenizer names one")
+  flags.DEFINE_integer("eos_token_id", None, "EOS id when neither config.json nor the tokenizer names one")
+  flags.DEFINE_integer("seed", 0, "sampling seed (one key per batch, folded from it)")
+  flags.DEFINE_integer("batch_size", 8, "prompts per batch")
+  flags.DEFINE_integer("bucket_multiple", 64, "the prompt bucket is the longest prompt rounded up to this")
+
+
+def sampling_params(generation: dict, temperature=None, top_k=None, top_p=None, presence_penalty=None):
+  """SamplingParams: a flag when given, else generation_config.json's value, else off (greedy)."""
+  def pick(flag, key, default):
+    return flag if flag is not None else generation.get(key, default)
+  return SamplingParams(float(pick(temperature, "temperature", 0.0)), int(pick(top_k, "top_k", 0)),
+                        float(pick(top_p, "top_p", 1.0)), float(pick(presence_penalty, "presence_penalty", 0.0)))
 
 
 def encode_record(rec: dict, tok, where: str) -> list:
@@ -61,29 +77,46 @@ def encode_record(rec: dict, tok, where: str) -> list:
 
 
 def read_prompts(path: str, tok) -> list:
+  """Token-id prompts of a JSONL file; an empty file, a malformed line or an empty prompt is a ValueError
+  naming file:line."""
+  records = []
+  for n, line in cli.read_nonempty_lines(path, "prompts"):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    records.append((rec, f"{path}:{n}"))
+  return read_prompts_from_records([r for r, _ in records], tok, [w for _, w in records])
+
+
+def read_prompts_from_records(records: list, tok, where: list = ()) -> list:
+  """Token-id prompts of input records (dicts of the JSONL format)."""
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-      ids = encode_record(rec, tok, f"{path}:{n}")
-      if not ids:
-        raise ValueError(f"{path}:{n}: empty prompt")
-      prompts.append(ids)
+  for i, rec in enumerate(records):
+    w = where[i] if where else f"record {i}"
+    if not isinstance(rec, dict):
+      raise ValueError(f"{w}: expected a JSON object with 'prompt', 'messages' or 'tokens'")
+    ids = encode_record(rec, tok, w)
+    if not ids:
+      raise ValueError(f"{w}: empty prompt")
+    prompts.append(ids)
   return prompts
 
 
 def run(prompts: list, config, params, tok, mode: str, sp: SamplingParams, tau: float, max_new: int,
-        batch_size: int, seed: int, bucket_multiple: int = 64) -> list:
-  """Generate for token-id prompts; returns one output dict per prompt, in order."""
+        batch_size: int, seed: int, bucket_multiple: int = 64, stop_ids=None) -> list:
+  """Generate for token-id prompts; returns one output dict per prompt, in order. `stop_ids`: default the
+  tokenizer's (or config.eos_token_id without a tokenizer)."""
+  if not prompts:
+    raise ValueError("no prompts to generate for")
+  if batch_size < 1:
+    raise ValueError(f"--batch_size={batch_size}: expected >= 1")
   m = bucket_multiple
   bucket = -(-max(len(p) for p in prompts) // m) * m
-  stop_ids = list(tok.special.stop_ids) if tok is not None else None
+  if stop_ids is None and tok is not None:
+    stop_ids = list(tok.special.stop_ids)
   rows = []
+  progress = cli.Progress(len(prompts), "generate", "prompts")
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     n = len(chunk)
@@ -93,7 +126,8 @@ def run(prompts: list, config, params, tok, mode: str, sp: SamplingParams, tau: 
     res = generate(params, config, ids, valid, mode=mode, sampling=sp, conf_threshold=tau, max_new_tokens=max_new,
                    rng=jax.random.fold_in(jax.random.PRNGKey(seed), start), stop_ids=stop_ids)
     out = result_rows(res)[:n]
-    logging.info("batch %d: %d prompts in %.2fs", start // batch_size, n, time.time() - t0)
+    logging.debug("batch %d: %d prompts in %.2fs", start // batch_size, n, time.time() - t0)
+    progress.update(n)
     for r in out:
       r["text"] = tok.decode(r["tokens"]) if tok is not None else ""
     rows += out
@@ -102,16 +136,18 @@ def run(prompts: list, config, params, tok, mode: str, sp: SamplingParams, tau: 
 
 def main(argv):
   del argv
-  if not FLAGS.prompts or not FLAGS.output:
-    raise app.UsageError("--prompts and --output are required")
-  config, params = load(FLAGS.checkpoint, FLAGS.preset, FLAGS.seed)
-  tok = load_tokenizer_or_none(FLAGS.tokenizer or FLAGS.checkpoint)
-  if config.pad_token_id is None and tok is not None:  # plain Qwen3.5 config.json may not name a PAD id
-    config = dataclasses.replace(config, pad_token_id=tok.pad_id)
-  prompts = read_prompts(FLAGS.prompts, tok)
-  sp = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.presence_penalty)
-  rows = run(prompts, config, params, tok, FLAGS.decode, sp, FLAGS.conf_threshold, FLAGS.max_new_tokens,
-             FLAGS.batch_size, FLAGS.seed, FLAGS.bucket_multiple)
+  cli.require("prompts", "output")
+  m = loading.load_for_cli(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.preset, FLAGS.seed,
+                           pad_token_id=FLAGS.pad_token_id, eos_token_id=FLAGS.eos_token_id,
+                           need_pad=FLAGS.decode == "pipo")
+  loading.warn_if_pipo_in_ar(m, FLAGS.decode)
+  prompts = read_prompts(FLAGS.prompts, m.tokenizer)
+  sp = sampling_params(m.generation, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.presence_penalty)
+  logging.info("sampling: temperature=%g top_k=%d top_p=%g presence_penalty=%g (flags over %s); stop ids %s",
+               sp.temperature, sp.top_k, sp.top_p, sp.presence_penalty,
+               "generation_config.json" if m.generation else "greedy defaults", list(m.stop_ids))
+  rows = run(prompts, m.config, m.params, m.tokenizer, FLAGS.decode, sp, FLAGS.conf_threshold,
+             FLAGS.max_new_tokens, FLAGS.batch_size, FLAGS.seed, FLAGS.bucket_multiple, stop_ids=list(m.stop_ids))
   with open(FLAGS.output, "w", encoding="utf-8") as f:
     for r in rows:
       f.write(json.dumps({"tokens": r["tokens"], "raw": r["raw"], "text": r["text"], "stats": r["stats"]}) + "\n")
@@ -122,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

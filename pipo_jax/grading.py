@@ -1,12 +1,15 @@
 """Rule-based answer grading (pipo_method.md section 12.3).
 
-Two graders and a dispatcher:
+Three graders and a dispatcher:
 
 * `grade_math(completion, gold)`: the LAST `\\boxed{...}` of the full completion text (balanced braces, nesting
   allowed) is extracted by us, then parsed and compared with math-verify. No box means wrong.
 * `grade_multiple_choice(completion, gold)`: the regex `\\boxed{([A-Z])}` over the last 3 lines of the stripped
   text; the last match must equal the gold letter.
-* `grade(completion, answer, answer_type)` with `answer_type` in `ANSWER_TYPES`.
+* `code`: the last fenced Python block run against the row's tests in a sandboxed subprocess
+  (pipo_jax/code_grading.py; `answer` holds the tests as JSON).
+* `grade(completion, answer, answer_type)` with `answer_type` in `ANSWER_TYPES`; `grade_samples` grades code
+  samples on a pool of parallel workers.
 
 math-verify configuration (the reference's, `RedAI-Infra/PIPO pipo/eval/evaluator.py`, adapted to the 0.9.0 API
 where `boxed=` lives in `NormalizationConfig`):
@@ -46,7 +49,7 @@ import numpy as np
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-ANSWER_TYPES = ("math", "multiple_choice")
+ANSWER_TYPES = ("math", "multiple_choice", "code")
 DEFAULT_TIMEOUT_S = 5
 
 _BOXED = "\\boxed"
@@ -144,11 +147,14 @@ def grade_multiple_choice(completion: str, gold: str) -> bool:
 
 
 def grade(completion: str, answer: str, answer_type: str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> bool:
-  """Grade one completion. `answer_type` is one of `ANSWER_TYPES`; code answers need execution and live elsewhere."""
+  """Grade one completion. `answer_type` is one of `ANSWER_TYPES`."""
   if answer_type == "math":
     return grade_math(completion, answer, timeout_s)
   if answer_type == "multiple_choice":
     return grade_multiple_choice(completion, answer)
+  if answer_type == "code":
+    from pipo_jax import code_grading
+    return code_grading.grade_code(completion, answer)
   raise ValueError(f"grade: unknown answer_type {answer_type!r}; expected one of {ANSWER_TYPES}")
 
 
@@ -166,5 +172,17 @@ def grade_samples(completions_QN: Sequence[Sequence[str]], answers_Q: Sequence[s
   n = {len(c) for c in completions_QN}
   if len(n) > 1:
     raise ValueError(f"grade_samples: questions have different sample counts {sorted(n)}")
-  return np.array([[grade(c, a, t, timeout_s) for c in comps]
-                   for comps, a, t in zip(completions_QN, answers_Q, types)], dtype=np.int8).reshape(q, -1)
+  out = np.zeros((q, n.pop() if n else 0), np.int8)
+  code_jobs, code_at = [], []
+  for i, (comps, a, t) in enumerate(zip(completions_QN, answers_Q, types)):
+    for j, c in enumerate(comps):
+      if t == "code":  # run in parallel below
+        code_jobs.append((c, a))
+        code_at.append((i, j))
+      else:
+        out[i, j] = grade(c, a, t, timeout_s)
+  if code_jobs:
+    from pipo_jax import code_grading
+    for (i, j), ok in zip(code_at, code_grading.grade_many(code_jobs)):
+      out[i, j] = ok
+  return out

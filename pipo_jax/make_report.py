@@ -14,7 +14,7 @@ import json
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
 
 def define_flags() -> None:
@@ -82,5 +82,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from pipo_jax import cli
+  cli.run(main, define_flags)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from pipo_jax.data import synthetic
 
@@ -57,5 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from pipo_jax import cli
+  cli.run(main, define_flags)

@@ -51,7 +51,7 @@ import sys
 import time
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from pipo_jax.config import Config
@@ -514,4 +514,5 @@ def main(argv, fl: dict):
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  from pipo_jax import cli
+  cli.run(lambda argv: main(argv, _FLAGS))

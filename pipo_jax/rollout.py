@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 
 def define_flags() -> None:
@@ -113,5 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from pipo_jax import cli
+  cli.run(main, define_flags)

@@ -1,6 +1,7 @@
 r"""Score token sequences: per-token log-probabilities, regular (AR) or compressed (PIPO) mode.
 
-  python -m pipo_jax.score --checkpoint=DIR --input=IN.jsonl --output=OUT.jsonl [--batch_size=8] [--pipo]
+  python -m pipo_jax.score --checkpoint=DIR --input=IN.jsonl --output=OUT.jsonl [--batch_size=8] [--pipo] \
+      [--dtype=float32 --matmul_precision=highest --pad_token_id=N]
 
 DIR is an HF directory (plain Qwen3.5 or PIPO) or this project's orbax checkpoint (workdir or step dir).
 Each input line is {"tokens": [int, ...]} (at least one token); each output line, in input order, is
@@ -17,13 +18,15 @@ batch at once.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
+from pipo_jax import cli
 from pipo_jax.config import ModelConfig
 from pipo_jax.models import qwen3_5
 
@@ -36,6 +39,10 @@ _HEAD_CHUNK = 256  # tokens per LM-head chunk
 def read_token_file(path: str, vocab_size: int) -> list[np.ndarray]:
   """Parse and validate the input JSONL; errors name file:line and what was expected."""
   seqs = []
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: input file not found")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path}: empty input file")
   with open(path) as f:
     for lineno, line in enumerate(f, 1):
       where = f"{path}:{lineno}"
@@ -95,6 +102,7 @@ def score_sequences(config: ModelConfig, params, seqs: Sequence[np.ndarray], bat
   fn = make_logprob_fn(config)
   order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
   out: list = [None] * len(seqs)
+  progress = cli.Progress(len(seqs), "score", "sequences")
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     T = _bucket(max(len(seqs[i]) for i in idx))
@@ -109,22 +117,23 @@ def score_sequences(config: ModelConfig, params, seqs: Sequence[np.ndarray], bat
     for row, i in enumerate(idx):
       n = len(seqs[i])
       out[i] = lp[row, T - n:].astype(np.float32)
+    progress.update(len(idx))
   return out
 
 
 def score_file(checkpoint: str, input_path: str, output_path: str, batch_size: int = 8, pipo: bool = False,
-               dtype: str = "float32") -> int:
+               dtype: str = "float32", pad_token_id: Optional[int] = None) -> int:
   """Score every line of input_path into output_path; returns the number of sequences."""
   from pipo_jax import loading
   overrides = ModelConfig(preset=None, dtype=dtype)
-  config, params = loading.load_model(checkpoint, overrides, init_heads=pipo)
+  m = loading.load_for_cli(checkpoint, overrides=overrides, init_heads=pipo, pad_token_id=pad_token_id,
+                           need_pad=pipo)
+  config, params = m.config, m.params
   seqs = read_token_file(input_path, config.vocab_size)
   logging.info("scoring %d sequences (%d tokens)%s", len(seqs), sum(len(s) for s in seqs),
                " in compressed PIPO mode" if pipo else "")
   if pipo:
     from pipo_jax import score_pipo
-    if config.pad_token_id is None:
-      raise ValueError(f"{checkpoint}: config has no pad_token_id, which PIPO scoring needs for odd lengths")
     records = score_pipo.score_sequences_pipo(config, params, seqs, batch_size, config.pad_token_id)
   else:
     records = [{"logprobs": [float(v) for v in lp]}
@@ -138,19 +147,16 @@ def score_file(checkpoint: str, input_path: str, output_path: str, batch_size: i
 
 def main(argv):
   del argv
-  for name in ("checkpoint", "input", "output"):
-    if not getattr(FLAGS, name):
-      raise app.UsageError(f"--{name} is required")
+  cli.require("checkpoint", "input", "output")
   if FLAGS.batch_size < 1:
     raise app.UsageError("--batch_size must be >= 1")
   jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
-  score_file(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.batch_size, FLAGS.pipo, FLAGS.dtype)
-
+  score_file(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.batch_size, FLAGS.pipo, FLAGS.dtype,
+             FLAGS.pad_token_id)
 
 
 def define_flags():
-  """CLI flags, defined only when this module is the program (so importing it from another CLI or a test
-  never clashes on flag names)."""
+  """The CLI's flags (defined by `cli.run`, only when this module is the program)."""
   flags.DEFINE_string("checkpoint", None, "HF directory or orbax checkpoint (workdir or step dir).")
   flags.DEFINE_string("input", None, 'JSONL file, one {"tokens": [...]} per line.')
   flags.DEFINE_string("output", None, 'JSONL file to write, one {"logprobs": [...]} per input line.')
@@ -158,8 +164,8 @@ def define_flags():
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
   flags.DEFINE_string("matmul_precision", "highest", "jax_default_matmul_precision for fp32 matmuls.")
   flags.DEFINE_bool("pipo", False, "Score in compressed PIPO mode (backbone and MTP streams, confidence).")
+  flags.DEFINE_integer("pad_token_id", None, "--pipo: PAD id when neither config.json nor a tokenizer names one")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

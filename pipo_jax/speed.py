@@ -135,6 +135,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  define_flags()
-  app.run(main)
+  from pipo_jax import cli
+  cli.run(main, define_flags)

@@ -15,22 +15,21 @@ metrics.jsonl.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import time
 from typing import Optional
 
-from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pipo_jax import cli
 from pipo_jax.config import Config
 
-_CONFIG = config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py).")
+_CONFIG = None
 
 
-def config_to_dict(cfg) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+def define_flags():
+  """The CLI's flags (defined by `cli.run`, only when this module is the program): `--config` would clash
+  with memory_plan's if defined at import."""
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py).")
 
 
 def main(argv):
@@ -51,4 +50,4 @@ def run(cfg: Config) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

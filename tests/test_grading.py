@@ -56,7 +56,7 @@ def test_grade_multiple_choice_last_three_lines():
 
 def test_grade_unknown_type():
   with pytest.raises(ValueError, match="answer_type"):
-    grading.grade("x", "y", "code")
+    grading.grade("x", "y", "essay")
 
 
 def test_grade_math_off_main_thread():

@@ -9,7 +9,12 @@ Special ids are never hard-coded (pipo_method.md defects 7 and 19); `load_tokeni
 * ``<|im_start|>``, ``<|im_end|>``, ``<think>``, ``</think>``: looked up by their text in the vocabulary.
 * The thinking prefix is ``encode("<think>\\n")``; its length (2 for Qwen3.5) is what think-prefix masking masks.
 
-Chat template (Qwen3.5 with thinking), encoded as two id sequences so the prompt/response boundary is exact:
+Chat template. When the directory carries its own Jinja template (``chat_template.jinja``, else
+``tokenizer_config.json`` ``chat_template``), it is rendered with jinja2 exactly as transformers'
+``apply_chat_template`` renders it (same environment, ``add_generation_prompt``, ``enable_thinking``), so SFT
+data, generation prompts and OPD prompts are what the checkpoint was built with (`ChatTemplate`). Without
+one, the built-in Qwen3.5 template below is used, encoded as two id sequences so the prompt/response
+boundary is exact:
 
     prompt   = [<|im_start|>system\\n{sys}<|im_end|>\\n]  <|im_start|>user\\n{content}<|im_end|>\\n
                <|im_start|>assistant\\n
@@ -35,6 +40,67 @@ import numpy as np
 from tokenizers import Tokenizer
 
 THINK_PREFIX = "<think>\n"
+NO_THINK_SUFFIX = "<think>\n\n</think>\n\n"  # the generation prompt's end with thinking switched off
+
+
+class ChatTemplate:
+  """A checkpoint's Jinja chat template, rendered the way transformers' `apply_chat_template` renders it
+  (a sandboxed environment with trim_blocks / lstrip_blocks, loop controls, `tojson`, `raise_exception`,
+  `strftime_now`, and the special tokens as variables)."""
+
+  def __init__(self, source: str, where: str, special_tokens: Optional[dict] = None):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+      raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+      return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+      import datetime
+      return datetime.datetime.now().strftime(fmt)
+
+    self.where = where
+    self.special_tokens = dict(special_tokens or {})
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+      self.template = env.from_string(source)
+    except jinja2.exceptions.TemplateError as e:
+      raise ValueError(f"{where}: the chat template does not parse ({e})") from None
+
+  def render(self, messages: Sequence[dict], add_generation_prompt: bool, enable_thinking: bool = True) -> str:
+    import jinja2
+    try:
+      return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                  enable_thinking=enable_thinking, **self.special_tokens)
+    except (jinja2.exceptions.TemplateError, TypeError, AttributeError, KeyError, IndexError) as e:
+      raise ValueError(f"{self.where}: the chat template failed to render ({type(e).__name__}: {e})") from None
+
+
+def read_chat_template(d: str, tok_config: dict) -> Optional[ChatTemplate]:
+  """The directory's own template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a string,
+  or a list of {"name", "template"} of which "default" is used). None when there is none."""
+  path = os.path.join(d, "chat_template.jinja")
+  source, where = None, path
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      source = f.read()
+  else:
+    t = tok_config.get("chat_template")
+    where = os.path.join(d, "tokenizer_config.json")
+    if isinstance(t, list):
+      t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    source = t if isinstance(t, str) and t.strip() else None
+  if source is None:
+    return None
+  special = {k: _token_text(tok_config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+  return ChatTemplate(source, where, special)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +145,21 @@ def _config_id(cfg: dict, key: str) -> Optional[int]:
 class ChatTokenizer:
   """A `tokenizers.Tokenizer` plus special ids and the chat template. All encodings are int32 [n]."""
 
-  def __init__(self, tokenizer: Tokenizer, special: SpecialIds, path: str = ""):
+  def __init__(self, tokenizer: Tokenizer, special: SpecialIds, path: str = "",
+               template: Optional[ChatTemplate] = None):
     self.tokenizer = tokenizer
     self.special = special
     self.path = path
+    self.template = template
     self.think_prefix_ids = self.encode(THINK_PREFIX)
     if len(self.think_prefix_ids) == 0 or self.think_prefix_ids[0] != special.think_start:
       raise ValueError(f"{path}: encode({THINK_PREFIX!r}) = {self.think_prefix_ids.tolist()} does not start "
                        f"with the <think> id {special.think_start}")
     self._newline_ids = self.encode("\n")
+
+  def with_special(self, **ids) -> "ChatTokenizer":
+    """The same tokenizer with some special ids replaced (e.g. the model config's PAD)."""
+    return ChatTokenizer(self.tokenizer, dataclasses.replace(self.special, **ids), self.path, self.template)
 
   # -- plain text ------------------------------------------------------------------
   @property
@@ -118,22 +190,39 @@ class ChatTokenizer:
     return [np.asarray([s.im_start], np.int32), self.encode(f"{role}\n{content}"),
             np.asarray([s.im_end], np.int32), self._newline_ids]
 
+  def _template_prompt_text(self, messages: Sequence[dict]) -> str:
+    text = self.template.render(messages, add_generation_prompt=True, enable_thinking=True)
+    return text[:-len(THINK_PREFIX)] if text.endswith(THINK_PREFIX) else text
+
   def prompt_ids(self, messages: Sequence[dict]) -> np.ndarray:
-    """Prompt side of an SFT example: every turn, then `<|im_start|>assistant\\n`. int32 [n]."""
+    """Prompt side of an SFT example: every turn, then `<|im_start|>assistant\n`. int32 [n]."""
+    if self.template is not None:
+      return self.encode(self._template_prompt_text(messages))
     parts = []
     for m in messages:
       parts += self._turn(m["role"], m["content"])
     parts += [np.asarray([self.special.im_start], np.int32), self.encode("assistant\n")]
     return np.concatenate(parts).astype(np.int32)
 
-  def generation_prompt_ids(self, messages: Sequence[dict]) -> np.ndarray:
-    """Prompt for generation / OPD rollouts: `prompt_ids(messages)` followed by `<think>\\n`. int32 [n]."""
-    return np.concatenate([self.prompt_ids(messages), self.think_prefix_ids]).astype(np.int32)
+  def generation_prompt_ids(self, messages: Sequence[dict], enable_thinking: bool = True) -> np.ndarray:
+    """Prompt for generation / OPD rollouts, int32 [n]: with thinking, `prompt_ids(messages)` followed by
+    `<think>\n`; without, followed by `<think>\n\n</think>\n\n`. With a Jinja template: its rendering with
+    `add_generation_prompt=True` and `enable_thinking`."""
+    if self.template is not None:
+      return self.encode(self.template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking))
+    tail = self.think_prefix_ids if enable_thinking else self.encode(NO_THINK_SUFFIX)
+    return np.concatenate([self.prompt_ids(messages), tail]).astype(np.int32)
+
+  def _split_response(self, text: str) -> np.ndarray:
+    """`<think>\n` (if the text starts with it) and the rest, encoded separately (see the module docstring)."""
+    if text.startswith(THINK_PREFIX):
+      return np.concatenate([self.think_prefix_ids, self.encode(text[len(THINK_PREFIX):])]).astype(np.int32)
+    return self.encode(text)
 
   def response_ids(self, response: str, add_end: bool = True) -> np.ndarray:
-    """Assistant side of an SFT example: `<think>\\n` + body (+ `<|im_end|>\\n`). int32 [n].
+    """Assistant side of an SFT example (built-in template): `<think>\n` + body (+ `<|im_end|>\n`). int32 [n].
 
-    A body that already starts with `<think>\\n` keeps a single prefix.
+    A body that already starts with `<think>\n` keeps a single prefix.
     """
     body = response[len(THINK_PREFIX):] if response.startswith(THINK_PREFIX) else response
     parts = [self.think_prefix_ids, self.encode(body)]
@@ -143,7 +232,15 @@ class ChatTokenizer:
 
   def encode_chat(self, messages: Sequence[dict], response: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_ids int32 [P], response_ids int32 [R]) of one SFT example."""
-    return self.prompt_ids(messages), self.response_ids(response)
+    if self.template is None:
+      return self.prompt_ids(messages), self.response_ids(response)
+    prompt = self._template_prompt_text(messages)
+    full = self.template.render(list(messages) + [{"role": "assistant", "content": response}],
+                                add_generation_prompt=False)
+    if not full.startswith(prompt):
+      raise ValueError(f"{self.template.where}: the chat template renders the prompt differently inside the "
+                       f"conversation, so the prompt/response boundary is undefined")
+    return self.encode(prompt), self._split_response(full[len(prompt):])
 
 
 def find_special_ids(tokenizer: Tokenizer, tok_config: dict, model_config: dict, where: str = "") -> SpecialIds:
@@ -185,10 +282,13 @@ def load_tokenizer(path: str) -> ChatTokenizer:
   if not os.path.exists(tok_file):
     raise FileNotFoundError(f"{tok_file} not found: data.tokenizer_path (or the model directory) must hold "
                             "a Hugging Face tokenizer.json")
-  tok = Tokenizer.from_file(tok_file)
-  special = find_special_ids(tok, _read_json(os.path.join(d, "tokenizer_config.json")),
-                             _read_json(os.path.join(d, "config.json")), where=d)
-  return ChatTokenizer(tok, special, path=d)
+  try:
+    tok = Tokenizer.from_file(tok_file)
+  except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+    raise ValueError(f"{tok_file}: not a Hugging Face tokenizer.json ({e})") from None
+  tok_config = _read_json(os.path.join(d, "tokenizer_config.json"))
+  special = find_special_ids(tok, tok_config, _read_json(os.path.join(d, "config.json")), where=d)
+  return ChatTokenizer(tok, special, path=d, template=read_chat_template(d, tok_config))
 
 
 def record_token_ids(record, tok: Optional[ChatTokenizer]) -> tuple[np.ndarray, np.ndarray]:

@@ -99,7 +99,9 @@ def test_teacher_states_equal_direct_forward_on_compacted_sequence():
   np.testing.assert_allclose(g_back[0, 3], g[0, 5])
 
 
-def _loss_fn(mode, lora=LoraConfig(), loss=LossConfig(logits_chunk=8), **kw):
+def _loss_fn(mode, lora=None, loss=None, **kw):
+  lora = LoraConfig() if lora is None else lora
+  loss = LossConfig(logits_chunk=8) if loss is None else loss
   ocfg = OPDConfig(divergence=mode, topk=8, **kw)
   return opd.make_opd_loss(STUDENT, TEACHER, ocfg, loss, lora)
 

@@ -58,7 +58,7 @@ class DataStats:
 
   def as_dict(self) -> dict:
     with self._lock:
-      d = dict(self._c)
+      d: dict[str, float] = dict(self._c)
       d["mean_pad_ratio"] = self._ratio_sum / max(1, d["examples"])
       return d
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.models.norms import GatedRMSNorm
+from pipo_jax.models.norms import GatedRMSNorm, logical_param
 from pipo_jax.models.triangular import unit_lower_solve
 
 _HI = jax.lax.Precision.HIGHEST
@@ -126,8 +126,8 @@ class CausalConv(nn.Module):
     """(x_BTC pre-activation, prev_BWC the previous W-1 inputs) -> (silu(conv)_BTC, new prev_BWC)."""
     cfg = self.config
     W, C = cfg.linear_conv_kernel_dim, x_BTC.shape[-1]
-    kernel_WC = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv")), (W, C), cfg.param_dtype)
+    kernel_WC = logical_param(self, "kernel", nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv"),
+                              (W, C), cfg.param_dtype)
     T = x_BTC.shape[1]
     ext_BXC = jnp.concatenate([prev_BWC.astype(x_BTC.dtype), x_BTC], axis=1)  # X = T + W - 1
     ext32 = ext_BXC.astype(jnp.float32)
@@ -191,9 +191,8 @@ class GatedDeltaNet(nn.Module):
     q_BTHK = jnp.repeat(l2norm(q_BTHK) * np.float32(K ** -0.5), H // Hk, axis=2)
     k_BTHK = jnp.repeat(l2norm(k_BTHK), H // Hk, axis=2)
 
-    a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("gdn_heads",)), (H,), jnp.float32)
-    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(nn.initializers.ones_init(), ("gdn_heads",)),
-                         (H,), cfg.param_dtype)
+    a_log = logical_param(self, "A_log", _a_log_init, ("gdn_heads",), (H,), jnp.float32)
+    dt_bias = logical_param(self, "dt_bias", nn.initializers.ones_init(), ("gdn_heads",), (H,), cfg.param_dtype)
     beta_BTH = jax.nn.sigmoid(b_BTH.astype(jnp.float32))
     g_BTH = -jnp.exp(a_log.astype(jnp.float32)) * torch_softplus(
         a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32))

@@ -76,7 +76,7 @@ def open_source(path: str, split: str = "train", fmt: str = "auto", skip_malform
   if not path:
     raise ValueError("no data path: set data.train_path (a JSONL file or a TFDS ArrayRecord directory)")
   if os.path.isdir(path):
-    from pipo_jax.data.tfds_builder import ArrayRecordPairs  # pylint: disable=g-import-not-at-top
+    from pipo_jax.data.tfds_builder import ArrayRecordPairs
     return ArrayRecordPairs(path, split)
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file {path} does not exist")
@@ -93,7 +93,7 @@ def load_data_tokenizer(cfg: DataConfig, model_dir: str = "") -> ChatTokenizer:
 
 def _process_index_count(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:

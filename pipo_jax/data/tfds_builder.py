@@ -77,7 +77,7 @@ class PipoPairs(tfds.core.GeneratorBasedBuilder):
     for i in range(len(src)):
       rec = src[i]
       prompt_ids, response_ids = record_token_ids(rec, self._tok)
-      line = int(src._linenos[i])  # pylint: disable=protected-access
+      line = int(src._linenos[i])
       yield line, {"prompt_ids": prompt_ids, "response_ids": response_ids, "line": line,
                    "meta": json.dumps(rec.meta, ensure_ascii=False)}
 

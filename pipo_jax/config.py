@@ -407,7 +407,6 @@ class TrainConfig:
   num_steps: int = 100  # optimiser steps of the whole run (the LR schedule spans these)
   stop_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (time-sliced jobs)
   log_every: int = 10
-  eval_every: int = 0
   seed: int = 0
   # Modules trained in full (besides LoRA adapters). Matched as path prefixes of the params tree.
   trainable: tuple = ("compressor", "confidence_head", "mtp/fc", "mtp/pre_fc_norm_embedding",
@@ -432,3 +431,9 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   opd: OPDConfig = dataclasses.field(default_factory=OPDConfig)
+
+
+def to_dict(cfg) -> dict:
+  """A config dataclass as plain JSON values (tuples become lists, anything else JSON lacks a string): what a
+  checkpoint stores under config/ and `loading.config_from_saved` reads back."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

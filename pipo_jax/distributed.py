@@ -1,4 +1,4 @@
-"""Multi-process start-up and per-process batch helpers.
+"""Multi-process start-up and the coordination barrier.
 
 Where the coordinates come from, first match wins:
   1. explicit arguments (CLI flags);
@@ -17,7 +17,6 @@ import os
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from absl import logging
 
 _ENV_ADDR, _ENV_N, _ENV_ID, _ENV_DEV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", \
@@ -92,28 +91,3 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(name, int(timeout_s * 1000))
-
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0
-
-
-def process_local_batch_size(global_batch: int) -> int:
-  """Rows this process loads: global / process_count; raises if it does not divide."""
-  n = jax.process_count()
-  if global_batch % n:
-    raise ValueError(f"data.batch_size={global_batch} is not divisible by the {n} processes")
-  return global_batch // n
-
-
-def make_global_batch(local_batch, sharding: jax.sharding.Sharding):
-  """Per-process numpy batch (leaves [B_local, ...]) -> global jax.Arrays ([B_global, ...]) on `sharding`.
-
-  `sharding` may be one sharding for every leaf or a matching tree. Every process passes its own
-  rows; the global batch is their concatenation in process order along the sharded batch axis.
-  """
-  if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, sharding)

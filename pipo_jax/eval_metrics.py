@@ -163,13 +163,6 @@ def length_metrics(stats: Sequence[LengthStats], wall_time_s: Optional[float] = 
   }
 
 
-def speedup(effective_tokens_per_s: float, baseline_tokens_per_s: float) -> float:
-  """Throughput ratio against a baseline (Regular AR decoding), both in real (non-PAD) tokens per second."""
-  if baseline_tokens_per_s <= 0:
-    raise ValueError(f"baseline throughput must be > 0, got {baseline_tokens_per_s}")
-  return float(effective_tokens_per_s / baseline_tokens_per_s)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # One report row per evaluated configuration
 # ----------------------------------------------------------------------------------------------------------------

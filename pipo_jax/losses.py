@@ -26,7 +26,9 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from pipo_jax.data import pairs
+
+IGNORE_INDEX = pairs.IGNORE  # label of unsupervised positions, defined once with the data conventions
 
 
 # ----------------------------------------------------------------------------------

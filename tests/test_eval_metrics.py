@@ -68,7 +68,6 @@ def test_length_accounting_never_counts_pad():
   assert m["tokens_per_slot"] == pytest.approx(7 / 6)
   assert m["effective_tokens_per_s"] == pytest.approx(7 / 2.0)
   assert em.length_metrics([ar])["pad_ratio"] == 0.0
-  assert em.speedup(30.0, 20.0) == pytest.approx(1.5)
 
 
 def test_budget_in_slots_defect_8():

@@ -83,14 +83,6 @@ def open_source(path: str, split: str = "train", fmt: str = "auto", skip_malform
   return JsonlSource(path, fmt, skip_malformed=skip_malformed, require_response=require_response)
 
 
-def load_data_tokenizer(cfg: DataConfig, model_dir: str = "") -> ChatTokenizer:
-  """The tokenizer of data.tokenizer_path, else of the model directory (e.g. checkpoint.init_from)."""
-  path = cfg.tokenizer_path or model_dir
-  if not path:
-    raise ValueError("no tokenizer: set data.tokenizer_path or start from a model directory with tokenizer.json")
-  return load_tokenizer(path)
-
-
 def _process_index_count(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax

@@ -139,11 +139,6 @@ def apply_lora(params: Params, lora_params: Params, lora_cfg, rng: Optional[jax.
   return out
 
 
-def merge_lora(params: Params, lora_params: Params, lora_cfg) -> Params:
-  """Exact, deterministic merge for export (or before a new LoRA, as OPD does on the SFT model)."""
-  return apply_lora(params, lora_params, lora_cfg, deterministic=True)
-
-
 def _adapters(lora_params: Params, path=()):
   """Yield (module_path, {'a','b'}) for every adapter in a sparse LoRA tree."""
   for k, v in lora_params.items():

@@ -18,7 +18,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 
 from pipo_jax.config import FULL, ModelConfig
@@ -216,16 +215,33 @@ class PipoModel(nn.Module):
     return out
 
 
+def boxed_pipo_params(config: ModelConfig, rng: Optional[jax.Array] = None):
+  """Params of the whole PIPO model at their training-time init (compressor / heads at their PIPO init), boxed
+  with their logical axis names; abstract (ShapeDtypeStructs, nothing computed) when rng is None."""
+  def init(key):
+    return PipoModel(config).init(key, jnp.zeros((1, 4), jnp.int32), method=PipoModel.init_all)["params"]
+  return jax.eval_shape(init, jax.random.PRNGKey(0)) if rng is None else init(rng)
+
+
 def init_pipo_params(config: ModelConfig, rng: jax.Array) -> dict:
-  """Unboxed random params of the whole PIPO model (compressor / heads at their PIPO init)."""
-  ids = jnp.zeros((1, 4), jnp.int32)
-  variables = PipoModel(config).init(rng, ids, method=PipoModel.init_all)
-  return nn.meta.unbox(variables["params"])
+  """Unboxed random params of the whole PIPO model."""
+  return nn.meta.unbox(boxed_pipo_params(config, rng))
+
+
+def abstract_pipo_params(config: ModelConfig) -> dict:
+  """ShapeDtypeStruct tree of the (unboxed) PIPO params."""
+  return nn.meta.unbox(boxed_pipo_params(config))
+
+
+def abstract_mtp_params(config: ModelConfig) -> dict:
+  """ShapeDtypeStruct tree of MTPHead's (unboxed) params: {fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm,
+  layer}, whether or not the config enables the head."""
+  def init(key):
+    x_BJD = jnp.zeros((1, 1, config.hidden_size), config.dtype)
+    return MTPHead(config).init(key, x_BJD, x_BJD, jnp.zeros((1, 1), jnp.int32))["params"]
+  return nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
 
 
 def init_mtp_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
   return init_layer_cache(config, FULL, batch_size, max_len, dtype)
 
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

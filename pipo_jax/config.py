@@ -173,7 +173,7 @@ def _preset(**kw) -> dict:
   return d
 
 
-# Values of qwen3_5.md section 0 for the released models; tiny ones for tests and CPU runs.
+# Values of the released models' config.json; tiny ones for tests and CPU runs.
 PRESETS: dict[str, dict] = {
     "qwen3_5_4b": _preset(
         vocab_size=248320, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
@@ -195,7 +195,7 @@ PRESETS: dict[str, dict] = {
         linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
         linear_value_head_dim=128, tie_word_embeddings=True, max_position_embeddings=262144,
         eos_token_id=1, pad_token_id=1),
-    # qwen3_5.md section 7: the tiny test model.
+    # The tiny test model (tests, CPU runs).
     "tiny": _preset(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,

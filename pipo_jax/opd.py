@@ -1,7 +1,9 @@
 """On-policy distillation (mode `opd`): the loss and train step on an already rolled-out batch.
 
-Spec: pipo_method.md 8 (with defects 1, 13, 14, 17 fixed). The rollout glue and the loop live in
-`pipo_jax/opd_rollout.py`; this module is pure jnp and knows nothing about generation.
+Method: docs/method.md#opd; where it differs from the reference: docs/method.md#sampled-kl-gradient,
+docs/method.md#pad-label-fill-scope, docs/method.md#pad-never-sampled, docs/method.md#batched-opd.
+The rollout glue and the loop live in `pipo_jax/opd_rollout.py`; this module is pure jnp and knows nothing about
+generation.
 
 Axis names: B rollouts, T tokens (prompt bucket + response bucket, even), L = T/2 pairs, J = L - 1 slots,
 D student hidden, E teacher hidden, V vocabulary (shared by student and teacher).
@@ -14,7 +16,7 @@ Batch (host-built by `opd_rollout.encode_rollouts`, every array [B, T]):
   response     bool   the raw response slots (PAD slots included): where a PAD is a rejected draft
   fill_allow   bool   the PAD positions whose MTP slot may be filled (see below)
 
-One step, per pipo_method.md 8.3-8.7:
+One step (docs/method.md#opd, teacher and PAD compaction to normalisation):
   * student: the compressed forward `PipoModel(ids)` -> h_BJD, m_BJD, conf_logit_BJ (LoRA applied);
   * teacher: a separate frozen model (its own config; a jit argument, never in the TrainState), run
     uncompressed and without gradient on the PAD-compacted sequence (`pad_compaction.compact`), its
@@ -24,8 +26,8 @@ One step, per pipo_method.md 8.3-8.7:
   * normalisation "sample": each rollout's token-mean per stream, then the mean over rollouts;
   * confidence BCE (MTP slots, inputs detached) against the stop-gradient acceptance target.
 
-PAD label fill (opd.fill_pad_label; our fix of defect 13): an MTP slot whose target x_{2j+3} is PAD gets the
-student MTP's own argmax as label only when that PAD has a serving counterpart, i.e. it is a token2 slot of
+PAD label fill (opd.fill_pad_label; docs/method.md#pad-label-fill-scope): an MTP slot whose target x_{2j+3} is
+PAD gets the student MTP's own argmax as label only when that PAD has a serving counterpart, i.e. it is a token2 slot of
 the generated stream: a draft the confidence gate rejected (or, with tau >= 1, a draft never run), the
 prefill step's draft included. The prompt-parity PAD (its slot drafts nothing at serving: the MTP slot over
 the last prompt token is only teacher-forced cache), the trailing parity PAD (appended by the encoder after
@@ -141,7 +143,7 @@ def make_opd_train_step(loss_fn, accum_steps: int = 1, schedule=None):
   from pipo_jax import optim
 
   def step(state, teacher_params, batch):
-    inner = lambda params, mb, rng: loss_fn(params, teacher_params, mb, rng)  # noqa: E731
+    inner = lambda params, mb, rng: loss_fn(params, teacher_params, mb, rng)
     return optim.make_train_step(inner, accum_steps, schedule)(state, batch)
 
   return step

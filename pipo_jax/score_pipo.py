@@ -1,7 +1,7 @@
 """Compressed-mode (PIPO) scoring: the log-prob each stream gives the true token, and the confidence.
 
 For a sequence x_0..x_{n-1} (a parity PAD is appended when n is odd; it is never scored), in the training
-alignment of pipo_method.md 4.3, slot j = 0..L-2:
+alignment of docs/method.md#index-alignment, slot j = 0..L-2:
   backbone  h_j                 predicts x_{2j+2}
   MTP       (e(x_{2j+2}), h_j)  predicts x_{2j+3};  confidence sigmoid(conf_head(h_j, m_j)) is its keep score
 Outputs follow `score`'s convention: entry i of each list is about token t = i + 1 (i = 0..n-2), and a stream

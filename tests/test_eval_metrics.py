@@ -70,7 +70,7 @@ def test_length_accounting_never_counts_pad():
   assert em.length_metrics([ar])["pad_ratio"] == 0.0
 
 
-def test_budget_in_slots_defect_8():
+def test_budget_in_slots_not_raw_ids():
   """A PIPO answer of 40K ids = 20K pairs fits a 32K-slot budget; the reference scored it 0 (id count > 32K)."""
   pad = 0
   ids = np.array([1, pad] * 20_000)

@@ -175,7 +175,8 @@ class _BuildExample:
 
 
 def resolve_think_mask_tokens(n: int, tok: Optional[ChatTokenizer]) -> int:
-  """data.think_mask_tokens; -1 means "the length of the tokenizer's `<think>\\n`" (defect 19)."""
+  """data.think_mask_tokens; -1 means "the length of the tokenizer's `<think>\\n`"
+  (docs/method.md#special-ids-from-the-tokenizer-files)."""
   if n >= 0:
     if tok is not None and n != len(tok.think_prefix_ids):
       logging.warning("data.think_mask_tokens=%d but the tokenizer's <think>\\n is %d tokens", n,
@@ -276,7 +277,7 @@ class PromptPipeline:
   Yields {"prompt_ids": int32 [b, P] (PAD on the left), "prompt_valid": bool [b, P], "prompt_length": int32 [b],
   "index": int32 [b] (into `records`, -1 for filler rows)}, b = global batch / process_count, P = prompt_length.
   Prompts are the generation prompt (ending in `<think>\\n`); with `parity_pad` (PIPO) an odd prompt gets its
-  parity PAD appended (pipo_method.md 9.1), so with an even P the left padding is whole pairs. Prompts longer than
+  parity PAD appended (docs/method.md#pad-rules), so with an even P the left padding is whole pairs. Prompts longer than
   P are dropped and counted (truncating a question would change it); with `min_pass_rate` > 0 prompts whose
   `pass_rate` is lower, or missing, are filtered out and counted. `records[index]` gives the Record (its `meta`
   holds e.g. `answer`, `source`, `pass_rate`). Training: shuffled and repeated; evaluation: one pass in order

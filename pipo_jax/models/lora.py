@@ -11,7 +11,7 @@ kernel gets one stacked adapter and the model's scan slices both the same way.
 
 Matching is by exact module name, which is the PEFT "suffix" rule on HF names (`...self_attn.q_proj`
 matches `q_proj`; GDN's `in_proj_qkv` does not), so targets reach the backbone full-attention layers,
-every MLP and the MTP layer, as pipo_method.md section 7.1 requires.
+every MLP and the MTP layer, as the paper's recipe requires (docs/method.md#trainable-parameters).
 
 Forward:  W_eff = W + (alpha / r) * A @ B      (A: [in, r], B: [r, out], kernels are [in, out]).
 

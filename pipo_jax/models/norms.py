@@ -1,4 +1,4 @@
-"""The two RMSNorm variants of Qwen3.5 (qwen3_5.md section 1).
+"""The two RMSNorm variants of Qwen3.5.
 
 Axis vocabulary: B batch, T tokens, D features (any last axis), H heads.
 Both norms compute in fp32 whatever the input dtype and cast back at the end, as HF does.
@@ -20,7 +20,7 @@ def logical_param(module: nn.Module, name: str, init, axes: tuple, shape: tuple,
 
 
 def _rms_normalise(x32: jax.Array, eps: float) -> jax.Array:
-  # eps sits inside the root (qwen3_5.md section 8.2).
+  # eps sits inside the root (as HF).
   return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     w = logical_param(self, "scale", nn.initializers.zeros_init(), (self.axis_name,), (x.shape[-1],),
                       self.param_dtype)
-    # (1 + w) is applied in fp32 before the cast back; this only matters in bf16 (qwen3_5.md section 1).
+    # (1 + w) is applied in fp32 before the cast back; this only matters in bf16 (as HF).
     y = _rms_normalise(x.astype(jnp.float32), self.eps) * (1.0 + w.astype(jnp.float32))
     return y.astype(x.dtype)
 

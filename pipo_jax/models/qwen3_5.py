@@ -1,4 +1,4 @@
-"""Qwen3.5 dense text backbone in Flax Linen, reproducing HF `Qwen3_5ForCausalLM` (spec: qwen3_5.md).
+"""Qwen3.5 dense text backbone in Flax Linen, reproducing HF `Qwen3_5ForCausalLM`.
 
 Axis vocabulary (shapes appear as suffixes of tensor names):
   B batch            T new tokens of this call     S cache slots (key positions)

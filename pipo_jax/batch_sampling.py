@@ -17,6 +17,7 @@ prefill included: what a user waits for.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import NamedTuple, Optional, Sequence
 
@@ -64,7 +65,7 @@ def load(checkpoint: str, tokenizer_path: str = "") -> Model:
   """Model (LoRA merged, heads present) + tokenizer (`tokenizer_path`, else the checkpoint directory)."""
   config, params = loading.load_model(checkpoint)
   path = tokenizer_path or checkpoint
-  if not tok_lib.tokenizer_dir(path):
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
     raise FileNotFoundError(f"no tokenizer.json in {path!r}: pass the tokenizer directory")
   tok = tok_lib.load_tokenizer(path)
   if tok.vocab_size > config.vocab_size:

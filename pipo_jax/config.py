@@ -309,6 +309,12 @@ def load_hf_model_config(model_dir: str, overrides: Optional[ModelConfig] = None
 # ----------------------------------------------------------------------------------
 
 
+def to_dict(cfg) -> dict:
+  """A config dataclass as plain JSON values (tuples become lists, anything else JSON lacks a string): what a
+  checkpoint stores under config/ and `loading.config_from_saved` reads back."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
 @dataclasses.dataclass
 class MeshConfig:
   """Device mesh axes; their product must equal the device count (-1: fill with what is left)."""
@@ -431,9 +437,3 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   opd: OPDConfig = dataclasses.field(default_factory=OPDConfig)
-
-
-def to_dict(cfg) -> dict:
-  """A config dataclass as plain JSON values (tuples become lists, anything else JSON lacks a string): what a
-  checkpoint stores under config/ and `loading.config_from_saved` reads back."""
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

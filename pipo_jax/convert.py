@@ -12,15 +12,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 from absl import app, flags, logging
 
 from pipo_jax import checkpoint as ckpt_lib
 from pipo_jax import hf_pipo, loading
-from pipo_jax import config as config_lib
 from pipo_jax.config import Config, ModelConfig
-from pipo_jax.data import tokenizer as tok_lib
 
 FLAGS = flags.FLAGS
 
@@ -30,8 +29,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "") ->
   config, params = loading.load_model(checkpoint, init_heads=False)
   if not tokenizer_dir:
     saved = ckpt_lib.read_config(checkpoint) or {}
-    tokenizer_dir = tok_lib.tokenizer_dir(saved.get("data", {}).get("tokenizer_path", ""),
-                                          saved.get("checkpoint", {}).get("init_from", ""))
+    for cand in (saved.get("data", {}).get("tokenizer_path", ""), saved.get("checkpoint", {}).get("init_from", "")):
+      if cand and os.path.exists(os.path.join(cand, "tokenizer.json")):
+        tokenizer_dir = cand
+        break
   files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir)
   logging.info("exported %s -> %s (%d files)", ckpt_lib.resolve_step_dir(checkpoint), out_dir, len(files))
   return files
@@ -52,10 +53,11 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
   config, params = loading.load_model(model_dir)
   cfg = Config(model=dataclasses.replace(config, preset=None))
   cfg = dataclasses.replace(cfg, workdir=out_workdir)
-  cfg.data.tokenizer_path = tok_lib.tokenizer_dir(model_dir)
+  cfg.data.tokenizer_path = model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else ""
   state = _Frozen(step=jax.numpy.zeros((), jax.numpy.int32), trainable={}, frozen=params, opt_state={},
                   rng=jax.random.PRNGKey(0))
-  ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=config_lib.to_dict(cfg))
+  from pipo_jax.config import to_dict
+  ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=to_dict(cfg))
   ckpt.save(0, state, force=True, blocking=True)
   ckpt.close()
   return ckpt_lib.resolve_step_dir(out_workdir)

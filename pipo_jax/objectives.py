@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from pipo_jax import losses
-from pipo_jax.data import pairs
 from pipo_jax.config import LoraConfig, LossConfig, ModelConfig
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import MTPHead, PipoModel
@@ -31,6 +30,11 @@ def _effective_params(params, lora_cfg: LoraConfig, rng):
   return lora_lib.materialize(params, lora_cfg, rng=rng, deterministic=deterministic)
 
 
+def stream_labels(labels_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(backbone labels x_{2j+2}, MTP labels x_{2j+3}) for slots j = 0..L-2, each [B, L-1]."""
+  return labels_BT[:, 2::2], labels_BT[:, 3::2]
+
+
 def make_sft_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, lora_cfg: LoraConfig):
   model = PipoModel(model_cfg)
 
@@ -39,7 +43,7 @@ def make_sft_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, lora_cfg: LoraCo
     ids_BT, labels_BT = batch["input_ids"], batch["labels"]
     out = model.apply(p, ids_BT, None, loss_cfg.conf_detach_inputs)
     W_DV = model.apply(p, method=PipoModel.head_kernel)
-    lb_BJ, lm_BJ = pairs.stream_targets(labels_BT)
+    lb_BJ, lm_BJ = stream_labels(labels_BT)
     loss_b, n_b, _ = losses.cross_entropy_mean(out["h_BJD"], W_DV, lb_BJ, loss_cfg.logits_chunk)
     loss_m, n_m, gold_m_BJ = losses.cross_entropy_mean(out["m_BJD"], W_DV, lm_BJ, loss_cfg.logits_chunk)
     mask_BJ = lm_BJ != IGNORE

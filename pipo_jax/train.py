@@ -15,6 +15,8 @@ metrics.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from typing import Optional
@@ -25,6 +27,10 @@ from ml_collections import config_flags
 from pipo_jax.config import Config
 
 _CONFIG = config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py).")
+
+
+def config_to_dict(cfg) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def main(argv):

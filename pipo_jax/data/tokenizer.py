@@ -179,17 +179,6 @@ def find_special_ids(tokenizer: Tokenizer, tok_config: dict, model_config: dict,
                     think_start=by_text("<think>"), think_end=by_text("</think>"))
 
 
-def tokenizer_dir(*dirs: str) -> str:
-  """The first of `dirs` that holds a tokenizer.json ("" when none does; empty entries are skipped)."""
-  return next((d for d in dirs if d and os.path.exists(os.path.join(d, "tokenizer.json"))), "")
-
-
-def find_tokenizer(*dirs: str) -> Optional[ChatTokenizer]:
-  """The tokenizer of the first of `dirs` that holds a tokenizer.json, or None when none does."""
-  d = tokenizer_dir(*dirs)
-  return load_tokenizer(d) if d else None
-
-
 def load_tokenizer(path: str) -> ChatTokenizer:
   """Load `tokenizer.json` (+ tokenizer_config.json, config.json) from a model directory (or the file itself)."""
   tok_file = path if path.endswith(".json") and os.path.isfile(path) else os.path.join(path, "tokenizer.json")

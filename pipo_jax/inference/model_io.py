@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from pipo_jax.config import ModelConfig, resolve_model_config
@@ -22,5 +24,7 @@ def load(checkpoint: str, preset: str, seed: int = 0):
 
 def load_tokenizer_or_none(path: str):
   """The ChatTokenizer of a directory holding tokenizer.json, else None."""
-  from pipo_jax.data.tokenizer import find_tokenizer
-  return find_tokenizer(path)
+  if not path or not os.path.exists(os.path.join(path, "tokenizer.json")):
+    return None
+  from pipo_jax.data.tokenizer import load_tokenizer
+  return load_tokenizer(path)

@@ -24,7 +24,7 @@ mkdir -p "$W/eval" "$W/logs"
 
 # Size knobs: the defaults are the flagfiles'; the smoke run overrides them.
 TASK_X=() TEACH_X=() ROLL_X=() SFT_X=() OPD_X=() EVAL_X=() SPEED_X=() DIAG_X=()
-SFT_DATA=$W/rollout/sft.jsonl  # the teacher's correct rollouts (pipo_method.md 11)
+SFT_DATA=$W/rollout/sft.jsonl  # the teacher's correct rollouts
 if [ "${PIPO_DEMO_SMOKE:-0}" = 1 ]; then
   TASK_X=(--n_train=64 --n_opd=8 --n_test=3)
   TEACH_X=(--config.train.num_steps=2 --config.data.batch_size=4 --config.train.log_every=1)

@@ -10,7 +10,8 @@ hits the same compiled function. The Q x n sample rows are decoded in fixed-size
 with copies of row 0 and dropped), each with its own PRNG key folded from `seed`.
 
 Timing: the first batch of a shape is run once untimed (compilation), then every batch is timed to
-`block_until_ready` (later runs of the same shape skip the warm-up). `decode_s` is the sum of the timed batches, prefill included: what a user waits for.
+`block_until_ready` (later runs of the same shape skip the warm-up). `decode_s` is the sum of the timed batches,
+prefill included: what a user waits for.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def sample(model: Model, prompts: Sequence[Sequence[dict]], n: int, mode: str, s
     ids, valid = api.left_pad([encoded[q] for q, _ in fill], bucket, tok.pad_id)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
 
-    def call():
+    def call(ids=ids, valid=valid, key=key):  # bound now: called in this iteration only
       res = api.generate(model.params, cfg, ids, valid, mode=mode, sampling=sampling, conf_threshold=conf_threshold,
                          max_new_tokens=max_new_tokens, rng=key, stop_ids=tok.special.stop_ids,
                          random_pad_ratio=random_pad_ratio)

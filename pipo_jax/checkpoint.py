@@ -6,14 +6,15 @@ On disk (`<workdir>/checkpoints/<step>/`, one directory per saved step, written 
                arrays; every process writes its own shards, so it works multi-host unchanged)
   data/        grain iterator state, `process_<i>-of-<n>.json` per process (grain's own handler)
   config/      the run's Config as JSON (so convert/generate can rebuild the model)
-  metadata/    JSON: free-form run facts (wall time, tokens seen, git rev, ...)
+  metadata/    JSON: {"step": step} plus whatever the caller passes as `metadata` (the trainers pass nothing)
 
 Saved trees are the `TrainState` fields except the static optimizer (`tx`), so a checkpoint can be
 restored without building the optimizer (`restore_params`). Frozen params are saved too: each step
 directory is self-contained for export, at the cost of rewriting the frozen base weights each save.
 
 Multi-process: every process must call `save`/`restore` with the same step (orbax synchronises
-processes internally); the data item is per process. Tests cover single-process only.
+processes internally); the data item is per process. tests/test_checkpoint.py and tests/test_multihost.py (both
+slow) run two processes. Format details: docs/formats.md#checkpoints.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class PreemptionGuard:
 
 
 class Checkpointer:
-  """One run's checkpoints: `maybe_save` every `ckpt_cfg.every_steps`, keep `ckpt_cfg.keep`."""
+  """One run's checkpoints: `save` writes on every `ckpt_cfg.every_steps`-th step (or when forced), keeps the last
+  `ckpt_cfg.keep`."""
 
   def __init__(self, workdir: str, ckpt_cfg, config: Optional[dict] = None):
     self.directory = checkpoint_dir(workdir)

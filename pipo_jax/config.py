@@ -173,7 +173,7 @@ def _preset(**kw) -> dict:
   return d
 
 
-# Values of qwen3_5.md section 0 for the released models; tiny ones for tests and CPU runs.
+# Values of the released models' config.json; tiny ones for tests and CPU runs.
 PRESETS: dict[str, dict] = {
     "qwen3_5_4b": _preset(
         vocab_size=248320, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
@@ -195,7 +195,7 @@ PRESETS: dict[str, dict] = {
         linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
         linear_value_head_dim=128, tie_word_embeddings=True, max_position_embeddings=262144,
         eos_token_id=1, pad_token_id=1),
-    # qwen3_5.md section 7: the tiny test model.
+    # The tiny test model (tests, CPU runs).
     "tiny": _preset(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -309,6 +309,12 @@ def load_hf_model_config(model_dir: str, overrides: Optional[ModelConfig] = None
 # ----------------------------------------------------------------------------------
 
 
+def to_dict(cfg) -> dict:
+  """A config dataclass as plain JSON values (tuples become lists, anything else JSON lacks a string): what a
+  checkpoint stores under config/ and `loading.config_from_saved` reads back."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
 @dataclasses.dataclass
 class MeshConfig:
   """Device mesh axes; their product must equal the device count (-1: fill with what is left)."""
@@ -410,7 +416,6 @@ class TrainConfig:
   num_steps: int = 100  # optimiser steps of the whole run (the LR schedule spans these)
   stop_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (time-sliced jobs)
   log_every: int = 10
-  eval_every: int = 0
   seed: int = 0
   # Modules trained in full (besides LoRA adapters). Matched as path prefixes of the params tree.
   trainable: tuple = ("compressor", "confidence_head", "mtp/fc", "mtp/pre_fc_norm_embedding",

@@ -56,8 +56,8 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
   cfg.data.tokenizer_path = os.path.abspath(m.tokenizer_dir) if m.tokenizer_dir else ""
   state = _Frozen(step=jax.numpy.zeros((), jax.numpy.int32), trainable={}, frozen=params, opt_state={},
                   rng=jax.random.PRNGKey(0))
-  from pipo_jax.trainer import _config_dict
-  ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=_config_dict(cfg))
+  from pipo_jax.config import to_dict
+  ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=to_dict(cfg))
   ckpt.save(0, state, force=True, blocking=True)
   ckpt.close()
   return ckpt_lib.resolve_step_dir(out_workdir)

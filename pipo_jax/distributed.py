@@ -1,4 +1,4 @@
-"""Multi-process start-up and per-process batch helpers.
+"""Multi-process start-up and the coordination barrier.
 
 Where the coordinates come from, first match wins:
   1. explicit arguments (CLI flags);
@@ -18,7 +18,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from absl import logging
 
 _ENV_ADDR, _ENV_N, _ENV_ID, _ENV_DEV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", \

@@ -2,7 +2,7 @@
 
 Accuracies are fractions in [0, 1] (reports render them as percentages).
 
-Units (this is the fix for reference defect #8, pipo_method.md 13.1):
+Units (docs/method.md#evaluation-units):
 * a **token** is a real output token id; PAD ids are never counted as output tokens;
 * a **slot** is one decode step at the method's own granularity: one token for Regular / EAGLE-2 / MTP as the
   paper counts them, one pair `[token1, token2-or-PAD]` for PIPO;
@@ -87,7 +87,7 @@ def budget_metrics(correct_QN, length_QN, budgets: Iterable[int], k: Optional[in
   """avg@k / pass@k when answers longer than a budget count as wrong, for each budget.
 
   `length_QN` must be in the unit the budget is stated in, slots for the paper's budget (Fig. 2): pass the
-  per-sample slot counts, not raw id counts (defect #8). Returns {budget: benchmark_metrics(...)}.
+  per-sample slot counts, not raw id counts. Returns {budget: benchmark_metrics(...)}.
   """
   arr = _as_correct_matrix(correct_QN)
   lengths = np.asarray(length_QN)
@@ -161,13 +161,6 @@ def length_metrics(stats: Sequence[LengthStats], wall_time_s: Optional[float] = 
       "total_slots": int(slots.sum()),
       "effective_tokens_per_s": eff,
   }
-
-
-def speedup(effective_tokens_per_s: float, baseline_tokens_per_s: float) -> float:
-  """Throughput ratio against a baseline (Regular AR decoding), both in real (non-PAD) tokens per second."""
-  if baseline_tokens_per_s <= 0:
-    raise ValueError(f"baseline throughput must be > 0, got {baseline_tokens_per_s}")
-  return float(effective_tokens_per_s / baseline_tokens_per_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------

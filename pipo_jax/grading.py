@@ -1,4 +1,4 @@
-"""Rule-based answer grading (pipo_method.md section 12.3).
+"""Rule-based answer grading (docs/method.md#evaluation).
 
 Three graders and a dispatcher:
 

@@ -28,15 +28,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 from absl import logging
 from flax import traverse_util
 import flax.linen as nn
 
 from pipo_jax import config as config_lib
-from pipo_jax.config import FULL, ModelConfig
+from pipo_jax.config import ModelConfig
 from pipo_jax.models import qwen3_5
+from pipo_jax.models.pipo import abstract_mtp_params
 
 # ---------------------------------------------------------------------------------------------------
 # safetensors reading (our own header parser: the numpy API of safetensors cannot return BF16)
@@ -181,24 +181,7 @@ def _canonical_name(name: str) -> Optional[str]:
 
 def abstract_backbone_params(config: ModelConfig):
   """ShapeDtypeStruct tree of the (unboxed) backbone params."""
-  model = qwen3_5.Qwen35(config)
-  x = jax.ShapeDtypeStruct((1, 1, config.hidden_size), jnp.dtype(config.dtype))
-  pos = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype),
-                                            jnp.zeros(pos.shape, pos.dtype)))["params"]
-  return nn.meta.unbox(boxed)
-
-
-def abstract_mtp_layer_params(config: ModelConfig):
-  """ShapeDtypeStruct tree of the MTP params in our layout {fc, pre_fc_norm_*, norm, layer}."""
-  d = config.hidden_size
-  layer = qwen3_5.DecoderLayer(config, FULL)
-  layer_params = nn.meta.unbox(jax.eval_shape(lambda: layer.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1, d), config.dtype), jnp.zeros((1, 1), jnp.int32)))["params"])
-  pdt = jnp.dtype(config.param_dtype)
-  norm = {"scale": jax.ShapeDtypeStruct((d,), pdt)}
-  return {"fc": {"kernel": jax.ShapeDtypeStruct((2 * d, d), pdt)}, "pre_fc_norm_embedding": norm,
-          "pre_fc_norm_hidden": dict(norm), "norm": dict(norm), "layer": layer_params}
+  return nn.meta.unbox(qwen3_5.boxed_backbone_params(config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +275,7 @@ def load_qwen3_5(model_dir: str, overrides: Optional[ModelConfig] = None, shardi
   mtp_names = sorted(n for n in available if n.startswith("mtp."))
   mtp_leaves = mtp_abstract_flat = None
   if mtp_names:
-    mtp_abstract_flat = traverse_util.flatten_dict(abstract_mtp_layer_params(config))
+    mtp_abstract_flat = traverse_util.flatten_dict(abstract_mtp_params(config))
     mtp_leaves = _mtp_leaves(mtp_abstract_flat)
     problems += _check(mtp_leaves, {p: tuple(a.shape) for p, a in mtp_abstract_flat.items()}, available, "mtp")
     expected |= {n for leaf in mtp_leaves for n in leaf.hf_names}

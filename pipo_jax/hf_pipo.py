@@ -1,6 +1,6 @@
 """PIPO checkpoints in Hugging Face format: the heads' name mapping, a safetensors writer, and export.
 
-Layout of an exported directory (pipo_method.md 10.1, the key layout of a merged reference PIPO
+Layout of an exported directory (docs/formats.md#hugging-face-export, the key layout of a merged reference PIPO
 checkpoint, so the reference's loaders and transformers read it):
   model.language_model.*      the backbone (text tower) -- exactly what transformers' Qwen3_5ForCausalLM
                               loads (5.x strips `language_model.` on load)

@@ -13,14 +13,13 @@ import os
 from typing import Optional
 
 import jax
-import flax.linen as nn
 from absl import logging
 
 from pipo_jax import checkpoint as ckpt_lib
 from pipo_jax import hf, hf_pipo
 from pipo_jax.config import Config, LoraConfig, ModelConfig, resolve_model_config
 from pipo_jax.models import lora as lora_lib
-from pipo_jax.models.pipo import PipoModel
+from pipo_jax.models.pipo import abstract_pipo_params, init_pipo_params
 
 
 def is_orbax_checkpoint(path: str) -> bool:
@@ -35,20 +34,12 @@ def is_hf_dir(path: str) -> bool:
   return os.path.exists(os.path.join(path, "config.json"))
 
 
-def abstract_pipo_params(config: ModelConfig) -> dict:
-  ids = jax.ShapeDtypeStruct((1, 4), jax.numpy.int32)
-  boxed = jax.eval_shape(lambda i: PipoModel(config).init(jax.random.PRNGKey(0), i, method=PipoModel.init_all),
-                         ids)["params"]
-  return nn.meta.unbox(boxed)
-
-
 def init_missing(params: dict, config: ModelConfig, seed: int = 0) -> dict:
   """Fill the PIPO heads a checkpoint does not have with their training-time init."""
   missing = [k for k in ("mtp", "compressor", "confidence_head") if not params.get(k)]
   if not missing:
     return params
-  fresh = nn.meta.unbox(PipoModel(config).init(jax.random.PRNGKey(seed), jax.numpy.zeros((1, 4), jax.numpy.int32),
-                                               method=PipoModel.init_all)["params"])
+  fresh = init_pipo_params(config, jax.random.PRNGKey(seed))
   logging.info("initialising PIPO modules absent from the checkpoint: %s", missing)
   return dict(params, **{k: fresh[k] for k in missing})
 

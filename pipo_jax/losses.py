@@ -9,9 +9,9 @@ wrapped in `jax.checkpoint`, so neither the forward nor the backward ever holds 
 [C, V] logits block (the backward recomputes a chunk's logits instead of storing them). Logits are
 produced with fp32 accumulation (`preferred_element_type`) and all softmax / loss math is fp32.
 
-Normalisation (pipo_method.md 5.1, 8.7): every stream (backbone, MTP) is its own token-mean over its
-own valid positions, and the streams are added afterwards. Two token-means are supported through
-per-token weights (`normalisation_weights`):
+Normalisation (docs/method.md#sft-losses, docs/method.md#opd-normalisation-and-loss): every stream (backbone,
+MTP) is its own token-mean over its own valid positions, and the streams are added afterwards. Two token-means
+are supported through per-token weights (`normalisation_weights`):
   * "batch":  sum over all valid tokens of the stream in the batch / their count (the SFT loss: one
     token-mean over the batch, long sequences weigh more);
   * "sample": mean over samples of each sample's token-mean (the reference OPD gradient, which
@@ -30,7 +30,9 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from pipo_jax.data import pairs
+
+IGNORE_INDEX = pairs.IGNORE  # label of unsupervised positions, defined once with the data conventions
 
 
 # ----------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Arr
     denominator: without weights, divide the sum by this instead of the mask's count (the count of every
       micro-batch of an accumulated step).
 
-  Returns: fp32 scalar; 0 when no position is valid. Input detaching (pipo_method.md 3) is the
+  Returns: fp32 scalar; 0 when no position is valid. Input detaching (docs/method.md#confidence-head) is the
   caller's choice: pass stop_gradient'ed hidden states into the head.
   """
   t = jnp.clip(jax.lax.stop_gradient(target_N).astype(jnp.float32), 0.0, 1.0)
@@ -244,7 +246,7 @@ def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Arr
 
 
 def sft_confidence_target(gold_logprob_N: jax.Array) -> jax.Array:
-  """pipo_method.md 5.1: t = clamp(exp(log p_mtp(gold)), 0, 1), no gradient."""
+  """SFT target (docs/method.md#sft-losses): t = clamp(exp(log p_mtp(gold)), 0, 1), no gradient."""
   return jnp.clip(jnp.exp(jax.lax.stop_gradient(gold_logprob_N).astype(jnp.float32)), 0.0, 1.0)
 
 

@@ -447,7 +447,7 @@ def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", to
 
 
 def format_plan(p: dict) -> str:
-  gib = lambda b: f"{b / 2**30:10.3f} GiB"  # noqa: E731
+  gib = lambda b: f"{b / 2**30:10.3f} GiB"
   lines = [f"memory plan: mode={p['mode']} model={p['model']} devices={p['num_devices']} mesh={p['mesh']} "
            f"batch={p['batch_size']}x{p['length']} accum={p['grad_accum_steps']} dtype={p['dtype']} "
            f"remat={p['remat']} lora_rank={p['lora_rank']} (compile {p.get('compile_seconds', 0):.0f}s)",

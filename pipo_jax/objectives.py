@@ -4,7 +4,7 @@ Batches hold `input_ids` int32 [B, T] and unshifted `labels` int32 [B, T] (-100 
 right-padded to a fixed T (trailing pads are harmless under causal attention and carry -100 labels).
 `params` is the combined train-state tree; LoRA adapters under "lora" are applied here.
 
-sft (pipo_method.md 5.1): compressed forward; backbone CE on labels[2::2], MTP CE on labels[3::2], each
+sft (docs/method.md#sft-losses): compressed forward; backbone CE on labels[2::2], MTP CE on labels[3::2], each
 its own token-mean over the batch; confidence BCE against sg(p_mtp(gold token2)) on valid MTP slots (a
 token-mean over the MTP stream's tokens).
 ar: plain next-token CE of the backbone; optionally the native-MTP auxiliary CE (MTP(e(x_{t+1}), h_t)

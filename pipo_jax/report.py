@@ -210,7 +210,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
       style = dict(color="grey", linestyle="--", marker="x") if control else dict(marker="o")
       name = f"{method} random PAD" if control else method
 
-      def series(key, scale=1.0):
+      def series(key, scale=1.0, sel=sel):
         return [(_num(r.get(key)) * scale) if _num(r.get(key)) is not None else float("nan") for r in sel]
 
       ax_acc.plot(tau, series("pass_at_k", 100), label=f"{name} pass@{k}", **style)

@@ -1,4 +1,4 @@
-"""Teacher rollouts -> the student's SFT data and graded OPD prompts (pipo_method.md section 11).
+"""Teacher rollouts -> the student's SFT data and graded OPD prompts.
 
     python -m pipo_jax.rollout --checkpoint=runs/demo/teacher --tokenizer=runs/demo/data/tokenizer \\
         --prompts=runs/demo/data/opd.jsonl --n=4 --output_sft=runs/demo/rollout/sft.jsonl \\

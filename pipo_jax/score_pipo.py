@@ -1,7 +1,7 @@
 """Compressed-mode (PIPO) scoring: the log-prob each stream gives the true token, and the confidence.
 
 For a sequence x_0..x_{n-1} (a parity PAD is appended when n is odd; it is never scored), in the training
-alignment of pipo_method.md 4.3, slot j = 0..L-2:
+alignment of docs/method.md#index-alignment, slot j = 0..L-2:
   backbone  h_j                 predicts x_{2j+2}
   MTP       (e(x_{2j+2}), h_j)  predicts x_{2j+3};  confidence sigmoid(conf_head(h_j, m_j)) is its keep score
 Outputs follow `score`'s convention: entry i of each list is about token t = i + 1 (i = 0..n-2), and a stream
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipo_jax.config import ModelConfig
+from pipo_jax.data import pairs
 from pipo_jax.models.pipo import PipoModel
 
 _MIN_BUCKET = 16
@@ -55,8 +56,9 @@ def make_pipo_score_fn(config: ModelConfig):
     v = {"params": params}
     out = model.apply(v, ids_BT, valid_BT)
     w_DV = model.apply(v, method=PipoModel.head_kernel)
-    lp_b = _gold_logprob(out["h_BJD"], w_DV, ids_BT[:, 2::2])
-    lp_m = _gold_logprob(out["m_BJD"], w_DV, ids_BT[:, 3::2])
+    gold_b_BJ, gold_m_BJ = pairs.stream_targets(ids_BT)  # the tokens each stream predicts
+    lp_b = _gold_logprob(out["h_BJD"], w_DV, gold_b_BJ)
+    lp_m = _gold_logprob(out["m_BJD"], w_DV, gold_m_BJ)
     return lp_b, lp_m, jax.nn.sigmoid(out["conf_logit_BJ"])
 
   return fn

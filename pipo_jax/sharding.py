@@ -167,14 +167,3 @@ def use_rules(mesh: Mesh, rules=RULES):
   """Activate the mesh and the logical rules so nn.with_logical_constraint inside jitted code takes effect."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
-
-
-def backbone_param_shardings(model_config, mesh: Mesh, rules=RULES) -> Any:
-  """Shardings of the Qwen35 backbone params (e.g. for `hf.load_qwen3_5(..., shardings=...)`)."""
-  import jax.numpy as jnp
-  from pipo_jax.models import qwen3_5
-  model = qwen3_5.Qwen35(model_config)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1, model_config.hidden_size), model_config.dtype),
-      jnp.zeros((1, 1), jnp.int32))["params"])
-  return param_shardings(abstract, mesh, rules)

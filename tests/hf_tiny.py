@@ -1,4 +1,4 @@
-"""Tiny random HF Qwen3.5 models for the parity tests (qwen3_5.md sections 7 and 10)."""
+"""Tiny random HF Qwen3.5 models for the parity tests."""
 
 from __future__ import annotations
 

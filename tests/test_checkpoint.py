@@ -22,7 +22,7 @@ class FakeIterator:
     self.pos = pos
 
   def get_state(self):
-    return ('{"pos": %d}' % self.pos).encode()
+    return f'{{"pos": {self.pos}}}'.encode()
 
   def set_state(self, s):
     import json
@@ -197,8 +197,8 @@ c = ck.Checkpointer(workdir, CheckpointConfig(every_steps=1, keep=2))
 same, _, _ = c.restore_latest(ck.abstract_with_shardings(state, jax.tree_util.tree_map(lambda x: x.sharding, state)))
 c.close()
 for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(state)):
-  ok = ok and a.sharding == b.sharding and all(
-      np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.addressable_shards, b.addressable_shards))
+  pairs = zip(a.addressable_shards, b.addressable_shards)
+  ok = ok and a.sharding == b.sharding and all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in pairs)
 print("RESULT", i, it.pos, ok, flush=True)
 """
 

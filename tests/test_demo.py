@@ -1,6 +1,6 @@
 """The CPU miniature (experiments/demo.sh): the rollout and evaluate building blocks on a random tiny model, and
-a smoke run of the whole pipeline at minimal sizes (marked slow: each stage is a separate Python process that
-pays JAX start-up and compilation, several minutes on a shared CPU).
+a smoke run of the whole pipeline at minimal sizes (part of the default run: each stage is a separate Python
+process that pays JAX start-up and compilation, about 3 minutes on an idle 2-core CPU).
 
 What a smoke run can assert is the plumbing and the invariants, not the numbers (the models see 2 steps):
   * report.json / report.md / sweep.png exist and every row has the required fields;
@@ -100,6 +100,7 @@ def test_evaluate_rows(model, task, tmp_path, monkeypatch):
     assert 0.0 <= r["avg_at_k"] <= 1.0 and 0.0 <= r["pass_at_k"] <= 1.0 and r["effective_tokens_per_s"] > 0
     assert r["benchmarks"]["test"]["n_questions"] == 3
   ctl = [r for r in rows if r["control"]]
+  assert ctl, "no random-PAD control row: the gate's PAD ratio at tau 0.5 is not strictly inside (0, 1)"
   for c in ctl:  # a control exists only where the gate's ratio is strictly inside (0, 1), at that ratio
     gate = by[("PIPO", c["conf_threshold"], None)]
     assert 0.0 < gate["pad_ratio"] < 1.0 and c["random_pad_ratio"] == gate["pad_ratio"]

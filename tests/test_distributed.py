@@ -1,8 +1,5 @@
 import jax
-import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pipo_jax import distributed
 
@@ -12,7 +9,7 @@ def test_single_process_is_a_no_op(monkeypatch):
             "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(k, raising=False)
   assert distributed.initialize_distributed() is False
-  assert distributed.is_main_process()
+  assert jax.process_index() == 0
 
 
 def test_partial_coordinates_raise(monkeypatch):
@@ -23,27 +20,20 @@ def test_partial_coordinates_raise(monkeypatch):
     distributed.initialize_distributed()
 
 
-def test_batch_helpers_single_process():
-  assert distributed.process_local_batch_size(16) == 16
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  local = {"ids": np.arange(32).reshape(8, 4), "mask": np.ones((8, 4), bool)}
-  g = distributed.make_global_batch(local, NamedSharding(mesh, P("data")))
-  assert g["ids"].shape == (8, 4) and g["ids"].sharding.shard_shape((8, 4)) == (1, 4)
-  np.testing.assert_array_equal(np.asarray(g["ids"]), local["ids"])
-
-
 _WORKER = r"""
 import sys
 import jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from pipo_jax import distributed
+from jax.sharding import NamedSharding, PartitionSpec as P
+from pipo_jax import distributed, sharding
+from pipo_jax.config import MeshConfig
+from pipo_jax.data.pipeline import local_batch_size
 assert distributed.initialize_distributed()
 n, i = jax.process_count(), jax.process_index()
-mesh = Mesh(np.array(jax.devices()), ("data",))
-local = np.full((distributed.process_local_batch_size(4), 2), i, np.float32)
-g = distributed.make_global_batch(local, NamedSharding(mesh, P("data")))
+mesh = sharding.make_mesh(MeshConfig(data=-1))
+local = np.full((local_batch_size(4, n), 2), i, np.float32)
+g = sharding.shard_batch(local, mesh)  # what the trainer does with each process's rows
 total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(g)
-print("RESULT", n, i, g.shape, float(total), distributed.is_main_process(), flush=True)
+print("RESULT", n, i, g.shape, float(total), jax.process_index() == 0, flush=True)
 """
 
 

@@ -1,4 +1,4 @@
-"""Grading rules of pipo_method.md 12.3 on hand-made completions."""
+"""Grading rules (docs/method.md#evaluation) on hand-made completions."""
 
 import threading
 

@@ -8,11 +8,11 @@ checkpoints every 2 steps) on generated data:
   B  2 processes x 4 devices, mesh data=8                         via launch/local_multiprocess.sh
   C  2 processes x 4 devices, mesh data=2,fsdp=2,tensor=2, resumed from B's step-2 checkpoint
 
-Checked: B's per-step losses equal A's (<= 1e-6) and so do its final params (up to fp32 reduction order); only process 0 writes metrics
-(one metrics.jsonl line per step, one TensorBoard file, no progress lines from process 1) while every process
-writes its own data-iterator state; C restores B's checkpoint collectively onto another mesh (params resharded,
-the data iterator where it stopped) and its steps 3-4 and final params match the uninterrupted A within fp
-tolerance (tensor parallelism reorders reductions).
+Checked: B's per-step losses equal A's (<= 1e-6) and so do its final params (up to fp32 reduction order); only
+process 0 writes metrics (one metrics.jsonl line per step, one TensorBoard file, no progress lines from process 1)
+while every process writes its own data-iterator state; C restores B's checkpoint collectively onto another mesh
+(params resharded, the data iterator where it stopped) and its steps 3-4 and final params match the uninterrupted A
+within fp tolerance (tensor parallelism reorders reductions).
 
 Slow: five jax processes each compile the step (19 min wall on a 2-core machine shared with ~10 other busy
 processes; losses were bitwise equal, max |param diff| 8e-7 A-B, 1.1e-6 A-C), so it is excluded from the default

@@ -60,7 +60,7 @@ def test_encode_rollouts_layout_and_fill_rule():
   np.testing.assert_array_equal(np.flatnonzero(b["response"][0]), np.arange(4, 11))
   np.testing.assert_array_equal(np.flatnonzero(~b["keep"][0]), [3, 7, 9, 11, 12, 13, 14, 15])
   np.testing.assert_array_equal(np.flatnonzero(b["response"][1]), np.arange(4, 10))
-  # The fill (defect 13 fixed): only rejected-draft PADs inside the stream; not the prompt-parity PAD (3),
+  # The fill (docs/method.md#pad-label-fill): only rejected-draft PADs inside the stream; not the prompt-parity PAD (3),
   # the trailing parity PAD (11) or the right padding (13, 15). MTP slot j targets position 2j + 3.
   from pipo_jax.opd import pad_compaction
   fill = np.asarray(pad_compaction.mtp_fill_mask(jnp.asarray(b["input_ids"]), PAD, jnp.asarray(b["fill_allow"])))
@@ -100,7 +100,9 @@ def test_teacher_states_equal_direct_forward_on_compacted_sequence():
   np.testing.assert_allclose(g_back[0, 3], g[0, 5])
 
 
-def _loss_fn(mode, lora=LoraConfig(), loss=LossConfig(logits_chunk=8), **kw):
+def _loss_fn(mode, lora=None, loss=None, **kw):
+  lora = LoraConfig() if lora is None else lora
+  loss = LossConfig(logits_chunk=8) if loss is None else loss
   ocfg = OPDConfig(divergence=mode, topk=8, **kw)
   return opd.make_opd_loss(STUDENT, TEACHER, ocfg, loss, lora)
 

@@ -161,7 +161,8 @@ def test_sampled_estimator_is_unbiased_and_reference_is_not():
   # The reported value is the unbiased KL estimate l(y): its expectation is the exact KL.
   np.testing.assert_allclose(value, full_kl(z), rtol=1e-5)
 
-  # Reference estimator (defect 1): l = log p_s(y) - sg(log p_t(y)), gradient d log p_s(y).
+  # The reference's estimator (docs/method.md#sampled-kl-gradient): l = log p_s(y) - sg(log p_t(y)),
+  # gradient d log p_s(y).
   def reference(zs, zt, yy):
     ls, lt = jax.nn.log_softmax(zs / tau), jax.lax.stop_gradient(jax.nn.log_softmax(zt / tau))
     return (jnp.take_along_axis(ls, yy[:, None], -1) - jnp.take_along_axis(lt, yy[:, None], -1))[:, 0]

@@ -80,6 +80,6 @@ def test_stream_labels_and_fill_mask():
   np.testing.assert_array_equal(back, [[12, 13, 14], [21, 22, 24]])
   np.testing.assert_array_equal(mtp, [[-100, -100, 15], [-100, 23, -100]])
   np.testing.assert_array_equal(pc.mtp_fill_mask(IDS, P), [[1, 1, 0], [1, 0, 1]])
-  # Restrict the fill to rejected drafts only (defect 13): here only position 5 of row 0.
+  # Restrict the fill to rejected drafts only (docs/method.md#pad-label-fill): here only position 5 of row 0.
   allow = jnp.zeros_like(KEEP).at[0, 5].set(True)
   np.testing.assert_array_equal(pc.mtp_fill_mask(IDS, P, allow), [[0, 1, 0], [0, 0, 0]])

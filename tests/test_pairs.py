@@ -1,4 +1,5 @@
-"""PIPO pair construction: a hand-worked example and hypothesis properties (pipo_method.md 5.2, 6, 8.2)."""
+"""PIPO pair construction: a hand-worked example and hypothesis properties (docs/method.md#sft-examples,
+docs/method.md#encoding-a-rollout)."""
 
 import numpy as np
 import pytest
@@ -118,7 +119,7 @@ def test_ratio_zero_inserts_only_parity_pads():
 
 
 def test_small_ratio_rounds_to_no_split():
-  # round(2 * 0.2) = 0: the reference's max(1, .) would still split one pair (defect 6).
+  # round(2 * 0.2) = 0: the reference's max(1, .) would still split one pair (docs/method.md#no-pad-at-ratio-0).
   ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.2, []), max_pad_ratio=1.0,
                                think_mask_tokens=2, max_length=16)
   assert ex.n_split == 0 and len(ex.input_ids) == 12

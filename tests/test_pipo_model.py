@@ -3,9 +3,9 @@
 * Compressor initialisations by hand: linear = [I | I] (z = a + b exactly), mlp_residual = a + b exactly, mlp =
   silu(a) + silu(b) (the reference's init).
 * The compressed training forward against transformers: the backbone stream is HF's Qwen3_5ForCausalLM run on
-  inputs_embeds = e_2i + e_2i+1; the MTP stream is spec section 5 assembled in torch from HF's own
-  Qwen3_5DecoderLayer / Qwen3_5RMSNorm with our exported `mtp.*` weights, teacher-forced as in
-  pipo_method.md 4.3 (slot j: e(x_2j+2) with h_j at RoPE position j).
+  inputs_embeds = e_2i + e_2i+1; the MTP stream is the MTP head (docs/method.md#mtp-head) assembled in torch from
+  HF's own Qwen3_5DecoderLayer / Qwen3_5RMSNorm with our exported `mtp.*` weights, teacher-forced as in
+  docs/method.md#index-alignment (slot j: e(x_2j+2) with h_j at RoPE position j).
 * `score --pipo` on left-padded batches of odd and even lengths equals one-sequence forwards, in the documented
   per-token alignment.
 """
@@ -69,7 +69,7 @@ def tiny_pipo(tmp_path_factory):
 
 
 def _torch_mtp_logits(model, mtp_tensors, e_BJD, h_BJD):
-  """Spec section 5 in torch from HF modules: norm(layer(fc([norm_e(e); norm_h(h)]))) @ lm_head."""
+  """The MTP head in torch from HF modules: norm(layer(fc([norm_e(e); norm_h(h)]))) @ lm_head."""
   import torch
   from transformers.models.qwen3_5 import modeling_qwen3_5 as m
   cfg = model.config

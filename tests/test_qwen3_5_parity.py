@@ -1,4 +1,4 @@
-"""Qwen35 (Flax) against HF transformers Qwen3_5ForCausalLM on tiny random models (qwen3_5.md section 10)."""
+"""Qwen35 (Flax) against HF transformers Qwen3_5ForCausalLM on tiny random models."""
 
 import dataclasses
 import json
@@ -96,7 +96,7 @@ def test_logits_match_hf_blocked_attention(models, name):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_decode_with_cache_matches_full_forward(models, name):
-  """Prefill 12, then 8 single steps; and prefill 9 then one 11-token step (qwen3_5.md 3.8 checks)."""
+  """Prefill 12, then 8 single steps; and prefill 9 then one 11-token step (cached prefill and decode)."""
   _, _, ckpt, fns, ids, ref = models[name]
   B, S = 2, 32
   ids = ids.astype(np.int32)
@@ -148,7 +148,7 @@ def test_left_padded_batch_matches_single_prompts(models):
 
 def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
   """Chunked form (chunk 16 and 64, split prefill) vs token-by-token recurrence, with decays down to
-  -300 per step that would give inf*0 = NaN without masking before exp (qwen3_5.md 8.7)."""
+  -300 per step that would give inf*0 = NaN without masking before exp."""
   rng = np.random.RandomState(1)
   B, T, H, K, V = 2, 100, 3, 8, 5
   q = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32)) * K ** -0.5

@@ -6,7 +6,7 @@ import pytest
 
 from pipo_jax import report
 
-BENCH = lambda a, b, c, d: {  # noqa: E731  (AIME, GPQA) avg/pass pairs
+BENCH = lambda a, b, c, d: {  # (AIME, GPQA) avg/pass pairs
     "AIME25": {"avg_at_k": a, "pass_at_k": b}, "GPQA-D": {"avg_at_k": c, "pass_at_k": d}}
 
 ROWS = [

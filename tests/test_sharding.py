@@ -96,7 +96,7 @@ def test_hf_load_onto_mesh(setup, tmp_path):
   tensors = hf.backbone_to_hf_tensors(params, cfg)
   save_file(tensors, str(tmp_path / "model.safetensors"))
   (tmp_path / "config.json").write_text(__import__("json").dumps(cfg.to_hf_dict()))
-  got = hf.load_qwen3_5(str(tmp_path), shardings=sh.backbone_param_shardings(cfg, mesh))
+  got = hf.load_qwen3_5(str(tmp_path), shardings=sh.param_shardings(qwen3_5.boxed_backbone_params(cfg), mesh))
   for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(params)):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,9 +1,10 @@
 """PIPO training examples from (prompt ids, response ids): pure numpy, one sequence at a time.
 
-Conventions (pipo_method.md section 1): labels are *unshifted* (label[t] = x_t where supervised, -100 elsewhere);
-T is even and pair i is (x_{2i}, x_{2i+1}); every PAD sits in a token2 slot (odd index) and has label -100.
+Conventions (docs/method.md#notation, docs/method.md#pad-rules): labels are *unshifted* (label[t] = x_t where
+supervised, -100 elsewhere); T is even and pair i is (x_{2i}, x_{2i+1}); every PAD sits in a token2 slot (odd index)
+and has label -100.
 
-SFT example (pipo_method.md 5.2 and 6, with defects 6, 15, 16 fixed):
+SFT example (docs/method.md#sft-examples):
   1. ids = prompt || response; labels = -100 on the prompt, ids on the response.
   2. Think-prefix masking: the first `think_mask_tokens` response labels become -100 (the `<think>\\n` that
      the generation prompt already holds at inference).
@@ -12,14 +13,16 @@ SFT example (pipo_method.md 5.2 and 6, with defects 6, 15, 16 fixed):
   5. Length budget: a sequence longer than `max_length` is truncated on the right (or dropped, `overlong`);
      one left without a supervised label is dropped.
   6. Random PAD insertion, ratio ~ U(0, max_pad_ratio) from the caller's Generator, never past max_length
-     (defect 16), nothing at ratio 0 (defect 6). Two kinds (`pad_insertion`):
+     (docs/method.md#pad-insertion-within-max_length), nothing at ratio 0 (docs/method.md#no-pad-at-ratio-0).
+     Two kinds (`pad_insertion`):
      * "split" (the reference): n = round(n_eligible * ratio) eligible pairs (token2 supervised) are split
        (a, b) -> (a, PAD), (b, PAD). PAD pairs come in twos, so the text after them keeps its pairing.
      * "gate" (ours): what a rejected draft does at inference. Walking the pairs, each eligible pair becomes
        (a, PAD) with probability ratio and b opens the next pair, so the pairing of everything after shifts
        by one token, exactly as after a confidence-gate rejection. A model trained only on "split" never
        sees that shift; in the CPU miniature it lost half its accuracy at tau 0.95 with 3 % PADs.
-Batches are built by `pad_right`-ing each example independently, so any batch size works (defect 15).
+Batches are built by `pad_right`-ing each example independently, so any batch size works
+(docs/method.md#any-sft-batch-size).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def first_supervised(labels: np.ndarray) -> int:
 def insert_parity_pads(ids: np.ndarray, labels: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Parity PAD after an odd unsupervised prefix, then a trailing PAD if the total is odd. Both label -100.
 
-  The prefix end is the first supervised label (pipo_method.md 6, step 1), so both PADs land at odd indices.
+  The prefix end is the first supervised label (think prefix included), so both PADs land at odd indices.
   """
   p = first_supervised(labels)
   if p % 2:
@@ -219,7 +222,8 @@ def build_ar_example(prompt_ids, response_ids, *, max_length: int, overlong: str
 
 
 def encode_rollout(prompt_ids, response_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """OPD encoding of one rollout (pipo_method.md 8.2): (ids, labels, valid), int32/int32/bool [T], T even.
+  """OPD encoding of one rollout (docs/method.md#encoding-a-rollout): (ids, labels, valid), int32/int32/bool [T],
+  T even.
 
   prompt_ids: the generation prompt incl. `<think>\\n`, without its parity PAD; response_ids: the ids as
   generated, PADs included. A parity PAD follows an odd prompt; every PAD gets label -100; an odd total gets
@@ -274,7 +278,7 @@ def pad_right(input_ids, labels, length: int, pad_id: int) -> tuple[np.ndarray, 
 
 
 def stream_targets(labels):
-  """(backbone_labels, mtp_labels), each [..., L-1], from unshifted labels [..., 2L] (pipo_method.md 4.3).
+  """(backbone_labels, mtp_labels), each [..., L-1], from unshifted labels [..., 2L] (docs/method.md#index-alignment).
 
   Slot j (0 <= j <= L-2) uses the backbone state of pair j: the backbone predicts x_{2j+2} = labels[2::2],
   the MTP head (fed e(x_{2j+2})) predicts x_{2j+3} = labels[3::2]. Works on numpy and jax arrays.

@@ -58,7 +58,7 @@ class DataStats:
 
   def as_dict(self) -> dict:
     with self._lock:
-      d = dict(self._c)
+      d: dict[str, float] = dict(self._c)
       d["mean_pad_ratio"] = self._ratio_sum / max(1, d["examples"])
       return d
 
@@ -76,24 +76,16 @@ def open_source(path: str, split: str = "train", fmt: str = "auto", skip_malform
   if not path:
     raise ValueError("no data path: set data.train_path (a JSONL file or a TFDS ArrayRecord directory)")
   if os.path.isdir(path):
-    from pipo_jax.data.tfds_builder import ArrayRecordPairs  # pylint: disable=g-import-not-at-top
+    from pipo_jax.data.tfds_builder import ArrayRecordPairs
     return ArrayRecordPairs(path, split)
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file {path} does not exist")
   return JsonlSource(path, fmt, skip_malformed=skip_malformed, require_response=require_response)
 
 
-def load_data_tokenizer(cfg: DataConfig, model_dir: str = "") -> ChatTokenizer:
-  """The tokenizer of data.tokenizer_path, else of the model directory (e.g. checkpoint.init_from)."""
-  path = cfg.tokenizer_path or model_dir
-  if not path:
-    raise ValueError("no tokenizer: set data.tokenizer_path or start from a model directory with tokenizer.json")
-  return load_tokenizer(path)
-
-
 def _process_index_count(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -183,7 +175,8 @@ class _BuildExample:
 
 
 def resolve_think_mask_tokens(n: int, tok: Optional[ChatTokenizer]) -> int:
-  """data.think_mask_tokens; -1 means "the length of the tokenizer's `<think>\\n`" (defect 19)."""
+  """data.think_mask_tokens; -1 means "the length of the tokenizer's `<think>\\n`"
+  (docs/method.md#special-ids-from-the-tokenizer-files)."""
   if n >= 0:
     if tok is not None and n != len(tok.think_prefix_ids):
       logging.warning("data.think_mask_tokens=%d but the tokenizer's <think>\\n is %d tokens", n,
@@ -284,7 +277,7 @@ class PromptPipeline:
   Yields {"prompt_ids": int32 [b, P] (PAD on the left), "prompt_valid": bool [b, P], "prompt_length": int32 [b],
   "index": int32 [b] (into `records`, -1 for filler rows)}, b = global batch / process_count, P = prompt_length.
   Prompts are the generation prompt (ending in `<think>\\n`); with `parity_pad` (PIPO) an odd prompt gets its
-  parity PAD appended (pipo_method.md 9.1), so with an even P the left padding is whole pairs. Prompts longer than
+  parity PAD appended (docs/method.md#pad-rules), so with an even P the left padding is whole pairs. Prompts longer than
   P are dropped and counted (truncating a question would change it); with `min_pass_rate` > 0 prompts whose
   `pass_rate` is lower, or missing, are filtered out and counted. `records[index]` gives the Record (its `meta`
   holds e.g. `answer`, `source`, `pass_rate`). Training: shuffled and repeated; evaluation: one pass in order

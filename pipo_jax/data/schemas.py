@@ -160,8 +160,8 @@ def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
   """Validate every line of a JSONL file once and index the good ones.
 
   Returns (spans int64 [n, 2] = (byte offset, byte length), line_numbers int64 [n] (1-based), n_malformed).
-  Blank lines are ignored (not malformed). Validating up front makes a bad file fail before training starts, while only byte offsets are
-  kept in memory, so a file of long trajectories is not held as Python objects.
+  Blank lines are ignored (not malformed). Validating up front makes a bad file fail before training starts, while
+  only byte offsets are kept in memory, so a file of long trajectories is not held as Python objects.
   """
   offsets, linenos, n_bad = [], [], 0
   with open(path, "rb") as f:

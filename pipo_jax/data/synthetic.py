@@ -91,7 +91,8 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty
   """
   rng = np.random.default_rng(seed)
   need = n_train + n_test + n_opd
-  seen, problems = set(), []
+  seen: set[str] = set()
+  problems: list[Problem] = []
   for _ in range(need * max_tries):
     if len(problems) == need:
       break

@@ -3,7 +3,7 @@
 tensorflow-datasets 4.9.10 runs this `GeneratorBasedBuilder` without TensorFlow installed: features are
 serialised by tfds' own numpy path and written as ArrayRecord (`file_format="array_record"`), and
 `tfds.builder_from_directory(...).as_data_source(split)` reads them back with no TensorFlow either (checked
-in tests/test_data_pipeline.py). So architecture.md's plan holds unchanged; no hand-written ArrayRecord files.
+in tests/test_data_pipeline.py), so no ArrayRecord files are written by hand.
 
 Layout: ``{out_dir}/pipo_pairs/1.0.0/`` holding ``dataset_info.json``, ``features.json`` and
 ``pipo_pairs-{split}.array_record-0000N-of-0000M``. Each example is
@@ -77,7 +77,7 @@ class PipoPairs(tfds.core.GeneratorBasedBuilder):
     for i in range(len(src)):
       rec = src[i]
       prompt_ids, response_ids = record_token_ids(rec, self._tok)
-      line = int(src._linenos[i])  # pylint: disable=protected-access
+      line = int(src._linenos[i])
       yield line, {"prompt_ids": prompt_ids, "response_ids": response_ids, "line": line,
                    "meta": json.dumps(rec.meta, ensure_ascii=False)}
 

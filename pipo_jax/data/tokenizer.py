@@ -1,6 +1,7 @@
 """Tokenizer loading, special ids and the Qwen chat template, encoded side by side.
 
-Special ids are never hard-coded (pipo_method.md defects 7 and 19); `load_tokenizer(dir)` finds them as:
+Special ids are never hard-coded (docs/method.md#special-ids-from-the-tokenizer-files); `load_tokenizer(dir)` finds
+them as:
 
 * PAD: ``tokenizer_config.json`` ``pad_token`` -> else ``config.json`` ``pad_token_id`` (top level or
   ``text_config``) -> else the token ``<|endoftext|>`` -> else a ValueError naming the files.
@@ -114,7 +115,7 @@ class SpecialIds:
 
   @property
   def stop_ids(self) -> tuple:
-    """Ids that end generation: `<|im_end|>` and EOS, never PAD (pipo_method.md 9.7)."""
+    """Ids that end generation: `<|im_end|>` and EOS, never PAD (docs/method.md#tokens-and-chat-template)."""
     return tuple(sorted({self.im_end, self.eos} - {self.pad}))
 
 

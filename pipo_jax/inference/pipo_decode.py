@@ -1,28 +1,29 @@
-"""PIPO decoding: compressed prefill, then two phases per step (pipo_method.md 9, with defects #2-#5, #7, #14
-fixed).
+"""PIPO decoding: compressed prefill, then two phases per step (docs/method.md#decoding; where it differs from
+the reference: docs/method.md#mtp-cache-at-prefill, docs/method.md#stop-at-prefill,
+docs/method.md#threshold-semantics, docs/method.md#pad-never-sampled).
 
 Axis vocabulary: B batch, T prompt bucket, L prompt pairs, S cache slots (pairs), V vocabulary, D model dim,
 N raw output slots (2 per step: token1, token2-or-PAD).
 
-Prefill (one pass; fixes #2, #3, #4):
+Prefill (one pass):
   * each row gets a parity PAD after its prompt when odd, then is left-padded in whole pairs;
   * backbone_pairs over the L prompt pairs at compressed positions 0..L_r-1 -> h_0..h_{L-1};
-    token1 ~ W h_{L-1} (PAD masked: #14);
+    token1 ~ W h_{L-1} (PAD masked);
   * MTP over the prompt with the training alignment: slot j takes (e(x_{2j+2}), h_j) at position j for
     j = 0..L-2, then slot L-1 takes (e(token1), h_{L-1}) -> token2, gated by the confidence head. The MTP
-    cache thus holds exactly the teacher-forced states the head saw in training (#2), and the first output
-    pair already carries a draft (#4). A stop id as token1 is detected here (#3).
+    cache thus holds exactly the teacher-forced states the head saw in training, and the first output
+    pair already carries a draft. A stop id as token1 is detected here.
 Decode step k (compressed position p = L_r + k - 1 per row):
   phase 1: backbone on the last emitted pair (token1, token2-or-PAD) -> h_p -> token1 (PAD masked);
   phase 2: MTP + confidence on (e(token1), h_p) at position p -> token2, or PAD.
-Threshold tau (traced, one compilation serves every value; #5): tau < 0 keeps every token2; tau >= 1 skips
+Threshold tau (traced, one compilation serves every value): tau < 0 keeps every token2; tau >= 1 skips
 phase 2 entirely (lax.cond; `phase2_runs` counts executions: prefill included); otherwise token2 is
 replaced by PAD where sigmoid(conf) < tau (strict).
 Random-PAD control (`random_pad`, traced, None = off): token2 is replaced by PAD by an independent coin flip
 with that probability instead of by the confidence gate (the paper's Fig. 6 "Random" baseline; phase 2 and the
 confidence head still run, so its cost matches the gated decode; the caller passes tau < 1).
 Stopping: a stop id as token1 ends the row and drops token2; a stop id as token2 ends it (kept).
-`max_new_tokens` counts emitted non-PAD tokens. PAD is masked when sampling token1 (#14) and token2, so a
+`max_new_tokens` counts emitted non-PAD tokens. PAD is masked when sampling token1 and token2, so a
 PAD in the raw stream always means a gated (or skipped) token2.
 Cache sizing: 1 pair slot per step, L + max_new in all.
 """
@@ -44,7 +45,7 @@ from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
 def pair_layout(ids_BT, valid_BT, pad_id: int):
   """Left-padded prompts -> (ids_BT2, valid_BT2) with T2 = T rounded up to even, each row's prompt followed by
   one parity PAD when its length is odd and left-padded so that pairs align. The parity PAD is a real
-  (valid) token, as in training and serving (pipo_method.md 9.1)."""
+  (valid) token, as in training and serving (docs/method.md#pad-rules)."""
   B, T = ids_BT.shape
   T2 = T + T % 2
   n_B = jnp.sum(valid_BT, axis=-1).astype(jnp.int32)

@@ -1,4 +1,4 @@
-"""Gated softmax attention of Qwen3.5 full-attention layers (qwen3_5.md section 2).
+"""Gated softmax attention of Qwen3.5 full-attention layers.
 
 Axis vocabulary: B batch, T new tokens, S key slots (T without a cache, the cache length with one),
 D model dim, H query heads, G kv heads, R = H/G query heads per kv head, K head dim, P rotary dim.
@@ -23,7 +23,7 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """inv_freq_P2 [P/2] in float32, built the way HF builds it (qwen3_5.md section 8.8).
+  """inv_freq_P2 [P/2] in float32, built the way HF builds it (so rounding matches).
 
   HF computes theta ** (arange/P) with torch's float32 pow (glibc powf: the correctly rounded result), then
   1 / that in float32. A single-ulp difference in inv_freq moves the angle at position 262143 by ~0.016 rad,
@@ -136,7 +136,7 @@ class GatedAttention(nn.Module):
       o_BTGRK = _dense_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T,
                                  key_valid_BS)
     o_BTF = o_BTGRK.reshape(B, T, H * K)
-    # The gate multiplies the concatenated head outputs, before o_proj (qwen3_5.md section 8.4).
+    # The gate multiplies the concatenated head outputs, before o_proj (as HF).
     o_BTF = o_BTF * jax.nn.sigmoid(gate_BTHK.reshape(B, T, H * K))
     o_BTF = nn.with_logical_constraint(o_BTF, ("batch", "length", "heads"))
     out_BTD = _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(o_BTF)

@@ -1,4 +1,4 @@
-"""Gated DeltaNet (linear attention) layer of Qwen3.5 (qwen3_5.md section 3).
+"""Gated DeltaNet (linear attention) layer of Qwen3.5, as HF transformers computes it.
 
 Axis vocabulary: B batch, T new tokens, D model dim, C conv channels (= 2*Hk*dk + Hv*dv, the q|k|v
 channels), W conv kernel width (K_conv), Hk key heads, H value heads (Hv), K key head dim (dk), V value head
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.models.norms import GatedRMSNorm
+from pipo_jax.models.norms import GatedRMSNorm, logical_param
 from pipo_jax.models.triangular import unit_lower_solve
 
 _HI = jax.lax.Precision.HIGHEST
@@ -32,7 +32,7 @@ def _einsum(spec, *ops):
 
 
 def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(sum x^2 + eps) over the last axis; eps inside the root, fixed at 1e-6 (qwen3_5.md 3.4)."""
+  """x / sqrt(sum x^2 + eps) over the last axis; eps inside the root, fixed at 1e-6 (as HF)."""
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
@@ -42,7 +42,7 @@ def torch_softplus(x: jax.Array) -> jax.Array:
 
 
 def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV):
-  """Token-by-token delta rule (qwen3_5.md 3.5): decay, delta write, then read. All inputs fp32.
+  """Token-by-token delta rule: decay, delta write, then read. All inputs fp32.
 
   Returns (o_BTHV, final state_BHKV). Used for single-token decode and as the test reference.
   """
@@ -59,7 +59,7 @@ def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BH
 
 
 def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, chunk: int):
-  """Chunked parallel delta rule (qwen3_5.md 3.6), continuing from state_BHKV. All inputs fp32.
+  """Chunked parallel delta rule, continuing from state_BHKV. All inputs fp32.
 
   Returns (o_BTHV, final state_BHKV). T is zero-padded to a multiple of the chunk; zero padding at the end
   leaves outputs and the final state exact.
@@ -81,7 +81,7 @@ def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV
   causal_ij = i[:, None] >= i[None, :]
   strict_ij = i[:, None] > i[None, :]
   # Mask *before* exp: above the diagonal gam_i - gam_j > 0 can reach 1e4 and exp would overflow to inf,
-  # and inf * 0 is NaN (qwen3_5.md section 8.7).
+  # and inf * 0 is NaN.
   diff_BHNij = gam_BHNL[..., :, None] - gam_BHNL[..., None, :]
   decay_BHNij = jnp.exp(jnp.where(causal_ij, diff_BHNij, -jnp.inf))
 
@@ -126,8 +126,8 @@ class CausalConv(nn.Module):
     """(x_BTC pre-activation, prev_BWC the previous W-1 inputs) -> (silu(conv)_BTC, new prev_BWC)."""
     cfg = self.config
     W, C = cfg.linear_conv_kernel_dim, x_BTC.shape[-1]
-    kernel_WC = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv")), (W, C), cfg.param_dtype)
+    kernel_WC = logical_param(self, "kernel", nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv"),
+                              (W, C), cfg.param_dtype)
     T = x_BTC.shape[1]
     ext_BXC = jnp.concatenate([prev_BWC.astype(x_BTC.dtype), x_BTC], axis=1)  # X = T + W - 1
     ext32 = ext_BXC.astype(jnp.float32)
@@ -160,7 +160,7 @@ class GatedDeltaNet(nn.Module):
 
     cache (optional): {"conv_BWC": last W-1 pre-activation q|k|v inputs, "state_BHKV": fp32 recurrent state,
     ...other keys passed through}. Pads (valid_BT False) are zeroed here, which keeps left padding exact;
-    pads in the middle of a sequence would still decay the state (qwen3_5.md 3.8), so don't make them.
+    pads in the middle of a sequence would still decay the state, so don't make them.
     """
     cfg = self.config
     B, T, _ = x_BTD.shape
@@ -187,13 +187,12 @@ class GatedDeltaNet(nn.Module):
     q_BTHK = conv_BTC[..., :kd].reshape(B, T, Hk, K).astype(jnp.float32)
     k_BTHK = conv_BTC[..., kd:2 * kd].reshape(B, T, Hk, K).astype(jnp.float32)
     v_BTHV = conv_BTC[..., 2 * kd:].reshape(B, T, H, V).astype(jnp.float32)
-    # Scale after the l2norm (qwen3_5.md 8.6); value head h reads key head h // (H/Hk): repeat_interleave.
+    # Scale after the l2norm (as HF); value head h reads key head h // (H/Hk): repeat_interleave.
     q_BTHK = jnp.repeat(l2norm(q_BTHK) * np.float32(K ** -0.5), H // Hk, axis=2)
     k_BTHK = jnp.repeat(l2norm(k_BTHK), H // Hk, axis=2)
 
-    a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("gdn_heads",)), (H,), jnp.float32)
-    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(nn.initializers.ones_init(), ("gdn_heads",)),
-                         (H,), cfg.param_dtype)
+    a_log = logical_param(self, "A_log", _a_log_init, ("gdn_heads",), (H,), jnp.float32)
+    dt_bias = logical_param(self, "dt_bias", nn.initializers.ones_init(), ("gdn_heads",), (H,), cfg.param_dtype)
     beta_BTH = jax.nn.sigmoid(b_BTH.astype(jnp.float32))
     g_BTH = -jnp.exp(a_log.astype(jnp.float32)) * torch_softplus(
         a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32))

@@ -11,7 +11,7 @@ kernel gets one stacked adapter and the model's scan slices both the same way.
 
 Matching is by exact module name, which is the PEFT "suffix" rule on HF names (`...self_attn.q_proj`
 matches `q_proj`; GDN's `in_proj_qkv` does not), so targets reach the backbone full-attention layers,
-every MLP and the MTP layer, as pipo_method.md section 7.1 requires.
+every MLP and the MTP layer, as the paper's recipe requires (docs/method.md#trainable-parameters).
 
 Forward:  W_eff = W + (alpha / r) * A @ B      (A: [in, r], B: [r, out], kernels are [in, out]).
 
@@ -137,11 +137,6 @@ def apply_lora(params: Params, lora_params: Params, lora_cfg, rng: Optional[jax.
     w_eff = (w.astype(jnp.float32) + _delta(ab["a"], ab["b"], s, mask)).astype(w.dtype)
     _set(out, path + ("kernel",), w_eff)
   return out
-
-
-def merge_lora(params: Params, lora_params: Params, lora_cfg) -> Params:
-  """Exact, deterministic merge for export (or before a new LoRA, as OPD does on the SFT model)."""
-  return apply_lora(params, lora_params, lora_cfg, deterministic=True)
 
 
 def _adapters(lora_params: Params, path=()):

@@ -1,4 +1,4 @@
-"""The two RMSNorm variants of Qwen3.5 (qwen3_5.md section 1).
+"""The two RMSNorm variants of Qwen3.5.
 
 Axis vocabulary: B batch, T tokens, D features (any last axis), H heads.
 Both norms compute in fp32 whatever the input dtype and cast back at the end, as HF does.
@@ -6,13 +6,21 @@ Both norms compute in fp32 whatever the input dtype and cast back at the end, as
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 
+def logical_param(module: nn.Module, name: str, init, axes: tuple, shape: tuple, dtype: Any) -> jax.Array:
+  """`module.param` with logical axis names on it. Inside the module body flax hands back the plain array (the
+  names stay on the stored, boxed param), so this is typed as the array the caller computes with."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)  # type: ignore[return-value]
+
+
 def _rms_normalise(x32: jax.Array, eps: float) -> jax.Array:
-  # eps sits inside the root (qwen3_5.md section 8.2).
+  # eps sits inside the root (as HF).
   return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
@@ -22,14 +30,14 @@ class RMSNorm(nn.Module):
   Used for the layer norms, the final norm, q_norm/k_norm and the MTP norms.
   """
   eps: float = 1e-6
-  param_dtype: jnp.dtype = jnp.float32
+  param_dtype: Any = jnp.float32
   axis_name: str | None = "embed"  # logical axis of the scale vector
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
-                   (x.shape[-1],), self.param_dtype)
-    # (1 + w) is applied in fp32 before the cast back; this only matters in bf16 (qwen3_5.md section 1).
+    w = logical_param(self, "scale", nn.initializers.zeros_init(), (self.axis_name,), (x.shape[-1],),
+                      self.param_dtype)
+    # (1 + w) is applied in fp32 before the cast back; this only matters in bf16 (as HF).
     y = _rms_normalise(x.astype(jnp.float32), self.eps) * (1.0 + w.astype(jnp.float32))
     return y.astype(x.dtype)
 
@@ -40,12 +48,11 @@ class GatedRMSNorm(nn.Module):
   x_...K and z_...K share their shape; normalisation is over the last axis (one value head).
   """
   eps: float = 1e-6
-  param_dtype: jnp.dtype = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-    w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)),
-                   (x.shape[-1],), self.param_dtype)
+    w = logical_param(self, "scale", nn.initializers.ones_init(), ("head_dim",), (x.shape[-1],), self.param_dtype)
     # HF casts the normalised value back to the input dtype before multiplying by w, then multiplies by the
     # fp32 silu(z) and casts the product back; we follow that order so bf16 matches too.
     y = _rms_normalise(x.astype(jnp.float32), self.eps).astype(x.dtype)

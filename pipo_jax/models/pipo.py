@@ -1,10 +1,10 @@
 """The PIPO model: compressor (pair-in), backbone on pairs, MTP head and confidence head (pair-out).
 
-Spec: pipo_method.md sections 2-4 and 9. Axis vocabulary as in qwen3_5.py, plus
+Method: docs/method.md#model, docs/method.md#decoding. Axis vocabulary as in qwen3_5.py, plus
   L pairs (compressed positions; a sequence of T tokens has L = T/2 pairs)
   J MTP slots (J = L - 1 in training: the last pair's state has no teacher-forced target)
 
-Index alignment (pipo_method.md 4.3), slot j = 0..L-2:
+Index alignment (docs/method.md#index-alignment), slot j = 0..L-2:
   backbone  h_j (has seen x_0..x_{2j+1})            -> predicts x_{2j+2} = labels[2::2]
   MTP       (e(x_{2j+2}), h_j) at RoPE position j    -> predicts x_{2j+3} = labels[3::2]
   confidence head on (h_j, m_j)                      -> acceptance of the MTP draft for x_{2j+3}
@@ -18,7 +18,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 
 from pipo_jax.config import FULL, ModelConfig
@@ -49,7 +48,7 @@ def _identity_init(key, shape, dtype=jnp.float32):
 
 
 class Compressor(nn.Module):
-  """Folds each pair of token embeddings into one latent: e_BL2D -> z_BLD (pipo_method.md section 2).
+  """Folds each pair of token embeddings into one latent: e_BL2D -> z_BLD (docs/method.md#compressor).
 
   Variants (config.compressor_type):
     linear        z = W [a; b] + c                       init W = [I | I], c = 0  => z = a + b
@@ -111,7 +110,7 @@ class ConfidenceHead(nn.Module):
 
 
 class MTPHead(nn.Module):
-  """Qwen3.5's native MTP module (qwen3_5.md section 5): one full-attention decoder layer.
+  """Qwen3.5's native MTP module (docs/method.md#mtp-head): one full-attention decoder layer.
 
   m = norm(layer(fc([pre_fc_norm_embedding(e) ; pre_fc_norm_hidden(h)])))  -- embedding first.
   """
@@ -131,7 +130,7 @@ class MTPHead(nn.Module):
 
 
 def pair_valid(valid_BT: Optional[jax.Array]) -> Optional[jax.Array]:
-  """A pair is real when either of its tokens is (pipo_method.md 4.1: OR of the two token masks)."""
+  """A pair is real when either of its tokens is (OR of the two token masks)."""
   if valid_BT is None:
     return None
   B, T = valid_BT.shape
@@ -159,7 +158,7 @@ class PipoModel(nn.Module):
     return self.compressor(e_BTD.reshape(B, T // 2, 2, e_BTD.shape[-1]))
 
   def confidence(self, h_BJD: jax.Array, m_BJD: jax.Array, detach: bool = True) -> jax.Array:
-    """Confidence logits a_BJ (fp32). Inputs are detached by default (pipo_method.md 3)."""
+    """Confidence logits a_BJ (fp32). Inputs are detached by default (docs/method.md#confidence-head)."""
     if detach:
       h_BJD, m_BJD = jax.lax.stop_gradient(h_BJD), jax.lax.stop_gradient(m_BJD)
     return self.confidence_head(h_BJD, m_BJD)
@@ -196,7 +195,7 @@ class PipoModel(nn.Module):
     conf_BJ = self.confidence(h_BJD, m_BJD, detach=detach_conf)
     return {"h_BJD": h_BJD, "m_BJD": m_BJD, "conf_logit_BJ": conf_BJ}
 
-  # -- inference phases (pipo_method.md 9; used by pipo_jax.inference) ----------------------------
+  # -- inference phases (docs/method.md#decoding; used by pipo_jax.inference) -------------------------
   def backbone_pairs(self, ids_BT: jax.Array, positions_BL: jax.Array, valid_BL: Optional[jax.Array],
                      cache: dict):
     """Phase 1 (and prefill): compress the token pairs and run the backbone with its cache.
@@ -216,16 +215,33 @@ class PipoModel(nn.Module):
     return out
 
 
+def boxed_pipo_params(config: ModelConfig, rng: Optional[jax.Array] = None):
+  """Params of the whole PIPO model at their training-time init (compressor / heads at their PIPO init), boxed
+  with their logical axis names; abstract (ShapeDtypeStructs, nothing computed) when rng is None."""
+  def init(key):
+    return PipoModel(config).init(key, jnp.zeros((1, 4), jnp.int32), method=PipoModel.init_all)["params"]
+  return jax.eval_shape(init, jax.random.PRNGKey(0)) if rng is None else init(rng)
+
+
 def init_pipo_params(config: ModelConfig, rng: jax.Array) -> dict:
-  """Unboxed random params of the whole PIPO model (compressor / heads at their PIPO init)."""
-  ids = jnp.zeros((1, 4), jnp.int32)
-  variables = PipoModel(config).init(rng, ids, method=PipoModel.init_all)
-  return nn.meta.unbox(variables["params"])
+  """Unboxed random params of the whole PIPO model."""
+  return nn.meta.unbox(boxed_pipo_params(config, rng))
+
+
+def abstract_pipo_params(config: ModelConfig) -> dict:
+  """ShapeDtypeStruct tree of the (unboxed) PIPO params."""
+  return nn.meta.unbox(boxed_pipo_params(config))
+
+
+def abstract_mtp_params(config: ModelConfig) -> dict:
+  """ShapeDtypeStruct tree of MTPHead's (unboxed) params: {fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm,
+  layer}, whether or not the config enables the head."""
+  def init(key):
+    x_BJD = jnp.zeros((1, 1, config.hidden_size), config.dtype)
+    return MTPHead(config).init(key, x_BJD, x_BJD, jnp.zeros((1, 1), jnp.int32))["params"]
+  return nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
 
 
 def init_mtp_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
   return init_layer_cache(config, FULL, batch_size, max_len, dtype)
 
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

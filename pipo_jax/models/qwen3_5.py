@@ -1,4 +1,4 @@
-"""Qwen3.5 dense text backbone in Flax Linen, reproducing HF `Qwen3_5ForCausalLM` (spec: qwen3_5.md).
+"""Qwen3.5 dense text backbone in Flax Linen, reproducing HF `Qwen3_5ForCausalLM`.
 
 Axis vocabulary (shapes appear as suffixes of tensor names):
   B batch            T new tokens of this call     S cache slots (key positions)
@@ -254,10 +254,15 @@ def positions_from_valid(valid_BT: jax.Array, offset_B: Optional[jax.Array] = No
   return pos_BT
 
 
-def init_params(config: ModelConfig, rng: jax.Array, batch_size: int = 1, length: int = 1):
+def boxed_backbone_params(config: ModelConfig, rng: Optional[jax.Array] = None):
+  """Qwen35 params at their init, boxed with their logical axis names; abstract (ShapeDtypeStructs, nothing
+  computed) when rng is None."""
+  def init(key):
+    x_BTD = jnp.zeros((1, 1, config.hidden_size), config.dtype)
+    return Qwen35(config).init(key, x_BTD, jnp.zeros((1, 1), jnp.int32))["params"]
+  return jax.eval_shape(init, jax.random.PRNGKey(0)) if rng is None else init(rng)
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
   """Unboxed random params of Qwen35 (for tests and from-scratch runs)."""
-  ids = jnp.zeros((batch_size, length), jnp.int32)
-  model = Qwen35(config)
-  variables = model.init(rng, jnp.zeros((batch_size, length, config.hidden_size), config.dtype),
-                         jnp.zeros_like(ids))
-  return nn.meta.unbox(variables["params"])
+  return nn.meta.unbox(boxed_backbone_params(config, rng))

@@ -1,4 +1,4 @@
-"""On-policy distillation divergences (pipo_method.md 8.5-8.8), chunked over tokens.
+"""On-policy distillation divergences (docs/method.md#divergences), chunked over tokens.
 
 Axis names: N tokens, C tokens of one chunk, D hidden size, V vocabulary, M union slots (2K + 1).
 
@@ -8,7 +8,7 @@ token the student sampled during the rollout (the label). Modes:
 
 * "sampled": single-sample reverse KL. The reference trains on l(y) = log p_s(y) - log p_t(y)
   directly; as log p_t carries no gradient its gradient is grad log p_s(y), whose expectation
-  under y ~ p_s is sum_y grad p_s(y) = 0 and which never looks at the teacher (defect 13.1 #1).
+  under y ~ p_s is sum_y grad p_s(y) = 0 and which never looks at the teacher (docs/method.md#sampled-kl-gradient).
   We use the score-function (REINFORCE) surrogate instead:
 
       grad KL(p_s || p_t) = grad sum_y p_s(y) (log p_s(y) - log p_t(y))
@@ -29,13 +29,13 @@ token the student sampled during the rollout (the label). Modes:
   renormalised over U. The top-k selection itself is piecewise constant (no gradient).
 * "full": exact reverse KL over the whole vocabulary.
 * "jsd" with beta: beta = 0 forward KL(p_t || p_s), beta = 1 reverse KL(p_s || p_t), otherwise
-  beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = (1 - beta) p_s + beta p_t (8.7).
+  beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = (1 - beta) p_s + beta p_t.
 
 Confidence targets (always without gradient):
-* sampled, topk: the speculative-sampling acceptance of the rolled-out draft,
-  min(1, p_t(y) / p_s(y)) with FULL-vocabulary softmaxes (8.8). The reference evaluates the ratio on
-  the renormalised union instead, which multiplies it by Z_s(U) / Z_t(U), the ratio of the union
-  masses, and so is not the acceptance probability; the full softmaxes are at hand in the chunk anyway.
+* sampled, topk: the speculative-sampling acceptance of the rolled-out draft, min(1, p_t(y) / p_s(y)) with
+  FULL-vocabulary softmaxes (docs/method.md#confidence-target-on-full-softmaxes). The reference evaluates the
+  ratio on the renormalised union instead, which multiplies it by Z_s(U) / Z_t(U), the ratio of the union masses,
+  and so is not the acceptance probability; the full softmaxes are at hand in the chunk anyway.
 * full, jsd: the expected acceptance sum_v min(p_s, p_t) = 1 - TV(p_s, p_t), clamped to [0, 1].
 
 Metric: every mode also returns the exact full-vocabulary reverse KL per token (no gradient), so
@@ -183,8 +183,8 @@ def opd_stream_loss(h_s_ND, W_s_DV, h_t_ND, W_t_DV, labels_N, mode: str, *, chun
     labels_N: int labels (token axes of h_s); -100 = ignored.
     mode: "sampled" | "topk" | "full" | "jsd". topk, beta, temperature: see module docstring.
     fill_N: optional bool, labels' shape: where true the label becomes the student's own argmax
-      (no gradient) and the position counts as valid (8.6). The caller decides which PADs to fill
-      (e.g. only rejected drafts, the fix for defect 13).
+      (no gradient) and the position counts as valid. The caller decides which PADs to fill
+      (e.g. only rejected drafts: docs/method.md#pad-label-fill).
     weights_N: optional per-token weights (labels' shape) for loss_sum, e.g.
       losses.normalisation_weights(stream_valid(labels, fill), mode); default 1 (then divide
       loss_sum by n_valid with losses.safe_mean).

@@ -1,7 +1,9 @@
 """On-policy distillation (mode `opd`): teacher scoring and the loss on an already rolled-out batch.
 
-Spec: pipo_method.md 8 (with defects 1, 13, 14, 17 fixed). Rollouts and the trainer live in
-`pipo_jax/opd/rollout.py` and `pipo_jax/opd/trainer.py`; this module is pure jnp and knows nothing about
+Method: docs/method.md#opd; where it differs from the reference: docs/method.md#sampled-kl-gradient,
+docs/method.md#pad-label-fill-scope, docs/method.md#pad-never-sampled, docs/method.md#batched-opd.
+Rollouts and the trainer live in `pipo_jax/opd/rollout.py` and `pipo_jax/opd/trainer.py`; this module is pure
+jnp and knows nothing about
 generation.
 
 Axis names: B rollouts, T tokens (prompt bucket + response bucket, even), L = T/2 pairs, J = L - 1 slots,
@@ -17,7 +19,7 @@ Batch (rollout keys host-built by `opd.rollout.encode_rollouts`, every array [B,
 and the teacher's scoring (`make_teacher_fn`, its own jitted program before the train step, [B, J, E]):
   teacher_back, teacher_mtp   the teacher's post-norm states aligned with the student's two streams
 
-One step, per pipo_method.md 8.3-8.7:
+One step (docs/method.md#opd, teacher and PAD compaction to normalisation):
   * teacher (`teacher_states`): a separate frozen model (its own config, never in the TrainState), run
     uncompressed and without gradient on the PAD-compacted sequence (`pad_compaction.compact`), its
     post-norm states gathered back per stream with the cumsum map (backbone stream: position 2j+1, MTP
@@ -29,8 +31,8 @@ One step, per pipo_method.md 8.3-8.7:
     rollout of the step when micro-batches are accumulated: `denominators` counts rows);
   * confidence BCE (MTP slots, inputs detached) against the stop-gradient acceptance target.
 
-PAD label fill (opd.fill_pad_label; our fix of defect 13): an MTP slot whose target x_{2j+3} is PAD gets the
-student MTP's own argmax as label only when that PAD has a serving counterpart, i.e. it is a token2 slot of
+PAD label fill (opd.fill_pad_label; docs/method.md#pad-label-fill-scope): an MTP slot whose target x_{2j+3} is
+PAD gets the student MTP's own argmax as label only when that PAD has a serving counterpart, i.e. it is a token2 slot of
 the generated stream: a draft the confidence gate rejected (or, with tau >= 1, a draft never run), the
 prefill step's draft included. The prompt-parity PAD (its slot drafts nothing at serving: the MTP slot over
 the last prompt token is only teacher-forced cache), the trailing parity PAD (appended by the encoder after

@@ -1,4 +1,5 @@
-"""PAD compaction for the OPD teacher and the teacher/student stream alignment (pipo_method.md 8.4-8.6).
+"""PAD compaction for the OPD teacher and the teacher/student stream alignment
+(docs/method.md#teacher-and-pad-compaction, docs/method.md#stream-alignment).
 
 Axis names: B batch, T tokens, L = T / 2 pairs, D hidden size.
 
@@ -10,7 +11,7 @@ the student's (token, PAD) latent must. A PAD before any real token maps to inde
 token); such a position never carries a valid label.
 
 Everything is pure jnp with static shapes and works for any batch size (each row compacts
-independently; the reference asserted B = 1, defect 17).
+independently; the reference asserted B = 1: docs/method.md#batched-opd).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def expand(g_c_BTD: jax.Array, keep_BT: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------
-# Stream alignment (8.5) and the MTP PAD fill (8.6)
+# Stream alignment and the MTP PAD fill (docs/method.md#stream-alignment, docs/method.md#pad-label-fill)
 # ----------------------------------------------------------------------------------
 
 
@@ -99,10 +100,10 @@ def stream_labels(labels_BT: jax.Array):
 
 
 def mtp_fill_mask(ids_BT: jax.Array, pad_id: int, allow_BT: Optional[jax.Array] = None) -> jax.Array:
-  """[B, L-1] bool: MTP slots whose target token x_{2j+3} is PAD (8.6), optionally restricted.
+  """[B, L-1] bool: MTP slots whose target token x_{2j+3} is PAD, optionally restricted.
 
   allow_BT: optional [B, T] bool over original positions (e.g. true only on rejected-draft PADs),
-  so the parity and prefill PADs can be left out (defect 13).
+  so the parity PADs can be left out (docs/method.md#pad-label-fill-scope).
   """
   fill = ids_BT == pad_id
   if allow_BT is not None:

@@ -44,7 +44,7 @@ def encode_rollouts(prompt_ids_BP, prompt_valid_BP, raw_BN, raw_len_B, pad_id: i
 
   prompt_ids_BP / prompt_valid_BP: left-padded prompts as given to generate (parity PAD already included,
   so each prompt has even length); raw_BN / raw_len_B: the generated raw stream and its length. The encoding
-  is `pairs.encode_rollout_batch` (pipo_method.md 8.2): labels -100 on the prompt and on every PAD.
+  is `pairs.encode_rollout_batch` (`docs/method.md#opd`): labels -100 on the prompt and on every PAD.
   """
   prompts = [np.asarray(p)[np.asarray(v, bool)] for p, v in zip(prompt_ids_BP, prompt_valid_BP)]
   responses = [np.asarray(r)[: int(n)] for r, n in zip(raw_BN, raw_len_B)]

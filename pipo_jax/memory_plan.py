@@ -17,8 +17,12 @@ their NamedShardings (no weight is created or read), then AOT-compiles exactly t
   total_bytes      argument + output - aliased + temp (the donated state is updated in place)
   fits             total_bytes <= the HBM of --accelerator (v5p 95 GiB, v6e 32 GiB, H100 80 GiB, H200 141 GiB)
 
-Mode opd plans `pipo_jax.opd.memory.opd_step_memory` (student + frozen 9B teacher, one rolled-out batch of
-`opd.rollout.rollout_length` tokens); the rollout's own generation memory (KV cache) is not part of that step.
+Mode opd plans the two programs OPDTrainer jits for one optimizer step on a rolled-out batch of
+`opd.rollout.rollout_length` tokens (k micro-batches stacked with accumulation): the teacher scoring
+(`opd.loss.make_teacher_fn`, frozen teacher, with the TrainState resident) and the train step on the scored batch
+(`optim.make_train_step` over `opd.loss.make_opd_loss`, the teacher's LM head as extra argument, with the teacher
+resident). total_bytes is the larger (`larger_program`; both under `train_step` / `teacher_scoring`), as
+`pipo_jax.opd.memory` reports it; the rollout's own generation memory (KV cache) is freed before both.
 
 --target=tpu compiles the same step with the TPU compiler (libtpu, see pipo_jax.tpu_plan; no TPU needed) for
 the chips of --topology, so the memory figures are XLA:TPU's own buffer assignment, and adds, per chip and step:
@@ -534,6 +538,10 @@ def format_plan(p: dict) -> str:
            f"  optimizer  {gib(p['optimizer_bytes'])} per device",
            f"  temp       {gib(p['temp_bytes'])} per device",
            f"  total      {gib(p['total_bytes'])} per device (argument + output - aliased + temp)"]
+  if p.get("larger_program"):
+    lines[-1] = (f"  total      {gib(p['total_bytes'])} per device: the {p['larger_program']} "
+                 f"(train step {p['train_step']['total_bytes'] / 2**30:.3f} GiB with the teacher resident, "
+                 f"teacher scoring {p['teacher_scoring']['total_bytes'] / 2**30:.3f} GiB with the TrainState)")
   if p.get("accelerator"):
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     lines.append(f"  {verdict} in {p['accelerator']} HBM ({HBM_GIB[p['accelerator']]} GiB): "

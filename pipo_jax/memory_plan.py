@@ -285,7 +285,7 @@ def compile_step(built: dict, mesh):
   return compiled, round(t_lower + t1 - t0, 2), round(t_compile + time.time() - t1, 2)
 
 
-def opd_memory_fields(built: dict, compiled) -> dict:
+def opd_program_memory(built: dict, compiled) -> dict:
   """The plan's memory fields for mode opd: the larger of the two programs, each with what stays resident.
 
   train_step: the step's argument + output - aliased + temp, plus the frozen teacher's params (not a step
@@ -312,14 +312,14 @@ def opd_memory_fields(built: dict, compiled) -> dict:
 
 
 def _plan_cpu(cfg: Config, model_cfg, mesh) -> dict:
-  """Any mode: the trainer's jitted programs on the abstract state and batch (opd: see opd_memory_fields)."""
+  """Any mode: the trainer's jitted programs on the abstract state and batch (opd: see opd_program_memory)."""
   built = build_step(cfg, model_cfg, mesh)
   compiled, t_lower, t_compile = compile_step(built, mesh)
   if built["teacher"] is None:
     out = _analysis_dict(compiled.memory_analysis())
     out.update(params_bytes=per_device_bytes(built["params"]))
   else:
-    out = opd_memory_fields(built, compiled)
+    out = opd_program_memory(built, compiled)
     out.update(params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
                teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
   out.update(optimizer_bytes=per_device_bytes(built["optimizer"]), batch_bytes=per_device_bytes(built["batch"]),
@@ -404,7 +404,7 @@ def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, h
                top: int = 10) -> dict:
   """The plan's fields from a compiled TPU step (see _plan_tpu; compile_step first).
 
-  opd: memory as opd_memory_fields (the larger program); FLOPs, bytes, collectives, loops and ops are the sums
+  opd: memory as opd_program_memory (the larger program); FLOPs, bytes, collectives, loops and ops are the sums
   over both programs (one optimizer step runs the teacher scoring, then the train step). hlo_out gets the train
   step; the teacher scoring goes beside it with `.teacher` before the extension.
   """
@@ -433,7 +433,7 @@ def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, h
     out.update(params_bytes=per_device_bytes(built["params"]))
     mismatches = sharding_mismatches(compiled, built)
   else:
-    out = opd_memory_fields(built, compiled)
+    out = opd_program_memory(built, compiled)
     out.update(params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
                teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
     mismatches = (sharding_mismatches(compiled, built)

@@ -348,15 +348,19 @@ def sharding_mismatches(compiled, built: dict) -> list:
   """Paths of state / teacher leaves whose compiled input shard shape differs from the rules' shard shape.
 
   The compiler may pick other input shardings than the ones given (e.g. replicate a parameter the rules
-  shard); an empty list means every parameter and optimizer slot is held exactly as planned.
+  shard); an empty list means every parameter and optimizer slot is held exactly as planned. built: anything
+  with the program's abstract "args" (build_step's dict, or its "scoring" entry).
   """
   import jax
   out = []
   n_args = len(built["args"])
   got = compiled.input_shardings[0][:n_args]
   for i, (arg, shard) in enumerate(zip(built["args"], got)):
-    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(arg), jax.tree_util.tree_leaves(shard)):
-      if x.sharding.shard_shape(x.shape) != s.shard_shape(x.shape):
+    # An argument the program never reads (e.g. the teacher's LM head in its scoring) is pruned by jit: its
+    # compiled sharding is None, kept in the flattening so that the leaves stay aligned, and not compared.
+    shards = jax.tree_util.tree_leaves(shard, is_leaf=lambda s: s is None)
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(arg), shards):
+      if s is not None and x.sharding.shard_shape(x.shape) != s.shard_shape(x.shape):
         out.append(f"arg{i}{jax.tree_util.keystr(path)}: planned {x.sharding.shard_shape(x.shape)}, "
                    f"compiled {s.shard_shape(x.shape)}")
   return out

@@ -17,8 +17,12 @@ their NamedShardings (no weight is created or read), then AOT-compiles exactly t
   total_bytes      argument + output - aliased + temp (the donated state is updated in place)
   fits             total_bytes <= the HBM of --accelerator (v5p 95 GiB, v6e 32 GiB, H100 80 GiB, H200 141 GiB)
 
-Mode opd plans `pipo_jax.opd.memory.opd_step_memory` (student + frozen 9B teacher, one rolled-out batch of
-`opd.rollout.rollout_length` tokens); the rollout's own generation memory (KV cache) is not part of that step.
+Mode opd plans the two programs OPDTrainer jits for one optimizer step on a rolled-out batch of
+`opd.rollout.rollout_length` tokens (k micro-batches stacked with accumulation): the teacher scoring
+(`opd.loss.make_teacher_fn`, frozen teacher, with the TrainState resident) and the train step on the scored batch
+(`optim.make_train_step` over `opd.loss.make_opd_loss`, the teacher's LM head as extra argument, with the teacher
+resident). total_bytes is the larger (`larger_program`; both under `train_step` / `teacher_scoring`), as
+`pipo_jax.opd.memory` reports it; the rollout's own generation memory (KV cache) is freed before both.
 
 --target=tpu compiles the same step with the TPU compiler (libtpu, see pipo_jax.tpu_plan; no TPU needed) for
 the chips of --topology, so the memory figures are XLA:TPU's own buffer assignment, and adds, per chip and step:
@@ -163,22 +167,28 @@ def abstract_train_state(cfg: Config, model_cfg, mesh):
   return _abstract(state, state_shardings), state_shardings
 
 
-def abstract_batch(cfg: Config, mesh) -> dict:
-  """The step's batch: {input_ids, labels} int32 [B, T], or [k, B, T] with k = optim.grad_accum_steps."""
+def abstract_batch(cfg: Config, mesh, length: Optional[int] = None, keys=("input_ids", "labels")) -> dict:
+  """The step's batch rows: int32 (bool for OPD's masks) [B, T], or [k, B, T] with k = optim.grad_accum_steps.
+
+  length defaults to data.max_length; keys other than input_ids / labels are bool (OPD's rollout masks)."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from pipo_jax import sharding
-  B, T, k = cfg.data.batch_size, cfg.data.max_length, cfg.optim.grad_accum_steps
+  B, T, k = cfg.data.batch_size, length or cfg.data.max_length, cfg.optim.grad_accum_steps
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if B % shards:
     raise ValueError(f"data.batch_size={B} is not divisible by data*fsdp={shards} on mesh {dict(mesh.shape)}: "
                      f"set --config.data.batch_size to a multiple of {shards}")
-  if k == 1:
-    shape, s = (B, T), sharding.batch_sharding(mesh, 2)
-  else:  # Trainer.global_batch stacks k micro-batches on a leading, unsharded axis
-    shape, s = (k, B, T), NamedSharding(mesh, P(None, ("data", "fsdp"), None))
-  return {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for name in ("input_ids", "labels")}
+  shape = (B, T) if k == 1 else (k, B, T)  # Trainer.global_batch stacks k micro-batches on a leading axis
+  s = _rows_sharding(mesh, len(shape), k)
+  return {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name in ("input_ids", "labels") else jnp.bool_, sharding=s)
+          for name in keys}
+
+
+def _rows_sharding(mesh, ndim: int, k: int):
+  """Rows over data*fsdp (Trainer.global_batch): axis 0, or axis 1 behind the unsharded micro-batch axis."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  lead = () if k == 1 else (None,)
+  return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - len(lead) - 1))))
 
 
 def _analysis_dict(ma) -> dict:
@@ -190,70 +200,131 @@ def _analysis_dict(ma) -> dict:
 
 
 def build_step(cfg: Config, model_cfg, mesh) -> dict:
-  """The step the trainer jits, with abstract arguments: {fn, args, params, optimizer, batch, teacher, ...}.
+  """The programs the trainer jits, with abstract arguments: {fn, args, params, optimizer, batch, teacher, ...}.
 
-  ar / sft: `optim.make_train_step` over the mode's loss (Trainer.train); opd: `opd.make_opd_train_step` with
-  the frozen teacher as an argument (the OPD trainer's step), on one rolled-out batch of
-  `opd_rollout.rollout_length` tokens. Both with the TrainState donated and the trainer's state shardings.
+  ar / sft: `optim.make_train_step` over the mode's loss (Trainer.train). opd (OPDTrainer): the same train
+  step over `opd.loss.make_opd_loss` on one scored batch of `opd.rollout.rollout_length` tokens (rollout rows
+  plus the teacher states) with the teacher's LM head as the extra argument, and under "scoring" the
+  teacher-scoring program (`opd.loss.make_teacher_fn` on input_ids / keep, plus the kept-token count, as
+  OPDTrainer._teacher_scores jits it) with its abstract arguments. The TrainState is donated and carries the
+  trainer's state shardings; the frozen teacher (never in the TrainState) is "teacher".
   """
   import jax
-  import jax.numpy as jnp
-  from pipo_jax import optim, sharding
+  from pipo_jax import optim
   state, state_shardings = abstract_train_state(cfg, model_cfg, mesh)
   schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
+  k = cfg.optim.grad_accum_steps
   out = {"state": state, "params": (state.trainable, state.frozen), "optimizer": state.opt_state,
-         "teacher": None}
+         "teacher": None, "scoring": None}
   if cfg.mode in ("ar", "sft"):
     batch = abstract_batch(cfg, mesh)
-    step_fn = optim.make_train_step(_planning_trainer(cfg, model_cfg, mesh).loss_fn(),
-                                    cfg.optim.grad_accum_steps, schedule)
+    loss_fn = _planning_trainer(cfg, model_cfg, mesh).loss_fn()
     args = (state, batch)
     out.update(length=cfg.data.max_length)
   else:
-    from pipo_jax import opd as opd_lib, opd_rollout
-    from pipo_jax.trainer import boxed_params
     import flax.linen as nn
-    if cfg.optim.grad_accum_steps != 1:
-      raise ValueError("mode=opd: set --config.optim.grad_accum_steps=1 (the OPD step takes one rolled-out batch)")
+    import jax.numpy as jnp
+    from pipo_jax import sharding
+    from pipo_jax.opd import loss as opd_loss, rollout as rollout_lib
+    from pipo_jax.trainer import boxed_params
     teacher_cfg = teacher_config_of(cfg)
-    length = opd_rollout.rollout_length(cfg.opd)
+    length = rollout_lib.rollout_length(cfg.opd)
     tboxed = boxed_params(teacher_cfg, "ar")["backbone"]
     teacher = {"backbone": _abstract(nn.meta.unbox(tboxed), sharding.param_shardings(tboxed, mesh))}
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % shards:
-      raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by data*fsdp={shards}")
-    bs = sharding.batch_sharding(mesh, 2)
-    batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, length),
-                                     jnp.int32 if k in ("input_ids", "labels") else jnp.bool_, sharding=bs)
-             for k in opd_lib.BATCH_KEYS}
-    loss_fn = opd_lib.make_opd_loss(model_cfg, teacher_cfg, cfg.opd, cfg.loss, cfg.lora)
-    step_fn = opd_lib.make_opd_train_step(loss_fn, 1, schedule)
-    args = (state, teacher, batch)
-    out.update(length=length, teacher=teacher, teacher_cfg=teacher_cfg)
+    batch = abstract_batch(cfg, mesh, length, opd_loss.ROLLOUT_KEYS)
+    score = opd_loss.make_teacher_fn(teacher_cfg)
+
+    def score_fn(teacher_params, b):  # OPDTrainer._teacher_scores: the states and the kept-token count
+      return score(teacher_params, b), jnp.sum(b["keep"])
+
+    inputs = {key: batch[key] for key in ("input_ids", "keep")}
+    with sharding.use_rules(mesh):
+      scored = jax.eval_shape(score, teacher, inputs)
+      head = jax.jit(lambda t: opd_loss.teacher_head(teacher_cfg, t)).lower(teacher).compile()
+    # The teacher states enter the step as rows of the batch (sharded like them); compile_step replaces this
+    # sharding by the one the compiled scoring program really outputs. W_t keeps the sharding of the jitted
+    # teacher_head that OPDTrainer.step_inputs runs.
+    batch.update({key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_rows_sharding(mesh, v.ndim, k))
+                  for key, v in scored.items()})
+    w_t = jax.ShapeDtypeStruct(head.out_info.shape, head.out_info.dtype, sharding=head.output_shardings)
+    loss_fn = opd_loss.make_opd_loss(model_cfg, teacher_cfg, cfg.opd, cfg.loss, cfg.lora)
+    args = (state, batch, w_t)
+    out.update(length=length, teacher=teacher, teacher_cfg=teacher_cfg,
+               scoring={"fn": jax.jit(score_fn), "args": (teacher, inputs)})
+  step_fn = optim.make_train_step(loss_fn, k, schedule)
   out.update(fn=jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)), args=args, batch=batch,
              state_shardings=state_shardings)
   return out
 
 
 def compile_step(built: dict, mesh):
-  """(compiled, lower_seconds, compile_seconds) of build_step's jitted step under the sharding rules."""
+  """(compiled, lower_seconds, compile_seconds) of build_step's jitted train step under the sharding rules.
+
+  opd: the teacher-scoring program is compiled first (into built["scoring_compiled"], its seconds counted
+  too), and the step's teacher-state inputs take the shardings that program outputs.
+  """
+  import jax
   from pipo_jax import sharding
-  t0 = time.time()
+  t_lower = t_compile = 0.0
   with sharding.use_rules(mesh):
+    if built["scoring"] is not None:
+      t0 = time.time()
+      lowered = built["scoring"]["fn"].lower(*built["scoring"]["args"])
+      t1 = time.time()
+      built["scoring_compiled"] = lowered.compile()
+      t_lower, t_compile = t1 - t0, time.time() - t1
+      states = built["scoring_compiled"].output_shardings[0]
+      batch = dict(built["batch"], **{key: jax.ShapeDtypeStruct(built["batch"][key].shape, built["batch"][key].dtype,
+                                                                 sharding=s) for key, s in states.items()})
+      built["batch"] = batch
+      built["args"] = (built["args"][0], batch, *built["args"][2:])
+    t0 = time.time()
     lowered = built["fn"].lower(*built["args"])
     t1 = time.time()
     compiled = lowered.compile()
-  return compiled, round(t1 - t0, 2), round(time.time() - t1, 2)
+  return compiled, round(t_lower + t1 - t0, 2), round(t_compile + time.time() - t1, 2)
 
 
-def _plan_sft(cfg: Config, model_cfg, mesh) -> dict:
-  """ar / sft: the trainer's jitted step on the abstract state and batch."""
+def opd_program_memory(built: dict, compiled) -> dict:
+  """The plan's memory fields for mode opd: the larger of the two programs, each with what stays resident.
+
+  train_step: the step's argument + output - aliased + temp, plus the frozen teacher's params (not a step
+  argument, but held); teacher_scoring: its argument + output + temp, plus the TrainState and the rollout
+  rows it does not read (held while it runs). total_bytes is the larger (as `pipo_jax.opd.memory` reports
+  it); argument / output / alias / temp_bytes are the train step's. The rollout's own generation memory
+  (KV cache) is freed before both and not part of either.
+  """
+  step = _analysis_dict(compiled.memory_analysis())
+  teacher_bytes = per_device_bytes(built["teacher"])
+  step["total_bytes"] += teacher_bytes
+  scoring = _analysis_dict(built["scoring_compiled"].memory_analysis())
+  inputs = built["scoring"]["args"][1]
+  rest = {key: v for key, v in built["batch"].items() if key not in inputs and not key.startswith("teacher_")}
+  scoring["total_bytes"] = (scoring["argument_bytes"] + scoring["output_bytes"] + scoring["temp_bytes"]
+                            + per_device_bytes(built["state"]) + per_device_bytes(rest))
+  out = {key: step[key] for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                                    "generated_code_bytes")}
+  larger = "train_step" if step["total_bytes"] >= scoring["total_bytes"] else "teacher_scoring"
+  out.update(total_bytes=max(step["total_bytes"], scoring["total_bytes"]), larger_program=larger,
+             train_step=step, teacher_scoring=scoring, student_params_bytes=per_device_bytes(built["params"]),
+             teacher_params_bytes=teacher_bytes)
+  return out
+
+
+def _plan_cpu(cfg: Config, model_cfg, mesh) -> dict:
+  """Any mode: the trainer's jitted programs on the abstract state and batch (opd: see opd_program_memory)."""
   built = build_step(cfg, model_cfg, mesh)
   compiled, t_lower, t_compile = compile_step(built, mesh)
-  out = _analysis_dict(compiled.memory_analysis())
-  out.update(params_bytes=per_device_bytes(built["params"]), optimizer_bytes=per_device_bytes(built["optimizer"]),
-             batch_bytes=per_device_bytes(built["batch"]), lower_seconds=t_lower, compile_seconds=t_compile,
-             length=cfg.data.max_length, batch_size=cfg.data.batch_size)
+  if built["teacher"] is None:
+    out = _analysis_dict(compiled.memory_analysis())
+    out.update(params_bytes=per_device_bytes(built["params"]))
+  else:
+    out = opd_program_memory(built, compiled)
+    out.update(params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
+               teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
+  out.update(optimizer_bytes=per_device_bytes(built["optimizer"]), batch_bytes=per_device_bytes(built["batch"]),
+             lower_seconds=t_lower, compile_seconds=t_compile, length=built["length"],
+             batch_size=cfg.data.batch_size)
   return out
 
 
@@ -261,7 +332,7 @@ def model_flops_per_step(cfg: Config, model_cfg, built: dict) -> float:
   """Useful FLOPs of one optimizer step, all chips (metrics.estimate_flops_per_token: 6N + attention, no remat).
 
   ar: B*k*T positions; sft (PIPO): the backbone runs on pairs, B*k*T/2 positions; opd: the student's T/2
-  positions trained plus the teacher's T positions forward only.
+  positions trained plus the teacher's T positions forward only (its scoring program), per micro-batch.
   """
   from pipo_jax.metrics import estimate_flops_per_token
   B, k, T = cfg.data.batch_size, cfg.optim.grad_accum_steps, built["length"]
@@ -269,7 +340,7 @@ def model_flops_per_step(cfg: Config, model_cfg, built: dict) -> float:
     return B * k * T * estimate_flops_per_token(model_cfg, T, include_mtp=False)
   student = B * k * (T // 2) * estimate_flops_per_token(model_cfg, T // 2)
   if cfg.mode == "opd":
-    student += B * T * estimate_flops_per_token(built["teacher_cfg"], T, training=False, include_mtp=False)
+    student += B * k * T * estimate_flops_per_token(built["teacher_cfg"], T, training=False, include_mtp=False)
   return student
 
 
@@ -277,15 +348,19 @@ def sharding_mismatches(compiled, built: dict) -> list:
   """Paths of state / teacher leaves whose compiled input shard shape differs from the rules' shard shape.
 
   The compiler may pick other input shardings than the ones given (e.g. replicate a parameter the rules
-  shard); an empty list means every parameter and optimizer slot is held exactly as planned.
+  shard); an empty list means every parameter and optimizer slot is held exactly as planned. built: anything
+  with the program's abstract "args" (build_step's dict, or its "scoring" entry).
   """
   import jax
   out = []
   n_args = len(built["args"])
   got = compiled.input_shardings[0][:n_args]
   for i, (arg, shard) in enumerate(zip(built["args"], got)):
-    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(arg), jax.tree_util.tree_leaves(shard)):
-      if x.sharding.shard_shape(x.shape) != s.shard_shape(x.shape):
+    # An argument the program never reads (e.g. the teacher's LM head in its scoring) is pruned by jit: its
+    # compiled sharding is None, kept in the flattening so that the leaves stay aligned, and not compared.
+    shards = jax.tree_util.tree_leaves(shard, is_leaf=lambda s: s is None)
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(arg), shards):
+      if s is not None and x.sharding.shard_shape(x.shape) != s.shard_shape(x.shape):
         out.append(f"arg{i}{jax.tree_util.keystr(path)}: planned {x.sharding.shard_shape(x.shape)}, "
                    f"compiled {s.shard_shape(x.shape)}")
   return out
@@ -331,38 +406,72 @@ def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: Optional[str] = 
 
 def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, hlo_out: Optional[str] = None,
                top: int = 10) -> dict:
-  """The plan's fields from a compiled TPU step (see _plan_tpu)."""
+  """The plan's fields from a compiled TPU step (see _plan_tpu; compile_step first).
+
+  opd: memory as opd_program_memory (the larger program); FLOPs, bytes, collectives, loops and ops are the sums
+  over both programs (one optimizer step runs the teacher scoring, then the train step). hlo_out gets the train
+  step; the teacher scoring goes beside it with `.teacher` before the extension.
+  """
   from pipo_jax import hlo_stats, tpu_plan
-  out = _analysis_dict(compiled.memory_analysis())
-  text = compiled.as_text()
+  programs = [("", compiled)]
+  if built["teacher"] is not None:
+    programs.append((".teacher", built["scoring_compiled"]))
+  texts = [c.as_text() for _, c in programs]
   if hlo_out:
     import gzip
-    with gzip.open(hlo_out, "wt") as f:
-      f.write(text)
-  stats = hlo_stats.analyze(text, top=4 * top)
-  ca = compiled.cost_analysis() or {}
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    for (tag, _), text in zip(programs, texts):
+      stem, ext = (hlo_out[:-len(".hlo.gz")], ".hlo.gz") if hlo_out.endswith(".hlo.gz") else os.path.splitext(hlo_out)
+      with gzip.open(stem + tag + ext if tag else hlo_out, "wt") as f:
+        f.write(text)
+  stats = _merge_stats([hlo_stats.analyze(text, top=4 * top) for text in texts])
+  cas = []
+  for _, c in programs:
+    ca = c.cost_analysis() or {}
+    cas.append(ca[0] if isinstance(ca, (list, tuple)) else ca)
   n = mesh.devices.size
   model_flops = model_flops_per_step(cfg, model_cfg, built) / n
   coll_bytes = sum(c["bytes"] for c in stats["collectives"].values())
   chipc = tpu_plan.CHIPS[chip]
+  if built["teacher"] is None:
+    out = _analysis_dict(compiled.memory_analysis())
+    out.update(params_bytes=per_device_bytes(built["params"]))
+    mismatches = sharding_mismatches(compiled, built)
+  else:
+    out = opd_program_memory(built, compiled)
+    out.update(params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
+               teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
+    mismatches = (sharding_mismatches(compiled, built)
+                  + [f"teacher_scoring {m}" for m in sharding_mismatches(built["scoring_compiled"], built["scoring"])])
   out.update(
-      params_bytes=per_device_bytes(built["params"]) + (per_device_bytes(built["teacher"]) if built["teacher"] else 0),
       optimizer_bytes=per_device_bytes(built["optimizer"]), batch_bytes=per_device_bytes(built["batch"]),
-      length=built["length"], batch_size=cfg.data.batch_size, flops=stats["flops"], bytes_accessed=stats["bytes"], model_flops=model_flops,
-      compiler_cost_analysis={"flops": float(ca.get("flops", 0.0)), "bytes_accessed": float(ca.get("bytes accessed",
-                                                                                                   0.0))},
+      length=built["length"], batch_size=cfg.data.batch_size, flops=stats["flops"], dot_flops=stats["dot_flops"],
+      bytes_accessed=stats["bytes"], model_flops=model_flops,
+      compiler_cost_analysis={"flops": sum(float(ca.get("flops", 0.0)) for ca in cas),
+                              "bytes_accessed": sum(float(ca.get("bytes accessed", 0.0)) for ca in cas)},
       hlo_counts_once={"flops": stats["flops_once"], "bytes": stats["bytes_once"]},
       loops=stats["loops"], unknown_trip_counts=stats["unknown_trip_counts"],
       collectives=stats["collectives"], largest_collectives=stats["largest_collectives"][:top],
       roofline=tpu_plan.roofline(stats["flops"], stats["bytes"], coll_bytes, chip, model_flops),
       top_ops=hlo_stats.top_ops(stats["ops"], chipc["peak_flops"], chipc["hbm_bw"], top),
-      sharding_mismatches=sharding_mismatches(compiled, built),
+      sharding_mismatches=mismatches,
       whole_param_gathers=whole_param_gathers(stats["largest_collectives"], built, mesh))
-  if built["teacher"]:
-    out.update(student_params_bytes=per_device_bytes(built["params"]),
-               teacher_params_bytes=per_device_bytes(built["teacher"]),
-               teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
+  return out
+
+
+def _merge_stats(stats: list) -> dict:
+  """hlo_stats.analyze results of the programs one step runs, as one: totals and collectives summed, lists joined."""
+  if len(stats) == 1:
+    return stats[0]
+  out = {key: sum(s[key] for s in stats) for key in ("flops", "flops_once", "dot_flops", "bytes", "bytes_once",
+                                                       "unknown_trip_counts")}
+  out["collectives"] = {}
+  for kind in stats[0]["collectives"]:
+    cs = [s["collectives"][kind] for s in stats]
+    out["collectives"][kind] = {key: sum(c[key] for c in cs) for key in ("count", "bytes", "count_static")}
+    out["collectives"][kind]["largest_bytes"] = max(c["largest_bytes"] for c in cs)
+  out["largest_collectives"] = sorted((c for s in stats for c in s["largest_collectives"]), key=lambda c: -c["bytes"])
+  out["loops"] = [loop for s in stats for loop in s["loops"]]
+  out["ops"] = [o for s in stats for o in s["ops"]]
   return out
 
 
@@ -379,28 +488,6 @@ def teacher_config_of(cfg: Config):
   if cfg.opd.teacher.preset is None:
     raise ValueError("mode=opd: set opd.teacher.preset (e.g. qwen3_5_9b) or an existing opd.teacher_checkpoint")
   return resolve_model_config(cfg.opd.teacher)
-
-
-def _plan_opd(cfg: Config, model_cfg, mesh) -> dict:
-  """opd: delegated to the OPD module's own planner (the step it jits takes the teacher as an argument).
-
-  Hook: `pipo_jax.opd.memory.opd_step_memory(cfg, student_cfg, teacher_cfg, mesh, batch_size, length)` ->
-  {argument, output, alias, temp, total, student_params, teacher_params, optimizer_state, ...}; if the OPD
-  modules change shape, this is the one place to adapt.
-  """
-  from pipo_jax.opd import memory as opd_memory, rollout as opd_rollout
-  teacher_cfg = teacher_config_of(cfg)
-  length = opd_rollout.rollout_length(cfg.opd)
-  t0 = time.time()
-  m = opd_memory.opd_step_memory(cfg, model_cfg, teacher_cfg, mesh, cfg.data.batch_size, length)
-  out = {"argument_bytes": m["argument"], "output_bytes": m["output"], "alias_bytes": m["alias"],
-         "temp_bytes": m["temp"], "generated_code_bytes": m.get("generated_code", 0)}
-  out["total_bytes"] = m["total"]  # the larger of teacher scoring and train step, each with its resident inputs
-  out.update(params_bytes=m["student_params"] + m["teacher_params"], student_params_bytes=m["student_params"],
-             teacher_params_bytes=m["teacher_params"], optimizer_bytes=m["optimizer_state"],
-             compile_seconds=round(time.time() - t0, 2), length=length, batch_size=cfg.data.batch_size,
-             teacher=teacher_cfg.preset or cfg.opd.teacher_checkpoint)
-  return out
 
 
 def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", topology: Optional[str] = None,
@@ -429,7 +516,7 @@ def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", to
                produced_by=f"XLA:TPU (libtpu) AOT compile for {topology}")
   elif target == "cpu":
     mesh = sharding.make_mesh(cfg.mesh)
-    out = _plan_sft(cfg, model_cfg, mesh) if cfg.mode in ("ar", "sft") else _plan_opd(cfg, model_cfg, mesh)
+    out = _plan_cpu(cfg, model_cfg, mesh)
     out.update(backend=jax.default_backend(), num_devices=jax.device_count(),
                produced_by=f"XLA:CPU on {jax.device_count()} simulated devices (an estimate)")
   else:
@@ -455,6 +542,10 @@ def format_plan(p: dict) -> str:
            f"  optimizer  {gib(p['optimizer_bytes'])} per device",
            f"  temp       {gib(p['temp_bytes'])} per device",
            f"  total      {gib(p['total_bytes'])} per device (argument + output - aliased + temp)"]
+  if p.get("larger_program"):
+    lines[-1] = (f"  total      {gib(p['total_bytes'])} per device: the {p['larger_program']} "
+                 f"(train step {p['train_step']['total_bytes'] / 2**30:.3f} GiB with the teacher resident, "
+                 f"teacher scoring {p['teacher_scoring']['total_bytes'] / 2**30:.3f} GiB with the TrainState)")
   if p.get("accelerator"):
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     lines.append(f"  {verdict} in {p['accelerator']} HBM ({HBM_GIB[p['accelerator']]} GiB): "

@@ -110,7 +110,14 @@ def test_per_chip_param_and_optimizer_bytes_are_the_shard_sums(which, request):
   # The compiler held every argument as planned, and its buffers cover them.
   assert p["sharding_mismatches"] == []
   assert p["argument_bytes"] >= p["params_bytes"] + p["optimizer_bytes"] + p["batch_bytes"]
-  assert p["total_bytes"] == p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
+  step_total = p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
+  if built["teacher"] is None:
+    assert p["total_bytes"] == step_total
+  else:  # the larger of the train step (teacher resident) and the teacher scoring (TrainState resident)
+    assert p["train_step"]["total_bytes"] == step_total + p["teacher_params_bytes"]
+    scoring = p["teacher_scoring"]
+    assert scoring["total_bytes"] >= scoring["argument_bytes"] + _tree_shard_bytes(built["state"], mesh_shape)
+    assert p["total_bytes"] == max(p["train_step"]["total_bytes"], scoring["total_bytes"])
   assert p["alias_bytes"] > 0  # the donated state is updated in place
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pipo_jax import guards
 from pipo_jax.models.lora import LORA_KEY
 
 Params = dict
@@ -233,7 +234,8 @@ def accumulate_gradients(loss_fn: LossFn, trainable: Params, frozen: Params, bat
 def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Callable] = None):
   """`step(state, batch) -> (state, metrics)`, to be wrapped in `jax.jit(..., donate_argnums=0)`.
 
-  metrics: loss, grad_norm (global norm before clipping) and, given the schedule, learning_rate
+  metrics: loss, grad_norm (global norm before clipping), nonfinite (1 when the step was skipped because
+  loss or grad_norm is not finite: see `guards.keep_if_finite`) and, given the schedule, learning_rate
   (the rate this update used), plus the mean of loss_fn's own metrics.
   """
   if accum_steps < 1:
@@ -248,6 +250,8 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Ca
     out["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
       out["learning_rate"] = schedule(state.step)
-    return state.apply_gradients(grads, rng=rng), out
+    new_state, out["nonfinite"] = guards.keep_if_finite(state, state.apply_gradients(grads, rng=rng), loss,
+                                                        out["grad_norm"])
+    return new_state, out
 
   return step

@@ -86,7 +86,7 @@ def test_round_trip_exact_with_iterator_and_config(tmp_path):
   rep = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("d",)), P())
   restored, data_state, meta = c2.restore_latest(_abstract(state, rep), data_iterator=it)
   c2.close()
-  assert it.pos == 12 and data_state is not None and meta == {"tokens": 99, "step": 2}
+  assert it.pos == 12 and data_state is not None and meta == {"tokens": 99, "step": 2, "frozen_saved": True}
   assert isinstance(restored, optim.TrainState) and int(restored.step) == 2
   _assert_trees_equal(restored, state)  # trainable, frozen, opt_state (Adam mu/nu/count), step, rng
   assert ck.read_config(str(tmp_path)) == {"mode": "sft", "lr": 1e-4}

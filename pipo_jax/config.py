@@ -480,7 +480,7 @@ class Config:
     if list(sizes.values()).count(-1) > 1:
       raise ValueError(f"mesh {sizes}: at most one axis may be -1")
     known = int(np.prod([v for v in sizes.values() if v != -1]))
-    if num_devices % known or (-1 not in sizes.values() and known > num_devices):
+    if known > num_devices or (-1 in sizes.values() and num_devices % known):
       raise ValueError(f"mesh {sizes} does not fit {num_devices} devices")
     filled = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
     batch_shards = filled["data"] * filled["fsdp"]

@@ -72,7 +72,8 @@ class NonFiniteCounter:
     self.consecutive = 0
 
   def update(self, step: int, nonfinite, last_saved=None) -> bool:
-    """Count one step; raise NonFiniteError at the limit. Returns whether this step was skipped."""
+    """Count one step; raise NonFiniteError at the limit. Returns whether this step was skipped.
+    `last_saved`: the newest checkpoint step (or a callable giving it), for the error message."""
     bad = bool(np.asarray(jax.device_get(nonfinite)))
     if not bad:
       self.consecutive = 0
@@ -80,6 +81,7 @@ class NonFiniteCounter:
     self.skipped += 1
     self.consecutive += 1
     if self.consecutive >= self.max_consecutive:
+      last_saved = last_saved() if callable(last_saved) else last_saved
       saved = f"; the newest checkpoint is step {last_saved}" if last_saved is not None else ""
       raise NonFiniteError(
           f"step {step}: {self.consecutive} consecutive steps with a non-finite loss or gradient norm "

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import loading, metrics as metrics_lib, optim, sharding
+from pipo_jax import guards, loading, metrics as metrics_lib, optim, sharding
 from pipo_jax import opd as opd_lib
 from pipo_jax.config import Config, ModelConfig, OPDConfig
 from pipo_jax.data import pairs
@@ -120,7 +120,7 @@ class OPDTrainer(Trainer):
     return pipeline.PromptPipeline(
         dc.train_path, tokenizer, batch_size=dc.batch_size, prompt_length=oc.prompt_length, seed=dc.seed,
         num_epochs=dc.num_epochs, min_pass_rate=oc.min_pass_rate, pad_id=self.model_cfg.pad_token_id,
-        fmt=dc.format, skip_malformed=dc.skip_malformed)
+        fmt=dc.format, skip_malformed=dc.skip_malformed, vocab_size=self.model_cfg.vocab_size)
 
   def tokenizer(self):
     from pipo_jax.data import tokenizer as tok_lib
@@ -134,18 +134,16 @@ class OPDTrainer(Trainer):
     tok = self.tokenizer()
     data = self.prompt_pipeline(tok)
     logging.info("OPD prompts: %s", data.stats.as_dict())
+    from pipo_jax.data.pipeline import check_data_end
+    check_data_end(data.steps_available(), cfg.train.num_steps,
+                   f"data.train_path={cfg.data.train_path} x data.num_epochs={cfg.data.num_epochs}")
     tcfg, teacher = load_teacher(cfg.opd, self.mesh)
     state = self.build_state()
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=self.saved_config())
-    restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, state_shardings), data.iterator)
-    if restored is not None:
-      state = restored[0]
-      logging.info("resumed at step %d", int(state.step))
+    ckpt = self.checkpointer(state)
+    state = self.resume(ckpt, state, data)
     loss_fn = opd_lib.make_opd_loss(self.model_cfg, tcfg, cfg.opd, cfg.loss, cfg.lora)
     schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
-    if cfg.optim.grad_accum_steps != 1:
-      raise ValueError("mode=opd: use data.batch_size for more rollouts per step (grad_accum_steps must be 1)")
     step_fn = opd_lib.make_opd_train_step(loss_fn, 1, schedule)
     with sharding.use_rules(self.mesh):
       jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
@@ -157,10 +155,17 @@ class OPDTrainer(Trainer):
     guard = ckpt_lib.PreemptionGuard().install()
     step, last, tokens = int(state.step), None, 0
     base_key = jax.random.PRNGKey(cfg.opd.sampling.seed)
+    nonfinite = guards.NonFiniteCounter(cfg.train.max_nonfinite_steps)
+    data_at_step = ckpt_lib.IteratorSnapshot(data.iterator.get_state())
+    finished = False
     t0 = time.time()
     try:
       while step < cfg.train.num_steps:
-        prompts = next(data)
+        micro = self.next_micro_batches(data, 1)
+        if micro is None:
+          logging.warning("the prompts ended after step %d: stopping there", step)
+          break
+        prompts = micro[0]
         tr = time.perf_counter()
         with sharding.use_rules(self.mesh):
           host_batch, rstats = rollout(state.params, prompts, jax.random.fold_in(base_key, step))
@@ -174,18 +179,25 @@ class OPDTrainer(Trainer):
         # while the train step still runs has hung (all threads idle in futex waits) in the tiny CPU run.
         jax.block_until_ready(m)
         step += 1
+        data_at_step = ckpt_lib.IteratorSnapshot(data.iterator.get_state())
+        nonfinite.update(step, m["nonfinite"], ckpt.latest_step)
         if step % cfg.train.log_every == 0 or step == cfg.train.num_steps or step == 1:
           m = self.host_metrics(m, data)
+          m["skipped_nonfinite"] = nonfinite.skipped
           m.update(rstats)
           m["time/rollout_s"] = t_roll
           m["time/train_step_s"] = time.perf_counter() - ts
           last = writer.log_progress(step, m, tokens)
           tokens = 0
-        ckpt.save(step, state, data.iterator)
+        ckpt.save(step, state, data_at_step)
         if guard.should_stop(step):
           logging.warning("stop requested (SIGTERM): saving step %d and exiting", step)
           break
+      finished = True
+    except KeyboardInterrupt:
+      finished = True
+      raise
     finally:
-      self.close_run(step, state, data, ckpt, writer, guard)
+      self.close_run(step, state, data_at_step, ckpt, writer, guard, save=finished)
     logging.info("finished at step %d in %.1fs", step, time.time() - t0)
     return last

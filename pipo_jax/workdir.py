@@ -59,6 +59,33 @@ def write_text(path: str, text: str) -> None:
   tmp.rename(p)
 
 
+class _RewriteOnFlush:
+  """Append-only text file on an object store (no append there): lines are kept and the object rewritten on
+  each flush. For small logs such as metrics.jsonl (one line per logged step)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._text = read_text(path) if exists(path) else ""
+    self._dirty = False
+
+  def write(self, s: str) -> None:
+    self._text += s
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      epath.Path(self.path).write_text(self._text)
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+def open_append(path: str):
+  """A text file opened for appending: a local file, or `_RewriteOnFlush` for a URL."""
+  return _RewriteOnFlush(path) if is_url(path) else open(path, "a")
+
+
 def prove_shared(workdir: str, process_index: Optional[int] = None, process_count: Optional[int] = None) -> None:
   """Raise ValueError (one line) unless every process sees what process 0 writes in `workdir`.
 

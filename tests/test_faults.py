@@ -34,6 +34,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """One persistent compilation cache for this module's in-process runs and its child processes: the same tiny
+  step is compiled once instead of once per run (the executables, hence the numbers, are the same)."""
+  d = str(tmp_path_factory.mktemp("jax_cache"))
+  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                             "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", d)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = d
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  yield d
+  for k, v in old.items():
+    jax.config.update(k, v)
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+  os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("fault_data"))
@@ -374,3 +392,48 @@ def test_validate_names_the_field():
     mutate(cfg)
     with pytest.raises(ValueError, match=msg):
       cfg.validate(num_devices=8, process_count=1)
+
+
+# -- shared workdir (two real processes) ------------------------------------------------------------
+
+_PROVE = """
+import os, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from pipo_jax import workdir
+try:
+  workdir.prove_shared(sys.argv[3])
+  print("SHARED", flush=True)
+except ValueError as e:
+  print("REFUSED " + str(e), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_workdir_not_shared_refused_by_every_process(tmp_path):
+  """Two jax processes: the same directory passes; each its own directory (as each host's local disk) makes
+  both processes stop with the one-line message."""
+  import socket
+  script = tmp_path / "prove.py"
+  script.write_text(_PROVE)
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+
+  def run(dirs):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      addr = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen([sys.executable, str(script), addr, str(i), d], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i, d in enumerate(dirs)]
+    return [p.communicate(timeout=300)[0] for p in procs]
+
+  shared = str(tmp_path / "shared")
+  os.makedirs(shared)
+  outs = run([shared, shared])
+  assert all("SHARED" in o for o in outs), outs
+  local = [str(tmp_path / f"host{i}") for i in range(2)]
+  for d in local:
+    os.makedirs(d)
+  outs = run(local)
+  for o in outs:
+    assert f"REFUSED workdir {local[0]}" in o or f"REFUSED workdir {local[1]}" in o, o
+    assert "is not shared: process(es) [1] cannot read the marker process 0 wrote there" in o, o

@@ -36,7 +36,6 @@ processes internally); the data item is per process.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from typing import Any, Optional

@@ -56,7 +56,7 @@ def write_text(path: str, text: str) -> None:
   p = epath.Path(path)
   tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
   tmp.write_text(text)
-  tmp.rename(p)
+  tmp.replace(p)  # overwrites (rename refuses an existing target)
 
 
 class _RewriteOnFlush:

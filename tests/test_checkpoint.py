@@ -248,17 +248,20 @@ def test_other_process_count_refused_in_one_line(tmp_path):
 
 
 def test_uncommitted_step_is_invisible_everywhere(tmp_path):
-  """A step directory without orbax's commit marker (a save cut short on a file system without atomic rename)
-  is neither the latest step nor what resolve_step_dir / export picks."""
+  """A save cut short leaves orbax's temporary directory (committed by a final rename; on GCS by a marker):
+  it is neither the latest step nor what resolve_step_dir / export / resume pick."""
+  import shutil
   state = _trained_state(1)
   c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, async_save=False))
   c.save(1, state)
   c.save(2, state.replace(step=jnp.int32(2)))
   c.close()
-  os.remove(tmp_path / "checkpoints" / "2" / "commit_success.txt")
-  assert ck.committed_steps(ck.checkpoint_dir(str(tmp_path))) == [1]
-  assert ck.latest_step(str(tmp_path)) == 1
-  assert ck.resolve_step_dir(str(tmp_path)) == str(tmp_path / "checkpoints" / "1")
+  d = tmp_path / "checkpoints"
+  shutil.copytree(d / "2", d / "3.orbax-checkpoint-tmp-1796000000")  # what a kill mid-save leaves
+  assert ck.committed_steps(ck.checkpoint_dir(str(tmp_path))) == [1, 2]
+  assert ck.latest_step(str(tmp_path)) == 2
+  assert ck.resolve_step_dir(str(tmp_path)) == str(d / "2")
+  assert ck.resolve_step_dir(str(d)) == str(d / "2")
 
 
 def test_trim_metrics_drops_steps_after_resume_and_torn_lines(tmp_path):

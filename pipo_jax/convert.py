@@ -7,6 +7,11 @@
   python -m pipo_jax.convert --from_hf=DIR --to_checkpoint=OUT_DIR
       HF PIPO or plain Qwen3.5 directory -> an orbax checkpoint (step 0) that `score`, `generate` and
       `--config.checkpoint.init_from` accept. PIPO heads a plain Qwen3.5 directory lacks are initialised.
+
+Export is atomic and guarded: written to a temporary sibling, read back and validated (every tensor's shape,
+dtype and finiteness, config.json, tokenizer), then renamed into place; a non-empty --to_hf needs --overwrite,
+a missing tokenizer needs --allow_missing_tokenizer, non-finite params are refused. --from_hf refuses a
+--to_checkpoint that already holds checkpoints.
 """
 
 from __future__ import annotations
@@ -24,16 +29,28 @@ from pipo_jax.config import Config, ModelConfig
 FLAGS = flags.FLAGS
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "") -> list:
-  """orbax checkpoint -> HF directory; returns the written file names."""
-  config, params = loading.load_model(checkpoint, init_heads=False)
+def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "", overwrite: bool = False,
+                      allow_missing_tokenizer: bool = False) -> list:
+  """orbax checkpoint -> HF directory; returns the written file names.
+
+  Refused (nothing written) when `out_dir` is not empty and not `overwrite`, when the params are not finite,
+  or when no tokenizer is found (the given dir, else the run's data.tokenizer_path / checkpoint.init_from)
+  and not `allow_missing_tokenizer`. Written atomically: see `hf_pipo.export_hf`.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:  # before the (long) load
+    raise FileExistsError(f"{out_dir} is not empty: pass --overwrite to replace it")
   if not tokenizer_dir:
     saved = ckpt_lib.read_config(checkpoint) or {}
-    for cand in (saved.get("data", {}).get("tokenizer_path", ""), saved.get("checkpoint", {}).get("init_from", "")):
-      if cand and os.path.exists(os.path.join(cand, "tokenizer.json")):
-        tokenizer_dir = cand
-        break
-  files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir)
+    cands = [c for c in (saved.get("data", {}).get("tokenizer_path", ""),
+                         saved.get("checkpoint", {}).get("init_from", "")) if c]
+    tokenizer_dir = next((c for c in cands if os.path.exists(os.path.join(c, "tokenizer.json"))), "")
+    if not tokenizer_dir and not allow_missing_tokenizer:
+      raise FileNotFoundError(f"no tokenizer.json in the run's tokenizer locations {cands}: give --tokenizer_dir "
+                              "or pass --allow_missing_tokenizer")
+  config, params = loading.load_model(checkpoint, init_heads=False)
+  files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir, overwrite=overwrite,
+                            require_tokenizer=not allow_missing_tokenizer)
   logging.info("exported %s -> %s (%d files)", ckpt_lib.resolve_step_dir(checkpoint), out_dir, len(files))
   return files
 
@@ -49,7 +66,11 @@ class _Frozen:
 
 
 def import_hf(model_dir: str, out_workdir: str) -> str:
-  """HF directory -> orbax workdir with one step (0); returns the step directory."""
+  """HF directory -> orbax workdir with one step (0); returns the step directory. Refuses a workdir that
+  already holds checkpoints (it would otherwise keep them and report their step as the import)."""
+  if ckpt_lib.latest_step(out_workdir) is not None:
+    raise FileExistsError(f"{out_workdir} already holds checkpoints (step {ckpt_lib.latest_step(out_workdir)}): "
+                          "import into a new directory")
   config, params = loading.load_model(model_dir)
   cfg = Config(model=dataclasses.replace(config, preset=None))
   cfg = dataclasses.replace(cfg, workdir=out_workdir)
@@ -66,7 +87,8 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
 def main(argv):
   del argv
   if FLAGS.checkpoint and FLAGS.to_hf:
-    export_checkpoint(FLAGS.checkpoint, FLAGS.to_hf, FLAGS.tokenizer_dir)
+    export_checkpoint(FLAGS.checkpoint, FLAGS.to_hf, FLAGS.tokenizer_dir, overwrite=FLAGS.overwrite,
+                      allow_missing_tokenizer=FLAGS.allow_missing_tokenizer)
   elif FLAGS.from_hf and FLAGS.to_checkpoint:
     print(import_hf(FLAGS.from_hf, FLAGS.to_checkpoint))
   else:
@@ -81,6 +103,8 @@ def define_flags():
   flags.DEFINE_string("tokenizer_dir", "", "directory whose tokenizer files are copied into the export")
   flags.DEFINE_string("from_hf", "", "HF directory to import")
   flags.DEFINE_string("to_checkpoint", "", "output orbax workdir")
+  flags.DEFINE_bool("overwrite", False, "replace a non-empty --to_hf directory")
+  flags.DEFINE_bool("allow_missing_tokenizer", False, "export without tokenizer files when none is found")
 
 
 if __name__ == "__main__":

@@ -501,7 +501,9 @@ def rebuild_frozen(saved_config: dict, trainable: dict) -> dict:
     _, base = loading.load_model(init_from, init_heads=mode != "ar")
   else:
     k_params = jax.random.split(jax.random.PRNGKey(int(saved_config.get("train", {}).get("seed", 0))), 3)[0]
-    base = nn.meta.unbox(boxed_params(resolve_model_config(model_cfg), mode, k_params))
+    # jitted, as Trainer.init_params builds it: an eager init can differ from the jitted one in the last bit
+    mc = resolve_model_config(model_cfg)
+    base = jax.jit(lambda k: nn.meta.unbox(boxed_params(mc, mode, k)))(k_params)
   if mode == "ar":
     base = {k: v for k, v in base.items() if k in AR_KEYS}
   mask = jax.tree_util.tree_map(lambda _: False, base)

@@ -34,6 +34,13 @@ def tiny_config(data_dir: str, workdir: str, steps: int = 6, every_steps: int = 
       train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, **train_kw))
 
 
+def _say(line: str) -> None:
+  """One line in one write: print() writes the text and the newline separately, and absl's log lines from
+  other threads (stderr, merged into the same pipe by the test) can land in between, hiding the marker."""
+  sys.stdout.write(line + "\n")
+  sys.stdout.flush()
+
+
 def main():
   import json
 
@@ -52,7 +59,7 @@ def main():
 
     def held(self, step, *a, **k):
       if step == hold:
-        print(f"FINALIZING {step}", flush=True)
+        _say(f"FINALIZING {step}")
         import time
         time.sleep(600)
       return original(self, step, *a, **k)
@@ -62,13 +69,13 @@ def main():
 
   def announce(self, step, *a, **k):
     out = log_progress(self, step, *a, **k)
-    print(f"STEP {step}", flush=True)
+    _say(f"STEP {step}")
     return out
 
   metrics.MetricsWriter.log_progress = announce
   logging.set_verbosity(logging.INFO)
   Trainer(tiny_config(data_dir, workdir, **opts)).train()
-  print("DONE", flush=True)
+  _say("DONE")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #
 # Usage: launch/gpu_slurm.sh --nodes=N --gpus-per-node=G --flagfile=F [--partition=P] [--account=A]
 #                            [--time=HH:MM:SS] [--job-name=J] [--per-node] [--port=PORT] [--setup=CMD]
-#                            [--log-dir=DIR] [--dry-run] [--config.x=...] [-- ARGS...]
+#                            [--log-dir=DIR] [--signal-lead=SECONDS] [--dry-run] [--config.x=...] [-- ARGS...]
 #
 #   --nodes          number of nodes                                           (required)
 #   --gpus-per-node  GPUs per node                                             (required)
@@ -14,10 +14,16 @@
 #   --setup          shell command run before srun, whose environment every task inherits,
 #                    e.g. "source .venv/bin/activate"
 #   --log-dir        where the sbatch script and the job log go (default REPO/runs/slurm, git-ignored)
+#   --signal-lead    seconds before the time limit at which SLURM sends SIGTERM to every task (#SBATCH
+#                    --signal=TERM@SECONDS, default 120; 0 = none): the trainer then saves its step and exits 0,
+#                    so a resubmitted job resumes there. A save holds trainable params + optimizer state only
+#                    (checkpoint.save_frozen=auto with init_from), seconds even for 9B.
 #   --dry-run        print the sbatch script and the sbatch command instead of submitting
 #   --config.x=...   and everything after "--" are passed through to pipo_jax.train
 #
-# The repository must be on a file system shared by all nodes; the job runs from its root. The trainer module
+# The repository must be on a file system shared by all nodes; the job runs from its root, so a relative
+# --config.workdir (the recipes' runs/...) lands on that shared file system too; the trainer checks at start
+# that every process sees it. The trainer module
 # is ${PIPO_LAUNCH_MODULE:-pipo_jax.train}, read when the job runs (tests substitute a stub).
 #
 # Env contract (read by pipo_jax/distributed.py: initialize_distributed()), set for every process by srun:
@@ -40,7 +46,7 @@ shquote() {  # one word for a POSIX shell, readably: bare when safe, else in sin
 }
 
 nodes="" gpus="" flagfile="" partition="" account="" time_limit="24:00:00" job_name="pipo"
-per_node=0 port="" setup="" log_dir="" dry_run=0
+per_node=0 port="" setup="" log_dir="" dry_run=0 signal_lead=120
 extra=()
 while [[ $# -gt 0 ]]; do
   arg="$1"
@@ -49,7 +55,7 @@ while [[ $# -gt 0 ]]; do
     -h|--help) usage; exit 0 ;;
     --dry-run) dry_run=1 ;;
     --per-node) per_node=1 ;;
-    --nodes|--gpus-per-node|--flagfile|--partition|--account|--time|--job-name|--port|--setup|--log-dir)
+    --nodes|--gpus-per-node|--flagfile|--partition|--account|--time|--job-name|--port|--setup|--log-dir|--signal-lead)
       if [[ $inline == 0 ]]; then
         if [[ $# -lt 2 ]]; then echo "error: $key needs a value" >&2; exit 2; fi
         val="$2"; shift
@@ -65,6 +71,7 @@ while [[ $# -gt 0 ]]; do
         --port) port="$val" ;;
         --setup) setup="$val" ;;
         --log-dir) log_dir="$val" ;;
+        --signal-lead) signal_lead="$val" ;;
       esac ;;
     --config.*) extra+=("$arg") ;;
     --) shift; extra+=("$@"); break ;;
@@ -87,6 +94,10 @@ for pair in "--nodes:$nodes" "--gpus-per-node:$gpus" ${port:+"--port:$port"}; do
     exit 2
   fi
 done
+if ! [[ "$signal_lead" =~ ^[0-9]+$ ]]; then
+  echo "error: --signal-lead must be a number of seconds (0 = none), got '$signal_lead'" >&2
+  exit 2
+fi
 if [[ ! -f "$flagfile" ]]; then
   echo "error: flagfile '$flagfile' does not exist" >&2
   exit 2
@@ -104,6 +115,10 @@ per_task='export JAX_PROCESS_ID="$SLURM_PROCID"'
 [[ $per_node == 1 ]] && per_task+='; unset SLURM_LOCALID'
 per_task+="; exec $train"
 
+signal_line=""
+# Not "B:TERM": the signal must reach the srun tasks (the trainers), not only the batch shell.
+[[ $signal_lead != 0 ]] && signal_line="#SBATCH --signal=TERM@$signal_lead"$'\n'
+
 script="#!/usr/bin/env bash
 #SBATCH --job-name=$job_name
 #SBATCH --nodes=$nodes
@@ -111,7 +126,7 @@ script="#!/usr/bin/env bash
 #SBATCH --gpus-per-node=$gpus
 #SBATCH --time=$time_limit
 #SBATCH --output=$log_dir/%x-%j.out
-${partition:+#SBATCH --partition=$partition
+${signal_line}${partition:+#SBATCH --partition=$partition
 }${account:+#SBATCH --account=$account
 }set -euo pipefail
 cd $(shquote "$repo")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (single host or multi-host pod) with gcloud.
 #
-# Usage: launch/tpu_pod.sh --project=P --zone=Z --accelerator-type=T --name=N --flagfile=F
+# Usage: launch/tpu_pod.sh --project=P --zone=Z --accelerator-type=T --name=N --flagfile=F [--workdir=gs://B/run]
 #                          [--runtime-version=V] [--spot] [--skip-install] [--dry-run] [--config.x=...] [-- ARGS...]
 #
 #   --project            GCP project id                                     (required)
@@ -10,6 +10,12 @@
 #   --name               TPU VM name; reused when it already exists         (required)
 #   --flagfile           trainer flagfile, e.g. experiments/x.flags         (required; outside the repo it is
 #                        copied to the workers as ~/pipo_run.flags)
+#   --workdir            where checkpoints and metrics go: gs://BUCKET/path (or a mount every worker shares);
+#                        passed as --config.workdir. Default: the flagfile's (or --config.workdir=) value, which
+#                        must then be such a location: a relative path would land on each worker's own disk
+#                        (~/pipo_jax/...), where no host can restore the whole checkpoint and a preempted Spot VM
+#                        takes it away, so it is refused here (the trainer also proves at start that every
+#                        worker sees the workdir).
 #   --runtime-version    TPU VM image (default tpu-ubuntu2204-base; v5e/v6e want v2-alpha-tpuv5-lite / v2-alpha-tpuv6e)
 #   --spot               create the slice as Spot capacity
 #   --skip-install       do not reinstall dependencies (reused slice that already has them)
@@ -21,6 +27,13 @@
 # unpack into ~/pipo_jax and pip-install requirements.txt plus jax[tpu] at the pinned jax version on every worker;
 # start `python3 -m pipo_jax.train --flagfile=F ARGS` on every worker in the background (log ~/pipo_train.log);
 # stream worker 0's log until its trainer exits, and exit with worker 0's exit code.
+#
+# Preemption (Spot reclaim, maintenance): the workers' trainers get SIGTERM (Spot: ~30 s ahead) or JAX's
+# preemption notice (maintenance events, via jax.distributed's preemption sync point); either way every process
+# stops after its current step, saves it (trainable params + optimizer state + data position: seconds, the
+# frozen base is rebuilt from init_from on resume) and exits 0. The slice is then gone or PREEMPTED: run the
+# same command again; a PREEMPTED/TERMINATED slice is deleted and recreated, and the trainer resumes from the
+# workdir's newest readable checkpoint. This script does not watch for preemption itself (it follows worker 0).
 #
 # Env contract: none is set. On a TPU VM, pipo_jax/distributed.py's initialize_distributed() finds no
 # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID and calls jax.distributed.initialize() without
@@ -35,7 +48,7 @@ shquote() {
   else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }
 
-project="" zone="" accel="" name="" flagfile="" runtime="tpu-ubuntu2204-base"
+project="" zone="" accel="" name="" flagfile="" runtime="tpu-ubuntu2204-base" workdir=""
 spot=0 skip_install=0 dry_run=0
 extra=()
 while [[ $# -gt 0 ]]; do
@@ -46,7 +59,7 @@ while [[ $# -gt 0 ]]; do
     --dry-run) dry_run=1 ;;
     --spot) spot=1 ;;
     --skip-install) skip_install=1 ;;
-    --project|--zone|--accelerator-type|--name|--flagfile|--runtime-version)
+    --project|--zone|--accelerator-type|--name|--flagfile|--runtime-version|--workdir)
       if [[ $inline == 0 ]]; then
         if [[ $# -lt 2 ]]; then echo "error: $key needs a value" >&2; exit 2; fi
         val="$2"; shift
@@ -58,6 +71,7 @@ while [[ $# -gt 0 ]]; do
         --name) name="$val" ;;
         --flagfile) flagfile="$val" ;;
         --runtime-version) runtime="$val" ;;
+        --workdir) workdir="$val" ;;
       esac ;;
     --config.*) extra+=("$arg") ;;
     --) shift; extra+=("$@"); break ;;
@@ -83,6 +97,26 @@ if [[ ! -f "$flagfile" ]]; then
   exit 2
 fi
 flag_abs="$(cd "$(dirname "$flagfile")" && pwd)/$(basename "$flagfile")"
+
+# The workdir every worker writes to: --workdir, else the last --config.workdir= given, else the flagfile's.
+effective="$workdir"
+if [[ -z "$effective" ]]; then
+  for a in "${extra[@]+"${extra[@]}"}"; do [[ "$a" == --config.workdir=* ]] && effective="${a#--config.workdir=}"; done
+fi
+if [[ -z "$effective" ]]; then
+  effective="$(sed -n 's/^[[:space:]]*--config\.workdir=\(.*\)$/\1/p' "$flag_abs" | tail -n 1)"
+fi
+effective="${effective:-runs/default}"
+if [[ "$effective" != *://* && "$effective" != /* ]]; then
+  echo "error: workdir '$effective' is relative: on a TPU slice each worker would write it to its own disk." \
+       "Give --workdir=gs://BUCKET/path (or an absolute path on a mount every worker shares)" >&2
+  exit 2
+fi
+if [[ "$effective" == *YOUR_BUCKET* ]]; then
+  echo "error: workdir '$effective' is the recipe's placeholder: give --workdir=gs://<your bucket>/path" >&2
+  exit 2
+fi
+[[ -n "$workdir" ]] && extra+=("--config.workdir=$workdir")
 # A flagfile inside the repo travels with the tarball (and may include sibling flagfiles by relative path);
 # one from elsewhere is copied next to the checkout as ~/pipo_run.flags.
 if [[ "$flag_abs" == "$repo"/* ]]; then
@@ -113,12 +147,20 @@ run() {  # print (dry run) or execute one command
 describe=(gcloud compute tpus tpu-vm describe "$name" "${common[@]}" --format=value\(state\))
 create=(gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type="$accel" --version="$runtime")
 [[ $spot == 1 ]] && create+=(--spot)
+delete=(gcloud compute tpus tpu-vm delete "$name" "${common[@]}" --quiet)
 if [[ $dry_run == 1 ]]; then
   run "${describe[@]}"
   echo "# only when describe fails (no such TPU VM):"
   run "${create[@]}"
+  echo "# when describe says PREEMPTED or TERMINATED (a reclaimed Spot slice), first: $(run "${delete[@]}")"
 elif state="$("${describe[@]}" 2>/dev/null)"; then
-  echo "reusing TPU VM $name (state: $state)" >&2
+  if [[ "$state" == PREEMPTED || "$state" == TERMINATED ]]; then
+    echo "TPU VM $name is $state: deleting and recreating it (the run resumes from its workdir)" >&2
+    run "${delete[@]}"
+    run "${create[@]}"
+  else
+    echo "reusing TPU VM $name (state: $state)" >&2
+  fi
 else
   run "${create[@]}"
 fi

@@ -17,6 +17,8 @@ import json
 import os
 from typing import Any, Optional
 
+import numpy as np
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
 
@@ -380,6 +382,14 @@ class CheckpointConfig:
   keep: int = 3
   async_save: bool = True
   init_from: str = ""  # HF directory or orbax checkpoint to start from (params only)
+  # Frozen base weights in each save: "auto" = only when there is no init_from to rebuild them from
+  # (checkpoints then hold trainable params, optimizer state, RNG, step and data state plus a fingerprint of
+  # the base: a 9B LoRA save shrinks from 40.1 GB to 3.5 GB, see experiments/checkpoint_bytes.py), "always",
+  # or "never" (the base is rebuilt from init_from, or from train.seed when there is none).
+  save_frozen: str = "auto"
+  # Config fields ('section.field') a resumed run may change although they alter data order or the LR
+  # schedule (e.g. "train.num_steps" to extend a run). Resume refuses any other such change, naming it.
+  allow_changes: tuple = ()
 
 
 @dataclasses.dataclass
@@ -425,6 +435,9 @@ class TrainConfig:
   full_finetune: bool = False  # train every parameter except embeddings and LM head
   train_embeddings: bool = False  # also train embeddings and LM head (from-scratch `ar` runs)
   peak_flops_per_device: float = 0.0  # for the FLOP-utilisation metric; 0 = auto
+  # A step with a non-finite loss or gradient norm is skipped (params and optimizer state unchanged, counted
+  # as skipped_nonfinite); this many in a row stop the run without saving.
+  max_nonfinite_steps: int = 5
 
 
 @dataclasses.dataclass
@@ -441,34 +454,84 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   opd: OPDConfig = dataclasses.field(default_factory=OPDConfig)
 
-  def validate(self) -> None:
-    """Raise one ValueError naming the field for a configuration no run could use (called by the trainer
-    before any weight is loaded). A plain list of checks."""
-    modes = ("ar", "sft", "opd")
-    if self.mode not in modes:
-      raise ValueError(f"mode={self.mode!r}: expected one of {modes}")
-    if self.data.max_length % 2:
-      raise ValueError(f"data.max_length={self.data.max_length} must be even (whole pairs)")
-    if self.data.batch_size < 1:
-      raise ValueError(f"data.batch_size={self.data.batch_size}: must be >= 1")
+  def validate(self, num_devices: Optional[int] = None, process_count: Optional[int] = None) -> None:
+    """Every check that needs no weights and no data: one ValueError naming the field. Called first thing
+    by the trainers, so a bad flag costs seconds, not a weight load (and never writes a checkpoint).
+
+    num_devices / process_count default to what JAX sees.
+    """
+    if num_devices is None or process_count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      num_devices = jax.device_count() if num_devices is None else num_devices
+      process_count = jax.process_count() if process_count is None else process_count
+    if self.mode not in ("ar", "sft", "opd"):
+      raise ValueError(f"mode={self.mode!r}: expected ar | sft | opd")
+    if not self.workdir:
+      raise ValueError("workdir is empty: give a directory every process can reach (a shared path or gs://...)")
+    d = self.data
+    if d.max_length <= 0 or d.max_length % 2:
+      raise ValueError(f"data.max_length={d.max_length} must be a positive even number (whole pairs)")
+    if d.batch_size <= 0:
+      raise ValueError(f"data.batch_size={d.batch_size} must be > 0")
+    if d.num_epochs < 0:
+      raise ValueError(f"data.num_epochs={d.num_epochs} must be >= 0 (0 = repeat forever)")
     if self.optim.grad_accum_steps < 1:
-      raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps}: must be >= 1")
-    if self.mode != "opd":
-      return
-    o = self.opd
-    if not o.teacher_checkpoint:
-      raise ValueError("mode=opd needs opd.teacher_checkpoint (an orbax checkpoint or an HF directory)")
-    if not self.data.train_path:
-      raise ValueError("mode=opd needs data.train_path: a prompt JSONL (reference RL schema or {'prompt': ...})")
-    if o.divergence not in OPD_DIVERGENCES:
-      raise ValueError(f"opd.divergence={o.divergence!r}: expected one of {OPD_DIVERGENCES}")
-    if o.prompt_length < 2 or o.prompt_length % 2:
-      raise ValueError(f"opd.prompt_length={o.prompt_length} must be even and >= 2 (whole pairs)")
-    if o.max_new_tokens < 1:
-      raise ValueError(f"opd.max_new_tokens={o.max_new_tokens}: must be >= 1")
-    if o.divergence == "topk" and o.topk < 1:
-      raise ValueError(f"opd.topk={o.topk}: must be >= 1 with opd.divergence=topk")
-    if not 0.0 <= o.jsd_beta <= 1.0:
-      raise ValueError(f"opd.jsd_beta={o.jsd_beta}: expected a value in [0, 1]")
-    if o.temperature <= 0:
-      raise ValueError(f"opd.temperature={o.temperature}: must be > 0")
+      raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps} must be >= 1")
+    if d.batch_size % process_count:
+      raise ValueError(f"data.batch_size={d.batch_size} (per micro-step) is not divisible by the {process_count} "
+                       "processes: every process loads the same number of rows")
+    m = self.mesh
+    sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
+    for k, v in sizes.items():
+      if v == 0 or v < -1:
+        raise ValueError(f"mesh.{k}={v}: expected a positive size or -1")
+    if list(sizes.values()).count(-1) > 1:
+      raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    known = int(np.prod([v for v in sizes.values() if v != -1]))
+    if known > num_devices or (-1 in sizes.values() and num_devices % known):
+      raise ValueError(f"mesh {sizes} does not fit {num_devices} devices")
+    filled = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+    batch_shards = filled["data"] * filled["fsdp"]
+    if d.batch_size % batch_shards:
+      accum = (f" (the global batch per optimizer step is data.batch_size x optim.grad_accum_steps = "
+               f"{d.batch_size * self.optim.grad_accum_steps}; to keep it, raise grad_accum_steps and lower "
+               "batch_size)") if self.optim.grad_accum_steps > 1 else ""
+      raise ValueError(f"data.batch_size={d.batch_size} is not divisible by mesh data x fsdp = "
+                       f"{filled['data']} x {filled['fsdp']} = {batch_shards}: the batch axis is split over them"
+                       + accum)
+    t = self.train
+    if t.num_steps <= 0:
+      raise ValueError(f"train.num_steps={t.num_steps} must be > 0")
+    if t.log_every <= 0:
+      raise ValueError(f"train.log_every={t.log_every} must be > 0")
+    if t.max_nonfinite_steps < 1:
+      raise ValueError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 1")
+    c = self.checkpoint
+    if c.every_steps <= 0:
+      raise ValueError(f"checkpoint.every_steps={c.every_steps} must be > 0")
+    if c.keep < 0:
+      raise ValueError(f"checkpoint.keep={c.keep} must be >= 0 (0 = keep all)")
+    if c.save_frozen not in ("auto", "always", "never"):
+      raise ValueError(f"checkpoint.save_frozen={c.save_frozen!r}: expected auto | always | never")
+    if self.lora.rank > 0 and t.full_finetune:
+      raise ValueError("train.full_finetune=True and lora.rank>0 contradict each other: pick one")
+    if self.mode == "opd":
+      o = self.opd
+      if not o.teacher_checkpoint:
+        raise ValueError("opd.teacher_checkpoint is empty: mode=opd needs a teacher (orbax or HF directory)")
+      if not d.train_path:
+        raise ValueError("data.train_path is empty: mode=opd needs a prompt JSONL")
+      if o.prompt_length <= 0 or o.prompt_length % 2:
+        raise ValueError(f"opd.prompt_length={o.prompt_length} must be a positive even number")
+      if o.max_new_tokens <= 0:
+        raise ValueError(f"opd.max_new_tokens={o.max_new_tokens} must be > 0")
+      if o.divergence not in OPD_DIVERGENCES:
+        raise ValueError(f"opd.divergence={o.divergence!r}: expected one of {OPD_DIVERGENCES}")
+      if o.divergence == "topk" and o.topk <= 0:
+        raise ValueError(f"opd.topk={o.topk} must be > 0 with divergence=topk")
+      if not 0.0 <= o.jsd_beta <= 1.0:
+        raise ValueError(f"opd.jsd_beta={o.jsd_beta}: expected a value in [0, 1]")
+      if o.temperature <= 0:
+        raise ValueError(f"opd.temperature={o.temperature}: must be > 0")
+      if not 0.0 <= o.conf_threshold <= 1.0:
+        raise ValueError(f"opd.conf_threshold={o.conf_threshold} must be in [0, 1]")

@@ -7,6 +7,11 @@
   python -m pipo_jax.convert --from_hf=DIR --to_checkpoint=OUT_DIR
       HF PIPO or plain Qwen3.5 directory -> an orbax checkpoint (step 0) that `score`, `generate` and
       `--config.checkpoint.init_from` accept. PIPO heads a plain Qwen3.5 directory lacks are initialised.
+
+Export is atomic and guarded: written to a temporary sibling, read back and validated (every tensor's shape,
+dtype and finiteness, config.json, tokenizer), then renamed into place; a non-empty --to_hf needs --overwrite,
+a missing tokenizer needs --allow_missing_tokenizer, non-finite params are refused. --from_hf refuses a
+--to_checkpoint that already holds checkpoints.
 """
 
 from __future__ import annotations
@@ -24,15 +29,29 @@ from pipo_jax.config import Config
 FLAGS = flags.FLAGS
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "") -> list:
-  """orbax checkpoint -> HF directory; returns the written file names."""
+def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "", overwrite: bool = False,
+                      allow_missing_tokenizer: bool = False) -> list:
+  """orbax checkpoint -> HF directory; returns the written file names.
+
+  Refused (nothing written) when `out_dir` is not empty and not `overwrite`, when the params are not finite,
+  or when no tokenizer is found (`loading.find_tokenizer_dir`: the given dir, the checkpoint, its run's
+  data.tokenizer_path / checkpoint.init_from) and not `allow_missing_tokenizer`. Written atomically: see
+  `hf_pipo.export_hf`.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:  # before the (long) load
+    raise FileExistsError(f"{out_dir} is not empty: pass --overwrite to replace it")
   m = loading.load_for_cli(checkpoint, tokenizer_dir, init_heads=False, need_pad=False)
   config, params, tokenizer_dir = m.config, m.params, m.tokenizer_dir
+  if not tokenizer_dir and not allow_missing_tokenizer:
+    raise FileNotFoundError(f"{checkpoint}: no tokenizer.json with the checkpoint or its run's tokenizer_path / "
+                            "init_from: give --tokenizer_dir or pass --allow_missing_tokenizer")
   if m.pipo_trained:
     logging.warning("%s is a PIPO checkpoint: in the export, the backbone alone (as transformers' "
                     "Qwen3_5ForCausalLM loads it) reads pair latents, not tokens; decode it with PIPO "
                     "(compressor + backbone + MTP + confidence head), e.g. `python -m pipo_jax.generate`", checkpoint)
-  files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir)
+  files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir or "", overwrite=overwrite,
+                            require_tokenizer=not allow_missing_tokenizer)
   logging.info("exported %s -> %s (%d files)", ckpt_lib.resolve_step_dir(checkpoint), out_dir, len(files))
   return files
 
@@ -48,7 +67,11 @@ class _Frozen:
 
 
 def import_hf(model_dir: str, out_workdir: str) -> str:
-  """HF directory -> orbax workdir with one step (0); returns the step directory."""
+  """HF directory -> orbax workdir with one step (0); returns the step directory. Refuses a workdir that
+  already holds checkpoints (it would otherwise keep them and report their step as the import)."""
+  if ckpt_lib.latest_step(out_workdir) is not None:
+    raise FileExistsError(f"{out_workdir} already holds checkpoints (step {ckpt_lib.latest_step(out_workdir)}): "
+                          "import into a new directory")
   m = loading.load_for_cli(model_dir, need_pad=False)
   config, params = m.config, m.params
   cfg = Config(model=dataclasses.replace(config, preset=None))
@@ -66,7 +89,8 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
 def main(argv):
   del argv
   if FLAGS.checkpoint and FLAGS.to_hf:
-    export_checkpoint(FLAGS.checkpoint, FLAGS.to_hf, FLAGS.tokenizer_dir)
+    export_checkpoint(FLAGS.checkpoint, FLAGS.to_hf, FLAGS.tokenizer_dir, overwrite=FLAGS.overwrite,
+                      allow_missing_tokenizer=FLAGS.allow_missing_tokenizer)
   elif FLAGS.from_hf and FLAGS.to_checkpoint:
     print(import_hf(FLAGS.from_hf, FLAGS.to_checkpoint))
   else:
@@ -80,6 +104,8 @@ def define_flags():
   flags.DEFINE_string("tokenizer_dir", "", "directory whose tokenizer files are copied into the export")
   flags.DEFINE_string("from_hf", "", "HF directory to import")
   flags.DEFINE_string("to_checkpoint", "", "output orbax workdir")
+  flags.DEFINE_bool("overwrite", False, "replace a non-empty --to_hf directory")
+  flags.DEFINE_bool("allow_missing_tokenizer", False, "export without tokenizer files when none is found")
 
 
 if __name__ == "__main__":

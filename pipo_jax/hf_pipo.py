@@ -27,6 +27,7 @@ import numpy as np
 import flax.linen as nn
 from flax import traverse_util
 
+from pipo_jax import guards
 from pipo_jax.config import ModelConfig
 from pipo_jax.hf import _open_shards, backbone_to_hf_tensors, mtp_to_hf_tensors
 
@@ -163,13 +164,53 @@ def to_hf_tensors(params: dict, config: ModelConfig, vlm_prefix: bool = True) ->
 
 
 def export_hf(params: dict, config: ModelConfig, out_dir: str, tokenizer_dir: str = "",
-              max_shard_bytes: int = _SHARD_BYTES) -> list:
-  """Write an HF directory for `params` (must hold no LoRA adapters: merge first). Returns file names."""
+              max_shard_bytes: int = _SHARD_BYTES, overwrite: bool = False, require_tokenizer: bool = True) -> list:
+  """Write an HF directory for `params` (must hold no LoRA adapters: merge first). Returns file names.
+
+  Guarded and atomic: non-finite params are refused before anything is written; a non-empty `out_dir` needs
+  `overwrite`; without a tokenizer (`tokenizer_dir` lacking tokenizer.json) the export is refused unless
+  `require_tokenizer=False`. The directory is written to a temporary sibling, read back and validated
+  (`validate_hf_dir`: every tensor's name, shape, dtype and finiteness, config.json, tokenizer), and only then
+  renamed into place, so `out_dir` never holds a half-written or mixed export (no stale index file
+  beside new shards).
+  """
   if "lora" in params:
     raise ValueError("export_hf needs merged params; call pipo_jax.models.lora.materialize first")
+  guards.assert_finite(params, f"export to {out_dir} refused")
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} is not empty: pass --overwrite to replace it")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is not a directory")
+  has_tok = bool(tokenizer_dir) and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
+  if require_tokenizer and not has_tok:
+    raise FileNotFoundError(f"no tokenizer.json to export (tokenizer dir {tokenizer_dir!r}): give --tokenizer_dir or "
+                            "pass --allow_missing_tokenizer to export the weights alone")
+  tmp = f"{out_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    tensors = to_hf_tensors(params, config)
+    files = _write_hf_dir(params, tensors, config, tmp, tokenizer_dir if has_tok else "", max_shard_bytes)
+    validate_hf_dir(tmp, {n: (a.dtype, a.shape) for n, a in tensors.items()}, config,
+                    require_tokenizer=require_tokenizer)
+    del tensors
+    if os.path.exists(out_dir):
+      old = f"{out_dir}.old-{os.getpid()}"
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return files
+
+
+def _write_hf_dir(params: dict, tensors: dict, config: ModelConfig, out_dir: str, tokenizer_dir: str,
+                  max_shard_bytes: int) -> list:
   os.makedirs(out_dir, exist_ok=True)
   is_pipo = "compressor" in params
-  files = write_sharded(out_dir, to_hf_tensors(params, config), max_shard_bytes)
+  files = write_sharded(out_dir, tensors, max_shard_bytes)
   hf_config = config.to_hf_dict("Qwen3_5ForCausalPIPO" if is_pipo else "Qwen3_5ForCausalLM")
   if not is_pipo:
     hf_config.pop("compressor_type")
@@ -184,3 +225,31 @@ def export_hf(params: dict, config: ModelConfig, out_dir: str, tokenizer_dir: st
         shutil.copy(src, os.path.join(out_dir, name))
         files.append(name)
   return files
+
+
+def validate_hf_dir(model_dir: str, expected: dict, config: ModelConfig, require_tokenizer: bool = True) -> None:
+  """Read an exported directory back: every expected tensor present with its dtype and shape and finite (one
+  memory-mapped tensor at a time), no extra tensor, config.json giving `config`'s architecture, tokenizer.json
+  present when required. Raises ValueError naming the first problem."""
+  from pipo_jax.config import _ARCH_FIELDS, load_hf_model_config
+  shards = _open_shards(model_dir)
+  missing = sorted(set(expected) - set(shards))
+  extra = sorted(set(shards) - set(expected))
+  if missing or extra:
+    raise ValueError(f"{model_dir}: read back {len(missing)} tensors missing ({missing[:3]}), "
+                     f"{len(extra)} unexpected ({extra[:3]})")
+  for name, (dtype, shape) in expected.items():
+    arr = shards[name].get(name)
+    if arr.dtype != dtype or tuple(arr.shape) != tuple(shape):
+      raise ValueError(f"{model_dir}: {name} reads back as {arr.dtype}{list(arr.shape)}, wrote {dtype}{list(shape)}")
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16:
+      if not np.isfinite(arr.astype(np.float32)).all():
+        raise ValueError(f"{model_dir}: {name} reads back with non-finite values")
+  back = load_hf_model_config(model_dir)
+  diff = [k for k in _ARCH_FIELDS
+          if k not in ("compressor_random_init", "compressor_type", "mtp_num_hidden_layers", "pad_token_id")
+          and getattr(back, k) != getattr(config, k)]
+  if diff:
+    raise ValueError(f"{model_dir}: config.json reads back with other {diff}")
+  if require_tokenizer and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+    raise ValueError(f"{model_dir}: tokenizer.json missing after the copy")

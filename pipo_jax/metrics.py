@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
 from absl import logging
+
+from pipo_jax import workdir
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as lowercase
 # substrings of `jax.Device.device_kind`; the most specific (longest) key wins.
@@ -128,10 +129,10 @@ class MetricsWriter:
     self._jsonl = None
     self._last = None  # (time, step) of the previous progress line
     if self.enabled:
-      os.makedirs(logdir, exist_ok=True)
+      workdir.makedirs(logdir)  # local path or URL (gs://...)
       from tensorboardX import SummaryWriter  # import only where used: workers never need it
       self._tb = SummaryWriter(logdir=logdir)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      self._jsonl = workdir.open_append(workdir.join(logdir, "metrics.jsonl"))
 
   def write_scalars(self, step: int, metrics: Mapping[str, float]):
     """One JSONL record and one TB scalar per metric. Values may be device arrays (fetched here)."""
@@ -173,6 +174,8 @@ class MetricsWriter:
         parts.append(f"{out['tokens_per_second']:.0f} tok/s")
       if "mfu" in out:
         parts.append(f"mfu {100 * out['mfu']:.1f}%")
+      if out.get("skipped_nonfinite"):
+        parts.append(f"skipped_nonfinite {int(out['skipped_nonfinite'])}")
       parts.append(f"eta {_format_duration(eta)}")
       logging.info(" | ".join(parts))
     self._last = (now, step)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pipo_jax import guards
 from pipo_jax.models.lora import LORA_KEY
 
 Params = dict
@@ -261,7 +262,8 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Ca
   """`step(state, batch, *extra) -> (state, metrics)`, to be wrapped in `jax.jit(..., donate_argnums=0)`.
 
   extra: step inputs that are not batch rows (OPD: the frozen teacher's LM head), passed to loss_fn after
-  the batch arguments. metrics: loss, grad_norm (global norm before clipping) and, given the schedule,
+  the batch arguments. metrics: loss, grad_norm (global norm before clipping), nonfinite (1 when the step was
+  skipped because loss or grad_norm is not finite: see `guards.keep_if_finite`) and, given the schedule,
   learning_rate (the rate this update used), plus loss_fn's own metrics (see `accumulate_gradients`).
   """
   if accum_steps < 1:
@@ -276,8 +278,10 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Ca
     out["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
       out["learning_rate"] = schedule(state.step)
-    # The one place where the update is decided: a guard that skips non-finite steps belongs here
-    # (select between `state` and the updated state on isfinite(loss) & isfinite(grad_norm)).
-    return state.apply_gradients(grads, rng=rng), out
+    # The one place where the update is decided, for every mode: a step whose loss or gradient norm is not
+    # finite leaves the state as it was (the trainer counts these and stops after train.max_nonfinite_steps).
+    new_state, out["nonfinite"] = guards.keep_if_finite(state, state.apply_gradients(grads, rng=rng), loss,
+                                                        out["grad_norm"])
+    return new_state, out
 
   return step

@@ -27,7 +27,8 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import distributed, loading, metrics as metrics_lib, objectives, optim, sharding
+from pipo_jax import distributed, guards, loading, metrics as metrics_lib, objectives, optim, sharding
+from pipo_jax import workdir as wd
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import PipoModel
@@ -83,10 +84,11 @@ def train_state_shardings(params, param_shardings, mask, tx, mesh) -> optim.Trai
 class Trainer:
 
   def __init__(self, cfg: Config):
-    cfg.validate()  # every configuration error, before anything is loaded
+    cfg.validate()  # every config check, before any weight is loaded or anything is written
     self.cfg = cfg
-    self.workdir = os.path.abspath(cfg.workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    self.workdir = wd.resolve(cfg.workdir)  # gs://... stays a URL
+    wd.makedirs(self.workdir)
+    wd.prove_shared(self.workdir)  # multi-host: one clear error when the hosts do not share the workdir
     self.model_cfg = loading.model_config_of(cfg)
     self.mesh = sharding.make_mesh(cfg.mesh, self._mesh_devices(cfg.mesh))
     logging.info("mode=%s model=%s mesh=%s workdir=%s", cfg.mode, cfg.model.preset or cfg.checkpoint.init_from,
@@ -183,7 +185,8 @@ class Trainer:
     if tok is not None and tok.vocab_size > self.model_cfg.vocab_size:
       raise ValueError(f"tokenizer {tok_dir} has {tok.vocab_size} ids but model.vocab_size={self.model_cfg.vocab_size}")
     pad = None if tok is not None else self.model_cfg.pad_token_id
-    return pipeline.TrainPipeline(dc, mode=self.cfg.mode, tokenizer=tok, pad_id=pad)
+    return pipeline.TrainPipeline(dc, mode=self.cfg.mode, tokenizer=tok, pad_id=pad,
+                                  vocab_size=self.model_cfg.vocab_size)
 
   def _generated_data(self, dc):
     """No data.train_path: generate the synthetic arithmetic task into the workdir (CPU demo default)."""
@@ -216,12 +219,53 @@ class Trainer:
     return m
 
   @staticmethod
-  def close_run(step, state, data, ckpt, writer, guard):
-    """Final blocking save (a no-op if this step is saved already), then release the writers and handlers."""
-    ckpt.save(step, state, data.iterator, force=True, blocking=True)
-    ckpt.close()
-    writer.close()
-    guard.uninstall()
+  def close_run(step, state, data_state, ckpt, writer, guard, save: bool = True):
+    """Final blocking save when `save` (a no-op if this step is saved already), then release the writers and
+    handlers. `data_state`: the iterator state at `step` (an `IteratorSnapshot`)."""
+    try:
+      if save:
+        ckpt.save(step, state, data_state, force=True, blocking=True)
+    finally:
+      ckpt.close()
+      writer.close()
+      guard.uninstall()
+
+  # -- reliability hooks (shared by every mode's loop) ---------------------------------------------
+  def checkpointer(self, state) -> ckpt_lib.Checkpointer:
+    """The run's Checkpointer: without the frozen base (fingerprinted) when checkpoint.save_frozen says so."""
+    cc = self.cfg.checkpoint
+    save_frozen = cc.save_frozen == "always" or (cc.save_frozen == "auto" and not cc.init_from)
+    fp = ckpt_lib.frozen_fingerprint(state.frozen, cc.init_from, None if cc.init_from else self.cfg.train.seed)
+    return ckpt_lib.Checkpointer(self.workdir, cc, config=self.saved_config(), save_frozen=save_frozen,
+                                 fingerprint=fp)
+
+  def resume(self, ckpt, state, data):
+    """Restore the newest readable checkpoint onto `state`'s shardings (frozen params kept from `state` when
+    the checkpoint has none) and trim metrics.jsonl to it. Returns the state."""
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, shardings), data.iterator,
+                                   frozen=state.frozen)
+    if restored is None:
+      return state
+    state = restored[0]
+    if jax.process_index() == 0:
+      dropped = wd.trim_metrics(self.workdir, int(state.step))
+      if dropped:
+        logging.info("metrics.jsonl: dropped %d records after the resumed step", dropped)
+    logging.info("resumed at step %d", int(state.step))
+    return state
+
+  def next_micro_batches(self, data, k: int):
+    """k micro-batches, or None when the data has ended (on any process: all processes agree, so none is
+    left waiting in a collective)."""
+    try:
+      micro, ended = [next(data) for _ in range(k)], False
+    except StopIteration:
+      micro, ended = None, True
+    if jax.process_count() > 1 and self.cfg.data.num_epochs > 0:
+      from jax.experimental import multihost_utils
+      ended = bool(np.any(multihost_utils.process_allgather(np.int32(ended))))
+    return None if ended else micro
 
   # -- loop --------------------------------------------------------------------------------------
   def build_state(self):
@@ -237,10 +281,13 @@ class Trainer:
     state = create(params, k_state)
     return state
 
-  def next_batch(self, data, state, step: int) -> tuple[Any, dict]:
+  def next_batch(self, data, state, step: int) -> Optional[tuple[Any, dict]]:
     """The global batch of optimizer step `step` (k = grad_accum_steps micro-batches) and host-side metrics
-    of producing it; `"tokens"` in them counts the batch's non-PAD tokens (for tokens/s)."""
-    micro = [next(data) for _ in range(self.cfg.optim.grad_accum_steps)]
+    of producing it; `"tokens"` in them counts the batch's non-PAD tokens (for tokens/s). None when the data
+    has ended (on every process alike: see `next_micro_batches`)."""
+    micro = self.next_micro_batches(data, self.cfg.optim.grad_accum_steps)
+    if micro is None:
+      return None
     tokens = int(sum((b["input_ids"] != data.pad_id).sum() for b in micro)) * jax.process_count()
     return self.global_batch(micro), {"tokens": tokens}
 
@@ -258,13 +305,14 @@ class Trainer:
   def train(self) -> Optional[dict]:
     data = self.data_pipeline()
     cfg = self.cfg  # may now name the generated data
+    from pipo_jax.data.pipeline import check_data_end
+    check_data_end(data.steps_available(cfg.optim.grad_accum_steps), cfg.train.num_steps,
+                   f"data.train_path={cfg.data.train_path} x data.num_epochs={cfg.data.num_epochs} at data.batch_size="
+                   f"{cfg.data.batch_size} x optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
     state = self.build_state()
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    ckpt = ckpt_lib.Checkpointer(self.workdir, cfg.checkpoint, config=self.saved_config())
-    restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, state_shardings), data.iterator)
-    if restored is not None:
-      state = restored[0]
-      logging.info("resumed at step %d", int(state.step))
+    ckpt = self.checkpointer(state)
+    state = self.resume(ckpt, state, data)
     schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
     extra = self.step_inputs()  # before loss_fn: OPD's loss needs the teacher's config
     step_fn = optim.make_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
@@ -280,28 +328,45 @@ class Trainer:
       end = min(end, step + cfg.train.stop_after_steps)
     last, tokens, since_log = None, 0, []
     compiled = None
+    nonfinite = guards.NonFiniteCounter(cfg.train.max_nonfinite_steps)
+    data_at_step = ckpt_lib.IteratorSnapshot(data.iterator.get_state())  # saves never run ahead of the model
+    finished = False  # True: leave with a final save (end, data end, SIGTERM, Ctrl-C); False: an error, no save
     t0 = time.time()
     try:
       while step < end:
         with sharding.use_rules(self.mesh):
-          batch, info = self.next_batch(data, state, step)
+          got = self.next_batch(data, state, step)
+          if got is None:
+            logging.warning("the data ended after step %d (of train.num_steps=%d): stopping there", step,
+                            cfg.train.num_steps)
+            break
+          batch, info = got
           tokens += info.pop("tokens")
           if compiled is None:
             compiled = self.compile_step(jitted, state, batch, extra)
           state, m = self.run_step(compiled, state, batch, extra, info)
         since_log.append(info)
         step += 1
+        data_at_step = ckpt_lib.IteratorSnapshot(data.iterator.get_state())
+        if nonfinite.update(step, m["nonfinite"], ckpt.latest_step):
+          logging.warning("step %d: non-finite loss or gradient norm: update skipped (%d so far)", step,
+                          nonfinite.skipped)
         if step % cfg.train.log_every == 0 or step == end or step == 1:
           m = self.host_metrics(m, data)
           m.update(_mean_dicts(since_log))
+          m["skipped_nonfinite"] = nonfinite.skipped
           last = writer.log_progress(step, m, tokens)
           tokens, since_log = 0, []
-        ckpt.save(step, state, data.iterator)
+        ckpt.save(step, state, data_at_step)
         if guard.should_stop(step):
           logging.warning("stop requested (SIGTERM): saving step %d and exiting", step)
           break
+      finished = True
+    except KeyboardInterrupt:
+      finished = True  # a Ctrl-C is a preemption: state, step and data_at_step are those of the last whole step
+      raise
     finally:
-      self.close_run(step, state, data, ckpt, writer, guard)
+      self.close_run(step, state, data_at_step, ckpt, writer, guard, save=finished)
     logging.info("finished at step %d in %.1fs", step, time.time() - t0)
     return last
 

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 
@@ -86,7 +87,7 @@ def test_round_trip_exact_with_iterator_and_config(tmp_path):
   rep = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("d",)), P())
   restored, data_state, meta = c2.restore_latest(_abstract(state, rep), data_iterator=it)
   c2.close()
-  assert it.pos == 12 and data_state is not None and meta == {"tokens": 99, "step": 2}
+  assert it.pos == 12 and data_state is not None and meta == {"tokens": 99, "step": 2, "frozen_saved": True}
   assert isinstance(restored, optim.TrainState) and int(restored.step) == 2
   _assert_trees_equal(restored, state)  # trainable, frozen, opt_state (Adam mu/nu/count), step, rng
   assert ck.read_config(str(tmp_path)) == {"mode": "sft", "lr": 1e-4}
@@ -227,3 +228,59 @@ def test_two_process_save_restore(tmp_path):
   assert lines == ["RESULT 0 100 True", "RESULT 1 101 True"], outs
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "1" / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_other_process_count_refused_in_one_line(tmp_path):
+  state = _trained_state(1)
+  c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, async_save=False))
+  c.save(1, state, FakeIterator(5))
+  c.close()
+  data = tmp_path / "checkpoints" / "1" / "data"
+  (f,) = [p for p in os.listdir(data) if p.startswith("process_")]
+  assert f == "process_0-of-1.json"
+  os.rename(data / f, data / "process_0-of-2.json")  # as if written by a 2-process run
+  rep = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("d",)), P())
+  c2 = ck.Checkpointer(str(tmp_path), CheckpointConfig())
+  with pytest.raises(ck.ResumeRefused, match=r"was written by 2 processes and this run has 1"):
+    c2.restore_latest(_abstract(state, rep), FakeIterator(0))
+  c2.close()
+  assert ck.latest_step(str(tmp_path)) == 1  # a refusal is not a corrupt step: nothing set aside
+
+
+def test_uncommitted_step_is_invisible_everywhere(tmp_path):
+  """A save cut short leaves orbax's temporary directory (committed by a final rename; on GCS by a marker):
+  it is neither the latest step nor what resolve_step_dir / export / resume pick."""
+  import shutil
+  state = _trained_state(1)
+  c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, async_save=False))
+  c.save(1, state)
+  c.save(2, state.replace(step=jnp.int32(2)))
+  c.close()
+  d = tmp_path / "checkpoints"
+  shutil.copytree(d / "2", d / "3.orbax-checkpoint-tmp-1796000000")  # what a kill mid-save leaves
+  assert ck.committed_steps(ck.checkpoint_dir(str(tmp_path))) == [1, 2]
+  assert ck.latest_step(str(tmp_path)) == 2
+  assert ck.resolve_step_dir(str(tmp_path)) == str(d / "2")
+  assert ck.resolve_step_dir(str(d)) == str(d / "2")
+
+
+def test_trim_metrics_drops_steps_after_resume_and_torn_lines(tmp_path):
+  from pipo_jax import workdir
+  lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  assert workdir.trim_metrics(str(tmp_path), 2) == 3
+  assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_config_check_names_fields_and_allows_listed():
+  saved = {"mode": "sft", "data": {"batch_size": 8, "seed": 0}, "train": {"num_steps": 10, "seed": 0},
+           "model": {"hidden_size": 64, "remat": "none"}}
+  cur = json.loads(json.dumps(saved))
+  cur["data"]["batch_size"], cur["train"]["num_steps"], cur["model"]["remat"] = 16, 20, "full"
+  with pytest.raises(ck.ResumeRefused, match=r"\(data.batch_size: 8 -> 16; train.num_steps: 10 -> 20\)"):
+    ck.check_resume_config(saved, cur)  # remat (numerics only) is not a refusal
+  assert ck.check_resume_config(saved, cur, ("data.batch_size", "train.num_steps")) == \
+      ["data.batch_size", "train.num_steps"]
+  cur["model"]["hidden_size"] = 128
+  with pytest.raises(ck.ResumeRefused, match=r"model.hidden_size: 64 -> 128"):
+    ck.check_resume_config(saved, cur, ("data.batch_size", "train.num_steps"))

@@ -64,9 +64,9 @@ def _stub_records(stdout, tag="STUB"):
     ("local_multiprocess.sh", ["NUM_PROCESSES", "FLAGFILE", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
                                "JAX_PROCESS_ID", "gloo", "PIPO_LAUNCH_MODULE"]),
     ("tpu_pod.sh", ["--project", "--zone", "--accelerator-type", "--name", "--flagfile", "--runtime-version",
-                    "--dry-run", "jax.distributed.initialize()"]),
+                    "--dry-run", "jax.distributed.initialize()", "--workdir", "gs://", "PREEMPTED", "SIGTERM"]),
     ("gpu_slurm.sh", ["--nodes", "--gpus-per-node", "--flagfile", "--per-node", "--dry-run",
-                      "JAX_COORDINATOR_ADDRESS", "SLURM_PROCID"]),
+                      "JAX_COORDINATOR_ADDRESS", "SLURM_PROCID", "--signal-lead", "--signal=TERM@"]),
 ])
 def test_help(script, words):
   r = _run([os.path.join(LAUNCH, script), "--help"])
@@ -84,6 +84,8 @@ def test_help(script, words):
     ("tpu_pod.sh", ["--project=p", "--bogus"], "unknown argument '--bogus'"),
     ("gpu_slurm.sh", ["--nodes=2"], "missing required argument(s): --gpus-per-node --flagfile"),
     ("gpu_slurm.sh", ["--nodes=two", "--gpus-per-node=8", "--flagfile=requirements.txt"], "positive integer"),
+    ("gpu_slurm.sh", ["--nodes=1", "--gpus-per-node=8", "--flagfile=requirements.txt", "--signal-lead=soon"],
+     "--signal-lead must be a number of seconds"),
 ])
 def test_bad_arguments_refused(script, args, message):
   r = _run([os.path.join(LAUNCH, script)] + args)
@@ -99,7 +101,7 @@ def test_tpu_pod_dry_run_commands(stub_dir):
   flags = str(stub_dir / "run.flags")
   r = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=my-proj", "--zone", "us-central2-b",
             "--accelerator-type=v4-32", "--name=pipo-a", f"--flagfile={flags}", "--dry-run",
-            "--config.train.lr=3e-4", "--", "--extra", "two words"])
+            "--workdir=gs://bucket/run", "--config.train.lr=3e-4", "--", "--extra", "two words"])
   assert r.returncode == 0, r.stderr
   cmds = _dry_run_commands(r.stdout)
   loc = ["--project=my-proj", "--zone=us-central2-b"]
@@ -136,13 +138,31 @@ def test_tpu_pod_dry_run_commands(stub_dir):
   r = _run(["bash", "-c", follow], env=env)
   assert r.returncode == 7
   argv = json.loads(r.stdout.split("ARGV ", 1)[1].splitlines()[0])
-  assert argv == [f"--flagfile={home}/pipo_run.flags", "--config.train.lr=3e-4", "--extra", "two words"]
+  assert argv == [f"--flagfile={home}/pipo_run.flags", "--config.train.lr=3e-4", "--extra", "two words",
+                  "--config.workdir=gs://bucket/run"]
+
+
+@pytest.mark.parametrize("args,flagfile_text,message", [
+    ([], "--config.workdir=runs/x\n", "workdir 'runs/x' is relative"),
+    ([], "--config.mode=sft\n", "workdir 'runs/default' is relative"),  # the Config default
+    (["--config.workdir=rel/dir"], "--config.workdir=gs://b/r\n", "workdir 'rel/dir' is relative"),
+    ([], "--config.workdir=gs://YOUR_BUCKET/pipo_runs/x\n", "the recipe's placeholder"),
+])
+def test_tpu_pod_refuses_workdir_no_worker_shares(tmp_path, args, flagfile_text, message):
+  flags = tmp_path / "run.flags"
+  flags.write_text(flagfile_text)
+  r = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=p", "--zone=z", "--accelerator-type=v4-32", "--name=n",
+            f"--flagfile={flags}", "--dry-run"] + args)
+  assert r.returncode == 2 and message in r.stderr and r.stdout == ""
+  ok = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=p", "--zone=z", "--accelerator-type=v4-32", "--name=n",
+             f"--flagfile={flags}", "--dry-run", "--workdir=/mnt/shared/run"])
+  assert ok.returncode == 0, ok.stderr
 
 
 def test_tpu_pod_flagfile_in_repo_and_options():
   r = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=p", "--zone=z", "--accelerator-type=v5litepod-16",
             "--name=n", "--flagfile=requirements.txt", "--runtime-version=v2-alpha-tpuv5-lite", "--spot",
-            "--skip-install", "--dry-run"])
+            "--skip-install", "--dry-run", "--config.workdir=gs://b/run"])
   assert r.returncode == 0, r.stderr
   cmds = _dry_run_commands(r.stdout)
   assert cmds[1][-3:] == ["--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot"]
@@ -184,8 +204,8 @@ def test_gpu_slurm_script_runs_with_stub_slurm(stub_dir, per_node):
   tasks_per_node = 1 if per_node else 2
   assert sbatch == ["#SBATCH --job-name=t", "#SBATCH --nodes=2", f"#SBATCH --ntasks-per-node={tasks_per_node}",
                     "#SBATCH --gpus-per-node=2", "#SBATCH --time=01:00:00",
-                    f"#SBATCH --output={stub_dir}/logs/%x-%j.out", "#SBATCH --partition=gpu",
-                    "#SBATCH --account=acc"]
+                    f"#SBATCH --output={stub_dir}/logs/%x-%j.out", "#SBATCH --signal=TERM@120",
+                    "#SBATCH --partition=gpu", "#SBATCH --account=acc"]
   assert r.stdout.splitlines()[-1] == f"sbatch {stub_dir}/logs/t.sbatch"
 
   # Execute the generated job script as SLURM would, with stub srun/scontrol and a stub trainer.

@@ -71,8 +71,9 @@ class DataStats:
 
 
 def open_source(path: str, split: str = "train", fmt: str = "auto", skip_malformed: bool = False,
-                require_response: Optional[bool] = None):
-  """A JSONL file -> `JsonlSource`; a directory written by `tfds_builder` -> `ArrayRecordPairs`."""
+                require_response: Optional[bool] = None, vocab_size: Optional[int] = None):
+  """A JSONL file -> `JsonlSource`; a directory written by `tfds_builder` -> `ArrayRecordPairs`.
+  `vocab_size`: token ids of pre-tokenised JSONL lines outside [0, vocab_size) fail at load with file:line."""
   if not path:
     raise ValueError("no data path: set data.train_path (a JSONL file or a TFDS ArrayRecord directory)")
   if os.path.isdir(path):
@@ -80,7 +81,8 @@ def open_source(path: str, split: str = "train", fmt: str = "auto", skip_malform
     return ArrayRecordPairs(path, split)
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file {path} does not exist")
-  return JsonlSource(path, fmt, skip_malformed=skip_malformed, require_response=require_response)
+  return JsonlSource(path, fmt, skip_malformed=skip_malformed, require_response=require_response,
+                     vocab_size=vocab_size)
 
 
 def _process_index_count(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
@@ -198,7 +200,8 @@ class TrainPipeline:
   def __init__(self, cfg: DataConfig, *, mode: str = "sft", path: Optional[str] = None, split: str = "train",
                tokenizer: Optional[ChatTokenizer] = None, pad_id: Optional[int] = None,
                evaluation: bool = False, process_index: Optional[int] = None,
-               process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 8):
+               process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 8,
+               vocab_size: Optional[int] = None):
     if mode not in ("sft", "ar"):
       raise ValueError(f"TrainPipeline mode={mode!r}: expected sft or ar (opd uses PromptPipeline)")
     if cfg.max_length % 2:
@@ -213,7 +216,8 @@ class TrainPipeline:
         raise ValueError("pad_id is unknown: give a tokenizer (data.tokenizer_path) or pad_id")
       pad_id = tokenizer.pad_id
     self.pad_id = int(pad_id)
-    self.source = open_source(path, split, cfg.format, cfg.skip_malformed, require_response=True)
+    self.source = open_source(path, split, cfg.format, cfg.skip_malformed, require_response=True,
+                              vocab_size=vocab_size)
     if len(self.source) == 0:
       raise ValueError(f"{path}: no usable examples")
     self.stats = DataStats(malformed=self.source.num_malformed)
@@ -238,6 +242,13 @@ class TrainPipeline:
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     self.dataset = it_ds
     self.iterator = iter(it_ds)
+    # Data end, known at start: None when the stream repeats forever.
+    self.num_batches = None if (not evaluation and cfg.num_epochs <= 0) else len(ds) // self.local_batch
+
+  def steps_available(self, grad_accum_steps: int = 1) -> Optional[int]:
+    """Optimizer steps the data can feed (None: repeats forever). An upper bound when examples are dropped
+    (overlong="drop", nothing supervised): the loop then stops at the last full step when a process runs dry."""
+    return None if self.num_batches is None else self.num_batches // max(1, grad_accum_steps)
 
   def __iter__(self):
     return self
@@ -250,6 +261,13 @@ class TrainPipeline:
 
   def set_state(self, state: dict) -> None:
     self.iterator.set_state(state)
+
+
+def check_data_end(steps_available: Optional[int], num_steps: int, what: str) -> None:
+  """Refuse at start a run that asks for more optimizer steps than its data holds (one line, with the fix)."""
+  if steps_available is not None and steps_available < num_steps:
+    raise ValueError(f"{what} feeds only {steps_available} optimizer steps but train.num_steps={num_steps}: set "
+                     f"--config.train.num_steps={steps_available} or raise data.num_epochs (0 = repeat forever)")
 
 
 class _PromptRow:
@@ -288,12 +306,12 @@ class PromptPipeline:
                seed: int = 0, evaluation: bool = False, num_epochs: int = 0, parity_pad: bool = True,
                min_pass_rate: float = 0.0, pad_id: Optional[int] = None, split: str = "train",
                fmt: str = "auto", skip_malformed: bool = False, process_index: Optional[int] = None,
-               process_count: Optional[int] = None):
+               process_count: Optional[int] = None, vocab_size: Optional[int] = None):
     if parity_pad and prompt_length % 2:
       raise ValueError(f"prompt_length={prompt_length} must be even for PIPO prompts (whole pairs)")
     self.tokenizer = tokenizer
     self.pad_id = int(tokenizer.pad_id if pad_id is None else pad_id)
-    source = open_source(path, split, fmt, skip_malformed)
+    source = open_source(path, split, fmt, skip_malformed, vocab_size=vocab_size)
     self.stats = DataStats(malformed=source.num_malformed)
     self.records: list[Record] = []
     prompts = []
@@ -330,6 +348,11 @@ class PromptPipeline:
     ds = ds.map(_PromptRow(prompts, prompt_length, self.pad_id))
     self.dataset = ds.to_iter_dataset().batch(self.local_batch, drop_remainder=True)
     self.iterator = iter(self.dataset)
+    self.num_batches = None if (not evaluation and num_epochs <= 0) else len(ds) // self.local_batch
+
+  def steps_available(self, grad_accum_steps: int = 1) -> Optional[int]:
+    """Optimizer steps the prompts can feed (None: repeats forever)."""
+    return None if self.num_batches is None else self.num_batches // max(1, grad_accum_steps)
 
   def __iter__(self):
     return self

@@ -134,7 +134,13 @@ def parse_record(obj: Any, fmt: str = "auto") -> Record:
   return Record(prompt_ids=prompt_ids, response_ids=response_ids, meta=meta)
 
 
-def _check_requirements(rec: Record, require_response: Optional[bool]) -> None:
+def _check_requirements(rec: Record, require_response: Optional[bool], vocab_size: Optional[int] = None) -> None:
+  if vocab_size and rec.is_tokenized:  # an id >= vocab_size indexes past the embedding: NaN, not an error
+    for name, ids in (("prompt ids", rec.prompt_ids), ("response ids", rec.response_ids)):
+      if ids is not None and len(ids) and int(np.max(ids)) >= vocab_size:
+        j = int(np.argmax(np.asarray(ids) >= vocab_size))
+        raise ValueError(f"{name} hold {int(ids[j])} (position {j}), outside the model's vocabulary "
+                         f"[0, {vocab_size})")
   if require_response is True and not rec.has_response:
     raise ValueError("the record has no response (an assistant turn, 'response' or response tokens), "
                      "but training needs one")
@@ -144,19 +150,21 @@ def _check_requirements(rec: Record, require_response: Optional[bool]) -> None:
 
 
 def parse_line(line: str, path: str, lineno: int, fmt: str = "auto",
-               require_response: Optional[bool] = None) -> Record:
-  """Parse one JSONL line; errors become `MalformedRecordError("path:lineno: why")`."""
+               require_response: Optional[bool] = None, vocab_size: Optional[int] = None) -> Record:
+  """Parse one JSONL line; errors become `MalformedRecordError("path:lineno: why")`. With `vocab_size`, token
+  ids outside [0, vocab_size) are errors."""
   try:
     obj = json.loads(line)
     rec = parse_record(obj, fmt)
-    _check_requirements(rec, require_response)
+    _check_requirements(rec, require_response, vocab_size)
   except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
     raise MalformedRecordError(f"{path}:{lineno}: {e}") from None
   return rec
 
 
 def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
-                require_response: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray, int]:
+                require_response: Optional[bool] = None,
+                vocab_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
   """Validate every line of a JSONL file once and index the good ones.
 
   Returns (spans int64 [n, 2] = (byte offset, byte length), line_numbers int64 [n] (1-based), n_malformed).
@@ -176,7 +184,7 @@ def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
           text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
           raise MalformedRecordError(f"{path}:{lineno}: not UTF-8 ({e})") from None
-        parse_line(text, path, lineno, fmt, require_response)
+        parse_line(text, path, lineno, fmt, require_response, vocab_size)
       except MalformedRecordError:
         if not skip_malformed:
           raise
@@ -204,11 +212,11 @@ class JsonlSource:
 
   def __init__(self, path: str, fmt: str = "auto", offsets: Optional[np.ndarray] = None,
                linenos: Optional[np.ndarray] = None, skip_malformed: bool = False,
-               require_response: Optional[bool] = None):
+               require_response: Optional[bool] = None, vocab_size: Optional[int] = None):
     self.path, self.fmt = path, fmt
     self.num_malformed = 0
     if offsets is None:
-      offsets, linenos, self.num_malformed = index_jsonl(path, fmt, skip_malformed, require_response)
+      offsets, linenos, self.num_malformed = index_jsonl(path, fmt, skip_malformed, require_response, vocab_size)
     self._offsets, self._linenos = offsets, linenos
     self._fh = os.open(path, os.O_RDONLY)
 

@@ -55,7 +55,7 @@ class OPDTrainer(Trainer):
     data = pipeline.PromptPipeline(
         dc.train_path, self.tokenizer, batch_size=dc.batch_size, prompt_length=oc.prompt_length, seed=dc.seed,
         num_epochs=dc.num_epochs, min_pass_rate=oc.min_pass_rate, pad_id=self.model_cfg.pad_token_id,
-        fmt=dc.format, skip_malformed=dc.skip_malformed)
+        fmt=dc.format, skip_malformed=dc.skip_malformed, vocab_size=self.model_cfg.vocab_size)
     logging.info("OPD prompts: %s", data.stats.as_dict())
     return data
 
@@ -76,9 +76,12 @@ class OPDTrainer(Trainer):
   def next_batch(self, data, state, step: int):
     k = self.cfg.optim.grad_accum_steps
     base = jax.random.fold_in(jax.random.PRNGKey(self.cfg.opd.sampling.seed), step)
+    prompts = self.next_micro_batches(data, k)
+    if prompts is None:
+      return None  # the prompts have ended (on every process alike)
     local, stats = [], []
-    for i in range(k):
-      rows, st = self.rollout(state.params, next(data), base if k == 1 else jax.random.fold_in(base, i))
+    for i, p in enumerate(prompts):
+      rows, st = self.rollout(state.params, p, base if k == 1 else jax.random.fold_in(base, i))
       local.append(rows)
       stats.append(st)
     batch = self.global_batch(local)

@@ -8,12 +8,11 @@ Prints: param count, compile time of the prefill forward (to post-norm hidden st
 median wall time and tokens/s, and the same for a single-token cached decode step.
 """
 
-import dataclasses
 import time
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 from pipo_jax.config import ModelConfig, resolve_model_config
@@ -49,9 +48,11 @@ def main(argv):
   params = jax.jit(lambda k: qwen3_5.init_params(cfg, k))(jax.random.PRNGKey(0))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   group, repeats = cfg.layer_pattern()
-  print(f"backend={jax.default_backend()} devices={len(jax.devices())} preset={FLAGS.preset} "
-        f"params={n_params / 1e6:.1f}M layers={cfg.num_hidden_layers} (group {len(group)} x {repeats}) "
-        f"dtype={cfg.dtype} scan={cfg.scan_layers} B={B} T={T}")
+  print(
+    f"backend={jax.default_backend()} devices={len(jax.devices())} preset={FLAGS.preset} "
+    f"params={n_params / 1e6:.1f}M layers={cfg.num_hidden_layers} (group {len(group)} x {repeats}) "
+    f"dtype={cfg.dtype} scan={cfg.scan_layers} B={B} T={T}"
+  )
 
   @jax.jit
   def forward(params, ids, cache):

@@ -11,10 +11,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from ml_collections import config_flags
 
-from pipo_jax.config import Config, MeshConfig  # noqa: E402
+from pipo_jax.config import Config, MeshConfig
 
 _CONFIG = config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py).")
 
@@ -22,13 +22,15 @@ _CONFIG = config_flags.DEFINE_config_dataclass("config", Config(), "Run configur
 def main(argv):
   del argv
   import jax
+
   from pipo_jax import checkpoint, loading, memory_plan, sharding
+
   cfg = dataclasses.replace(_CONFIG.value, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
   model_cfg = loading.model_config_of(cfg)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   state, _ = memory_plan.abstract_train_state(cfg, model_cfg, mesh)
   b = checkpoint.save_bytes(state)
-  gb = lambda n: f"{n / 1e9:8.2f} GB"  # noqa: E731
+  gb = lambda n: f"{n / 1e9:8.2f} GB"
   for k in ("trainable", "opt_state", "frozen", "step", "rng"):
     print(f"{k:>15}: {gb(b[k])}")
   print(f"{'full save':>15}: {gb(b['full'])}")

@@ -28,14 +28,19 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from pipo_jax import objectives, optim, sharding
-  from pipo_jax.opd import loss as opd, rollout as opd_rollout
   from pipo_jax.config import Config, LossConfig, MeshConfig, ModelConfig, OPDConfig, resolve_model_config
   from pipo_jax.models.pipo import init_pipo_params
+  from pipo_jax.opd import loss as opd
+  from pipo_jax.opd import rollout as opd_rollout
 
   mc = resolve_model_config(ModelConfig(preset="tiny", compressor_type="mlp_residual"))
-  cfg = Config(mode="opd", loss=LossConfig(logits_chunk=256),
-               opd=OPDConfig(prompt_length=a.prompt_length, max_new_tokens=a.max_new_tokens, conf_threshold=0.5))
+  cfg = Config(
+    mode="opd",
+    loss=LossConfig(logits_chunk=256),
+    opd=OPDConfig(prompt_length=a.prompt_length, max_new_tokens=a.max_new_tokens, conf_threshold=0.5),
+  )
   T = opd_rollout.rollout_length(cfg.opd)
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   params = init_pipo_params(mc, jax.random.PRNGKey(0))
@@ -46,8 +51,10 @@ def main():
 
   # One real rollout batch (for OPD) and an SFT batch of the same shape.
   P = a.prompt_length
-  prompts = {"prompt_ids": rng.integers(4, 100, (a.batch, P)).astype(np.int32),
-             "prompt_valid": np.ones((a.batch, P), bool)}
+  prompts = {
+    "prompt_ids": rng.integers(4, 100, (a.batch, P)).astype(np.int32),
+    "prompt_valid": np.ones((a.batch, P), bool),
+  }
   roll = opd_rollout.Rollout(mc, cfg, mesh, stop_ids=[3])
   with sharding.use_rules(mesh):
     roll(params, prompts, jax.random.PRNGKey(0))  # compile
@@ -86,14 +93,16 @@ def main():
 
   with sharding.use_rules(mesh):
     sft = jax.jit(optim.make_train_step(objectives.make_sft_loss(mc, cfg.loss, cfg.lora)), donate_argnums=0)
-    opd_step = jax.jit(optim.make_train_step(opd.make_opd_loss(mc, mc, cfg.opd, cfg.loss, cfg.lora)),
-                       donate_argnums=0)
+    opd_step = jax.jit(optim.make_train_step(opd.make_opd_loss(mc, mc, cfg.opd, cfg.loss, cfg.lora)), donate_argnums=0)
     t_sft = bench(sft, sft_batch)
     t_opd = bench(opd_step, opd_batch, w_t)
     t_teacher = median_s(score, teacher, opd_batch)
-  print(f"tiny student, B={a.batch}, T={T}, {jax.devices()[0].platform}: SFT step {1e3 * t_sft:.1f} ms, "
-        f"OPD step {1e3 * t_opd:.1f} ms ({t_opd / t_sft:.2f}x) + teacher scoring {1e3 * t_teacher:.1f} ms, OPD rollout {1e3 * t_roll:.1f} ms "
-        f"(max_new_tokens={a.max_new_tokens})")
+  print(
+    f"tiny student, B={a.batch}, T={T}, {jax.devices()[0].platform}: SFT step {1e3 * t_sft:.1f} ms, "
+    f"OPD step {1e3 * t_opd:.1f} ms ({t_opd / t_sft:.2f}x) + teacher scoring {1e3 * t_teacher:.1f} ms, "
+    f"OPD rollout {1e3 * t_roll:.1f} ms "
+    f"(max_new_tokens={a.max_new_tokens})"
+  )
 
 
 if __name__ == "__main__":

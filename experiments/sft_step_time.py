@@ -39,6 +39,7 @@ def main():
   a = ap.parse_args()
   import jax
   import numpy as np
+
   from pipo_jax import objectives, optim
   from pipo_jax.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, resolve_model_config
   from pipo_jax.models.pipo import init_pipo_params
@@ -54,8 +55,9 @@ def main():
     mask = jax.tree_util.tree_map(lambda _: True, params)
     tx = optim.make_optimizer(OptimConfig(learning_rate=1e-3), 1000)
     state = optim.TrainState.create(params, mask, tx, jax.random.PRNGKey(1))
-    step = jax.jit(optim.make_train_step(objectives.make_sft_loss(mc, LossConfig(logits_chunk=1024), LoraConfig())),
-                   donate_argnums=0)
+    step = jax.jit(
+      optim.make_train_step(objectives.make_sft_loss(mc, LossConfig(logits_chunk=1024), LoraConfig())), donate_argnums=0
+    )
     state, m = step(state, batch)
     jax.block_until_ready(m)
     steps[name] = [step, state, batch]
@@ -72,8 +74,7 @@ def main():
       steps[name][1] = state
       med[name] = float(np.median(times))
     base = med[variants[0][0]]
-    print(f"round {r + 1}: " + ", ".join(f"{n} {1e3 * t:.1f} ms ({t / base:.2f}x)" for n, t in med.items()),
-          flush=True)
+    print(f"round {r + 1}: " + ", ".join(f"{n} {1e3 * t:.1f} ms ({t / base:.2f}x)" for n, t in med.items()), flush=True)
 
 
 if __name__ == "__main__":

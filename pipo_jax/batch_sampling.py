@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -41,6 +42,7 @@ class Model(NamedTuple):
 class Sample:
   """One completion. `text` is the assistant message content (`<think>\\n` + the decoded output, specials
   dropped); `raw` is the engine's slot stream with PADs; token2_slots = second-token decisions written (pipo)."""
+
   text: str
   tokens: list
   raw: list
@@ -78,9 +80,18 @@ def _bucket(lengths: Sequence[int]) -> int:
   return int(-(-max(lengths) // 16) * 16)
 
 
-def sample(model: Model, prompts: Sequence[Sequence[dict]], n: int, mode: str, sampling: SamplingParams,
-           conf_threshold: float = 0.95, max_new_tokens: int = 96, batch_size: int = 64, seed: int = 0,
-           random_pad_ratio: Optional[float] = None) -> SampleRun:
+def sample(
+  model: Model,
+  prompts: Sequence[Sequence[dict]],
+  n: int,
+  mode: str,
+  sampling: SamplingParams,
+  conf_threshold: float = 0.95,
+  max_new_tokens: int = 96,
+  batch_size: int = 64,
+  seed: int = 0,
+  random_pad_ratio: float | None = None,
+) -> SampleRun:
   """n samples for each prompt (a list of chat messages) in decode `mode`; see the module docstring."""
   tok, cfg = model.tokenizer, model.config
   if not prompts:
@@ -93,15 +104,25 @@ def sample(model: Model, prompts: Sequence[Sequence[dict]], n: int, mode: str, s
   decode_s, compile_s, n_batches = 0.0, 0.0, 0
   progress = cli.Progress(len(rows), f"sample ({mode})", "samples")
   for start in range(0, len(rows), B):
-    chunk = rows[start:start + B]
+    chunk = rows[start : start + B]
     fill = chunk + [chunk[0]] * (B - len(chunk))  # a fixed batch shape: one compilation per run
     ids, valid = api.left_pad([encoded[q] for q, _ in fill], bucket, tok.pad_id)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
 
     def call(ids=ids, valid=valid, key=key):  # bound now: called in this iteration only
-      res = api.generate(model.params, cfg, ids, valid, mode=mode, sampling=sampling, conf_threshold=conf_threshold,
-                         max_new_tokens=max_new_tokens, rng=key, stop_ids=tok.special.stop_ids,
-                         random_pad_ratio=random_pad_ratio)
+      res = api.generate(
+        model.params,
+        cfg,
+        ids,
+        valid,
+        mode=mode,
+        sampling=sampling,
+        conf_threshold=conf_threshold,
+        max_new_tokens=max_new_tokens,
+        rng=key,
+        stop_ids=tok.special.stop_ids,
+        random_pad_ratio=random_pad_ratio,
+      )
       return jax.block_until_ready(res)
 
     sig = (id(model.params), mode, sampling, B, bucket, max_new_tokens, random_pad_ratio is None)
@@ -117,8 +138,13 @@ def sample(model: Model, prompts: Sequence[Sequence[dict]], n: int, mode: str, s
     for (q, i), row in zip(chunk, api.result_rows(res)):
       raw = row["raw"]
       n_pad = len(raw) - len(row["tokens"])
-      samples[q][i] = Sample(text=THINK_PREFIX + tok.decode(row["tokens"]), tokens=row["tokens"], raw=raw,
-                             steps=row["stats"]["steps"], n_pad=n_pad,
-                             token2_slots=len(raw) // 2 if mode == "pipo" else 0)
+      samples[q][i] = Sample(
+        text=THINK_PREFIX + tok.decode(row["tokens"]),
+        tokens=row["tokens"],
+        raw=raw,
+        steps=row["stats"]["steps"],
+        n_pad=n_pad,
+        token2_slots=len(raw) // 2 if mode == "pipo" else 0,
+      )
     progress.update(len(chunk))
   return SampleRun(samples, decode_s, compile_s, n_batches)

@@ -30,7 +30,7 @@ from absl import flags, logging
 
 from pipo_jax import cli, loading
 from pipo_jax.inference import flops
-from pipo_jax.inference.api import MODES, _Static, _check_mode, decode_fn, prefill_fn, stop_id_array
+from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, prefill_fn, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
 
 FLAGS = flags.FLAGS
@@ -40,8 +40,9 @@ def define_flags():
   """The CLI's flags (defined by `cli.run`, only when this module is the program)."""
   flags.DEFINE_string("checkpoint", "", "orbax workdir / step dir, or HF directory (plain Qwen3.5 or PIPO)")
   flags.DEFINE_string("preset", "", "without --checkpoint: a preset of pipo_jax.config.PRESETS, random init")
-  flags.DEFINE_string("tokenizer", "", "directory with tokenizer.json, for the PAD id (default: found with the "
-                      "checkpoint)")
+  flags.DEFINE_string(
+    "tokenizer", "", "directory with tokenizer.json, for the PAD id (default: found with the checkpoint)"
+  )
   flags.DEFINE_integer("pad_token_id", None, "PAD id when neither config.json nor the tokenizer names one")
   flags.DEFINE_integer("prompt_len", 512, "prompt tokens")
   flags.DEFINE_integer("batch_size", 1, "rows")
@@ -63,8 +64,9 @@ def _time(fn, repeats: int):
   return float(np.min(ts)), out
 
 
-def measure(config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int,
-            repeats: int, seed: int = 0) -> dict:
+def measure(
+  config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int, repeats: int, seed: int = 0
+) -> dict:
   """One benchmark record (greedy decoding, no stop ids)."""
   _check_mode(mode, config)
   ids = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 2, config.vocab_size, jnp.int32)
@@ -80,14 +82,21 @@ def measure(config, params, mode: str, tau: float, prompt_len: int, batch: int, 
   loop_tokens = np.asarray(res.tokens_emitted) - pre_tokens
   n_steps = max(int(steps.max()), 1)
   rec = {
-      "mode": mode, "conf_threshold": tau if mode == "pipo" else None, "prompt_len": prompt_len,
-      "batch_size": batch, "new_tokens": new_tokens, "ttft_s": ttft, "step_s": loop_s / n_steps,
-      "decode_steps": n_steps, "tokens_per_step": float(loop_tokens.sum() / max(steps.sum(), 1)),
-      "effective_tokens_per_s": float(loop_tokens.sum() / loop_s),
-      "pad_ratio": float(np.mean(np.asarray(res.pad_ratio))),
-      "draft_acceptance": (float(np.asarray(res.drafts_kept).sum() / max(np.asarray(res.drafts_proposed).sum(), 1))
-                           if mode != "ar" else None),
-      "phase2_runs": int(res.phase2_runs) if mode == "pipo" else None,
+    "mode": mode,
+    "conf_threshold": tau if mode == "pipo" else None,
+    "prompt_len": prompt_len,
+    "batch_size": batch,
+    "new_tokens": new_tokens,
+    "ttft_s": ttft,
+    "step_s": loop_s / n_steps,
+    "decode_steps": n_steps,
+    "tokens_per_step": float(loop_tokens.sum() / max(steps.sum(), 1)),
+    "effective_tokens_per_s": float(loop_tokens.sum() / loop_s),
+    "pad_ratio": float(np.mean(np.asarray(res.pad_ratio))),
+    "draft_acceptance": (
+      float(np.asarray(res.drafts_kept).sum() / max(np.asarray(res.drafts_proposed).sum(), 1)) if mode != "ar" else None
+    ),
+    "phase2_runs": int(res.phase2_runs) if mode == "pipo" else None,
   }
   logging.info("%s", rec)
   return rec
@@ -95,10 +104,11 @@ def measure(config, params, mode: str, tau: float, prompt_len: int, batch: int, 
 
 def plot(records: list, path: str):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  labels = [r["mode"] + (f"\ntau={r['conf_threshold']:g}" if r["conf_threshold"] is not None else "")
-            for r in records]
+
+  labels = [r["mode"] + (f"\ntau={r['conf_threshold']:g}" if r["conf_threshold"] is not None else "") for r in records]
   x = np.arange(len(records))
   fig, ax = plt.subplots(figsize=(1.6 * len(records) + 2, 4))
   ax.bar(x - 0.2, [r["speedup_effective_vs_ar"] for r in records], 0.4, label="effective tokens/s vs ar")
@@ -135,8 +145,9 @@ def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, rand
       plan += [("pipo", t) for t in dict.fromkeys(taus)]
     elif m != "ar":
       plan.append((m, None))
-  records = [measure(config, params, m, -1.0 if t is None else t, prompt_len, batch, new_tokens, repeats, seed)
-             for m, t in plan]
+  records = [
+    measure(config, params, m, -1.0 if t is None else t, prompt_len, batch, new_tokens, repeats, seed) for m, t in plan
+  ]
   ar = records[0]
   for r in records:
     r["speedup_ttft_vs_ar"] = ar["ttft_s"] / r["ttft_s"]
@@ -150,23 +161,43 @@ def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, rand
 
 def main(argv):
   del argv
-  m = loading.load_for_cli(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.preset, FLAGS.seed,
-                           pad_token_id=FLAGS.pad_token_id, need_pad="pipo" in FLAGS.decode)
-  out = run(m.config, m.params, FLAGS.decode, FLAGS.conf_threshold, FLAGS.prompt_len, FLAGS.batch_size,
-            FLAGS.new_tokens, FLAGS.repeats, random_init=not FLAGS.checkpoint, seed=FLAGS.seed)
+  m = loading.load_for_cli(
+    FLAGS.checkpoint,
+    FLAGS.tokenizer,
+    FLAGS.preset,
+    FLAGS.seed,
+    pad_token_id=FLAGS.pad_token_id,
+    need_pad="pipo" in FLAGS.decode,
+  )
+  out = run(
+    m.config,
+    m.params,
+    FLAGS.decode,
+    FLAGS.conf_threshold,
+    FLAGS.prompt_len,
+    FLAGS.batch_size,
+    FLAGS.new_tokens,
+    FLAGS.repeats,
+    random_init=not FLAGS.checkpoint,
+    seed=FLAGS.seed,
+  )
   b = out["flops_per_step"]
-  print(f"matmul-FLOP model of the pipo/ar effective speed-up (what a compute-bound decode would reach; "
-        f"small-batch decode is bandwidth-bound, so measured eff_x may exceed it): "
-        f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
-        f"tau<1 none kept: {b['bound_tau_lt_1_none_kept']:.3f}x")
+  print(
+    f"matmul-FLOP model of the pipo/ar effective speed-up (what a compute-bound decode would reach; "
+    f"small-batch decode is bandwidth-bound, so measured eff_x may exceed it): "
+    f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
+    f"tau<1 none kept: {b['bound_tau_lt_1_none_kept']:.3f}x"
+  )
   for r in out["records"]:
     tau = "" if r["conf_threshold"] is None else f" tau={r['conf_threshold']:g}"
     acc = "" if r["draft_acceptance"] is None else f" acceptance={r['draft_acceptance']:.3f}"
     fm = "" if r["flop_model_speedup"] is None else f" flop_model_x={r['flop_model_speedup']:.2f}"
-    print(f"{r['mode']:9s}{tau:10s} ttft={r['ttft_s'] * 1e3:9.2f}ms step={r['step_s'] * 1e3:8.2f}ms "
-          f"tokens/step={r['tokens_per_step']:.2f} eff_tok/s={r['effective_tokens_per_s']:8.1f} "
-          f"ttft_x={r['speedup_ttft_vs_ar']:.2f} step_x={r['speedup_step_vs_ar']:.2f} "
-          f"eff_x={r['speedup_effective_vs_ar']:.2f}{fm}{acc}")
+    print(
+      f"{r['mode']:9s}{tau:10s} ttft={r['ttft_s'] * 1e3:9.2f}ms step={r['step_s'] * 1e3:8.2f}ms "
+      f"tokens/step={r['tokens_per_step']:.2f} eff_tok/s={r['effective_tokens_per_s']:8.1f} "
+      f"ttft_x={r['speedup_ttft_vs_ar']:.2f} step_x={r['speedup_step_vs_ar']:.2f} "
+      f"eff_x={r['speedup_effective_vs_ar']:.2f}{fm}{acc}"
+    )
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   with open(FLAGS.output, "w") as f:
     json.dump(out, f, indent=1)

@@ -37,12 +37,11 @@ slow) run two processes. Format details: docs/formats.md#checkpoints.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
-from typing import Any, Optional
-
-import re
 import time
+from typing import Any
 
 import grain.checkpoint as grain_ckpt
 import jax
@@ -61,12 +60,37 @@ STATE_FIELDS = ("step", "trainable", "frozen", "opt_state", "rng")
 # Config fields whose change on resume alters data order, the LR schedule or what is trained (model
 # architecture fields are compared too: see `check_resume_config`).
 RESUME_FIELDS = (
-    "mode", "data.train_path", "data.format", "data.max_length", "data.batch_size", "data.seed",
-    "data.num_epochs", "data.overlong", "data.max_pad_ratio", "data.pad_insertion", "data.think_mask_tokens",
-    "optim.learning_rate", "optim.warmup_ratio", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1",
-    "optim.b2", "optim.eps", "optim.grad_clip_norm", "optim.grad_accum_steps", "train.num_steps", "train.seed",
-    "train.trainable", "train.full_finetune", "train.train_embeddings", "lora.rank", "lora.alpha",
-    "lora.dropout", "lora.targets", "checkpoint.init_from")
+  "mode",
+  "data.train_path",
+  "data.format",
+  "data.max_length",
+  "data.batch_size",
+  "data.seed",
+  "data.num_epochs",
+  "data.overlong",
+  "data.max_pad_ratio",
+  "data.pad_insertion",
+  "data.think_mask_tokens",
+  "optim.learning_rate",
+  "optim.warmup_ratio",
+  "optim.min_lr_ratio",
+  "optim.weight_decay",
+  "optim.b1",
+  "optim.b2",
+  "optim.eps",
+  "optim.grad_clip_norm",
+  "optim.grad_accum_steps",
+  "train.num_steps",
+  "train.seed",
+  "train.trainable",
+  "train.full_finetune",
+  "train.train_embeddings",
+  "lora.rank",
+  "lora.alpha",
+  "lora.dropout",
+  "lora.targets",
+  "checkpoint.init_from",
+)
 _MODEL_NUMERICS = ("preset", "dtype", "param_dtype", "scan_layers", "remat", "gdn_chunk_size", "attention_block")
 
 
@@ -98,24 +122,24 @@ def _get(d: dict, dotted: str):
   return d
 
 
-def check_resume_config(saved: Optional[dict], current: Optional[dict], allowed=()) -> list:
+def check_resume_config(saved: dict | None, current: dict | None, allowed=()) -> list:
   """Raise ResumeRefused naming every field in RESUME_FIELDS (and model architecture field) whose value
   differs between the checkpoint's config and this run's, except those in `allowed`. Returns the allowed
   fields that did change (logged by the caller)."""
   if saved is None or current is None:
     return []
-  norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  tuples vs JSON lists
+  norm = lambda v: json.loads(json.dumps(v, default=str))
   fields = list(RESUME_FIELDS) + [f"model.{k}" for k in current.get("model", {}) if k not in _MODEL_NUMERICS]
-  changed = [(f, _get(saved, f), _get(current, f)) for f in fields
-             if norm(_get(saved, f)) != norm(_get(current, f))]
+  changed = [(f, _get(saved, f), _get(current, f)) for f in fields if norm(_get(saved, f)) != norm(_get(current, f))]
   allowed = set(allowed)
   refused = [c for c in changed if c[0] not in allowed]
   if refused:
     what = "; ".join(f"{f}: {a!r} -> {b!r}" for f, a, b in refused)
     raise ResumeRefused(
-        f"the run config differs from the checkpoint's in fields that change data order or the schedule ({what}). "
-        f"Restore the old values, use a new workdir, or allow them with "
-        f"--config.checkpoint.allow_changes=\"({', '.join(repr(f) for f, _, _ in refused)},)\"")
+      f"the run config differs from the checkpoint's in fields that change data order or the schedule ({what}). "
+      f"Restore the old values, use a new workdir, or allow them with "
+      f'--config.checkpoint.allow_changes="({", ".join(repr(f) for f, _, _ in refused)},)"'
+    )
   return [c[0] for c in changed]
 
 
@@ -130,14 +154,13 @@ def _sums(leaves):
 
 def save_bytes(state) -> dict:
   """Bytes of one save by part, from a (possibly abstract) TrainState: what `save_frozen` trades."""
-  nbytes = lambda t: int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize  # noqa: E731
-                             for x in jax.tree_util.tree_leaves(t)))
+  nbytes = lambda t: int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(t)))
   parts = {f: nbytes(getattr(state, f)) for f in STATE_FIELDS}
   full = sum(parts.values())
   return dict(parts, full=full, without_frozen=full - parts["frozen"])
 
 
-def frozen_fingerprint(frozen, init_from: str = "", seed: Optional[int] = None) -> dict:
+def frozen_fingerprint(frozen, init_from: str = "", seed: int | None = None) -> dict:
   """What identifies a frozen base: its source, every leaf's shape and dtype, and two checksums (float32 sum
   and sum of squares, one device reduction). Small JSON."""
   flat, _ = jax.tree_util.tree_flatten_with_path(frozen)
@@ -146,7 +169,7 @@ def frozen_fingerprint(frozen, init_from: str = "", seed: Optional[int] = None) 
   return {"init_from": init_from, "seed": seed, "leaves": leaves, "sum": total, "sum_sq": sq}
 
 
-def compare_fingerprints(saved: dict, current: dict, rtol: float = 1e-4) -> Optional[str]:
+def compare_fingerprints(saved: dict, current: dict, rtol: float = 1e-4) -> str | None:
   """None when the two bases match, else a one-line reason. The checksums are compared with a relative
   tolerance: their float32 reduction order depends on the sharding."""
   a, b = saved.get("leaves", {}), current.get("leaves", {})
@@ -159,9 +182,11 @@ def compare_fingerprints(saved: dict, current: dict, rtol: float = 1e-4) -> Opti
   for key in ("sum", "sum_sq"):
     x, y = float(saved.get(key, 0.0)), float(current.get(key, 0.0))
     if abs(x - y) > rtol * max(abs(x), abs(y), 1.0):
-      return (f"the frozen weights changed (checksum {key} {x:.8g} -> {y:.8g}; base was "
-              f"{saved.get('init_from') or 'seed ' + str(saved.get('seed'))}, is "
-              f"{current.get('init_from') or 'seed ' + str(current.get('seed'))})")
+      return (
+        f"the frozen weights changed (checksum {key} {x:.8g} -> {y:.8g}; base was "
+        f"{saved.get('init_from') or 'seed ' + str(saved.get('seed'))}, is "
+        f"{current.get('init_from') or 'seed ' + str(current.get('seed'))})"
+      )
   return None
 
 
@@ -218,7 +243,7 @@ class PreemptionGuard:
     self._signals = tuple(signals)
     self._previous = {}
 
-  def install(self) -> "PreemptionGuard":
+  def install(self) -> PreemptionGuard:
     if threading.current_thread() is not threading.main_thread():
       logging.warning("PreemptionGuard: not on the main thread, signal handlers not installed")
       return self
@@ -247,6 +272,7 @@ class PreemptionGuard:
     if jax.process_count() == 1:
       return local
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.array(local, np.int32))
     stop = bool(np.any(flags))
     try:
@@ -260,8 +286,14 @@ class Checkpointer:
   """One run's checkpoints: `save` writes on every `ckpt_cfg.every_steps`-th step (or when forced), keeps the last
   `ckpt_cfg.keep`."""
 
-  def __init__(self, workdir: str, ckpt_cfg, config: Optional[dict] = None, save_frozen: bool = True,
-               fingerprint: Optional[dict] = None):
+  def __init__(
+    self,
+    workdir: str,
+    ckpt_cfg,
+    config: dict | None = None,
+    save_frozen: bool = True,
+    fingerprint: dict | None = None,
+  ):
     """`save_frozen=False` needs `fingerprint` (`frozen_fingerprint` of the state's frozen part)."""
     self.directory = checkpoint_dir(workdir)
     self.config = config
@@ -274,14 +306,22 @@ class Checkpointer:
     # first step it sees: a resumed run would otherwise write an off-interval checkpoint.
     self.every_steps = max(1, int(ckpt_cfg.every_steps))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=ckpt_cfg.keep if ckpt_cfg.keep > 0 else None,
-        enable_async_checkpointing=bool(ckpt_cfg.async_save),
-        create=True)
+      max_to_keep=ckpt_cfg.keep if ckpt_cfg.keep > 0 else None,
+      enable_async_checkpointing=bool(ckpt_cfg.async_save),
+      create=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   # -- save ---------------------------------------------------------------------------------------
-  def save(self, step: int, state, data_iterator=None, metadata: Optional[dict] = None,
-           force: bool = False, blocking: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state,
+    data_iterator=None,
+    metadata: dict | None = None,
+    force: bool = False,
+    blocking: bool = False,
+  ) -> bool:
     """Save when `step` is on the interval (or `force`). Returns whether a save started.
 
     The arrays are copied to host before this returns; the write proceeds in the background unless
@@ -293,8 +333,7 @@ class Checkpointer:
       if blocking:  # e.g. a preemption right after an interval save: that one must still land
         self.manager.wait_until_finished()
       return False
-    guards.assert_finite({"trainable": state.trainable, "opt_state": state.opt_state},
-                         f"step {step}: refusing to save")
+    guards.assert_finite({"trainable": state.trainable, "opt_state": state.opt_state}, f"step {step}: refusing to save")
     tree = _state_tree(state)
     meta = dict(metadata or {}, step=step, frozen_saved=self.save_frozen)
     if self.fingerprint is not None:
@@ -320,7 +359,7 @@ class Checkpointer:
     self.manager.close()
 
   # -- restore ------------------------------------------------------------------------------------
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list:
@@ -329,7 +368,7 @@ class Checkpointer:
   def _step_path(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)
 
-  def _read_json(self, step: int, item: str) -> Optional[dict]:
+  def _read_json(self, step: int, item: str) -> dict | None:
     f = self._step_path(step) / item / "metadata"
     return json.loads(f.read_text()) if f.exists() else None
 
@@ -342,17 +381,19 @@ class Checkpointer:
       logging.warning("resume: allowed config changes since the checkpoint: %s", changed)
     data_dir = self._step_path(step) / "data"
     if data_dir.exists():
-      counts = {int(m.group(1)) for m in (re.match(r"process_\d+-of-(\d+)", p.name) for p in data_dir.iterdir())
-                if m}
+      counts = {int(m.group(1)) for m in (re.match(r"process_\d+-of-(\d+)", p.name) for p in data_dir.iterdir()) if m}
       if counts and counts != {jax.process_count()}:
         raise ResumeRefused(
-            f"checkpoint {self._step_path(step)} was written by {sorted(counts)[0]} processes and this run has "
-            f"{jax.process_count()}: the data-iterator state is per process. Resume with the same number of hosts "
-            f"(or start a new workdir from it with --config.checkpoint.init_from)")
+          f"checkpoint {self._step_path(step)} was written by {sorted(counts)[0]} processes and this run has "
+          f"{jax.process_count()}: the data-iterator state is per process. Resume with the same number of hosts "
+          f"(or start a new workdir from it with --config.checkpoint.init_from)"
+        )
     if not meta.get("frozen_saved", True):
       if self.fingerprint is None:
-        raise ResumeRefused(f"checkpoint {self._step_path(step)} holds no frozen params and no fingerprint to "
-                            "rebuild them against was given")
+        raise ResumeRefused(
+          f"checkpoint {self._step_path(step)} holds no frozen params and no fingerprint to "
+          "rebuild them against was given"
+        )
       why = compare_fingerprints(meta.get("frozen_fingerprint") or {}, self.fingerprint)
       if why:
         raise ResumeRefused(f"checkpoint {self._step_path(step)} was trained on another frozen base: {why}")
@@ -407,6 +448,7 @@ class Checkpointer:
       logging.warning("moved unreadable checkpoint %s to %s", src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"pipo_jax.checkpoint: step {step} set aside")
     self.manager.reload()
 
@@ -427,8 +469,9 @@ class Checkpointer:
         raise
       except Exception as e:  # truncated / missing files: orbax, tensorstore and grain raise various types
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        logging.warning("checkpoint step %d is unreadable (%s: %s); falling back to the previous step",
-                        step, type(e).__name__, reason)
+        logging.warning(
+          "checkpoint step %d is unreadable (%s: %s); falling back to the previous step", step, type(e).__name__, reason
+        )
         errors.append(f"step {step}: {type(e).__name__}: {reason}")
         self._set_aside(step)
         continue
@@ -459,7 +502,7 @@ def _state_tree_any(state) -> dict:
   return {f: state[f] for f in STATE_FIELDS} if isinstance(state, dict) else _state_tree(state)
 
 
-def latest_step(workdir: str) -> Optional[int]:
+def latest_step(workdir: str) -> int | None:
   """Newest committed step under `<workdir>/checkpoints`, None if there is none."""
   steps = committed_steps(checkpoint_dir(workdir))
   return steps[-1] if steps else None
@@ -474,11 +517,12 @@ def resolve_step_dir(path: str) -> str:
     steps = committed_steps(d)
     if steps:
       return wd.join(d, str(steps[-1]))
-  raise FileNotFoundError(f"{path}: no committed orbax checkpoint (expected <step>/state/ or "
-                          "checkpoints/<step>/state/)")
+  raise FileNotFoundError(
+    f"{path}: no committed orbax checkpoint (expected <step>/state/ or checkpoints/<step>/state/)"
+  )
 
 
-def read_config(path: str) -> Optional[dict]:
+def read_config(path: str) -> dict | None:
   """The config JSON saved with a checkpoint (None if it was saved without one)."""
   f = epath.Path(resolve_step_dir(path)) / "config" / "metadata"
   return json.loads(f.read_text()) if f.exists() else None
@@ -492,10 +536,12 @@ def read_metadata(path: str) -> dict:
 def rebuild_frozen(saved_config: dict, trainable: dict) -> dict:
   """The frozen part of a checkpoint saved without it: the base params rebuilt as the run built them (from
   checkpoint.init_from, else initialised from train.seed), less the leaves `trainable` holds."""
+  import flax.linen as nn
+
   from pipo_jax import loading, optim  # local: both import this module
   from pipo_jax.config import resolve_model_config
   from pipo_jax.trainer import AR_KEYS, boxed_params
-  import flax.linen as nn
+
   init_from = saved_config.get("checkpoint", {}).get("init_from", "")
   mode = saved_config.get("mode", "sft")
   model_cfg, _ = loading.config_from_saved(saved_config)
@@ -545,9 +591,11 @@ def restore_params(path: str, shardings=None) -> dict:
   keys = [k for k in ("trainable", "frozen") if k in tree]
   item = {k: jax.tree_util.tree_map_with_path(target, tree[k]) for k in keys}
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  out = ckptr.restore(wd.join(step_dir, "state"),
-                      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  out = ckptr.restore(
+    wd.join(step_dir, "state"), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  )
   from pipo_jax.optim import combine  # local: optim imports models, keep this module light
+
   if "frozen" not in out:
     saved = read_config(step_dir)
     if saved is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
@@ -55,7 +55,7 @@ def guard(main: Callable, prog: str) -> Callable:
   return wrapped
 
 
-def run(main: Callable, define_flags: Optional[Callable] = None, prog: str = "") -> None:
+def run(main: Callable, define_flags: Callable | None = None, prog: str = "") -> None:
   """The `if __name__ == "__main__":` body of every tool (see the module docstring)."""
   if define_flags is not None:
     define_flags()
@@ -94,15 +94,17 @@ class Progress:
     self.done = 0
     self.t0 = self._last = time.perf_counter()
 
-  def line(self, now: Optional[float] = None) -> str:
+  def line(self, now: float | None = None) -> str:
     now = time.perf_counter() if now is None else now
     dt = max(now - self.t0, 1e-9)
     rate = self.done / dt
     eta = (self.total - self.done) / rate if rate > 0 else float("inf")
     eta_s = "?" if eta == float("inf") else f"{int(eta) // 60}:{int(eta) % 60:02d}"
     pct = 100.0 * self.done / max(self.total, 1)
-    return (f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.2f} {self.unit}/s, "
-            f"elapsed {int(dt) // 60}:{int(dt) % 60:02d}, ETA {eta_s}")
+    return (
+      f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.2f} {self.unit}/s, "
+      f"elapsed {int(dt) // 60}:{int(dt) % 60:02d}, ETA {eta_s}"
+    )
 
   def update(self, n: int = 1) -> None:
     self.done += n

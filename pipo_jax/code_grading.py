@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 DEFAULT_TIME_LIMIT_S = 6.0
 DEFAULT_MEMORY_MB = 2048
@@ -47,7 +47,7 @@ _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
 # Runs inside the sandboxed interpreter: limits are set by the parent (preexec); this blocks sockets, then runs
 # the solution as __main__ (stdin style) or calls its function (functional style) and prints the JSON result.
-_HARNESS = r'''
+_HARNESS = r"""
 import json, socket, sys
 def _no_network(*a, **k):
     raise OSError("network access is disabled in the grading sandbox")
@@ -69,7 +69,7 @@ else:
         fn = g[fn_name]
     out = fn(*args)
     sys.stdout.write("\n__RESULT__" + json.dumps(out, default=list))
-'''
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TestResult:
   detail: str = ""
 
 
-def extract_code(completion: str) -> Optional[str]:
+def extract_code(completion: str) -> str | None:
   """The last fenced code block that is Python (``` python / py / untagged), or None."""
   blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
   blocks = [b for lang, b in blocks if lang in ("", "python", "python3", "py")]
@@ -96,9 +96,12 @@ def extract_code(completion: str) -> Optional[str]:
 def parse_tests(answer) -> dict:
   """The tests of a code row (`answer`: the JSON string or the dict); ValueError when malformed."""
   spec = json.loads(answer) if isinstance(answer, str) else answer
-  if not isinstance(spec, dict) or spec.get("style") not in ("stdin", "functional") or not isinstance(
-      spec.get("tests"), list):
-    raise ValueError("a code row's answer must be JSON {\"style\": \"stdin\"|\"functional\", \"tests\": [...]}")
+  if (
+    not isinstance(spec, dict)
+    or spec.get("style") not in ("stdin", "functional")
+    or not isinstance(spec.get("tests"), list)
+  ):
+    raise ValueError('a code row\'s answer must be JSON {"style": "stdin"|"functional", "tests": [...]}')
   if spec["style"] == "functional" and not spec.get("fn_name"):
     raise ValueError("a functional code row needs 'fn_name'")
   return spec
@@ -111,7 +114,7 @@ def _lines(text: str) -> list:
   return [line.strip() for line in text.strip().split("\n")]
 
 
-def _decimals(line: str) -> Optional[list]:
+def _decimals(line: str) -> list | None:
   try:
     return [decimal.Decimal(x) for x in line.split()]
   except decimal.InvalidOperation:
@@ -168,7 +171,7 @@ def _preexec(limits: Limits):
   return fn
 
 
-def run_one(code: str, stdin: str, style: str, fn_name: str, limits: Limits) -> tuple[str, str, Optional[int]]:
+def run_one(code: str, stdin: str, style: str, fn_name: str, limits: Limits) -> tuple[str, str, int | None]:
   """Run one test in the sandbox: (status: ok | error | timeout, stdout, returncode)."""
   work = tempfile.mkdtemp(prefix="pipo_code_")
   try:
@@ -180,8 +183,16 @@ def run_one(code: str, stdin: str, style: str, fn_name: str, limits: Limits) -> 
       f.write(_HARNESS)
     cmd = [*_netns_prefix(), sys.executable, "-I", "harness.py", style, fn_name or "-"]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_preexec(limits))
+    proc = subprocess.Popen(
+      cmd,
+      cwd=work,
+      env=env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      start_new_session=True,
+      preexec_fn=_preexec(limits),
+    )
     try:
       out, _ = proc.communicate(stdin.encode() if style == "stdin" else b"", timeout=limits.time_s)
       status = "ok" if proc.returncode == 0 else "error"
@@ -231,7 +242,7 @@ def grade_code(completion: str, answer, limits: Limits = Limits()) -> bool:
   return True
 
 
-def grade_many(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(), workers: Optional[int] = None) -> list:
+def grade_many(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(), workers: int | None = None) -> list:
   """grade_code over (completion, answer) pairs with a pool of worker threads; results in order."""
   if not jobs:
     return []

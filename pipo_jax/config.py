@@ -15,7 +15,7 @@ resolved configs.
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -35,34 +35,34 @@ class ModelConfig:
   Field names follow the HF `qwen3_5_text` config.json where one exists.
   """
 
-  preset: Optional[str] = "tiny"  # a key of PRESETS, or None when read from a checkpoint
-  vocab_size: Optional[int] = None
-  hidden_size: Optional[int] = None
-  intermediate_size: Optional[int] = None
-  num_hidden_layers: Optional[int] = None
-  layer_types: Optional[tuple] = None  # of LINEAR / FULL; None -> every 4th layer full
-  full_attention_interval: Optional[int] = None
-  num_attention_heads: Optional[int] = None
-  num_key_value_heads: Optional[int] = None
-  head_dim: Optional[int] = None
-  linear_num_key_heads: Optional[int] = None
-  linear_num_value_heads: Optional[int] = None
-  linear_key_head_dim: Optional[int] = None
-  linear_value_head_dim: Optional[int] = None
-  linear_conv_kernel_dim: Optional[int] = None
-  rope_theta: Optional[float] = None
-  partial_rotary_factor: Optional[float] = None
-  rms_norm_eps: Optional[float] = None
-  tie_word_embeddings: Optional[bool] = None
-  max_position_embeddings: Optional[int] = None
-  initializer_range: Optional[float] = None
-  eos_token_id: Optional[int] = None
-  pad_token_id: Optional[int] = None
+  preset: str | None = "tiny"  # a key of PRESETS, or None when read from a checkpoint
+  vocab_size: int | None = None
+  hidden_size: int | None = None
+  intermediate_size: int | None = None
+  num_hidden_layers: int | None = None
+  layer_types: tuple | None = None  # of LINEAR / FULL; None -> every 4th layer full
+  full_attention_interval: int | None = None
+  num_attention_heads: int | None = None
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  linear_num_key_heads: int | None = None
+  linear_num_value_heads: int | None = None
+  linear_key_head_dim: int | None = None
+  linear_value_head_dim: int | None = None
+  linear_conv_kernel_dim: int | None = None
+  rope_theta: float | None = None
+  partial_rotary_factor: float | None = None
+  rms_norm_eps: float | None = None
+  tie_word_embeddings: bool | None = None
+  max_position_embeddings: int | None = None
+  initializer_range: float | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
   # MTP head: number of MTP decoder layers (Qwen3.5 ships 1; 0 disables the head).
-  mtp_num_hidden_layers: Optional[int] = None
+  mtp_num_hidden_layers: int | None = None
   # PIPO heads.
-  compressor_type: Optional[str] = None  # linear | mlp | gated | mlp_residual
-  compressor_random_init: Optional[bool] = None  # ablation: skip the identity-style init
+  compressor_type: str | None = None  # linear | mlp | gated | mlp_residual
+  compressor_random_init: bool | None = None  # ablation: skip the identity-style init
   # Numerics and compilation (not part of HF config.json).
   dtype: str = "float32"  # compute dtype of matmuls: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params
@@ -102,42 +102,42 @@ class ModelConfig:
   def to_hf_dict(self, architecture: str = "Qwen3_5ForCausalLM") -> dict:
     """A flat `qwen3_5_text` config.json dict (PIPO fields included)."""
     d = {
-        "architectures": [architecture],
-        "model_type": "qwen3_5_text",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "layer_types": list(self.layer_types),
-        "full_attention_interval": self.full_attention_interval,
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.head_dim,
-        "linear_num_key_heads": self.linear_num_key_heads,
-        "linear_num_value_heads": self.linear_num_value_heads,
-        "linear_key_head_dim": self.linear_key_head_dim,
-        "linear_value_head_dim": self.linear_value_head_dim,
-        "linear_conv_kernel_dim": self.linear_conv_kernel_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "rms_norm_eps": self.rms_norm_eps,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "max_position_embeddings": self.max_position_embeddings,
-        "initializer_range": self.initializer_range,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": self.rope_theta,
-            "partial_rotary_factor": self.partial_rotary_factor,
-            "mrope_section": _mrope_section(self.rotary_dim),
-            "mrope_interleaved": True,
-        },
-        "eos_token_id": self.eos_token_id,
-        "pad_token_id": self.pad_token_id,
-        "mtp_num_hidden_layers": self.mtp_num_hidden_layers,
-        "compressor_type": self.compressor_type,
-        "use_cache": True,
-        "dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
+      "architectures": [architecture],
+      "model_type": "qwen3_5_text",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_hidden_layers,
+      "layer_types": list(self.layer_types),
+      "full_attention_interval": self.full_attention_interval,
+      "num_attention_heads": self.num_attention_heads,
+      "num_key_value_heads": self.num_key_value_heads,
+      "head_dim": self.head_dim,
+      "linear_num_key_heads": self.linear_num_key_heads,
+      "linear_num_value_heads": self.linear_num_value_heads,
+      "linear_key_head_dim": self.linear_key_head_dim,
+      "linear_value_head_dim": self.linear_value_head_dim,
+      "linear_conv_kernel_dim": self.linear_conv_kernel_dim,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "rms_norm_eps": self.rms_norm_eps,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "max_position_embeddings": self.max_position_embeddings,
+      "initializer_range": self.initializer_range,
+      "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": self.rope_theta,
+        "partial_rotary_factor": self.partial_rotary_factor,
+        "mrope_section": _mrope_section(self.rotary_dim),
+        "mrope_interleaved": True,
+      },
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "mtp_num_hidden_layers": self.mtp_num_hidden_layers,
+      "compressor_type": self.compressor_type,
+      "use_cache": True,
+      "dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
     }
     return d
 
@@ -150,22 +150,21 @@ def _mrope_section(rotary_dim: int) -> list:
 
 
 _ARCH_FIELDS = [
-    f.name
-    for f in dataclasses.fields(ModelConfig)
-    if f.name not in ("preset", "dtype", "param_dtype", "scan_layers", "remat", "gdn_chunk_size",
-                      "attention_block")
+  f.name
+  for f in dataclasses.fields(ModelConfig)
+  if f.name not in ("preset", "dtype", "param_dtype", "scan_layers", "remat", "gdn_chunk_size", "attention_block")
 ]
 
 _COMMON = dict(
-    rope_theta=10_000_000.0,
-    partial_rotary_factor=0.25,
-    rms_norm_eps=1e-6,
-    linear_conv_kernel_dim=4,
-    initializer_range=0.02,
-    mtp_num_hidden_layers=1,
-    compressor_type="mlp",
-    compressor_random_init=False,
-    full_attention_interval=4,
+  rope_theta=10_000_000.0,
+  partial_rotary_factor=0.25,
+  rms_norm_eps=1e-6,
+  linear_conv_kernel_dim=4,
+  initializer_range=0.02,
+  mtp_num_hidden_layers=1,
+  compressor_type="mlp",
+  compressor_random_init=False,
+  full_attention_interval=4,
 )
 
 
@@ -177,53 +176,119 @@ def _preset(**kw) -> dict:
 
 # Values of the released models' config.json; tiny ones for tests and CPU runs.
 PRESETS: dict[str, dict] = {
-    "qwen3_5_4b": _preset(
-        vocab_size=248320, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
-        num_attention_heads=16, num_key_value_heads=4, head_dim=256,
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-        linear_value_head_dim=128, tie_word_embeddings=True, max_position_embeddings=262144,
-        eos_token_id=248044, pad_token_id=248044),
-    "qwen3_5_9b": _preset(
-        vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
-        num_attention_heads=16, num_key_value_heads=4, head_dim=256,
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-        linear_value_head_dim=128, tie_word_embeddings=False, max_position_embeddings=262144,
-        eos_token_id=248044, pad_token_id=248044),
-    # The 4B layer structure (32 layers, 3:1 hybrid, all head counts and head dims) at
-    # reduced width and vocabulary: for CPU speed measurements.
-    "qwen3_5_4b_narrow": _preset(
-        vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=32,
-        num_attention_heads=16, num_key_value_heads=4, head_dim=256,
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-        linear_value_head_dim=128, tie_word_embeddings=True, max_position_embeddings=262144,
-        eos_token_id=1, pad_token_id=1),
-    # The tiny test model (tests, CPU runs).
-    "tiny": _preset(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=8, tie_word_embeddings=False, max_position_embeddings=4096,
-        eos_token_id=1, pad_token_id=1),
-    # The CPU miniature's teacher (experiments/demo.sh): hybrid [lin, full, lin, full] at a width a 2-core CPU
-    # trains in minutes. Two full-attention layers rather than Qwen3.5's 3:1: the task's first worked line
-    # copies the question, and with one full layer in four the model kept miscopying it (17 % avg@4 after
-    # 500 steps). Vocab 128 covers the synthetic task's character tokenizer (pad <|endoftext|> = 1, eos
-    # <|im_end|> = 3, as pipo_jax/data/synthetic.py numbers them).
-    "demo_teacher": _preset(
-        vocab_size=128, hidden_size=96, intermediate_size=256, num_hidden_layers=4,
-        layer_types=(LINEAR, FULL, LINEAR, FULL),
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
-        linear_value_head_dim=32, tie_word_embeddings=True, max_position_embeddings=4096,
-        eos_token_id=3, pad_token_id=1),
-    # A tiny model whose layer pattern is not 3:1 (and not periodic in 4).
-    "tiny_mixed": _preset(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-        layer_types=(LINEAR, FULL, LINEAR, LINEAR, FULL),
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=8, tie_word_embeddings=True, max_position_embeddings=4096,
-        eos_token_id=1, pad_token_id=1),
+  "qwen3_5_4b": _preset(
+    vocab_size=248320,
+    hidden_size=2560,
+    intermediate_size=9216,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=262144,
+    eos_token_id=248044,
+    pad_token_id=248044,
+  ),
+  "qwen3_5_9b": _preset(
+    vocab_size=248320,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    tie_word_embeddings=False,
+    max_position_embeddings=262144,
+    eos_token_id=248044,
+    pad_token_id=248044,
+  ),
+  # The 4B layer structure (32 layers, 3:1 hybrid, all head counts and head dims) at
+  # reduced width and vocabulary: for CPU speed measurements.
+  "qwen3_5_4b_narrow": _preset(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=262144,
+    eos_token_id=1,
+    pad_token_id=1,
+  ),
+  # The tiny test model (tests, CPU runs).
+  "tiny": _preset(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+    eos_token_id=1,
+    pad_token_id=1,
+  ),
+  # The CPU miniature's teacher (experiments/demo.sh): hybrid [lin, full, lin, full] at a width a 2-core CPU
+  # trains in minutes. Two full-attention layers rather than Qwen3.5's 3:1: the task's first worked line
+  # copies the question, and with one full layer in four the model kept miscopying it (17 % avg@4 after
+  # 500 steps). Vocab 128 covers the synthetic task's character tokenizer (pad <|endoftext|> = 1, eos
+  # <|im_end|> = 3, as pipo_jax/data/synthetic.py numbers them).
+  "demo_teacher": _preset(
+    vocab_size=128,
+    hidden_size=96,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    layer_types=(LINEAR, FULL, LINEAR, FULL),
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    eos_token_id=3,
+    pad_token_id=1,
+  ),
+  # A tiny model whose layer pattern is not 3:1 (and not periodic in 4).
+  "tiny_mixed": _preset(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=5,
+    layer_types=(LINEAR, FULL, LINEAR, LINEAR, FULL),
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    eos_token_id=1,
+    pad_token_id=1,
+  ),
 }
 
 
@@ -231,7 +296,7 @@ def default_layer_types(num_layers: int, interval: int) -> tuple:
   return tuple(FULL if (i + 1) % interval == 0 else LINEAR for i in range(num_layers))
 
 
-def resolve_model_config(cfg: ModelConfig, base: Optional[dict] = None) -> ModelConfig:
+def resolve_model_config(cfg: ModelConfig, base: dict | None = None) -> ModelConfig:
   """Fill every None architecture field from `base` (e.g. a checkpoint's config) or the preset.
 
   Explicit (non-None) fields of `cfg` always win. Raises ValueError naming what is missing.
@@ -260,8 +325,8 @@ def resolve_model_config(cfg: ModelConfig, base: Optional[dict] = None) -> Model
   values["layer_types"] = tuple(values["layer_types"])
   if len(values["layer_types"]) != values["num_hidden_layers"]:
     raise ValueError(
-        f"model.layer_types has {len(values['layer_types'])} entries but num_hidden_layers="
-        f"{values['num_hidden_layers']}")
+      f"model.layer_types has {len(values['layer_types'])} entries but num_hidden_layers={values['num_hidden_layers']}"
+    )
   bad = [t for t in values["layer_types"] if t not in (LINEAR, FULL)]
   if bad:
     raise ValueError(f"model.layer_types holds unknown types {sorted(set(bad))}; expected {LINEAR!r} or {FULL!r}")
@@ -275,7 +340,7 @@ def resolve_model_config(cfg: ModelConfig, base: Optional[dict] = None) -> Model
   return dataclasses.replace(cfg, **values)
 
 
-def model_config_from_hf(hf: dict, overrides: Optional[ModelConfig] = None) -> ModelConfig:
+def model_config_from_hf(hf: dict, overrides: ModelConfig | None = None) -> ModelConfig:
   """Read an HF config.json dict: top-level `qwen3_5` with nested `text_config`, or flat text."""
   text = hf.get("text_config", hf) if isinstance(hf.get("text_config"), dict) else hf
   rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
@@ -298,7 +363,7 @@ def model_config_from_hf(hf: dict, overrides: Optional[ModelConfig] = None) -> M
   return resolve_model_config(dataclasses.replace(cfg, preset=None), base=base)
 
 
-def load_hf_model_config(model_dir: str, overrides: Optional[ModelConfig] = None) -> ModelConfig:
+def load_hf_model_config(model_dir: str, overrides: ModelConfig | None = None) -> ModelConfig:
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: an HF model directory needs config.json")
@@ -320,6 +385,7 @@ def to_dict(cfg) -> dict:
 @dataclasses.dataclass
 class MeshConfig:
   """Device mesh axes; their product must equal the device count (-1: fill with what is left)."""
+
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
@@ -417,7 +483,8 @@ class OPDConfig:
   max_new_tokens: int = 256
   prompt_length: int = 128  # fixed prompt bucket (left-padded)
   sampling: SamplingConfig = dataclasses.field(
-      default_factory=lambda: SamplingConfig(temperature=1.0, top_k=20, top_p=0.95, presence_penalty=1.5))
+    default_factory=lambda: SamplingConfig(temperature=1.0, top_k=20, top_p=0.95, presence_penalty=1.5)
+  )
   min_pass_rate: float = 0.0  # keep prompts whose teacher pass rate >= this (needs pass_rate in data)
 
 
@@ -428,10 +495,18 @@ class TrainConfig:
   log_every: int = 10
   seed: int = 0
   # Modules trained in full (besides LoRA adapters). Matched as path prefixes of the params tree.
-  trainable: tuple = ("compressor", "confidence_head", "mtp/fc", "mtp/pre_fc_norm_embedding",
-                      "mtp/pre_fc_norm_hidden", "mtp/norm", "mtp/layer/input_layernorm",
-                      "mtp/layer/post_attention_layernorm", "mtp/layer/self_attn/q_norm",
-                      "mtp/layer/self_attn/k_norm")
+  trainable: tuple = (
+    "compressor",
+    "confidence_head",
+    "mtp/fc",
+    "mtp/pre_fc_norm_embedding",
+    "mtp/pre_fc_norm_hidden",
+    "mtp/norm",
+    "mtp/layer/input_layernorm",
+    "mtp/layer/post_attention_layernorm",
+    "mtp/layer/self_attn/q_norm",
+    "mtp/layer/self_attn/k_norm",
+  )
   full_finetune: bool = False  # train every parameter except embeddings and LM head
   train_embeddings: bool = False  # also train embeddings and LM head (from-scratch `ar` runs)
   peak_flops_per_device: float = 0.0  # for the FLOP-utilisation metric; 0 = auto
@@ -454,7 +529,7 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   opd: OPDConfig = dataclasses.field(default_factory=OPDConfig)
 
-  def validate(self, num_devices: Optional[int] = None, process_count: Optional[int] = None) -> None:
+  def validate(self, num_devices: int | None = None, process_count: int | None = None) -> None:
     """Every check that needs no weights and no data: one ValueError naming the field. Called first thing
     by the trainers, so a bad flag costs seconds, not a weight load (and never writes a checkpoint).
 
@@ -462,6 +537,7 @@ class Config:
     """
     if num_devices is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
+
       num_devices = jax.device_count() if num_devices is None else num_devices
       process_count = jax.process_count() if process_count is None else process_count
     if self.mode not in ("ar", "sft", "opd"):
@@ -478,8 +554,10 @@ class Config:
     if self.optim.grad_accum_steps < 1:
       raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps} must be >= 1")
     if d.batch_size % process_count:
-      raise ValueError(f"data.batch_size={d.batch_size} (per micro-step) is not divisible by the {process_count} "
-                       "processes: every process loads the same number of rows")
+      raise ValueError(
+        f"data.batch_size={d.batch_size} (per micro-step) is not divisible by the {process_count} "
+        "processes: every process loads the same number of rows"
+      )
     m = self.mesh
     sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
     for k, v in sizes.items():
@@ -493,12 +571,19 @@ class Config:
     filled = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
     batch_shards = filled["data"] * filled["fsdp"]
     if d.batch_size % batch_shards:
-      accum = (f" (the global batch per optimizer step is data.batch_size x optim.grad_accum_steps = "
-               f"{d.batch_size * self.optim.grad_accum_steps}; to keep it, raise grad_accum_steps and lower "
-               "batch_size)") if self.optim.grad_accum_steps > 1 else ""
-      raise ValueError(f"data.batch_size={d.batch_size} is not divisible by mesh data x fsdp = "
-                       f"{filled['data']} x {filled['fsdp']} = {batch_shards}: the batch axis is split over them"
-                       + accum)
+      accum = (
+        (
+          f" (the global batch per optimizer step is data.batch_size x optim.grad_accum_steps = "
+          f"{d.batch_size * self.optim.grad_accum_steps}; to keep it, raise grad_accum_steps and lower "
+          "batch_size)"
+        )
+        if self.optim.grad_accum_steps > 1
+        else ""
+      )
+      raise ValueError(
+        f"data.batch_size={d.batch_size} is not divisible by mesh data x fsdp = "
+        f"{filled['data']} x {filled['fsdp']} = {batch_shards}: the batch axis is split over them" + accum
+      )
     t = self.train
     if t.num_steps <= 0:
       raise ValueError(f"train.num_steps={t.num_steps} must be > 0")

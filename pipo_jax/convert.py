@@ -29,8 +29,9 @@ from pipo_jax.config import Config
 FLAGS = flags.FLAGS
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "", overwrite: bool = False,
-                      allow_missing_tokenizer: bool = False) -> list:
+def export_checkpoint(
+  checkpoint: str, out_dir: str, tokenizer_dir: str = "", overwrite: bool = False, allow_missing_tokenizer: bool = False
+) -> list:
   """orbax checkpoint -> HF directory; returns the written file names.
 
   Refused (nothing written) when `out_dir` is not empty and not `overwrite`, when the params are not finite,
@@ -44,14 +45,20 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "", ov
   m = loading.load_for_cli(checkpoint, tokenizer_dir, init_heads=False, need_pad=False)
   config, params, tokenizer_dir = m.config, m.params, m.tokenizer_dir
   if not tokenizer_dir and not allow_missing_tokenizer:
-    raise FileNotFoundError(f"{checkpoint}: no tokenizer.json with the checkpoint or its run's tokenizer_path / "
-                            "init_from: give --tokenizer_dir or pass --allow_missing_tokenizer")
+    raise FileNotFoundError(
+      f"{checkpoint}: no tokenizer.json with the checkpoint or its run's tokenizer_path / "
+      "init_from: give --tokenizer_dir or pass --allow_missing_tokenizer"
+    )
   if m.pipo_trained:
-    logging.warning("%s is a PIPO checkpoint: in the export, the backbone alone (as transformers' "
-                    "Qwen3_5ForCausalLM loads it) reads pair latents, not tokens; decode it with PIPO "
-                    "(compressor + backbone + MTP + confidence head), e.g. `python -m pipo_jax.generate`", checkpoint)
-  files = hf_pipo.export_hf(params, config, out_dir, tokenizer_dir or "", overwrite=overwrite,
-                            require_tokenizer=not allow_missing_tokenizer)
+    logging.warning(
+      "%s is a PIPO checkpoint: in the export, the backbone alone (as transformers' "
+      "Qwen3_5ForCausalLM loads it) reads pair latents, not tokens; decode it with PIPO "
+      "(compressor + backbone + MTP + confidence head), e.g. `python -m pipo_jax.generate`",
+      checkpoint,
+    )
+  files = hf_pipo.export_hf(
+    params, config, out_dir, tokenizer_dir or "", overwrite=overwrite, require_tokenizer=not allow_missing_tokenizer
+  )
   logging.info("exported %s -> %s (%d files)", ckpt_lib.resolve_step_dir(checkpoint), out_dir, len(files))
   return files
 
@@ -59,6 +66,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str = "", ov
 @dataclasses.dataclass
 class _Frozen:
   """The minimal train state a converted checkpoint holds: everything frozen, no optimizer state."""
+
   step: jax.Array
   trainable: dict
   frozen: dict
@@ -70,16 +78,19 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
   """HF directory -> orbax workdir with one step (0); returns the step directory. Refuses a workdir that
   already holds checkpoints (it would otherwise keep them and report their step as the import)."""
   if ckpt_lib.latest_step(out_workdir) is not None:
-    raise FileExistsError(f"{out_workdir} already holds checkpoints (step {ckpt_lib.latest_step(out_workdir)}): "
-                          "import into a new directory")
+    raise FileExistsError(
+      f"{out_workdir} already holds checkpoints (step {ckpt_lib.latest_step(out_workdir)}): import into a new directory"
+    )
   m = loading.load_for_cli(model_dir, need_pad=False)
   config, params = m.config, m.params
   cfg = Config(model=dataclasses.replace(config, preset=None))
   cfg = dataclasses.replace(cfg, workdir=out_workdir)
   cfg.data.tokenizer_path = os.path.abspath(m.tokenizer_dir) if m.tokenizer_dir else ""
-  state = _Frozen(step=jax.numpy.zeros((), jax.numpy.int32), trainable={}, frozen=params, opt_state={},
-                  rng=jax.random.PRNGKey(0))
+  state = _Frozen(
+    step=jax.numpy.zeros((), jax.numpy.int32), trainable={}, frozen=params, opt_state={}, rng=jax.random.PRNGKey(0)
+  )
   from pipo_jax.config import to_dict
+
   ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=to_dict(cfg))
   ckpt.save(0, state, force=True, blocking=True)
   ckpt.close()
@@ -89,8 +100,13 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
 def main(argv):
   del argv
   if FLAGS.checkpoint and FLAGS.to_hf:
-    export_checkpoint(FLAGS.checkpoint, FLAGS.to_hf, FLAGS.tokenizer_dir, overwrite=FLAGS.overwrite,
-                      allow_missing_tokenizer=FLAGS.allow_missing_tokenizer)
+    export_checkpoint(
+      FLAGS.checkpoint,
+      FLAGS.to_hf,
+      FLAGS.tokenizer_dir,
+      overwrite=FLAGS.overwrite,
+      allow_missing_tokenizer=FLAGS.allow_missing_tokenizer,
+    )
   elif FLAGS.from_hf and FLAGS.to_checkpoint:
     print(import_hf(FLAGS.from_hf, FLAGS.to_checkpoint))
   else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,7 @@ def char_classes(response: str) -> list[str]:
       for i in range(len(line)):
         out[pos + i] = "copy"
       out[pos + eq] = "structure"
-      rhs = line[eq + 1:]
+      rhs = line[eq + 1 :]
       start = next((i for i, c in enumerate(rhs) if c.isdigit()), None)
       if start is not None:
         i = start
@@ -116,8 +116,9 @@ class Example:
   student_src: np.ndarray  # int [T']: index into `ids` of each student token (-1 for a PAD)
 
 
-def read_examples(path: str, tok: tok_lib.ChatTokenizer, think_mask_tokens: int = 2,
-                  max_examples: int = 0) -> list[Example]:
+def read_examples(
+  path: str, tok: tok_lib.ChatTokenizer, think_mask_tokens: int = 2, max_examples: int = 0
+) -> list[Example]:
   """SFT records -> Examples (no random PADs: only the parity / trailing PAD the student always sees)."""
   out = []
   records, _ = schemas.read_jsonl(path, require_response=True)
@@ -126,8 +127,11 @@ def read_examples(path: str, tok: tok_lib.ChatTokenizer, think_mask_tokens: int 
       raise ValueError(f"{path}: diagnosis needs answers (SFT records with an assistant turn)")
     p, r = tok_lib.record_token_ids(record, tok)
     ids, labels = sft_sequence(p, r, think_mask_tokens)
-    response_classes = token_classes(tok, r, record.response if record.response.startswith(tok_lib.THINK_PREFIX)
-                                     else tok_lib.THINK_PREFIX + record.response)
+    response_classes = token_classes(
+      tok,
+      r,
+      record.response if record.response.startswith(tok_lib.THINK_PREFIX) else tok_lib.THINK_PREFIX + record.response,
+    )
     classes = [None] * len(p) + response_classes
     # Track source indices through the parity PADs by padding an index channel the same way.
     src = np.arange(len(ids), dtype=np.int32)
@@ -167,11 +171,15 @@ def make_teacher_fn(config: ModelConfig):
     h_BTD, _ = backbone.apply(pb, x_BTD, pos_BT)
     W_DV = backbone.apply(pb, method=Qwen35.head_kernel)
     gb, cb = _gold_and_argmax(h_BTD[:, :-1], W_DV, ids_BT[:, 1:])
-    m_BSD, _ = mtp.apply({"params": params["mtp"]}, x_BTD[:, 1:T - 1], h_BTD[:, :T - 2], pos_BT[:, :T - 2])
+    m_BSD, _ = mtp.apply({"params": params["mtp"]}, x_BTD[:, 1 : T - 1], h_BTD[:, : T - 2], pos_BT[:, : T - 2])
     gm, cm = _gold_and_argmax(m_BSD, W_DV, ids_BT[:, 2:])
     z1 = jnp.zeros((B, 1)), jnp.zeros((B, 2))
-    return (jnp.concatenate([z1[0], gb], 1), jnp.concatenate([z1[0] > 0, cb], 1),
-            jnp.concatenate([z1[1], gm], 1), jnp.concatenate([z1[1] > 0, cm], 1))
+    return (
+      jnp.concatenate([z1[0], gb], 1),
+      jnp.concatenate([z1[0] > 0, cb], 1),
+      jnp.concatenate([z1[1], gm], 1),
+      jnp.concatenate([z1[1] > 0, cm], 1),
+    )
 
   return fn
 
@@ -212,13 +220,13 @@ def _run_batched(fn, params, seqs: Sequence[np.ndarray], pad_id: int, batch_size
   T = _bucket(max(len(s) for s in seqs))
   results = []
   for start in range(0, len(seqs), batch_size):
-    chunk = list(seqs[start:start + batch_size])
+    chunk = list(seqs[start : start + batch_size])
     n = len(chunk)
     chunk += [chunk[0]] * (batch_size - n)  # fixed batch shape: one compilation
     ids = np.stack([pad_right(s, s, T, pad_id)[0] for s in chunk])
     outs = [np.asarray(o) for o in fn(params, jnp.asarray(ids))]
     for i in range(n):
-      results.append([o[i, :len(seqs[start + i])] for o in outs])
+      results.append([o[i, : len(seqs[start + i])] for o in outs])
   return results
 
 
@@ -240,8 +248,9 @@ class Tally:
     return {f"{p}/{c}": {"n": s[0], "acc": s[1] / s[0], "nll": s[2] / s[0]} for (p, c), s in self.sums.items()}
 
 
-def per_token_table(examples: Sequence[Example], teacher: Optional[tuple], student: tuple, pad_id: int,
-                    batch_size: int) -> tuple[dict, list]:
+def per_token_table(
+  examples: Sequence[Example], teacher: tuple | None, student: tuple, pad_id: int, batch_size: int
+) -> tuple[dict, list]:
   """Per-class accuracy / NLL of every predictor; also returns the student's per-example outputs."""
   tally = Tally()
   if teacher is not None:
@@ -267,7 +276,7 @@ def per_token_table(examples: Sequence[Example], teacher: Optional[tuple], stude
       tally.add("teacher", cls, bool(tb_corr[t]), float(tb_gold[t]))
       tally.add("teacher_mtp", cls, bool(tm_corr[t]), float(tm_gold[t]))
       if t in stream_of:
-        tally.add("teacher_on_" + stream_of[t][len("student_"):], cls, bool(tb_corr[t]), float(tb_gold[t]))
+        tally.add("teacher_on_" + stream_of[t][len("student_") :], cls, bool(tb_corr[t]), float(tb_gold[t]))
   return tally.table(), s_out
 
 
@@ -285,8 +294,16 @@ def reject_at(e: Example, t: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, src
 
 
-def rejection_probe(examples: Sequence[Example], s_out: list, student: tuple, pad_id: int, tau: float,
-                    per_example: int, batch_size: int, seed: int = 0) -> dict:
+def rejection_probe(
+  examples: Sequence[Example],
+  s_out: list,
+  student: tuple,
+  pad_id: int,
+  tau: float,
+  per_example: int,
+  batch_size: int,
+  seed: int = 0,
+) -> dict:
   """Gate-picked vs random rejections (module docstring). Returns per group: n, conf mean, MTP draft accuracy,
   backbone accuracy on the same token after the PAD, later-token accuracy with / without the rejection."""
   rng = np.random.default_rng(seed)
@@ -305,8 +322,19 @@ def rejection_probe(examples: Sequence[Example], s_out: list, student: tuple, pa
   acc: dict = {}
   for (group, k, t), (ids, src), out in zip(probes, seqs, outs):
     e, base = examples[k], s_out[k]
-    g = acc.setdefault(group, {"n": 0, "conf": 0.0, "draft": 0.0, "after_pad": 0.0, "draft_nll": 0.0,
-                               "after_pad_nll": 0.0, "later_base": [0, 0.0], "later_rejected": [0, 0.0]})
+    g = acc.setdefault(
+      group,
+      {
+        "n": 0,
+        "conf": 0.0,
+        "draft": 0.0,
+        "after_pad": 0.0,
+        "draft_nll": 0.0,
+        "after_pad_nll": 0.0,
+        "later_base": [0, 0.0],
+        "later_rejected": [0, 0.0],
+      },
+    )
     g["n"] += 1
     g["conf"] += float(base[2][t])
     g["draft"] += float(base[1][t])
@@ -314,8 +342,11 @@ def rejection_probe(examples: Sequence[Example], s_out: list, student: tuple, pa
     g["after_pad"] += float(out[1][t + 1])  # the moved token, now predicted by the backbone
     g["after_pad_nll"] -= float(out[0][t + 1])
     # Later tokens: every supervised token after the moved one, matched by source index.
-    base_by_src = {int(e.student_src[u]): u for u in range(t + 1, len(e.student_ids))
-                   if e.student_labels[u] != IGNORE and e.student_src[u] >= 0}
+    base_by_src = {
+      int(e.student_src[u]): u
+      for u in range(t + 1, len(e.student_ids))
+      if e.student_labels[u] != IGNORE and e.student_src[u] >= 0
+    }
     for u in range(t + 2, len(ids)):
       s = int(src[u])
       if s in base_by_src:
@@ -326,19 +357,27 @@ def rejection_probe(examples: Sequence[Example], s_out: list, student: tuple, pa
   result = {}
   for group, g in acc.items():
     n = g["n"]
-    result[group] = {"n": n, "conf_mean": g["conf"] / n, "mtp_draft_acc": g["draft"] / n,
-                     "backbone_after_pad_acc": g["after_pad"] / n, "mtp_draft_nll": g["draft_nll"] / n,
-                     "backbone_after_pad_nll": g["after_pad_nll"] / n,
-                     "later_acc_without_rejection": g["later_base"][1] / max(1, g["later_base"][0]),
-                     "later_acc_with_rejection": g["later_rejected"][1] / max(1, g["later_rejected"][0])}
+    result[group] = {
+      "n": n,
+      "conf_mean": g["conf"] / n,
+      "mtp_draft_acc": g["draft"] / n,
+      "backbone_after_pad_acc": g["after_pad"] / n,
+      "mtp_draft_nll": g["draft_nll"] / n,
+      "backbone_after_pad_nll": g["after_pad_nll"] / n,
+      "later_acc_without_rejection": g["later_base"][1] / max(1, g["later_base"][0]),
+      "later_acc_with_rejection": g["later_rejected"][1] / max(1, g["later_rejected"][0]),
+    }
   return result
 
 
 # -- report ---------------------------------------------------------------------------------------------------
 def class_table_md(table: dict, label: str) -> str:
   """Markdown: rows = token classes, columns = predictors (acc % / NLL)."""
-  cols = [c for c in ("teacher", "teacher_mtp", "student_bb", "teacher_on_bb", "student_mtp", "teacher_on_mtp")
-          if f"{c}/all" in table]
+  cols = [
+    c
+    for c in ("teacher", "teacher_mtp", "student_bb", "teacher_on_bb", "student_mtp", "teacher_on_mtp")
+    if f"{c}/all" in table
+  ]
   head = "| class | " + " | ".join(f"{c} acc / NLL (n)" for c in cols) + " |"
   lines = [f"**{label}**", "", head, "|---" * (len(cols) + 1) + "|"]
   for cls in CLASSES + ("all",):
@@ -352,38 +391,67 @@ def class_table_md(table: dict, label: str) -> str:
 
 
 def probe_table_md(probe: dict, tau: float) -> str:
-  lines = [f"Rejection probe (gate: sigmoid(conf) < {tau}; random: uniform supervised MTP slots)", "",
-           "| rejected at | n | conf | MTP draft acc | backbone acc after PAD | later acc w/o → with rejection |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    f"Rejection probe (gate: sigmoid(conf) < {tau}; random: uniform supervised MTP slots)",
+    "",
+    "| rejected at | n | conf | MTP draft acc | backbone acc after PAD | later acc w/o → with rejection |",
+    "|---|---|---|---|---|---|",
+  ]
   for group in ("gate", "random"):
     p = probe.get(group, {"n": 0})
     if not p["n"]:
       lines.append(f"| {group} | 0 | — | — | — | — |")
       continue
-    lines.append(f"| {group} | {p['n']} | {p['conf_mean']:.3f} | {100 * p['mtp_draft_acc']:.1f} | "
-                 f"{100 * p['backbone_after_pad_acc']:.1f} | {100 * p['later_acc_without_rejection']:.1f} → "
-                 f"{100 * p['later_acc_with_rejection']:.1f} |")
+    lines.append(
+      f"| {group} | {p['n']} | {p['conf_mean']:.3f} | {100 * p['mtp_draft_acc']:.1f} | "
+      f"{100 * p['backbone_after_pad_acc']:.1f} | {100 * p['later_acc_without_rejection']:.1f} → "
+      f"{100 * p['later_acc_with_rejection']:.1f} |"
+    )
   return "\n".join(lines)
 
 
 def curve_md(result: dict) -> str:
   """One line per student (e.g. SFT checkpoints in step order, then OPD): the headline numbers."""
-  lines = ["| student | backbone acc / NLL | MTP acc / NLL | result digits bb / MTP acc | gate: MTP draft → "
-           "backbone after PAD | random: MTP draft → backbone after PAD |", "|---|---|---|---|---|---|"]
+  lines = [
+    "| student | backbone acc / NLL | MTP acc / NLL | result digits bb / MTP acc | gate: MTP draft → "
+    "backbone after PAD | random: MTP draft → backbone after PAD |",
+    "|---|---|---|---|---|---|",
+  ]
   for path, s in result["students"].items():
     t, p = s["table"], s["probe"]
-    cell = lambda k, f="acc": (f"{100 * t[k]['acc']:.1f}" if f == "acc" else f"{t[k]['nll']:.3f}") if k in t else "—"
-    probe = lambda g: (f"{100 * p[g]['mtp_draft_acc']:.1f} → {100 * p[g]['backbone_after_pad_acc']:.1f} "
-                       f"(n {p[g]['n']})") if p.get(g, {}).get("n") else "—"
-    lines.append(f"| {path} | {cell('student_bb/all')} / {cell('student_bb/all', 'nll')} | "
-                 f"{cell('student_mtp/all')} / {cell('student_mtp/all', 'nll')} | "
-                 f"{cell('student_bb/result')} / {cell('student_mtp/result')} | {probe('gate')} | {probe('random')} |")
+    lines.append(
+      f"| {path} | {_cell(t, 'student_bb/all')} / {_cell(t, 'student_bb/all', 'nll')} | "
+      f"{_cell(t, 'student_mtp/all')} / {_cell(t, 'student_mtp/all', 'nll')} | "
+      f"{_cell(t, 'student_bb/result')} / {_cell(t, 'student_mtp/result')} | {_probe(p, 'gate')} | "
+      f"{_probe(p, 'random')} |"
+    )
   return "\n".join(lines)
 
 
-def diagnose(teacher_path: str, student_paths: Sequence[str], data_path: str, tokenizer_path: str,
-             tau: float = 0.95, max_examples: int = 0, probes_per_example: int = 2, batch_size: int = 32,
-             think_mask_tokens: int = 2) -> dict:
+def _cell(table: dict, key: str, field: str = "acc") -> str:
+  if key not in table:
+    return "—"
+  return f"{100 * table[key]['acc']:.1f}" if field == "acc" else f"{table[key]['nll']:.3f}"
+
+
+def _probe(probe: dict, group: str) -> str:
+  g = probe.get(group, {})
+  if not g.get("n"):
+    return "—"
+  return f"{100 * g['mtp_draft_acc']:.1f} → {100 * g['backbone_after_pad_acc']:.1f} (n {g['n']})"
+
+
+def diagnose(
+  teacher_path: str,
+  student_paths: Sequence[str],
+  data_path: str,
+  tokenizer_path: str,
+  tau: float = 0.95,
+  max_examples: int = 0,
+  probes_per_example: int = 2,
+  batch_size: int = 32,
+  think_mask_tokens: int = 2,
+) -> dict:
   """The whole diagnosis as a JSON-able dict: {"students": {path: {"table", "probe"}}, "markdown": str}."""
   tok = tok_lib.load_tokenizer(tokenizer_path)
   examples = read_examples(data_path, tok, think_mask_tokens, max_examples)
@@ -414,6 +482,7 @@ def diagnose(teacher_path: str, student_paths: Sequence[str], data_path: str, to
 def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   from absl import flags
+
   global _TEACHER, _STUDENT, _DATA, _TOK, _OUT, _TAU, _MAX, _PROBES, _BATCH
   _TEACHER = flags.DEFINE_string("teacher", "", "teacher checkpoint (mode ar, with native MTP); empty: none")
   _STUDENT = flags.DEFINE_list("student", None, "PIPO student checkpoint(s)", required=True)
@@ -428,8 +497,9 @@ def define_flags() -> None:
 
 def main(argv) -> None:
   del argv
-  result = diagnose(_TEACHER.value, _STUDENT.value, _DATA.value, _TOK.value, _TAU.value, _MAX.value,
-                    _PROBES.value, _BATCH.value)
+  result = diagnose(
+    _TEACHER.value, _STUDENT.value, _DATA.value, _TOK.value, _TAU.value, _MAX.value, _PROBES.value, _BATCH.value
+  )
   print(result["markdown"], flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
@@ -438,4 +508,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 from absl import logging
 
-_ENV_ADDR, _ENV_N, _ENV_ID, _ENV_DEV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", \
-    "JAX_LOCAL_DEVICE_IDS"
+_ENV_ADDR, _ENV_N, _ENV_ID, _ENV_DEV = (
+  "JAX_COORDINATOR_ADDRESS",
+  "JAX_NUM_PROCESSES",
+  "JAX_PROCESS_ID",
+  "JAX_LOCAL_DEVICE_IDS",
+)
 
 
 def _auto_cluster_detected() -> bool:
@@ -40,9 +44,12 @@ def _platform() -> str:
   return plats.split(",")[0].strip().lower()
 
 
-def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None,
-                           local_device_ids: Optional[Sequence[int]] = None) -> bool:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+) -> bool:
   """Start JAX's multi-controller runtime if this is a multi-process job. Returns True if started.
 
   Must run before anything touches devices (`jax.devices()`, any computation).
@@ -60,19 +67,29 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     return False
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
     raise ValueError(
-        "multi-process run needs coordinator address, process count and process id together: got "
-        f"coordinator_address={coordinator_address!r}, num_processes={num_processes}, process_id={process_id} "
-        f"(flags or env {_ENV_ADDR}/{_ENV_N}/{_ENV_ID})")
+      "multi-process run needs coordinator address, process count and process id together: got "
+      f"coordinator_address={coordinator_address!r}, num_processes={num_processes}, process_id={process_id} "
+      f"(flags or env {_ENV_ADDR}/{_ENV_N}/{_ENV_ID})"
+    )
   if _platform() == "cpu":
     # The default CPU client has no cross-process collectives; gloo works over TCP.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      local_device_ids=local_device_ids,
+    )
   else:
     jax.distributed.initialize()
-  logging.info("distributed: process %d/%d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "distributed: process %d/%d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -86,37 +103,14 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   if jax.process_count() == 1:
     return
   from jax._src import distributed as jax_distributed
+
   client = jax_distributed.global_state.client
   if client is None:  # the runtime was started by someone else without a client we can reach
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(name, int(timeout_s * 1000))
-
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0
-
-
-def process_local_batch_size(global_batch: int) -> int:
-  """Rows this process loads: global / process_count; raises if it does not divide."""
-  n = jax.process_count()
-  if global_batch % n:
-    raise ValueError(f"data.batch_size={global_batch} is not divisible by the {n} processes")
-  return global_batch // n
-
-
-def make_global_batch(local_batch, sharding: jax.sharding.Sharding):
-  """Per-process numpy batch (leaves [B_local, ...]) -> global jax.Arrays ([B_global, ...]) on `sharding`.
-
-  `sharding` may be one sharding for every leaf or a matching tree. Every process passes its own
-  rows; the global batch is their concatenation in process order along the sharded batch axis.
-  """
-  if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, sharding)
 
 
 def compile_and_meet(jitted, *args, name: str, **static):

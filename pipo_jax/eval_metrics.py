@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Accuracy
@@ -56,7 +55,7 @@ def avg_at_k(correct_QN) -> float:
   return float(_as_correct_matrix(correct_QN).mean())
 
 
-def benchmark_metrics(correct_QN, k: Optional[int] = None) -> dict:
+def benchmark_metrics(correct_QN, k: int | None = None) -> dict:
   """avg@k and pass@k of one benchmark from its [questions, samples] 0/1 matrix.
 
   pass@k is the unbiased estimator averaged over questions; k defaults to the number of samples per question.
@@ -67,23 +66,24 @@ def benchmark_metrics(correct_QN, k: Optional[int] = None) -> dict:
   k = n if k is None else k
   c = arr.sum(axis=1).astype(int)
   return {
-      "avg_at_k": float(arr.mean()),
-      "pass_at_k": float(np.mean([pass_at_k(n, int(ci), k) for ci in c])),
-      "k": int(k),
-      "n_questions": int(q),
-      "n_samples": int(n),
+    "avg_at_k": float(arr.mean()),
+    "pass_at_k": float(np.mean([pass_at_k(n, int(ci), k) for ci in c])),
+    "k": int(k),
+    "n_questions": int(q),
+    "n_samples": int(n),
   }
 
 
-def overall_metrics(per_benchmark: Mapping[str, Mapping[str, float]],
-                    keys: Sequence[str] = ("avg_at_k", "pass_at_k")) -> dict:
+def overall_metrics(
+  per_benchmark: Mapping[str, Mapping[str, float]], keys: Sequence[str] = ("avg_at_k", "pass_at_k")
+) -> dict:
   """Unweighted mean over benchmarks (the paper's "Overall"): each benchmark counts once, whatever its size."""
   if not per_benchmark:
     raise ValueError("overall_metrics: no benchmarks")
   return {key: float(np.mean([m[key] for m in per_benchmark.values()])) for key in keys}
 
 
-def budget_metrics(correct_QN, length_QN, budgets: Iterable[int], k: Optional[int] = None) -> dict:
+def budget_metrics(correct_QN, length_QN, budgets: Iterable[int], k: int | None = None) -> dict:
   """avg@k / pass@k when answers longer than a budget count as wrong, for each budget.
 
   `length_QN` must be in the unit the budget is stated in, slots for the paper's budget (Fig. 2): pass the
@@ -105,9 +105,9 @@ def budget_metrics(correct_QN, length_QN, budgets: Iterable[int], k: Optional[in
 class LengthStats:
   """Length of one generated answer, in separate units (never mix them)."""
 
-  n_tokens: int          # real output tokens (PAD excluded)
-  n_pad: int             # PAD ids emitted (PIPO rejected drafts)
-  n_slots: int           # decode slots (steps) used
+  n_tokens: int  # real output tokens (PAD excluded)
+  n_pad: int  # PAD ids emitted (PIPO rejected drafts)
+  n_slots: int  # decode slots (steps) used
   tokens_per_slot: int = 1  # 2 for PIPO pairs; fixes how many draft positions a slot has
 
   @property
@@ -115,8 +115,9 @@ class LengthStats:
     return self.n_slots * (self.tokens_per_slot - 1)
 
 
-def count_lengths(output_ids: Sequence[int], pad_id: Optional[int], tokens_per_slot: int = 1,
-                  n_slots: Optional[int] = None) -> LengthStats:
+def count_lengths(
+  output_ids: Sequence[int], pad_id: int | None, tokens_per_slot: int = 1, n_slots: int | None = None
+) -> LengthStats:
   """Split one answer's output ids into real tokens, PADs and slots.
 
   `output_ids` is the raw id stream, PADs included (PIPO emits `[t1, t2 or PAD]` per slot; the last slot may hold
@@ -131,7 +132,7 @@ def count_lengths(output_ids: Sequence[int], pad_id: Optional[int], tokens_per_s
   return LengthStats(n_tokens=int(ids.size - n_pad), n_pad=n_pad, n_slots=slots, tokens_per_slot=tokens_per_slot)
 
 
-def length_metrics(stats: Sequence[LengthStats], wall_time_s: Optional[float] = None) -> dict:
+def length_metrics(stats: Sequence[LengthStats], wall_time_s: float | None = None) -> dict:
   """Aggregate answer lengths over a run.
 
   Returns {"tokens_per_answer", "slots_per_answer", "pad_per_answer", "tokens_per_slot", "pad_ratio",
@@ -152,14 +153,14 @@ def length_metrics(stats: Sequence[LengthStats], wall_time_s: Optional[float] = 
       raise ValueError(f"wall_time_s must be > 0, got {wall_time_s}")
     eff = float(tokens.sum() / wall_time_s)
   return {
-      "tokens_per_answer": float(tokens.mean()),
-      "slots_per_answer": float(slots.mean()),
-      "pad_per_answer": float(pads.mean()),
-      "tokens_per_slot": float(tokens.sum() / slots.sum()) if slots.sum() else 0.0,
-      "pad_ratio": float(pads.sum() / drafts) if drafts else 0.0,
-      "total_tokens": int(tokens.sum()),
-      "total_slots": int(slots.sum()),
-      "effective_tokens_per_s": eff,
+    "tokens_per_answer": float(tokens.mean()),
+    "slots_per_answer": float(slots.mean()),
+    "pad_per_answer": float(pads.mean()),
+    "tokens_per_slot": float(tokens.sum() / slots.sum()) if slots.sum() else 0.0,
+    "pad_ratio": float(pads.sum() / drafts) if drafts else 0.0,
+    "total_tokens": int(tokens.sum()),
+    "total_slots": int(slots.sum()),
+    "effective_tokens_per_s": eff,
   }
 
 
@@ -168,9 +169,16 @@ def length_metrics(stats: Sequence[LengthStats], wall_time_s: Optional[float] = 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_row(method: str, correct_by_benchmark: Mapping[str, object], lengths: Sequence[LengthStats],
-            wall_time_s: Optional[float] = None, conf_threshold: Optional[float] = None,
-            control: Optional[str] = None, k: Optional[int] = None, **extra) -> dict:
+def run_row(
+  method: str,
+  correct_by_benchmark: Mapping[str, object],
+  lengths: Sequence[LengthStats],
+  wall_time_s: float | None = None,
+  conf_threshold: float | None = None,
+  control: str | None = None,
+  k: int | None = None,
+  **extra,
+) -> dict:
   """Everything `pipo_jax.report` needs about one method / threshold, from raw per-sample results.
 
   `correct_by_benchmark` maps a benchmark name to its [questions, samples] 0/1 matrix; `lengths` holds one
@@ -180,7 +188,14 @@ def run_row(method: str, correct_by_benchmark: Mapping[str, object], lengths: Se
   ks = {m["k"] for m in benchmarks.values()}
   if len(ks) != 1:
     raise ValueError(f"run_row: benchmarks disagree on k ({sorted(ks)}); pass k explicitly")
-  row = {"method": method, "conf_threshold": conf_threshold, "control": control, "k": ks.pop(),
-         "benchmarks": benchmarks, **overall_metrics(benchmarks), **length_metrics(lengths, wall_time_s)}
+  row = {
+    "method": method,
+    "conf_threshold": conf_threshold,
+    "control": control,
+    "k": ks.pop(),
+    "benchmarks": benchmarks,
+    **overall_metrics(benchmarks),
+    **length_metrics(lengths, wall_time_s),
+  }
   row.update(extra)
   return row

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
@@ -53,6 +53,7 @@ def define_flags() -> None:
   _BATCH = flags.DEFINE_integer("batch_size", 100, "sequences per generate call")
   _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
+
 DEFAULT_METHOD = {"ar": "Regular", "mtp": "MTP", "mtp_spec": "MTP-spec", "pipo": "PIPO"}
 TOKENS_PER_SLOT = {"ar": 1, "mtp": 2, "mtp_spec": 2, "pipo": 2}
 
@@ -73,41 +74,78 @@ def benchmark_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def evaluate_one(model, benchmarks: dict, mode: str, k: int, sampling, tau: Optional[float], method: str,
-                 max_new_tokens: int, batch_size: int, seed: int, random_pad_ratio: Optional[float] = None) -> dict:
+def evaluate_one(
+  model,
+  benchmarks: dict,
+  mode: str,
+  k: int,
+  sampling,
+  tau: float | None,
+  method: str,
+  max_new_tokens: int,
+  batch_size: int,
+  seed: int,
+  random_pad_ratio: float | None = None,
+) -> dict:
   """One report row: every benchmark's questions x k samples in one sampling run (one timing)."""
   from pipo_jax import batch_sampling, eval_metrics, grading
+
   names = list(benchmarks)
   questions = [q for n in names for q in benchmarks[n]]
   prompts = [[{"role": "user", "content": q["question"]}] for q in questions]
   t0 = time.perf_counter()
-  run = batch_sampling.sample(model, prompts, k, mode, sampling, conf_threshold=-1.0 if tau is None else tau,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                              random_pad_ratio=random_pad_ratio)
+  run = batch_sampling.sample(
+    model,
+    prompts,
+    k,
+    mode,
+    sampling,
+    conf_threshold=-1.0 if tau is None else tau,
+    max_new_tokens=max_new_tokens,
+    batch_size=batch_size,
+    seed=seed,
+    random_pad_ratio=random_pad_ratio,
+  )
   texts = [[s.text for s in per_q] for per_q in run.samples]
   correct = grading.grade_samples(texts, [q["answer"] for q in questions], [q["type"] for q in questions])
   by_bench, start = {}, 0
   for n in names:
-    by_bench[n] = correct[start:start + len(benchmarks[n])]
+    by_bench[n] = correct[start : start + len(benchmarks[n])]
     start += len(benchmarks[n])
   flat = [s for per_q in run.samples for s in per_q]
-  lengths = [eval_metrics.LengthStats(n_tokens=len(s.tokens), n_pad=s.n_pad, n_slots=s.steps,
-                                      tokens_per_slot=TOKENS_PER_SLOT[mode]) for s in flat]
+  lengths = [
+    eval_metrics.LengthStats(
+      n_tokens=len(s.tokens), n_pad=s.n_pad, n_slots=s.steps, tokens_per_slot=TOKENS_PER_SLOT[mode]
+    )
+    for s in flat
+  ]
   token2 = sum(s.token2_slots for s in flat)
   pad_ratio = (sum(s.n_pad for s in flat) / token2 if token2 else 0.0) if mode == "pipo" else 0.0
   control = "random_pad" if random_pad_ratio is not None else None
   slots_by_bench, start = {}, 0
   for n in names:
-    slots_by_bench[n] = [[s.steps for s in per_q] for per_q in run.samples[start:start + len(benchmarks[n])]]
+    slots_by_bench[n] = [[s.steps for s in per_q] for per_q in run.samples[start : start + len(benchmarks[n])]]
     start += len(benchmarks[n])
   return eval_metrics.run_row(
-      method, by_bench, lengths, wall_time_s=run.decode_s, conf_threshold=tau if mode == "pipo" else None,
-      control=control, k=k, decode=mode, pad_ratio=pad_ratio, random_pad_ratio=random_pad_ratio,
-      decode_s=run.decode_s, compile_s=run.compile_s, eval_s=time.perf_counter() - t0, max_new_tokens=max_new_tokens,
-      truncated_rate=sum(len(s.tokens) >= max_new_tokens for s in flat) / len(flat),
-      budget_curve=slot_budget_curve(by_bench, slots_by_bench, max_new_tokens, k),
-      per_question_avg={n: np.asarray(c, float).mean(axis=1).tolist() for n, c in by_bench.items()},
-      sampling={"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p})
+    method,
+    by_bench,
+    lengths,
+    wall_time_s=run.decode_s,
+    conf_threshold=tau if mode == "pipo" else None,
+    control=control,
+    k=k,
+    decode=mode,
+    pad_ratio=pad_ratio,
+    random_pad_ratio=random_pad_ratio,
+    decode_s=run.decode_s,
+    compile_s=run.compile_s,
+    eval_s=time.perf_counter() - t0,
+    max_new_tokens=max_new_tokens,
+    truncated_rate=sum(len(s.tokens) >= max_new_tokens for s in flat) / len(flat),
+    budget_curve=slot_budget_curve(by_bench, slots_by_bench, max_new_tokens, k),
+    per_question_avg={n: np.asarray(c, float).mean(axis=1).tolist() for n, c in by_bench.items()},
+    sampling={"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+  )
 
 
 def slot_budget_curve(correct_by_bench: dict, slots_by_bench: dict, max_slots: int, k: int) -> dict:
@@ -115,20 +153,41 @@ def slot_budget_curve(correct_by_bench: dict, slots_by_bench: dict, max_slots: i
   and finished within the budget (the paper's Fig. 2; a PIPO slot holds one or two tokens). The overall value is
   the unweighted mean over benchmarks, as in the main table."""
   from pipo_jax import eval_metrics
-  per = {n: eval_metrics.budget_metrics(correct_by_bench[n], slots_by_bench[n], range(1, max_slots + 1), k)
-         for n in correct_by_bench}
-  return {b: {key: float(np.mean([per[n][b][key] for n in per])) for key in ("avg_at_k", "pass_at_k")}
-          for b in range(1, max_slots + 1)}
+
+  per = {
+    n: eval_metrics.budget_metrics(correct_by_bench[n], slots_by_bench[n], range(1, max_slots + 1), k)
+    for n in correct_by_bench
+  }
+  return {
+    b: {key: float(np.mean([per[n][b][key] for n in per])) for key in ("avg_at_k", "pass_at_k")}
+    for b in range(1, max_slots + 1)
+  }
 
 
-def run(checkpoint: str, tokenizer: str, benchmark_paths: Sequence[str], decodes: Sequence[str],
-        taus: Sequence[float], k: int, output: str, methods: Sequence[str] = (), random_pad_control: bool = False,
-        random_pad_ratio: Optional[float] = None, max_questions: int = 0, max_new_tokens: int = 96,
-        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 100, seed: int = 0,
-        log=print) -> list[dict]:
+def run(
+  checkpoint: str,
+  tokenizer: str,
+  benchmark_paths: Sequence[str],
+  decodes: Sequence[str],
+  taus: Sequence[float],
+  k: int,
+  output: str,
+  methods: Sequence[str] = (),
+  random_pad_control: bool = False,
+  random_pad_ratio: float | None = None,
+  max_questions: int = 0,
+  max_new_tokens: int = 96,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  batch_size: int = 100,
+  seed: int = 0,
+  log=print,
+) -> list[dict]:
   """Evaluate every (decode, tau) configuration; writes and returns the rows."""
   from pipo_jax import batch_sampling
   from pipo_jax.inference.sampling import SamplingParams
+
   if methods and len(methods) != len(decodes):
     raise ValueError(f"--method has {len(methods)} labels for {len(decodes)} decode modes")
   benchmarks = {benchmark_name(p): read_benchmark(p, max_questions) for p in benchmark_paths}
@@ -138,7 +197,7 @@ def run(checkpoint: str, tokenizer: str, benchmark_paths: Sequence[str], decodes
   rows = []
   for j, mode in enumerate(decodes):
     method = methods[j] if methods else DEFAULT_METHOD[mode]
-    for tau in (taus if mode == "pipo" else [None]):
+    for tau in taus if mode == "pipo" else [None]:
       if random_pad_ratio is not None and mode == "pipo":
         configs = [(tau, random_pad_ratio)]
       else:
@@ -162,20 +221,39 @@ def _summary(row: dict) -> str:
   tag = f"{row['method']}" + (f" tau={row['conf_threshold']:g}" if row.get("conf_threshold") is not None else "")
   if row.get("control"):
     tag += f" (random PAD {row['random_pad_ratio']:.3f})"
-  return (f"[evaluate] {tag}: avg@{row['k']}={100 * row['avg_at_k']:.1f}% pass@{row['k']}="
-          f"{100 * row['pass_at_k']:.1f}% pad_ratio={row['pad_ratio']:.3f} tokens/answer="
-          f"{row['tokens_per_answer']:.1f} slots/answer={row['slots_per_answer']:.1f} "
-          f"eff_tok/s={row['effective_tokens_per_s']:.1f} ({row['decode_s']:.1f}s timed, {row['compile_s']:.1f}s "
-          f"compile)")
+  return (
+    f"[evaluate] {tag}: avg@{row['k']}={100 * row['avg_at_k']:.1f}% pass@{row['k']}="
+    f"{100 * row['pass_at_k']:.1f}% pad_ratio={row['pad_ratio']:.3f} tokens/answer="
+    f"{row['tokens_per_answer']:.1f} slots/answer={row['slots_per_answer']:.1f} "
+    f"eff_tok/s={row['effective_tokens_per_s']:.1f} ({row['decode_s']:.1f}s timed, {row['compile_s']:.1f}s "
+    f"compile)"
+  )
 
 
 def main(argv):
   del argv
-  run(_CKPT.value, _TOK.value, _BENCH.value, _DECODE.value, [float(t) for t in _TAU.value], _K.value, _OUT.value,
-      _METHOD.value, _CONTROL.value, _RPAD.value, _MAX_Q.value, _MAX_NEW.value, _TEMP.value, _TOP_K.value,
-      _TOP_P.value, _BATCH.value, _SEED.value)
+  run(
+    _CKPT.value,
+    _TOK.value,
+    _BENCH.value,
+    _DECODE.value,
+    [float(t) for t in _TAU.value],
+    _K.value,
+    _OUT.value,
+    _METHOD.value,
+    _CONTROL.value,
+    _RPAD.value,
+    _MAX_Q.value,
+    _MAX_NEW.value,
+    _TEMP.value,
+    _TOP_K.value,
+    _TOP_P.value,
+    _BATCH.value,
+    _SEED.value,
+  )
 
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

@@ -46,8 +46,11 @@ def define_flags():
   flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 0)")
   flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
   flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
-  flags.DEFINE_float("presence_penalty", None, "subtracted from the logits of tokens already emitted "
-                     "(default: generation_config.json, else 0)")
+  flags.DEFINE_float(
+    "presence_penalty",
+    None,
+    "subtracted from the logits of tokens already emitted (default: generation_config.json, else 0)",
+  )
   flags.DEFINE_integer("pad_token_id", None, "PAD id when neither config.json nor the tokenizer names one")
   flags.DEFINE_integer("eos_token_id", None, "EOS id when neither config.json nor the tokenizer names one")
   flags.DEFINE_integer("seed", 0, "sampling seed (one key per batch, folded from it)")
@@ -57,10 +60,16 @@ def define_flags():
 
 def sampling_params(generation: dict, temperature=None, top_k=None, top_p=None, presence_penalty=None):
   """SamplingParams: a flag when given, else generation_config.json's value, else off (greedy)."""
+
   def pick(flag, key, default):
     return flag if flag is not None else generation.get(key, default)
-  return SamplingParams(float(pick(temperature, "temperature", 0.0)), int(pick(top_k, "top_k", 0)),
-                        float(pick(top_p, "top_p", 1.0)), float(pick(presence_penalty, "presence_penalty", 0.0)))
+
+  return SamplingParams(
+    float(pick(temperature, "temperature", 0.0)),
+    int(pick(top_k, "top_k", 0)),
+    float(pick(top_p, "top_p", 1.0)),
+    float(pick(presence_penalty, "presence_penalty", 0.0)),
+  )
 
 
 def encode_record(rec: dict, tok, where: str) -> list:
@@ -103,8 +112,20 @@ def read_prompts_from_records(records: list, tok, where: list = ()) -> list:
   return prompts
 
 
-def run(prompts: list, config, params, tok, mode: str, sp: SamplingParams, tau: float, max_new: int,
-        batch_size: int, seed: int, bucket_multiple: int = 64, stop_ids=None) -> list:
+def run(
+  prompts: list,
+  config,
+  params,
+  tok,
+  mode: str,
+  sp: SamplingParams,
+  tau: float,
+  max_new: int,
+  batch_size: int,
+  seed: int,
+  bucket_multiple: int = 64,
+  stop_ids=None,
+) -> list:
   """Generate for token-id prompts; returns one output dict per prompt, in order. `stop_ids`: default the
   tokenizer's (or config.eos_token_id without a tokenizer)."""
   if not prompts:
@@ -118,13 +139,23 @@ def run(prompts: list, config, params, tok, mode: str, sp: SamplingParams, tau: 
   rows = []
   progress = cli.Progress(len(prompts), "generate", "prompts")
   for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
+    chunk = prompts[start : start + batch_size]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape: fill, then drop the fillers
     ids, valid = left_pad(chunk, bucket, config.pad_token_id or 0)
     t0 = time.time()
-    res = generate(params, config, ids, valid, mode=mode, sampling=sp, conf_threshold=tau, max_new_tokens=max_new,
-                   rng=jax.random.fold_in(jax.random.PRNGKey(seed), start), stop_ids=stop_ids)
+    res = generate(
+      params,
+      config,
+      ids,
+      valid,
+      mode=mode,
+      sampling=sp,
+      conf_threshold=tau,
+      max_new_tokens=max_new,
+      rng=jax.random.fold_in(jax.random.PRNGKey(seed), start),
+      stop_ids=stop_ids,
+    )
     out = result_rows(res)[:n]
     logging.debug("batch %d: %d prompts in %.2fs", start // batch_size, n, time.time() - t0)
     progress.update(n)
@@ -137,24 +168,54 @@ def run(prompts: list, config, params, tok, mode: str, sp: SamplingParams, tau: 
 def main(argv):
   del argv
   cli.require("prompts", "output")
-  m = loading.load_for_cli(FLAGS.checkpoint, FLAGS.tokenizer, FLAGS.preset, FLAGS.seed,
-                           pad_token_id=FLAGS.pad_token_id, eos_token_id=FLAGS.eos_token_id,
-                           need_pad=FLAGS.decode == "pipo")
+  m = loading.load_for_cli(
+    FLAGS.checkpoint,
+    FLAGS.tokenizer,
+    FLAGS.preset,
+    FLAGS.seed,
+    pad_token_id=FLAGS.pad_token_id,
+    eos_token_id=FLAGS.eos_token_id,
+    need_pad=FLAGS.decode == "pipo",
+  )
   loading.warn_if_pipo_in_ar(m, FLAGS.decode)
   prompts = read_prompts(FLAGS.prompts, m.tokenizer)
   sp = sampling_params(m.generation, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.presence_penalty)
-  logging.info("sampling: temperature=%g top_k=%d top_p=%g presence_penalty=%g (flags over %s); stop ids %s",
-               sp.temperature, sp.top_k, sp.top_p, sp.presence_penalty,
-               "generation_config.json" if m.generation else "greedy defaults", list(m.stop_ids))
-  rows = run(prompts, m.config, m.params, m.tokenizer, FLAGS.decode, sp, FLAGS.conf_threshold,
-             FLAGS.max_new_tokens, FLAGS.batch_size, FLAGS.seed, FLAGS.bucket_multiple, stop_ids=list(m.stop_ids))
+  logging.info(
+    "sampling: temperature=%g top_k=%d top_p=%g presence_penalty=%g (flags over %s); stop ids %s",
+    sp.temperature,
+    sp.top_k,
+    sp.top_p,
+    sp.presence_penalty,
+    "generation_config.json" if m.generation else "greedy defaults",
+    list(m.stop_ids),
+  )
+  rows = run(
+    prompts,
+    m.config,
+    m.params,
+    m.tokenizer,
+    FLAGS.decode,
+    sp,
+    FLAGS.conf_threshold,
+    FLAGS.max_new_tokens,
+    FLAGS.batch_size,
+    FLAGS.seed,
+    FLAGS.bucket_multiple,
+    stop_ids=list(m.stop_ids),
+  )
   with open(FLAGS.output, "w", encoding="utf-8") as f:
     for r in rows:
       f.write(json.dumps({"tokens": r["tokens"], "raw": r["raw"], "text": r["text"], "stats": r["stats"]}) + "\n")
   tot = sum(r["stats"]["tokens_emitted"] for r in rows)
   steps = sum(r["stats"]["steps"] for r in rows)
-  logging.info("wrote %d completions to %s: %d tokens in %d steps (%.3f tokens/step)", len(rows), FLAGS.output,
-               tot, steps, tot / max(steps, 1))
+  logging.info(
+    "wrote %d completions to %s: %d tokens in %d steps (%.3f tokens/step)",
+    len(rows),
+    FLAGS.output,
+    tot,
+    steps,
+    tot / max(steps, 1),
+  )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,9 @@ import logging
 import re
 import signal
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -58,20 +57,21 @@ _MC_PATTERN = re.compile(r"\\boxed{([A-Z])}")
 _GOLD_CONFIG = (ExprExtractionConfig(),)
 _GOLD_LATEX_FALLBACK = (LatexExtractionConfig(),)
 _PRED_CONFIG = (
-    LatexExtractionConfig(
-        boxed_match_priority=0,
-        try_extract_without_anchor=False,
-        normalization_config=NormalizationConfig(
-            nits=False, malformed_operators=False, basic_latex=True, units=True, boxed="last"),
+  LatexExtractionConfig(
+    boxed_match_priority=0,
+    try_extract_without_anchor=False,
+    normalization_config=NormalizationConfig(
+      nits=False, malformed_operators=False, basic_latex=True, units=True, boxed="last"
     ),
-    ExprExtractionConfig(),
+  ),
+  ExprExtractionConfig(),
 )
 
 _log = logging.getLogger(__name__)
 _warned_no_timeout = False
 
 
-def last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> str | None:
   """Content of the last `\\boxed{...}` in `text`, braces balanced (nested braces kept), or None.
 
   A box whose braces never close (a truncated generation) does not count; the search then falls back to the
@@ -93,28 +93,33 @@ def last_boxed(text: str) -> Optional[str]:
         elif c == "}" and (j == 0 or text[j - 1] != "\\"):
           depth -= 1
           if depth == 0:
-            return text[i + 1:j]
+            return text[i + 1 : j]
     start = text.rfind(_BOXED, 0, start)
   return None
 
 
-def _effective_timeout(timeout_s: Optional[int]) -> Optional[int]:
+def _effective_timeout(timeout_s: int | None) -> int | None:
   """`timeout_s` where math-verify's SIGALRM timeout is safe to use here, else None (see module docstring)."""
   global _warned_no_timeout
   if not timeout_s or timeout_s <= 0:
     return None
-  safe = (hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
-          and signal.getitimer(signal.ITIMER_REAL)[0] == 0.0)
+  safe = (
+    hasattr(signal, "SIGALRM")
+    and threading.current_thread() is threading.main_thread()
+    and signal.getitimer(signal.ITIMER_REAL)[0] == 0.0
+  )
   if safe:
     return int(timeout_s)
   if not _warned_no_timeout:
-    _log.warning("math grading runs without a timeout: SIGALRM is unavailable here (not the main thread, or an "
-                 "alarm is already pending). Grade in worker processes to keep the timeout.")
+    _log.warning(
+      "math grading runs without a timeout: SIGALRM is unavailable here (not the main thread, or an "
+      "alarm is already pending). Grade in worker processes to keep the timeout."
+    )
     _warned_no_timeout = True
   return None
 
 
-def parse_gold(gold: str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> list:
+def parse_gold(gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> list:
   """math-verify parse of a gold answer: expression config first, LaTeX as a fallback. [] when unparseable."""
   t = _effective_timeout(timeout_s)
   parsed = parse(str(gold), list(_GOLD_CONFIG), parsing_timeout=t)
@@ -123,7 +128,7 @@ def parse_gold(gold: str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> list:
   return parsed
 
 
-def grade_math(completion: str, gold: str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> bool:
+def grade_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> bool:
   """True iff the last boxed answer of `completion` is mathematically equivalent to `gold` (math-verify)."""
   box = last_boxed(completion)
   if box is None or not box.strip():
@@ -146,7 +151,7 @@ def grade_multiple_choice(completion: str, gold: str) -> bool:
   return bool(matches) and matches[-1] == str(gold).strip()
 
 
-def grade(completion: str, answer: str, answer_type: str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> bool:
+def grade(completion: str, answer: str, answer_type: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> bool:
   """Grade one completion. `answer_type` is one of `ANSWER_TYPES`."""
   if answer_type == "math":
     return grade_math(completion, answer, timeout_s)
@@ -154,12 +159,17 @@ def grade(completion: str, answer: str, answer_type: str, timeout_s: Optional[in
     return grade_multiple_choice(completion, answer)
   if answer_type == "code":
     from pipo_jax import code_grading
+
     return code_grading.grade_code(completion, answer)
   raise ValueError(f"grade: unknown answer_type {answer_type!r}; expected one of {ANSWER_TYPES}")
 
 
-def grade_samples(completions_QN: Sequence[Sequence[str]], answers_Q: Sequence[str],
-                  answer_types_Q: Sequence[str] | str, timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> np.ndarray:
+def grade_samples(
+  completions_QN: Sequence[Sequence[str]],
+  answers_Q: Sequence[str],
+  answer_types_Q: Sequence[str] | str,
+  timeout_s: int | None = DEFAULT_TIMEOUT_S,
+) -> np.ndarray:
   """0/1 matrix [questions, samples] for a benchmark: sample j of question i graded against answer i.
 
   `answer_types_Q` is one type for all questions or one per question. Every question needs the same number of
@@ -183,6 +193,7 @@ def grade_samples(completions_QN: Sequence[Sequence[str]], answers_Q: Sequence[s
         out[i, j] = grade(c, a, t, timeout_s)
   if code_jobs:
     from pipo_jax import code_grading
+
     for (i, j), ok in zip(code_at, code_grading.grade_many(code_jobs)):
       out[i, j] = ok
   return out

@@ -31,9 +31,11 @@ def keep_if_finite(old_state, new_state, loss, grad_norm):
   traced values inside jit; `jnp.where` selects leaf by leaf (no host round trip).
   """
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  pick = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
-  state = new_state.replace(trainable=jax.tree_util.tree_map(pick, new_state.trainable, old_state.trainable),
-                            opt_state=jax.tree_util.tree_map(pick, new_state.opt_state, old_state.opt_state))
+  pick = lambda n, o: jnp.where(ok, n, o)
+  state = new_state.replace(
+    trainable=jax.tree_util.tree_map(pick, new_state.trainable, old_state.trainable),
+    opt_state=jax.tree_util.tree_map(pick, new_state.opt_state, old_state.opt_state),
+  )
   return state, (~ok).astype(jnp.int32)
 
 
@@ -49,8 +51,11 @@ def nonfinite_leaves(tree: Any) -> list:
   if not flat:
     return []
   ok = jax.device_get(_leaf_finite([x for _, x in flat]))
-  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
-          for (p, _), good in zip(flat, ok) if not bool(np.asarray(good))]
+  return [
+    "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
+    for (p, _), good in zip(flat, ok)
+    if not bool(np.asarray(good))
+  ]
 
 
 def assert_finite(tree: Any, what: str) -> None:
@@ -84,6 +89,7 @@ class NonFiniteCounter:
       last_saved = last_saved() if callable(last_saved) else last_saved
       saved = f"; the newest checkpoint is step {last_saved}" if last_saved is not None else ""
       raise NonFiniteError(
-          f"step {step}: {self.consecutive} consecutive steps with a non-finite loss or gradient norm "
-          f"(train.max_nonfinite_steps={self.max_consecutive}); stopping without saving{saved}")
+        f"step {step}: {self.consecutive} consecutive steps with a non-finite loss or gradient norm "
+        f"(train.max_nonfinite_steps={self.max_consecutive}); stopping without saving{saved}"
+      )
     return True

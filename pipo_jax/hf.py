@@ -24,14 +24,15 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
+import flax.linen as nn
 import jax
 import ml_dtypes
+import numpy as np
 from absl import logging
 from flax import traverse_util
-import flax.linen as nn
 
 from pipo_jax import config as config_lib
 from pipo_jax.config import ModelConfig
@@ -43,9 +44,18 @@ from pipo_jax.models.pipo import abstract_mtp_params
 # ---------------------------------------------------------------------------------------------------
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -70,7 +80,7 @@ class _SafetensorsFile:
     if info["dtype"] not in _ST_DTYPES:
       raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
-    buf = self._mmap[self._data_start + start:self._data_start + end]
+    buf = self._mmap[self._data_start + start : self._data_start + end]
     return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -100,6 +110,7 @@ def _open_shards(model_dir: str) -> dict[str, _SafetensorsFile]:
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
   """One param leaf: its HF tensor names (one per stacked repeat, or a single one) and the layout kind."""
+
   path: tuple
   hf_names: tuple
   kind: str  # "linear" (transpose), "conv" ([C,1,W] <-> [W,C]) or "same"
@@ -165,12 +176,12 @@ def _mtp_leaves(param_paths) -> list[_Leaf]:
   return leaves
 
 
-def _canonical_name(name: str) -> Optional[str]:
+def _canonical_name(name: str) -> str | None:
   """Strip the VLM prefix; None for tensors we skip (the vision tower)."""
   if name.startswith("model.visual.") or name.startswith("visual."):
     return None
   if name.startswith("model.language_model."):
-    return "model." + name[len("model.language_model."):]
+    return "model." + name[len("model.language_model.") :]
   return name
 
 
@@ -193,7 +204,7 @@ def abstract_backbone_params(config: ModelConfig):
 class LoadedCheckpoint:
   config: ModelConfig
   params: Any  # backbone params tree (goes under params["backbone"])
-  mtp: Optional[Any]  # MTP params in our layout, or None when the checkpoint has no mtp.* tensors
+  mtp: Any | None  # MTP params in our layout, or None when the checkpoint has no mtp.* tensors
 
 
 def _expected_hf_shape(leaf: _Leaf, shape: tuple) -> tuple:
@@ -239,8 +250,13 @@ def _default_shardings(abstract):
   return jax.tree_util.tree_map(lambda _: dev, abstract)
 
 
-def load_qwen3_5(model_dir: str, overrides: Optional[ModelConfig] = None, shardings: Any = None,
-                 mtp_shardings: Any = None, ignore_prefixes: tuple = ()) -> LoadedCheckpoint:
+def load_qwen3_5(
+  model_dir: str,
+  overrides: ModelConfig | None = None,
+  shardings: Any = None,
+  mtp_shardings: Any = None,
+  ignore_prefixes: tuple = (),
+) -> LoadedCheckpoint:
   """Load an HF Qwen3.5 directory (text-only or VLM layout, tied or untied, sharded or not).
 
   overrides: ModelConfig whose non-None arch fields and numerics fields (dtype, param_dtype, scan_layers,
@@ -283,8 +299,9 @@ def load_qwen3_5(model_dir: str, overrides: Optional[ModelConfig] = None, shardi
   unexpected = sorted(n for n in available if n not in expected and not n.endswith("rotary_emb.inv_freq"))
   problems += [f"unexpected {n} {list(available[n])}" for n in unexpected]
   if problems:
-    raise ValueError(f"{model_dir}: checkpoint does not match the config ({len(problems)} problems):\n  "
-                     + "\n  ".join(problems))
+    raise ValueError(
+      f"{model_dir}: checkpoint does not match the config ({len(problems)} problems):\n  " + "\n  ".join(problems)
+    )
   if skipped:
     logging.info("%s: skipped %d vision-tower tensors", model_dir, skipped)
 
@@ -329,5 +346,7 @@ def backbone_to_hf_tensors(params, config: ModelConfig) -> dict[str, np.ndarray]
 def mtp_to_hf_tensors(mtp_params) -> dict[str, np.ndarray]:
   """MTP params in our layout -> {`mtp.*` HF name: torch-layout array}."""
   flat = traverse_util.flatten_dict(nn.meta.unbox(mtp_params))
-  return {leaf.hf_names[0]: np.ascontiguousarray(ours_to_hf(_to_host(flat[leaf.path]), leaf.kind))
-          for leaf in _mtp_leaves(flat)}
+  return {
+    leaf.hf_names[0]: np.ascontiguousarray(ours_to_hf(_to_host(flat[leaf.path]), leaf.kind))
+    for leaf in _mtp_leaves(flat)
+  }

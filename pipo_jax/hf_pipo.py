@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
-import flax.linen as nn
 from flax import traverse_util
 
 from pipo_jax import guards
@@ -32,8 +31,15 @@ from pipo_jax.config import ModelConfig
 from pipo_jax.hf import _open_shards, backbone_to_hf_tensors, mtp_to_hf_tensors
 
 HEAD_PREFIXES = ("compressor.", "confidence_head.")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.json",
+  "merges.txt",
+  "generation_config.json",
+  "chat_template.jinja",
+)
 _SHARD_BYTES = 4 << 30
 
 
@@ -62,7 +68,7 @@ def heads_to_hf_tensors(params: dict) -> dict[str, np.ndarray]:
   return out
 
 
-def heads_from_hf(model_dir: str, abstract_heads: dict) -> Optional[dict]:
+def heads_from_hf(model_dir: str, abstract_heads: dict) -> dict | None:
   """Read compressor.* / confidence_head.* into the layout of `abstract_heads` ({'compressor': ...,
   'confidence_head': ...} of ShapeDtypeStructs). None when the directory has no head tensors at all;
   a partial or mis-shaped set raises one error naming every problem."""
@@ -88,8 +94,9 @@ def heads_from_hf(model_dir: str, abstract_heads: dict) -> Optional[dict]:
     out[top] = traverse_util.unflatten_dict(flat) if flat else {}
   problems += [f"unexpected {n}" for n in sorted(present - used)]
   if problems:
-    raise ValueError(f"{model_dir}: PIPO head tensors do not match config (compressor_type?):\n  "
-                     + "\n  ".join(problems))
+    raise ValueError(
+      f"{model_dir}: PIPO head tensors do not match config (compressor_type?):\n  " + "\n  ".join(problems)
+    )
   return out
 
 
@@ -97,8 +104,13 @@ def heads_from_hf(model_dir: str, abstract_heads: dict) -> Optional[dict]:
 # safetensors writer (ours: the numpy API of safetensors has no bfloat16)
 # ---------------------------------------------------------------------------------------------------
 
-_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
-                np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
+_DTYPE_NAMES = {
+  np.dtype(np.float32): "F32",
+  np.dtype(np.float16): "F16",
+  np.dtype(ml_dtypes.bfloat16): "BF16",
+  np.dtype(np.int32): "I32",
+  np.dtype(np.int64): "I64",
+}
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -108,8 +120,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     arr = tensors[name]
     if arr.dtype not in _DTYPE_NAMES:
       raise ValueError(f"{name}: cannot write dtype {arr.dtype} to safetensors")
-    header[name] = {"dtype": _DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
+    header[name] = {
+      "dtype": _DTYPE_NAMES[arr.dtype],
+      "shape": list(arr.shape),
+      "data_offsets": [offset, offset + arr.nbytes],
+    }
     offset += arr.nbytes
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -155,16 +170,24 @@ def to_hf_tensors(params: dict, config: ModelConfig, vlm_prefix: bool = True) ->
   """All tensors of a (LoRA-merged) PIPO or plain params tree, in the reference's merged-checkpoint keys."""
   tensors = backbone_to_hf_tensors(params["backbone"], config)
   if vlm_prefix:
-    tensors = {("model.language_model." + n[len("model."):] if n.startswith("model.") else n): v
-               for n, v in tensors.items()}
+    tensors = {
+      ("model.language_model." + n[len("model.") :] if n.startswith("model.") else n): v for n, v in tensors.items()
+    }
   if params.get("mtp"):
     tensors.update(mtp_to_hf_tensors(params["mtp"]))
   tensors.update(heads_to_hf_tensors(params))
   return tensors
 
 
-def export_hf(params: dict, config: ModelConfig, out_dir: str, tokenizer_dir: str = "",
-              max_shard_bytes: int = _SHARD_BYTES, overwrite: bool = False, require_tokenizer: bool = True) -> list:
+def export_hf(
+  params: dict,
+  config: ModelConfig,
+  out_dir: str,
+  tokenizer_dir: str = "",
+  max_shard_bytes: int = _SHARD_BYTES,
+  overwrite: bool = False,
+  require_tokenizer: bool = True,
+) -> list:
   """Write an HF directory for `params` (must hold no LoRA adapters: merge first). Returns file names.
 
   Guarded and atomic: non-finite params are refused before anything is written; a non-empty `out_dir` needs
@@ -184,15 +207,18 @@ def export_hf(params: dict, config: ModelConfig, out_dir: str, tokenizer_dir: st
     raise FileExistsError(f"{out_dir} exists and is not a directory")
   has_tok = bool(tokenizer_dir) and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
   if require_tokenizer and not has_tok:
-    raise FileNotFoundError(f"no tokenizer.json to export (tokenizer dir {tokenizer_dir!r}): give --tokenizer_dir or "
-                            "pass --allow_missing_tokenizer to export the weights alone")
+    raise FileNotFoundError(
+      f"no tokenizer.json to export (tokenizer dir {tokenizer_dir!r}): give --tokenizer_dir or "
+      "pass --allow_missing_tokenizer to export the weights alone"
+    )
   tmp = f"{out_dir}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     tensors = to_hf_tensors(params, config)
     files = _write_hf_dir(params, tensors, config, tmp, tokenizer_dir if has_tok else "", max_shard_bytes)
-    validate_hf_dir(tmp, {n: (a.dtype, a.shape) for n, a in tensors.items()}, config,
-                    require_tokenizer=require_tokenizer)
+    validate_hf_dir(
+      tmp, {n: (a.dtype, a.shape) for n, a in tensors.items()}, config, require_tokenizer=require_tokenizer
+    )
     del tensors
     if os.path.exists(out_dir):
       old = f"{out_dir}.old-{os.getpid()}"
@@ -206,8 +232,9 @@ def export_hf(params: dict, config: ModelConfig, out_dir: str, tokenizer_dir: st
   return files
 
 
-def _write_hf_dir(params: dict, tensors: dict, config: ModelConfig, out_dir: str, tokenizer_dir: str,
-                  max_shard_bytes: int) -> list:
+def _write_hf_dir(
+  params: dict, tensors: dict, config: ModelConfig, out_dir: str, tokenizer_dir: str, max_shard_bytes: int
+) -> list:
   os.makedirs(out_dir, exist_ok=True)
   is_pipo = "compressor" in params
   files = write_sharded(out_dir, tensors, max_shard_bytes)
@@ -232,12 +259,14 @@ def validate_hf_dir(model_dir: str, expected: dict, config: ModelConfig, require
   memory-mapped tensor at a time), no extra tensor, config.json giving `config`'s architecture, tokenizer.json
   present when required. Raises ValueError naming the first problem."""
   from pipo_jax.config import _ARCH_FIELDS, load_hf_model_config
+
   shards = _open_shards(model_dir)
   missing = sorted(set(expected) - set(shards))
   extra = sorted(set(shards) - set(expected))
   if missing or extra:
-    raise ValueError(f"{model_dir}: read back {len(missing)} tensors missing ({missing[:3]}), "
-                     f"{len(extra)} unexpected ({extra[:3]})")
+    raise ValueError(
+      f"{model_dir}: read back {len(missing)} tensors missing ({missing[:3]}), {len(extra)} unexpected ({extra[:3]})"
+    )
   for name, (dtype, shape) in expected.items():
     arr = shards[name].get(name)
     if arr.dtype != dtype or tuple(arr.shape) != tuple(shape):
@@ -246,9 +275,12 @@ def validate_hf_dir(model_dir: str, expected: dict, config: ModelConfig, require
       if not np.isfinite(arr.astype(np.float32)).all():
         raise ValueError(f"{model_dir}: {name} reads back with non-finite values")
   back = load_hf_model_config(model_dir)
-  diff = [k for k in _ARCH_FIELDS
-          if k not in ("compressor_random_init", "compressor_type", "mtp_num_hidden_layers", "pad_token_id")
-          and getattr(back, k) != getattr(config, k)]
+  diff = [
+    k
+    for k in _ARCH_FIELDS
+    if k not in ("compressor_random_init", "compressor_type", "mtp_num_hidden_layers", "pad_token_id")
+    and getattr(back, k) != getattr(config, k)
+  ]
   if diff:
     raise ValueError(f"{model_dir}: config.json reads back with other {diff}")
   if require_tokenizer and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):

@@ -29,24 +29,97 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from typing import Optional
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
-               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-               "f64": 8, "c64": 8, "c128": 16, "token": 0}
+DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "f8e4m3b11fnuz": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "token": 0,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .* \{$")
 _INSTR = re.compile(r"^\s*(ROOT )?%(\S+) = ")
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # Ops that move no data of their own (structure, aliasing, bookkeeping).
-_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
-         "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency", "copy-done",
-         "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done", "send-done", "recv-done"}
-_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "remainder", "atan2",
-                "exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "logistic", "sqrt", "rsqrt",
-                "cbrt", "sine", "cosine", "tan", "erf", "negate", "abs", "sign", "compare", "select", "clamp", "and",
-                "or", "xor", "not", "floor", "ceil", "round-nearest-even", "round-nearest-afz"}
+_FREE = {
+  "parameter",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "constant",
+  "while",
+  "call",
+  "conditional",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "iota",
+  "opt-barrier",
+  "add-dependency",
+  "copy-done",
+  "all-gather-done",
+  "all-reduce-done",
+  "collective-permute-done",
+  "async-done",
+  "send-done",
+  "recv-done",
+}
+_ELEMENTWISE = {
+  "add",
+  "subtract",
+  "multiply",
+  "divide",
+  "maximum",
+  "minimum",
+  "power",
+  "remainder",
+  "atan2",
+  "exponential",
+  "exponential-minus-one",
+  "log",
+  "log-plus-one",
+  "tanh",
+  "logistic",
+  "sqrt",
+  "rsqrt",
+  "cbrt",
+  "sine",
+  "cosine",
+  "tan",
+  "erf",
+  "negate",
+  "abs",
+  "sign",
+  "compare",
+  "select",
+  "clamp",
+  "and",
+  "or",
+  "xor",
+  "not",
+  "floor",
+  "ceil",
+  "round-nearest-even",
+  "round-nearest-afz",
+}
 
 
 def array_shapes(shape: str) -> list:
@@ -72,7 +145,7 @@ class Instr:
   root: bool = False
   args: str = ""  # the raw text between the opcode's parentheses (a constant's literal, a parameter's index)
 
-  def attr(self, key: str) -> Optional[str]:
+  def attr(self, key: str) -> str | None:
     m = re.search(r"\b" + re.escape(key) + r"=(%?[^,\s{}]+|\{[^}]*\})", self.attrs)
     return m.group(1) if m else None
 
@@ -102,11 +175,11 @@ def _matching(s: str, i: int) -> int:
   return len(s)
 
 
-def _parse_instr(line: str) -> Optional[Instr]:
+def _parse_instr(line: str) -> Instr | None:
   m = _INSTR.match(line)
   if not m:
     return None
-  rest = line[m.end():]
+  rest = line[m.end() :]
   if rest.startswith("("):
     end = _matching(rest, 0)
     shape, rest = rest[:end], rest[end:].lstrip()
@@ -115,8 +188,8 @@ def _parse_instr(line: str) -> Optional[Instr]:
   p = rest.find("(")
   opcode = rest[:p]
   end = _matching(rest, p)
-  operands = re.findall(r"%([^\s,()]+)", rest[p + 1:end - 1])
-  return Instr(m.group(2), shape, opcode, operands, rest[end:], bool(m.group(1)), rest[p + 1:end - 1])
+  operands = re.findall(r"%([^\s,()]+)", rest[p + 1 : end - 1])
+  return Instr(m.group(2), shape, opcode, operands, rest[end:], bool(m.group(1)), rest[p + 1 : end - 1])
 
 
 def parse_module(text: str) -> tuple:
@@ -141,7 +214,7 @@ def parse_module(text: str) -> tuple:
   return comps, entry
 
 
-def _trip_count(while_ins: Instr, comps: dict) -> Optional[int]:
+def _trip_count(while_ins: Instr, comps: dict) -> int | None:
   m = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_ins.attrs)
   if m:
     return int(m.group(1))
@@ -176,8 +249,17 @@ def multiplicities(comps: dict, entry: str) -> tuple:
   edges, indeg, loops = defaultdict(list), defaultdict(int), []
   for cname, instrs in comps.items():
     for ins in instrs:
-      if ins.opcode in ("reduce", "reduce-window", "scatter", "sort", "map", "select-and-scatter", "all-reduce",
-                        "reduce-scatter", "all-reduce-start"):
+      if ins.opcode in (
+        "reduce",
+        "reduce-window",
+        "scatter",
+        "sort",
+        "map",
+        "select-and-scatter",
+        "all-reduce",
+        "reduce-scatter",
+        "all-reduce-start",
+      ):
         continue  # their to_apply is a scalar combiner, not a computation that runs once per call
       trip = None
       if ins.opcode == "while":
@@ -236,14 +318,13 @@ def _flops(ins: Instr, shapes: dict) -> float:
   return 0.0
 
 
-def collective_kind(ins: Instr, comps: dict) -> Optional[str]:
-  op = ins.opcode[:-len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+def collective_kind(ins: Instr, comps: dict) -> str | None:
+  op = ins.opcode[: -len("-start")] if ins.opcode.endswith("-start") else ins.opcode
   if op in COLLECTIVES:
     return op
   if ins.opcode == "fusion":  # TPU: collectives fused with their producer / consumer (kCustom fusions)
     callee = (ins.attr("calls") or "").lstrip("%")
-    for k in ("all-reduce-scatter", "reduce-scatter", "all-gather", "all-reduce", "all-to-all",
-              "collective-permute"):
+    for k in ("all-reduce-scatter", "reduce-scatter", "all-gather", "all-reduce", "all-to-all", "collective-permute"):
       if callee.startswith(k):
         return "reduce-scatter" if k == "all-reduce-scatter" else k
     inner = {i.opcode for i in comps.get(callee, [])}
@@ -357,16 +438,19 @@ def analyze(text: str, top: int = 10) -> dict:
       totals["bytes_once"] += b
       kind = collective_kind(ins, comps)
       if kind:
-        size = max([shape_bytes(ins.shape) if not ins.opcode.endswith("-start") else 0] +
-                   [DTYPE_BYTES[d] * math.prod(dims) for d, dims in array_shapes(ins.shape)] +
-                   [shape_bytes(shapes.get(o, "")) for o in ins.operands])
+        size = max(
+          [shape_bytes(ins.shape) if not ins.opcode.endswith("-start") else 0]
+          + [DTYPE_BYTES[d] * math.prod(dims) for d, dims in array_shapes(ins.shape)]
+          + [shape_bytes(shapes.get(o, "")) for o in ins.operands]
+        )
         c = coll[kind]
         c["count"] += int(round(m))
         c["count_static"] += 1
         c["bytes"] += size * m
         c["largest_bytes"] = max(c["largest_bytes"], int(size))
-        largest.append({"kind": kind, "bytes": int(size), "times": int(round(m)), "shape": ins.shape[:200],
-                        "op_name": ins.op_name})
+        largest.append(
+          {"kind": kind, "bytes": int(size), "times": int(round(m)), "shape": ins.shape[:200], "op_name": ins.op_name}
+        )
         continue
       if ins.opcode in _FREE or m == 0:
         continue
@@ -376,16 +460,33 @@ def analyze(text: str, top: int = 10) -> dict:
         local = {i.name: i.shape for i in body}
         fl = sum(_flops(i, local) for i in body)
       op_name, source = _label(ins, comps)
-      ops.append({"name": ins.name, "opcode": ins.opcode, "times": m, "flops": fl * m, "bytes": b * m,
-                  "op_name": op_name, "source": source, "shape": ins.shape[:120]})
+      ops.append(
+        {
+          "name": ins.name,
+          "opcode": ins.opcode,
+          "times": m,
+          "flops": fl * m,
+          "bytes": b * m,
+          "op_name": op_name,
+          "source": source,
+          "shape": ins.shape[:120],
+        }
+      )
   for c in coll.values():
     c["bytes"] = int(c["bytes"])
   largest.sort(key=lambda x: -x["bytes"] * max(x["times"], 1))
-  return {"flops": totals["flops"], "flops_once": totals["flops_once"], "dot_flops": totals["dot_flops"],
-          "bytes": totals["bytes"],
-          "bytes_once": totals["bytes_once"], "collectives": coll, "largest_collectives": largest[:top],
-          "loops": [{"while": n, "trip_count": t} for n, t in loops],
-          "unknown_trip_counts": sum(t is None for _, t in loops), "ops": ops}
+  return {
+    "flops": totals["flops"],
+    "flops_once": totals["flops_once"],
+    "dot_flops": totals["dot_flops"],
+    "bytes": totals["bytes"],
+    "bytes_once": totals["bytes_once"],
+    "collectives": coll,
+    "largest_collectives": largest[:top],
+    "loops": [{"while": n, "trip_count": t} for n, t in loops],
+    "unknown_trip_counts": sum(t is None for _, t in loops),
+    "ops": ops,
+  }
 
 
 def top_ops(ops: list, peak_flops: float, hbm_bytes_per_s: float, n: int = 10) -> list:
@@ -401,7 +502,9 @@ def main(argv=None):
   (memory_plan --target=tpu --dump_hlo=...)."""
   import argparse
   import gzip
+
   from pipo_jax.tpu_plan import CHIPS
+
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument("hlo")
   ap.add_argument("--chip", default="v5p", choices=sorted(CHIPS))
@@ -411,16 +514,20 @@ def main(argv=None):
   with opener(a.hlo, "rt") as f:
     r = analyze(f.read(), top=a.top)
   c = CHIPS[a.chip]
-  print(f"{r['flops'] / 1e12:.2f} TFLOP, {r['bytes'] / 2**30:.1f} GiB per chip per step (loops multiplied out; "
-        f"once-counted {r['flops_once'] / 1e12:.2f} TFLOP); loops {[l['trip_count'] for l in r['loops']]}")
+  print(
+    f"{r['flops'] / 1e12:.2f} TFLOP, {r['bytes'] / 2**30:.1f} GiB per chip per step (loops multiplied out; "
+    f"once-counted {r['flops_once'] / 1e12:.2f} TFLOP); loops {[l['trip_count'] for l in r['loops']]}"
+  )
   for k, v in r["collectives"].items():
     print(f"  {k:18s} {v['count']:7d} x, {v['bytes'] / 2**30:8.2f} GiB, largest {v['largest_bytes'] / 2**20:.1f} MiB")
   total = sum(max(o["flops"] / c["peak_flops"], o["bytes"] / c["hbm_bw"]) for o in r["ops"])
   print(f"sum of per-op roofline times {total:.3f} s on {a.chip}; the costliest:")
   for o in top_ops(r["ops"], c["peak_flops"], c["hbm_bw"], a.top):
-    print(f"  {o['seconds']:8.4f} s {100 * o['seconds'] / total:5.1f}% {o['bound']:7s} x{o['times']:<6.0f} "
-          f"{o['flops'] / 1e12:8.2f} TFLOP {o['bytes'] / 2**30:8.2f} GiB  {o['opcode']} {o['op_name'][:110]} "
-          f"{o['source']}")
+    print(
+      f"  {o['seconds']:8.4f} s {100 * o['seconds'] / total:5.1f}% {o['bound']:7s} x{o['times']:<6.0f} "
+      f"{o['flops'] / 1e12:8.2f} TFLOP {o['bytes'] / 2**30:8.2f} GiB  {o['opcode']} {o['op_name'][:110]} "
+      f"{o['source']}"
+    )
 
 
 if __name__ == "__main__":

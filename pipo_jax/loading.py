@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import jax
 from absl import logging
@@ -44,7 +43,7 @@ def init_missing(params: dict, config: ModelConfig, seed: int = 0) -> dict:
   return dict(params, **{k: fresh[k] for k in missing})
 
 
-def config_from_saved(saved: dict, overrides: Optional[ModelConfig] = None) -> tuple[ModelConfig, LoraConfig]:
+def config_from_saved(saved: dict, overrides: ModelConfig | None = None) -> tuple[ModelConfig, LoraConfig]:
   """(model config, lora config) from the Config JSON saved with an orbax checkpoint."""
   model = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved["model"].items()})
   if overrides is not None:
@@ -56,7 +55,7 @@ def config_from_saved(saved: dict, overrides: Optional[ModelConfig] = None) -> t
   return resolve_model_config(model), lora
 
 
-def load_model(path: str, overrides: Optional[ModelConfig] = None, init_heads: bool = True) -> tuple[ModelConfig, dict]:
+def load_model(path: str, overrides: ModelConfig | None = None, init_heads: bool = True) -> tuple[ModelConfig, dict]:
   """(config, params) from an orbax workdir / step dir, or an HF (PIPO or plain Qwen3.5) directory."""
   if is_orbax_checkpoint(path) and not is_hf_dir(path):
     saved = ckpt_lib.read_config(path)
@@ -76,8 +75,9 @@ def load_model(path: str, overrides: Optional[ModelConfig] = None, init_heads: b
     if heads is not None:
       params.update(heads)
   else:
-    raise FileNotFoundError(f"{path}: neither an orbax checkpoint (checkpoints/<step>/state) nor an HF "
-                            f"directory (config.json + safetensors)")
+    raise FileNotFoundError(
+      f"{path}: neither an orbax checkpoint (checkpoints/<step>/state) nor an HF directory (config.json + safetensors)"
+    )
   if init_heads:
     params = init_missing(params, config)
   return config, params
@@ -88,6 +88,7 @@ def model_config_of(cfg: Config) -> ModelConfig:
   src = cfg.checkpoint.init_from
   if src and is_hf_dir(src):
     from pipo_jax.config import load_hf_model_config
+
     config = load_hf_model_config(src, cfg.model)
   elif src and is_orbax_checkpoint(src):
     config = config_from_saved(ckpt_lib.read_config(src), cfg.model)[0]
@@ -98,9 +99,11 @@ def model_config_of(cfg: Config) -> ModelConfig:
     tok = None
     if tok_dir:
       from pipo_jax.data.tokenizer import load_tokenizer
+
       tok = load_tokenizer(tok_dir)
-    config = resolve_special_ids(config, tok, read_generation_config(src if is_hf_dir(src) else tok_dir),
-                                 where=src, need_pad=cfg.mode != "ar")[0]
+    config = resolve_special_ids(
+      config, tok, read_generation_config(src if is_hf_dir(src) else tok_dir), where=src, need_pad=cfg.mode != "ar"
+    )[0]
   return config
 
 
@@ -119,9 +122,10 @@ class LoadedModel:
   pipo_trained: the backbone was trained on pair latents (SFT/OPD run, or an HF dir with PIPO heads), so
   plain next-token (`ar`) decoding of it is not meaningful.
   """
+
   config: ModelConfig
   params: dict
-  tokenizer: Optional[object]
+  tokenizer: object | None
   stop_ids: tuple
   generation: dict
   pipo_trained: bool
@@ -167,7 +171,7 @@ def _run_cwd(workdir_abs: str, saved_workdir: str) -> str:
   """The directory a run was started from, when its saved workdir is relative (e.g. `runs/demo/opd`) and the
   checkpoint's absolute path ends with it; '' otherwise."""
   w = os.path.normpath(saved_workdir) if saved_workdir and not os.path.isabs(saved_workdir) else ""
-  return workdir_abs[:-len(w) - 1] if w and workdir_abs.endswith(os.sep + w) else ""
+  return workdir_abs[: -len(w) - 1] if w and workdir_abs.endswith(os.sep + w) else ""
 
 
 def _as_run_path(p: str, run_cwd: str) -> str:
@@ -184,6 +188,7 @@ def read_generation_config(model_dir: str) -> dict:
   if not path or not os.path.isfile(path):
     return {}
   import json
+
   try:
     with open(path, encoding="utf-8") as f:
       g = json.load(f)
@@ -206,6 +211,7 @@ def _pipo_trained(path: str) -> bool:
       return False
     return ((ckpt_lib.read_config(path) or {}).get("mode") or "ar") != "ar"
   import json
+
   with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
     return "compressor_type" in json.load(f)
 
@@ -214,8 +220,15 @@ def _first(v):
   return (v[0] if v else None) if isinstance(v, (list, tuple)) else v
 
 
-def resolve_special_ids(config: ModelConfig, tok, generation: dict, pad_token_id: Optional[int] = None,
-                        eos_token_id: Optional[int] = None, where: str = "", need_pad: bool = True):
+def resolve_special_ids(
+  config: ModelConfig,
+  tok,
+  generation: dict,
+  pad_token_id: int | None = None,
+  eos_token_id: int | None = None,
+  where: str = "",
+  need_pad: bool = True,
+):
   """(config with pad/eos set, tokenizer agreeing with it, stop ids).
 
   PAD: `pad_token_id` (an explicit flag) -> config.json -> the tokenizer files (tokenizer_config.json
@@ -228,8 +241,10 @@ def resolve_special_ids(config: ModelConfig, tok, generation: dict, pad_token_id
   if pad is None:
     pad = _first(generation.get("pad_token_id"))
   if pad is None and need_pad:
-    raise ValueError(f"{where}: no PAD id: config.json has no pad_token_id and no tokenizer was found "
-                     "(give --tokenizer=DIR or --pad_token_id=N)")
+    raise ValueError(
+      f"{where}: no PAD id: config.json has no pad_token_id and no tokenizer was found "
+      "(give --tokenizer=DIR or --pad_token_id=N)"
+    )
   eos = eos_token_id if eos_token_id is not None else config.eos_token_id
   if eos is None and tok is not None:
     eos = tok.special.eos
@@ -238,8 +253,9 @@ def resolve_special_ids(config: ModelConfig, tok, generation: dict, pad_token_id
   config = dataclasses.replace(config, pad_token_id=pad, eos_token_id=eos)
   if tok is not None:
     if tok.vocab_size > config.vocab_size:
-      raise ValueError(f"{tok.path}: the tokenizer has {tok.vocab_size} ids but the model {where} only "
-                       f"{config.vocab_size}")
+      raise ValueError(
+        f"{tok.path}: the tokenizer has {tok.vocab_size} ids but the model {where} only {config.vocab_size}"
+      )
     if pad is not None and tok.special.pad != pad:
       logging.warning("%s: PAD id %d of the model config overrides the tokenizer's %d", where, pad, tok.special.pad)
       tok = tok.with_special(pad=pad)
@@ -249,10 +265,18 @@ def resolve_special_ids(config: ModelConfig, tok, generation: dict, pad_token_id
   return config, tok, tuple(sorted(stop - {pad}))
 
 
-def load_for_cli(checkpoint: str = "", tokenizer: str = "", preset: str = "", seed: int = 0,
-                 overrides: Optional[ModelConfig] = None, init_heads: bool = True,
-                 pad_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 need_tokenizer: bool = False, need_pad: bool = True) -> LoadedModel:
+def load_for_cli(
+  checkpoint: str = "",
+  tokenizer: str = "",
+  preset: str = "",
+  seed: int = 0,
+  overrides: ModelConfig | None = None,
+  init_heads: bool = True,
+  pad_token_id: int | None = None,
+  eos_token_id: int | None = None,
+  need_tokenizer: bool = False,
+  need_pad: bool = True,
+) -> LoadedModel:
   """The one loader of the CLIs: `checkpoint` (orbax workdir / step dir, HF PIPO or plain Qwen3.5 directory)
   or, without one, `preset` initialised at random with `seed`. Tokenizer: `find_tokenizer_dir`. Special ids:
   `resolve_special_ids`. Every failure is one ValueError / FileNotFoundError naming the path."""
@@ -260,14 +284,17 @@ def load_for_cli(checkpoint: str = "", tokenizer: str = "", preset: str = "", se
     if not os.path.exists(checkpoint):
       raise FileNotFoundError(f"--checkpoint={checkpoint}: no such file or directory")
     if not is_hf_dir(checkpoint) and not is_orbax_checkpoint(checkpoint):
-      raise FileNotFoundError(f"{checkpoint}: neither an HF directory (config.json + *.safetensors) nor an orbax "
-                              "checkpoint (checkpoints/<step>/state/)")
+      raise FileNotFoundError(
+        f"{checkpoint}: neither an HF directory (config.json + *.safetensors) nor an orbax "
+        "checkpoint (checkpoints/<step>/state/)"
+      )
     try:
       config, params = load_model(checkpoint, overrides, init_heads=init_heads)
     except KeyError as e:  # a config.json that is not a Qwen3.5 one
       raise ValueError(f"{checkpoint}: not a Qwen3.5 checkpoint (missing {e})") from None
   elif preset:
     from pipo_jax.models.pipo import init_pipo_params
+
     config = resolve_model_config(dataclasses.replace(overrides or ModelConfig(), preset=preset))
     params = init_pipo_params(config, jax.random.PRNGKey(seed))
   else:
@@ -276,19 +303,25 @@ def load_for_cli(checkpoint: str = "", tokenizer: str = "", preset: str = "", se
   tok = None
   if tok_dir:
     from pipo_jax.data.tokenizer import load_tokenizer
+
     tok = load_tokenizer(tok_dir)
   elif need_tokenizer:
-    raise FileNotFoundError(f"{checkpoint or preset}: no tokenizer.json found with the checkpoint or its run's "
-                            "config; pass --tokenizer=DIR")
+    raise FileNotFoundError(
+      f"{checkpoint or preset}: no tokenizer.json found with the checkpoint or its run's config; pass --tokenizer=DIR"
+    )
   model_dir = checkpoint if checkpoint and is_hf_dir(checkpoint) else tok_dir
   generation = read_generation_config(model_dir)
-  config, tok, stop = resolve_special_ids(config, tok, generation, pad_token_id, eos_token_id,
-                                          where=checkpoint or f"preset {preset}", need_pad=need_pad)
+  config, tok, stop = resolve_special_ids(
+    config, tok, generation, pad_token_id, eos_token_id, where=checkpoint or f"preset {preset}", need_pad=need_pad
+  )
   return LoadedModel(config, params, tok, stop, generation, _pipo_trained(checkpoint), checkpoint, tok_dir)
 
 
 def warn_if_pipo_in_ar(loaded: LoadedModel, mode: str) -> None:
   """Say once that plain next-token decoding of a PIPO-trained backbone is not meaningful."""
   if loaded.pipo_trained and mode == "ar":
-    logging.warning("%s is a PIPO checkpoint: its backbone reads pair latents, so --decode=ar (plain next-token "
-                    "decoding) produces text the model was not trained for; use --decode=pipo", loaded.path)
+    logging.warning(
+      "%s is a PIPO checkpoint: its backbone reads pair latents, so --decode=ar (plain next-token "
+      "decoding) produces text the model was not trained for; use --decode=pipo",
+      loaded.path,
+    )

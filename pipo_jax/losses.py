@@ -25,7 +25,7 @@ exactly the loss and gradient of one batch holding all their sequences.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +44,15 @@ def head_logits(h_CD: jax.Array, W_DV: jax.Array) -> jax.Array:
   """[C, D] x [D, V] -> fp32 [C, V]; the matmul runs in the inputs' dtype, accumulating in fp32."""
   dtype = jnp.promote_types(h_CD.dtype, W_DV.dtype)
   return jax.lax.dot_general(
-      h_CD.astype(dtype), W_DV.astype(dtype), (((1,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32)
+    h_CD.astype(dtype), W_DV.astype(dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
 
 
 def scan_token_chunks(
-    body: Callable,
-    per_token: Sequence[jax.Array],
-    pad_values: Sequence,
-    chunk: int,
+  body: Callable,
+  per_token: Sequence[jax.Array],
+  pad_values: Sequence,
+  chunk: int,
 ):
   """Run `body` over token chunks with remat; add up its sums, concatenate its per-token outputs.
 
@@ -117,11 +117,11 @@ def _flatten_tokens(h, labels, weights):
 
 
 def chunked_cross_entropy(
-    h_ND: jax.Array,
-    W_DV: jax.Array,
-    labels_N: jax.Array,
-    chunk: int,
-    weights_N: Optional[jax.Array] = None,
+  h_ND: jax.Array,
+  W_DV: jax.Array,
+  labels_N: jax.Array,
+  chunk: int,
+  weights_N: jax.Array | None = None,
 ):
   """Cross entropy of `h @ W` against `labels`, O(chunk x V) memory in forward and backward.
 
@@ -150,8 +150,7 @@ def chunked_cross_entropy(
     sums = (-jnp.sum(logp * w_C), jnp.sum(valid.astype(jnp.float32)))
     return sums, (jax.lax.stop_gradient(logp),)
 
-  (sum_loss, n_valid), (gold,) = scan_token_chunks(
-      body, (h_ND, labels, w), (0, IGNORE_INDEX, 0.0), chunk)
+  (sum_loss, n_valid), (gold,) = scan_token_chunks(body, (h_ND, labels, w), (0, IGNORE_INDEX, 0.0), chunk)
   return sum_loss, n_valid, gold.reshape(shape)
 
 
@@ -220,8 +219,13 @@ def bce_with_logits(logit: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.maximum(a, 0.0) - a * t + jnp.log1p(jnp.exp(-jnp.abs(a)))
 
 
-def confidence_bce(conf_logit_N: jax.Array, target_N: jax.Array, mask_N: jax.Array,
-                   weights_N: Optional[jax.Array] = None, denominator=None) -> jax.Array:
+def confidence_bce(
+  conf_logit_N: jax.Array,
+  target_N: jax.Array,
+  mask_N: jax.Array,
+  weights_N: jax.Array | None = None,
+  denominator=None,
+) -> jax.Array:
   """Mean over valid positions of BCEWithLogits(conf_logit, sg(target)).
 
   Args:
@@ -250,8 +254,9 @@ def sft_confidence_target(gold_logprob_N: jax.Array) -> jax.Array:
   return jnp.clip(jnp.exp(jax.lax.stop_gradient(gold_logprob_N).astype(jnp.float32)), 0.0, 1.0)
 
 
-def confidence_metrics(conf_prob_N: jax.Array, target_N: jax.Array, mask_N: jax.Array,
-                       threshold: float = 0.95, n_bins: int = 10) -> dict:
+def confidence_metrics(
+  conf_prob_N: jax.Array, target_N: jax.Array, mask_N: jax.Array, threshold: float = 0.95, n_bins: int = 10
+) -> dict:
   """Calibration metrics of the confidence head over valid positions (all fp32 scalars).
 
   conf_prob_N: predicted acceptance c = sigmoid(a); target_N: its target (the acceptance
@@ -276,9 +281,9 @@ def confidence_metrics(conf_prob_N: jax.Array, target_N: jax.Array, mask_N: jax.
   kept = m * (c >= threshold)
   n_kept = jnp.sum(kept)
   return {
-      "ece": safe_mean(jnp.sum(gap), n),
-      "mean_pred": safe_mean(jnp.sum(c * m), n),
-      "mean_target": safe_mean(jnp.sum(t * m), n),
-      "kept_rate": safe_mean(n_kept, n),
-      "kept_rejected_rate": safe_mean(jnp.sum(kept * (1.0 - t)), n_kept),
+    "ece": safe_mean(jnp.sum(gap), n),
+    "mean_pred": safe_mean(jnp.sum(c * m), n),
+    "mean_target": safe_mean(jnp.sum(t * m), n),
+    "kept_rate": safe_mean(n_kept, n),
+    "kept_rejected_rate": safe_mean(jnp.sum(kept * (1.0 - t)), n_kept),
   }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -25,15 +25,25 @@ def define_flags() -> None:
   _TITLE = flags.DEFINE_string("title", "PIPO evaluation", "report title")
   _EXTRA = flags.DEFINE_list("extra_json", [], "JSON files embedded in report.json (e.g. stage timings)")
   _NOTES = flags.DEFINE_string("notes", "", "markdown file appended to report.md")
-  _SPEED = flags.DEFINE_string("speed", "", "rows of pipo_jax.speed: speed-ups with their spread replace the "
-                               "single-run ones")
+  _SPEED = flags.DEFINE_string(
+    "speed", "", "rows of pipo_jax.speed: speed-ups with their spread replace the single-run ones"
+  )
   _TARGETS = flags.DEFINE_float("targets_tau", None, "state the CPU miniature's targets (met / missed) at this τ")
   _DIAGNOSIS = flags.DEFINE_string("diagnosis", "", "JSON of pipo_jax.diagnose: its tables go into the report")
 
 
-def build(row_files: Sequence[str], run_dir: str, title: str, extra_files: Sequence[str] = (),
-          notes_file: str = "", speed_file: str = "", targets_tau=None, diagnosis_file: str = "") -> dict:
+def build(
+  row_files: Sequence[str],
+  run_dir: str,
+  title: str,
+  extra_files: Sequence[str] = (),
+  notes_file: str = "",
+  speed_file: str = "",
+  targets_tau=None,
+  diagnosis_file: str = "",
+) -> dict:
   from pipo_jax import report
+
   rows = []
   for path in row_files:
     with open(path) as f:
@@ -47,8 +57,10 @@ def build(row_files: Sequence[str], run_dir: str, title: str, extra_files: Seque
     preamble += ["## Targets\n", report.targets_md(targets)]
   if diagnosis_file:
     with open(diagnosis_file) as f:
-      preamble += ["## Diagnosis (teacher-forced, held-out correct answers; `pipo_jax.diagnose`)\n",
-                   json.load(f)["markdown"]]
+      preamble += [
+        "## Diagnosis (teacher-forced, held-out correct answers; `pipo_jax.diagnose`)\n",
+        json.load(f)["markdown"],
+      ]
   paths = report.write_report(rows, run_dir, title, preamble="\n".join(preamble))
   extra = {}
   for path in extra_files:
@@ -76,11 +88,20 @@ def build(row_files: Sequence[str], run_dir: str, title: str, extra_files: Seque
 
 def main(argv):
   del argv
-  paths = build(_ROWS.value, _RUN_DIR.value, _TITLE.value, _EXTRA.value, _NOTES.value, _SPEED.value,
-                _TARGETS.value, _DIAGNOSIS.value)
+  paths = build(
+    _ROWS.value,
+    _RUN_DIR.value,
+    _TITLE.value,
+    _EXTRA.value,
+    _NOTES.value,
+    _SPEED.value,
+    _TARGETS.value,
+    _DIAGNOSIS.value,
+  )
   print("[make_report] " + json.dumps(paths))
 
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

@@ -36,8 +36,13 @@ def define_flags() -> None:
 
 
 def difficulty_from_flags() -> synthetic.Difficulty:
-  return synthetic.Difficulty(min_ops=_MIN_OPS.value, max_ops=_MAX_OPS.value, min_operand=_MIN_OPERAND.value,
-                              max_operand=_MAX_OPERAND.value, ops=_OPS.value)
+  return synthetic.Difficulty(
+    min_ops=_MIN_OPS.value,
+    max_ops=_MAX_OPS.value,
+    min_operand=_MIN_OPERAND.value,
+    max_operand=_MAX_OPERAND.value,
+    ops=_OPS.value,
+  )
 
 
 def main(argv):
@@ -47,15 +52,26 @@ def main(argv):
     print(f"[make_task] {out} already holds a task; reusing it (--overwrite to rewrite)")
     return
   d = difficulty_from_flags()
-  paths = synthetic.write_dataset(out, n_train=_N_TRAIN.value, n_test=_N_TEST.value, n_opd=_N_OPD.value,
-                                  seed=_SEED.value, difficulty=d)
+  paths = synthetic.write_dataset(
+    out, n_train=_N_TRAIN.value, n_test=_N_TEST.value, n_opd=_N_OPD.value, seed=_SEED.value, difficulty=d
+  )
   # Recorded so the report can say which task it measured.
   with open(os.path.join(out, "task.json"), "w") as f:
-    json.dump({"difficulty": d.__dict__, "n_train": _N_TRAIN.value, "n_opd": _N_OPD.value,
-               "n_test": _N_TEST.value, "seed": _SEED.value}, f, indent=2)
+    json.dump(
+      {
+        "difficulty": d.__dict__,
+        "n_train": _N_TRAIN.value,
+        "n_opd": _N_OPD.value,
+        "n_test": _N_TEST.value,
+        "seed": _SEED.value,
+      },
+      f,
+      indent=2,
+    )
   print(f"[make_task] wrote {sorted(paths)} to {out}")
 
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

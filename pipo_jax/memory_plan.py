@@ -53,7 +53,6 @@ import re
 import subprocess
 import sys
 import time
-from typing import Optional
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -77,7 +76,7 @@ def _xla_flags_with_count(n: int) -> str:
   return " ".join(rest + [f"{_COUNT_FLAG}={n}"])
 
 
-def ensure_host_devices(n: int, argv: Optional[list] = None) -> None:
+def ensure_host_devices(n: int, argv: list | None = None) -> None:
   """Make jax see exactly n CPU devices: set the env before jax's backend starts, else re-exec.
 
   When the backend is already initialised with another device count (or another platform) the current
@@ -87,20 +86,27 @@ def ensure_host_devices(n: int, argv: Optional[list] = None) -> None:
   backend_up = False
   if "jax" in sys.modules:
     from jax._src import xla_bridge
+
     backend_up = xla_bridge.backends_are_initialized()
   if backend_up:
     import jax
+
     if jax.default_backend() == "cpu" and jax.device_count() == n:
       return
     env = dict(os.environ, XLA_FLAGS=_xla_flags_with_count(n), JAX_PLATFORMS="cpu")
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.info("jax already runs with %d %s devices: re-executing with %d simulated CPU devices",
-                 jax.device_count(), jax.default_backend(), n)
+    logging.info(
+      "jax already runs with %d %s devices: re-executing with %d simulated CPU devices",
+      jax.device_count(),
+      jax.default_backend(),
+      n,
+    )
     sys.exit(subprocess.call([sys.executable, "-m", "pipo_jax.memory_plan", *argv], env=env))
   os.environ["XLA_FLAGS"] = _xla_flags_with_count(n)
   os.environ["JAX_PLATFORMS"] = "cpu"
   if "jax" in sys.modules:  # imported but not started: jax read JAX_PLATFORMS at import, so tell it directly
     import jax
+
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -118,6 +124,7 @@ def per_device_bytes(tree) -> int:
   """Bytes one device holds of an abstract (or concrete) tree: its shard of every leaf, replicas counted fully."""
   import jax
   import numpy as np
+
   total = 0
   for x in jax.tree_util.tree_leaves(tree):
     shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
@@ -127,12 +134,14 @@ def per_device_bytes(tree) -> int:
 
 def _abstract(tree, shardings):
   import jax
+
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _planning_trainer(cfg: Config, model_cfg, mesh):
   """A Trainer for its pure methods (trainable_mask, loss_fn) without its side effects (workdir, data)."""
   from pipo_jax.trainer import Trainer
+
   tr = Trainer.__new__(Trainer)
   tr.cfg, tr.model_cfg, tr.mesh = cfg, model_cfg, mesh
   return tr
@@ -147,7 +156,9 @@ def abstract_train_state(cfg: Config, model_cfg, mesh):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   from pipo_jax import optim, sharding
   from pipo_jax.models import lora as lora_lib
   from pipo_jax.trainer import axes_to_shardings, boxed_params, logical_axes, train_state_shardings
@@ -167,34 +178,45 @@ def abstract_train_state(cfg: Config, model_cfg, mesh):
   return _abstract(state, state_shardings), state_shardings
 
 
-def abstract_batch(cfg: Config, mesh, length: Optional[int] = None, keys=("input_ids", "labels")) -> dict:
+def abstract_batch(cfg: Config, mesh, length: int | None = None, keys=("input_ids", "labels")) -> dict:
   """The step's batch rows: int32 (bool for OPD's masks) [B, T], or [k, B, T] with k = optim.grad_accum_steps.
 
   length defaults to data.max_length; keys other than input_ids / labels are bool (OPD's rollout masks)."""
   import jax
   import jax.numpy as jnp
+
   B, T, k = cfg.data.batch_size, length or cfg.data.max_length, cfg.optim.grad_accum_steps
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if B % shards:
-    raise ValueError(f"data.batch_size={B} is not divisible by data*fsdp={shards} on mesh {dict(mesh.shape)}: "
-                     f"set --config.data.batch_size to a multiple of {shards}")
+    raise ValueError(
+      f"data.batch_size={B} is not divisible by data*fsdp={shards} on mesh {dict(mesh.shape)}: "
+      f"set --config.data.batch_size to a multiple of {shards}"
+    )
   shape = (B, T) if k == 1 else (k, B, T)  # Trainer.global_batch stacks k micro-batches on a leading axis
   s = _rows_sharding(mesh, len(shape), k)
-  return {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name in ("input_ids", "labels") else jnp.bool_, sharding=s)
-          for name in keys}
+  return {
+    name: jax.ShapeDtypeStruct(shape, jnp.int32 if name in ("input_ids", "labels") else jnp.bool_, sharding=s)
+    for name in keys
+  }
 
 
 def _rows_sharding(mesh, ndim: int, k: int):
   """Rows over data*fsdp (Trainer.global_batch): axis 0, or axis 1 behind the unsharded micro-batch axis."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   lead = () if k == 1 else (None,)
   return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - len(lead) - 1))))
 
 
 def _analysis_dict(ma) -> dict:
-  out = {"argument_bytes": int(ma.argument_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
-         "alias_bytes": int(ma.alias_size_in_bytes), "temp_bytes": int(ma.temp_size_in_bytes),
-         "generated_code_bytes": int(ma.generated_code_size_in_bytes)}
+  out = {
+    "argument_bytes": int(ma.argument_size_in_bytes),
+    "output_bytes": int(ma.output_size_in_bytes),
+    "alias_bytes": int(ma.alias_size_in_bytes),
+    "temp_bytes": int(ma.temp_size_in_bytes),
+    "generated_code_bytes": int(ma.generated_code_size_in_bytes),
+  }
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   return out
 
@@ -210,12 +232,19 @@ def build_step(cfg: Config, model_cfg, mesh) -> dict:
   trainer's state shardings; the frozen teacher (never in the TrainState) is "teacher".
   """
   import jax
+
   from pipo_jax import optim
+
   state, state_shardings = abstract_train_state(cfg, model_cfg, mesh)
   schedule = optim.make_schedule(cfg.optim, cfg.train.num_steps)
   k = cfg.optim.grad_accum_steps
-  out = {"state": state, "params": (state.trainable, state.frozen), "optimizer": state.opt_state,
-         "teacher": None, "scoring": None}
+  out = {
+    "state": state,
+    "params": (state.trainable, state.frozen),
+    "optimizer": state.opt_state,
+    "teacher": None,
+    "scoring": None,
+  }
   if cfg.mode in ("ar", "sft"):
     batch = abstract_batch(cfg, mesh)
     loss_fn = _planning_trainer(cfg, model_cfg, mesh).loss_fn()
@@ -224,9 +253,12 @@ def build_step(cfg: Config, model_cfg, mesh) -> dict:
   else:
     import flax.linen as nn
     import jax.numpy as jnp
+
     from pipo_jax import sharding
-    from pipo_jax.opd import loss as opd_loss, rollout as rollout_lib
+    from pipo_jax.opd import loss as opd_loss
+    from pipo_jax.opd import rollout as rollout_lib
     from pipo_jax.trainer import boxed_params
+
     teacher_cfg = teacher_config_of(cfg)
     length = rollout_lib.rollout_length(cfg.opd)
     tboxed = boxed_params(teacher_cfg, "ar")["backbone"]
@@ -244,16 +276,28 @@ def build_step(cfg: Config, model_cfg, mesh) -> dict:
     # The teacher states enter the step as rows of the batch (sharded like them); compile_step replaces this
     # sharding by the one the compiled scoring program really outputs. W_t keeps the sharding of the jitted
     # teacher_head that OPDTrainer.step_inputs runs.
-    batch.update({key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_rows_sharding(mesh, v.ndim, k))
-                  for key, v in scored.items()})
+    batch.update(
+      {
+        key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_rows_sharding(mesh, v.ndim, k))
+        for key, v in scored.items()
+      }
+    )
     w_t = jax.ShapeDtypeStruct(head.out_info.shape, head.out_info.dtype, sharding=head.output_shardings)
     loss_fn = opd_loss.make_opd_loss(model_cfg, teacher_cfg, cfg.opd, cfg.loss, cfg.lora)
     args = (state, batch, w_t)
-    out.update(length=length, teacher=teacher, teacher_cfg=teacher_cfg,
-               scoring={"fn": jax.jit(score_fn), "args": (teacher, inputs)})
+    out.update(
+      length=length,
+      teacher=teacher,
+      teacher_cfg=teacher_cfg,
+      scoring={"fn": jax.jit(score_fn), "args": (teacher, inputs)},
+    )
   step_fn = optim.make_train_step(loss_fn, k, schedule)
-  out.update(fn=jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)), args=args, batch=batch,
-             state_shardings=state_shardings)
+  out.update(
+    fn=jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None)),
+    args=args,
+    batch=batch,
+    state_shardings=state_shardings,
+  )
   return out
 
 
@@ -264,7 +308,9 @@ def compile_step(built: dict, mesh):
   too), and the step's teacher-state inputs take the shardings that program outputs.
   """
   import jax
+
   from pipo_jax import sharding
+
   t_lower = t_compile = 0.0
   with sharding.use_rules(mesh):
     if built["scoring"] is not None:
@@ -274,8 +320,13 @@ def compile_step(built: dict, mesh):
       built["scoring_compiled"] = lowered.compile()
       t_lower, t_compile = t1 - t0, time.time() - t1
       states = built["scoring_compiled"].output_shardings[0]
-      batch = dict(built["batch"], **{key: jax.ShapeDtypeStruct(built["batch"][key].shape, built["batch"][key].dtype,
-                                                                 sharding=s) for key, s in states.items()})
+      batch = dict(
+        built["batch"],
+        **{
+          key: jax.ShapeDtypeStruct(built["batch"][key].shape, built["batch"][key].dtype, sharding=s)
+          for key, s in states.items()
+        },
+      )
       built["batch"] = batch
       built["args"] = (built["args"][0], batch, *built["args"][2:])
     t0 = time.time()
@@ -300,14 +351,25 @@ def opd_program_memory(built: dict, compiled) -> dict:
   scoring = _analysis_dict(built["scoring_compiled"].memory_analysis())
   inputs = built["scoring"]["args"][1]
   rest = {key: v for key, v in built["batch"].items() if key not in inputs and not key.startswith("teacher_")}
-  scoring["total_bytes"] = (scoring["argument_bytes"] + scoring["output_bytes"] + scoring["temp_bytes"]
-                            + per_device_bytes(built["state"]) + per_device_bytes(rest))
-  out = {key: step[key] for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
-                                    "generated_code_bytes")}
+  scoring["total_bytes"] = (
+    scoring["argument_bytes"]
+    + scoring["output_bytes"]
+    + scoring["temp_bytes"]
+    + per_device_bytes(built["state"])
+    + per_device_bytes(rest)
+  )
+  out = {
+    key: step[key] for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes")
+  }
   larger = "train_step" if step["total_bytes"] >= scoring["total_bytes"] else "teacher_scoring"
-  out.update(total_bytes=max(step["total_bytes"], scoring["total_bytes"]), larger_program=larger,
-             train_step=step, teacher_scoring=scoring, student_params_bytes=per_device_bytes(built["params"]),
-             teacher_params_bytes=teacher_bytes)
+  out.update(
+    total_bytes=max(step["total_bytes"], scoring["total_bytes"]),
+    larger_program=larger,
+    train_step=step,
+    teacher_scoring=scoring,
+    student_params_bytes=per_device_bytes(built["params"]),
+    teacher_params_bytes=teacher_bytes,
+  )
   return out
 
 
@@ -320,11 +382,18 @@ def _plan_cpu(cfg: Config, model_cfg, mesh) -> dict:
     out.update(params_bytes=per_device_bytes(built["params"]))
   else:
     out = opd_program_memory(built, compiled)
-    out.update(params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
-               teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
-  out.update(optimizer_bytes=per_device_bytes(built["optimizer"]), batch_bytes=per_device_bytes(built["batch"]),
-             lower_seconds=t_lower, compile_seconds=t_compile, length=built["length"],
-             batch_size=cfg.data.batch_size)
+    out.update(
+      params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
+      teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint,
+    )
+  out.update(
+    optimizer_bytes=per_device_bytes(built["optimizer"]),
+    batch_bytes=per_device_bytes(built["batch"]),
+    lower_seconds=t_lower,
+    compile_seconds=t_compile,
+    length=built["length"],
+    batch_size=cfg.data.batch_size,
+  )
   return out
 
 
@@ -335,6 +404,7 @@ def model_flops_per_step(cfg: Config, model_cfg, built: dict) -> float:
   positions trained plus the teacher's T positions forward only (its scoring program), per micro-batch.
   """
   from pipo_jax.metrics import estimate_flops_per_token
+
   B, k, T = cfg.data.batch_size, cfg.optim.grad_accum_steps, built["length"]
   if cfg.mode == "ar":
     return B * k * T * estimate_flops_per_token(model_cfg, T, include_mtp=False)
@@ -352,6 +422,7 @@ def sharding_mismatches(compiled, built: dict) -> list:
   with the program's abstract "args" (build_step's dict, or its "scoring" entry).
   """
   import jax
+
   out = []
   n_args = len(built["args"])
   got = compiled.input_shardings[0][:n_args]
@@ -361,8 +432,10 @@ def sharding_mismatches(compiled, built: dict) -> list:
     shards = jax.tree_util.tree_leaves(shard, is_leaf=lambda s: s is None)
     for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(arg), shards):
       if s is not None and x.sharding.shard_shape(x.shape) != s.shard_shape(x.shape):
-        out.append(f"arg{i}{jax.tree_util.keystr(path)}: planned {x.sharding.shard_shape(x.shape)}, "
-                   f"compiled {s.shard_shape(x.shape)}")
+        out.append(
+          f"arg{i}{jax.tree_util.keystr(path)}: planned {x.sharding.shard_shape(x.shape)}, "
+          f"compiled {s.shard_shape(x.shape)}"
+        )
   return out
 
 
@@ -374,10 +447,12 @@ def whole_param_gathers(largest: list, built: dict, mesh) -> list:
   consumed. Matched by shape (singleton dims ignored) against the largest collectives of the HLO.
   """
   import jax
+
   from pipo_jax import hlo_stats
+
   if mesh.shape.get("tensor", 1) == 1:
     return []
-  squeeze = lambda dims: tuple(d for d in dims if d != 1)  # noqa: E731
+  squeeze = lambda dims: tuple(d for d in dims if d != 1)
   whole = {}
   for path, x in jax.tree_util.tree_leaves_with_path((built["params"], built["teacher"])):
     if "tensor" in jax.tree_util.tree_leaves(tuple(x.sharding.spec)) and len(x.shape) >= 2:
@@ -395,7 +470,7 @@ def whole_param_gathers(largest: list, built: dict, mesh) -> list:
   return hits
 
 
-def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: Optional[str] = None, top: int = 10) -> dict:
+def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: str | None = None, top: int = 10) -> dict:
   """Any mode on compile-only TPU devices: XLA:TPU's memory, its HLO's FLOPs / bytes / collectives, a roofline."""
   built = build_step(cfg, model_cfg, mesh)
   compiled, t_lower, t_compile = compile_step(built, mesh)
@@ -404,8 +479,9 @@ def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: Optional[str] = 
   return out
 
 
-def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, hlo_out: Optional[str] = None,
-               top: int = 10) -> dict:
+def tpu_report(
+  cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, hlo_out: str | None = None, top: int = 10
+) -> dict:
   """The plan's fields from a compiled TPU step (see _plan_tpu; compile_step first).
 
   opd: memory as opd_program_memory (the larger program); FLOPs, bytes, collectives, loops and ops are the sums
@@ -413,14 +489,16 @@ def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, h
   step; the teacher scoring goes beside it with `.teacher` before the extension.
   """
   from pipo_jax import hlo_stats, tpu_plan
+
   programs = [("", compiled)]
   if built["teacher"] is not None:
     programs.append((".teacher", built["scoring_compiled"]))
   texts = [c.as_text() for _, c in programs]
   if hlo_out:
     import gzip
+
     for (tag, _), text in zip(programs, texts):
-      stem, ext = (hlo_out[:-len(".hlo.gz")], ".hlo.gz") if hlo_out.endswith(".hlo.gz") else os.path.splitext(hlo_out)
+      stem, ext = (hlo_out[: -len(".hlo.gz")], ".hlo.gz") if hlo_out.endswith(".hlo.gz") else os.path.splitext(hlo_out)
       with gzip.open(stem + tag + ext if tag else hlo_out, "wt") as f:
         f.write(text)
   stats = _merge_stats([hlo_stats.analyze(text, top=4 * top) for text in texts])
@@ -438,23 +516,36 @@ def tpu_report(cfg: Config, model_cfg, mesh, built: dict, compiled, chip: str, h
     mismatches = sharding_mismatches(compiled, built)
   else:
     out = opd_program_memory(built, compiled)
-    out.update(params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
-               teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint)
-    mismatches = (sharding_mismatches(compiled, built)
-                  + [f"teacher_scoring {m}" for m in sharding_mismatches(built["scoring_compiled"], built["scoring"])])
+    out.update(
+      params_bytes=out["student_params_bytes"] + out["teacher_params_bytes"],
+      teacher=built["teacher_cfg"].preset or cfg.opd.teacher_checkpoint,
+    )
+    mismatches = sharding_mismatches(compiled, built) + [
+      f"teacher_scoring {m}" for m in sharding_mismatches(built["scoring_compiled"], built["scoring"])
+    ]
   out.update(
-      optimizer_bytes=per_device_bytes(built["optimizer"]), batch_bytes=per_device_bytes(built["batch"]),
-      length=built["length"], batch_size=cfg.data.batch_size, flops=stats["flops"], dot_flops=stats["dot_flops"],
-      bytes_accessed=stats["bytes"], model_flops=model_flops,
-      compiler_cost_analysis={"flops": sum(float(ca.get("flops", 0.0)) for ca in cas),
-                              "bytes_accessed": sum(float(ca.get("bytes accessed", 0.0)) for ca in cas)},
-      hlo_counts_once={"flops": stats["flops_once"], "bytes": stats["bytes_once"]},
-      loops=stats["loops"], unknown_trip_counts=stats["unknown_trip_counts"],
-      collectives=stats["collectives"], largest_collectives=stats["largest_collectives"][:top],
-      roofline=tpu_plan.roofline(stats["flops"], stats["bytes"], coll_bytes, chip, model_flops),
-      top_ops=hlo_stats.top_ops(stats["ops"], chipc["peak_flops"], chipc["hbm_bw"], top),
-      sharding_mismatches=mismatches,
-      whole_param_gathers=whole_param_gathers(stats["largest_collectives"], built, mesh))
+    optimizer_bytes=per_device_bytes(built["optimizer"]),
+    batch_bytes=per_device_bytes(built["batch"]),
+    length=built["length"],
+    batch_size=cfg.data.batch_size,
+    flops=stats["flops"],
+    dot_flops=stats["dot_flops"],
+    bytes_accessed=stats["bytes"],
+    model_flops=model_flops,
+    compiler_cost_analysis={
+      "flops": sum(float(ca.get("flops", 0.0)) for ca in cas),
+      "bytes_accessed": sum(float(ca.get("bytes accessed", 0.0)) for ca in cas),
+    },
+    hlo_counts_once={"flops": stats["flops_once"], "bytes": stats["bytes_once"]},
+    loops=stats["loops"],
+    unknown_trip_counts=stats["unknown_trip_counts"],
+    collectives=stats["collectives"],
+    largest_collectives=stats["largest_collectives"][:top],
+    roofline=tpu_plan.roofline(stats["flops"], stats["bytes"], coll_bytes, chip, model_flops),
+    top_ops=hlo_stats.top_ops(stats["ops"], chipc["peak_flops"], chipc["hbm_bw"], top),
+    sharding_mismatches=mismatches,
+    whole_param_gathers=whole_param_gathers(stats["largest_collectives"], built, mesh),
+  )
   return out
 
 
@@ -462,8 +553,10 @@ def _merge_stats(stats: list) -> dict:
   """hlo_stats.analyze results of the programs one step runs, as one: totals and collectives summed, lists joined."""
   if len(stats) == 1:
     return stats[0]
-  out = {key: sum(s[key] for s in stats) for key in ("flops", "flops_once", "dot_flops", "bytes", "bytes_once",
-                                                       "unknown_trip_counts")}
+  out = {
+    key: sum(s[key] for s in stats)
+    for key in ("flops", "flops_once", "dot_flops", "bytes", "bytes_once", "unknown_trip_counts")
+  }
   out["collectives"] = {}
   for kind in stats[0]["collectives"]:
     cs = [s["collectives"][kind] for s in stats]
@@ -479,26 +572,35 @@ def teacher_config_of(cfg: Config):
   """The OPD teacher's resolved config: opd.teacher_checkpoint's config.json when it exists, else opd.teacher."""
   from pipo_jax import loading
   from pipo_jax.config import load_hf_model_config, resolve_model_config
+
   path = cfg.opd.teacher_checkpoint
   if path and loading.is_hf_dir(path):
     return load_hf_model_config(path, cfg.opd.teacher)
   if path and loading.is_orbax_checkpoint(path):
     from pipo_jax import checkpoint as ckpt_lib
+
     return loading.config_from_saved(ckpt_lib.read_config(path), cfg.opd.teacher)[0]
   if cfg.opd.teacher.preset is None:
     raise ValueError("mode=opd: set opd.teacher.preset (e.g. qwen3_5_9b) or an existing opd.teacher_checkpoint")
   return resolve_model_config(cfg.opd.teacher)
 
 
-def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", topology: Optional[str] = None,
-         hlo_out: Optional[str] = None) -> dict:
+def plan(
+  cfg: Config,
+  accelerator: str | None = None,
+  target: str = "cpu",
+  topology: str | None = None,
+  hlo_out: str | None = None,
+) -> dict:
   """The memory plan of `cfg` (see the module docstring for the fields).
 
   target "cpu": on all of jax's current (simulated CPU) devices; "tpu": on the chips of `topology`
   (e.g. "v5p:2x2x2"), compiled by libtpu, with the chip type deciding `fits` (accelerator is ignored).
   """
   import jax
+
   from pipo_jax import loading, sharding
+
   if cfg.data.max_length % 2:
     raise ValueError(f"data.max_length={cfg.data.max_length} must be even")
   if cfg.mode not in ("ar", "sft", "opd"):
@@ -506,28 +608,48 @@ def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", to
   model_cfg = loading.model_config_of(cfg)
   if target == "tpu":
     from pipo_jax import tpu_plan
+
     if not topology:
       raise ValueError("--target=tpu needs --topology, e.g. v5p:2x2x2 (8 chips) or v6e:2x4")
     accelerator = tpu_plan.chip_of(topology)
     devices = tpu_plan.topology_devices(topology)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     out = _plan_tpu(cfg, model_cfg, mesh, accelerator, hlo_out)
-    out.update(backend="tpu", topology=topology, num_devices=len(devices),
-               produced_by=f"XLA:TPU (libtpu) AOT compile for {topology}")
+    out.update(
+      backend="tpu",
+      topology=topology,
+      num_devices=len(devices),
+      produced_by=f"XLA:TPU (libtpu) AOT compile for {topology}",
+    )
   elif target == "cpu":
     mesh = sharding.make_mesh(cfg.mesh)
     out = _plan_cpu(cfg, model_cfg, mesh)
-    out.update(backend=jax.default_backend(), num_devices=jax.device_count(),
-               produced_by=f"XLA:CPU on {jax.device_count()} simulated devices (an estimate)")
+    out.update(
+      backend=jax.default_backend(),
+      num_devices=jax.device_count(),
+      produced_by=f"XLA:CPU on {jax.device_count()} simulated devices (an estimate)",
+    )
   else:
     raise ValueError(f"target={target!r}: expected cpu | tpu")
-  out.update(mode=cfg.mode, model=cfg.model.preset or cfg.checkpoint.init_from, mesh=dict(mesh.shape),
-             grad_accum_steps=cfg.optim.grad_accum_steps, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-             remat=model_cfg.remat, lora_rank=cfg.lora.rank)
+  out.update(
+    mode=cfg.mode,
+    model=cfg.model.preset or cfg.checkpoint.init_from,
+    mesh=dict(mesh.shape),
+    grad_accum_steps=cfg.optim.grad_accum_steps,
+    dtype=model_cfg.dtype,
+    param_dtype=model_cfg.param_dtype,
+    remat=model_cfg.remat,
+    lora_rank=cfg.lora.rank,
+  )
   if accelerator:
     hbm = HBM_GIB[accelerator] * 2**30
-    out.update(accelerator=accelerator, hbm_bytes=hbm, fits=bool(out["total_bytes"] <= hbm),
-               hbm_fraction=round(out["total_bytes"] / hbm, 4), headroom_bytes=hbm - out["total_bytes"])
+    out.update(
+      accelerator=accelerator,
+      hbm_bytes=hbm,
+      fits=bool(out["total_bytes"] <= hbm),
+      hbm_fraction=round(out["total_bytes"] / hbm, 4),
+      headroom_bytes=hbm - out["total_bytes"],
+    )
   else:
     out.update(accelerator=None, hbm_bytes=None, fits=None)
   return out
@@ -535,33 +657,46 @@ def plan(cfg: Config, accelerator: Optional[str] = None, target: str = "cpu", to
 
 def format_plan(p: dict) -> str:
   gib = lambda b: f"{b / 2**30:10.3f} GiB"
-  lines = [f"memory plan: mode={p['mode']} model={p['model']} devices={p['num_devices']} mesh={p['mesh']} "
-           f"batch={p['batch_size']}x{p['length']} accum={p['grad_accum_steps']} dtype={p['dtype']} "
-           f"remat={p['remat']} lora_rank={p['lora_rank']} (compile {p.get('compile_seconds', 0):.0f}s)",
-           f"  params     {gib(p['params_bytes'])} per device",
-           f"  optimizer  {gib(p['optimizer_bytes'])} per device",
-           f"  temp       {gib(p['temp_bytes'])} per device",
-           f"  total      {gib(p['total_bytes'])} per device (argument + output - aliased + temp)"]
+  lines = [
+    f"memory plan: mode={p['mode']} model={p['model']} devices={p['num_devices']} mesh={p['mesh']} "
+    f"batch={p['batch_size']}x{p['length']} accum={p['grad_accum_steps']} dtype={p['dtype']} "
+    f"remat={p['remat']} lora_rank={p['lora_rank']} (compile {p.get('compile_seconds', 0):.0f}s)",
+    f"  params     {gib(p['params_bytes'])} per device",
+    f"  optimizer  {gib(p['optimizer_bytes'])} per device",
+    f"  temp       {gib(p['temp_bytes'])} per device",
+    f"  total      {gib(p['total_bytes'])} per device (argument + output - aliased + temp)",
+  ]
   if p.get("larger_program"):
-    lines[-1] = (f"  total      {gib(p['total_bytes'])} per device: the {p['larger_program']} "
-                 f"(train step {p['train_step']['total_bytes'] / 2**30:.3f} GiB with the teacher resident, "
-                 f"teacher scoring {p['teacher_scoring']['total_bytes'] / 2**30:.3f} GiB with the TrainState)")
+    lines[-1] = (
+      f"  total      {gib(p['total_bytes'])} per device: the {p['larger_program']} "
+      f"(train step {p['train_step']['total_bytes'] / 2**30:.3f} GiB with the teacher resident, "
+      f"teacher scoring {p['teacher_scoring']['total_bytes'] / 2**30:.3f} GiB with the TrainState)"
+    )
   if p.get("accelerator"):
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
-    lines.append(f"  {verdict} in {p['accelerator']} HBM ({HBM_GIB[p['accelerator']]} GiB): "
-                 f"{100 * p['hbm_fraction']:.1f}% used, headroom {p['headroom_bytes'] / 2**30:.2f} GiB")
+    lines.append(
+      f"  {verdict} in {p['accelerator']} HBM ({HBM_GIB[p['accelerator']]} GiB): "
+      f"{100 * p['hbm_fraction']:.1f}% used, headroom {p['headroom_bytes'] / 2**30:.2f} GiB"
+    )
   if p.get("roofline"):
     r = p["roofline"]
-    lines.append(f"  compute    {p['flops'] / 1e12:10.2f} TFLOP per chip per step (trip-count corrected; "
-                 f"model {p['model_flops'] / 1e12:.2f}), {p['bytes_accessed'] / 2**30:.1f} GiB accessed")
-    lines.append(f"  roofline   {r['step_seconds']:.3f} s per step ({r['bound']}-bound), MFU {100 * r['mfu']:.1f}%, "
-                 f"collectives {r['collective_seconds']:.3f} s over ICI")
+    lines.append(
+      f"  compute    {p['flops'] / 1e12:10.2f} TFLOP per chip per step (trip-count corrected; "
+      f"model {p['model_flops'] / 1e12:.2f}), {p['bytes_accessed'] / 2**30:.1f} GiB accessed"
+    )
+    lines.append(
+      f"  roofline   {r['step_seconds']:.3f} s per step ({r['bound']}-bound), MFU {100 * r['mfu']:.1f}%, "
+      f"collectives {r['collective_seconds']:.3f} s over ICI"
+    )
     for kind, c in p["collectives"].items():
       if c["count"]:
-        lines.append(f"  {kind:18s} {c['count']:7d} per step, {c['bytes'] / 2**30:9.2f} GiB, "
-                     f"largest {c['largest_bytes'] / 2**20:.1f} MiB")
-    for w in p["sharding_mismatches"][:5] + [f"whole-parameter all-gather: {g['param']} {g['shape']}"
-                                             for g in p["whole_param_gathers"][:5]]:
+        lines.append(
+          f"  {kind:18s} {c['count']:7d} per step, {c['bytes'] / 2**30:9.2f} GiB, "
+          f"largest {c['largest_bytes'] / 2**20:.1f} MiB"
+        )
+    for w in p["sharding_mismatches"][:5] + [
+      f"whole-parameter all-gather: {g['param']} {g['shape']}" for g in p["whole_param_gathers"][:5]
+    ]:
       lines.append(f"  WARNING {w}")
   return "\n".join(lines)
 
@@ -570,15 +705,21 @@ def define_flags() -> dict:
   """The CLI's flags. Defined only when run as a program: `--config` would clash with pipo_jax.train's in a
   process (e.g. a test session) that imports both modules."""
   return {
-      "config": config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py)."),
-      "num_devices": flags.DEFINE_integer("num_devices", None, "Simulated devices (default: the mesh's product, "
-                                          "or 8 when an axis is -1)."),
-      "accelerator": flags.DEFINE_enum("accelerator", None, list(HBM_GIB), "Accelerator whose HBM decides `fits`."),
-      "output": flags.DEFINE_string("output", "", "Write the plan as JSON here."),
-      "target": flags.DEFINE_enum("target", "cpu", ["cpu", "tpu"], "cpu: simulated CPU devices (an estimate, for "
-                                  "GPU targets); tpu: compile with libtpu for --topology (exact for TPU)."),
-      "topology": flags.DEFINE_string("topology", None, "TPU topology for --target=tpu, e.g. v5p:2x2x2 or v6e:2x4."),
-      "dump_hlo": flags.DEFINE_string("dump_hlo", "", "--target=tpu: write the optimized HLO here (gzip)."),
+    "config": config_flags.DEFINE_config_dataclass("config", Config(), "Run configuration (pipo_jax/config.py)."),
+    "num_devices": flags.DEFINE_integer(
+      "num_devices", None, "Simulated devices (default: the mesh's product, or 8 when an axis is -1)."
+    ),
+    "accelerator": flags.DEFINE_enum("accelerator", None, list(HBM_GIB), "Accelerator whose HBM decides `fits`."),
+    "output": flags.DEFINE_string("output", "", "Write the plan as JSON here."),
+    "target": flags.DEFINE_enum(
+      "target",
+      "cpu",
+      ["cpu", "tpu"],
+      "cpu: simulated CPU devices (an estimate, for "
+      "GPU targets); tpu: compile with libtpu for --topology (exact for TPU).",
+    ),
+    "topology": flags.DEFINE_string("topology", None, "TPU topology for --target=tpu, e.g. v5p:2x2x2 or v6e:2x4."),
+    "dump_hlo": flags.DEFINE_string("dump_hlo", "", "--target=tpu: write the optimized HLO here (gzip)."),
   }
 
 
@@ -606,4 +747,5 @@ def main(argv, fl: dict):
 if __name__ == "__main__":
   _FLAGS = define_flags()
   from pipo_jax import cli
+
   cli.run(lambda argv: main(argv, _FLAGS))

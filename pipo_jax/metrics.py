@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -19,22 +19,22 @@ from pipo_jax import workdir
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as lowercase
 # substrings of `jax.Device.device_kind`; the most specific (longest) key wins.
 PEAK_FLOPS = {
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,  # "TPU v5" is how v5p reports itself
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-    "tpu7x": 2307e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "a100": 312e12,
-    "b200": 2250e12,
+  "tpu v4": 275e12,
+  "tpu v5 lite": 197e12,
+  "tpu v5e": 197e12,
+  "tpu v5p": 459e12,
+  "tpu v5": 459e12,  # "TPU v5" is how v5p reports itself
+  "tpu v6 lite": 918e12,
+  "tpu v6e": 918e12,
+  "tpu7x": 2307e12,
+  "h100": 989e12,
+  "h200": 989e12,
+  "a100": 312e12,
+  "b200": 2250e12,
 }
 
 
-def peak_flops_per_device(device: Optional[jax.Device] = None, override: float = 0.0) -> Optional[float]:
+def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.0) -> float | None:
   """Peak FLOP/s of one device: `override` if > 0, else the table; None when unknown (CPU)."""
   if override and override > 0:
     return float(override)
@@ -54,16 +54,17 @@ def count_matmul_params(cfg) -> dict:
   # Qwen3.5 gated attention: q_proj emits queries and the output gate (2 * nq * hd)
   full = d * (2 * nq * hd) + 2 * d * (nkv * hd) + nq * hd * d
   # Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj (conv1d is depthwise: tiny)
-  linear = d * cfg.linear_conv_dim + d * cfg.linear_value_dim + 2 * d * cfg.linear_num_value_heads \
-      + cfg.linear_value_dim * d
+  linear = (
+    d * cfg.linear_conv_dim + d * cfg.linear_value_dim + 2 * d * cfg.linear_num_value_heads + cfg.linear_value_dim * d
+  )
   mlp = 3 * d * inter
   n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
   n_lin = len(cfg.layer_types) - n_full
   n_mtp = cfg.mtp_num_hidden_layers or 0
   return {
-      "backbone": n_full * full + n_lin * linear + len(cfg.layer_types) * mlp,
-      "lm_head": d * cfg.vocab_size,
-      "mtp": n_mtp * (full + mlp + 2 * d * d),  # decoder layer + fc [2D, D]
+    "backbone": n_full * full + n_lin * linear + len(cfg.layer_types) * mlp,
+    "lm_head": d * cfg.vocab_size,
+    "mtp": n_mtp * (full + mlp + 2 * d * d),  # decoder layer + fc [2D, D]
   }
 
 
@@ -87,8 +88,9 @@ def estimate_flops_per_token(cfg, seq_len: int, training: bool = True, include_m
   return mult * (2.0 * n_matmul + attn_fwd + gdn_fwd)
 
 
-def mfu(flops_per_token: float, tokens_per_second: float, peak_per_device: Optional[float],
-        num_devices: int) -> Optional[float]:
+def mfu(
+  flops_per_token: float, tokens_per_second: float, peak_per_device: float | None, num_devices: int
+) -> float | None:
   """Model FLOP utilisation in [0, 1]; None when the peak is unknown."""
   if not peak_per_device:
     return None
@@ -116,9 +118,15 @@ class MetricsWriter:
   `total_steps`.
   """
 
-  def __init__(self, logdir: str, total_steps: Optional[int] = None, flops_per_token: Optional[float] = None,
-               peak_flops: Optional[float] = None, num_devices: Optional[int] = None,
-               enabled: Optional[bool] = None):
+  def __init__(
+    self,
+    logdir: str,
+    total_steps: int | None = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+    num_devices: int | None = None,
+    enabled: bool | None = None,
+  ):
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self.logdir = logdir
     self.total_steps = total_steps
@@ -131,6 +139,7 @@ class MetricsWriter:
     if self.enabled:
       workdir.makedirs(logdir)  # local path or URL (gs://...)
       from tensorboardX import SummaryWriter  # import only where used: workers never need it
+
       self._tb = SummaryWriter(logdir=logdir)
       self._jsonl = workdir.open_append(workdir.join(logdir, "metrics.jsonl"))
 
@@ -150,7 +159,7 @@ class MetricsWriter:
     if self.enabled:
       self._tb.add_text(tag, text, step)
 
-  def log_progress(self, step: int, metrics: Mapping[str, float], tokens_since_last: Optional[int] = None) -> dict:
+  def log_progress(self, step: int, metrics: Mapping[str, float], tokens_since_last: int | None = None) -> dict:
     """Write metrics plus rates; returns what was written. The first call only starts the clock."""
     now = time.perf_counter()
     out = {k: _scalar(v) for k, v in metrics.items() if v is not None}

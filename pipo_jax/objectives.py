@@ -62,26 +62,31 @@ def make_sft_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, lora_cfg: LoraCo
     out = model.apply(p, ids_BT, None, loss_cfg.conf_detach_inputs)
     W_DV = model.apply(p, method=PipoModel.head_kernel)
     lb_BJ, lm_BJ = stream_labels(labels_BT)
-    loss_b, n_b, _ = losses.cross_entropy_mean(out["h_BJD"], W_DV, lb_BJ, loss_cfg.logits_chunk,
-                                               denominator=denoms["backbone"])
-    loss_m, n_m, gold_m_BJ = losses.cross_entropy_mean(out["m_BJD"], W_DV, lm_BJ, loss_cfg.logits_chunk,
-                                                       denominator=denoms["mtp"])
+    loss_b, n_b, _ = losses.cross_entropy_mean(
+      out["h_BJD"], W_DV, lb_BJ, loss_cfg.logits_chunk, denominator=denoms["backbone"]
+    )
+    loss_m, n_m, gold_m_BJ = losses.cross_entropy_mean(
+      out["m_BJD"], W_DV, lm_BJ, loss_cfg.logits_chunk, denominator=denoms["mtp"]
+    )
     mask_BJ = lm_BJ != IGNORE
     target_BJ = losses.sft_confidence_target(gold_m_BJ)
     loss_c = losses.confidence_bce(out["conf_logit_BJ"], target_BJ, mask_BJ, denominator=denoms["mtp"])
-    total = (loss_cfg.backbone_weight * loss_b + loss_cfg.mtp_weight * loss_m
-             + loss_cfg.conf_weight * loss_c)
+    total = loss_cfg.backbone_weight * loss_b + loss_cfg.mtp_weight * loss_m + loss_cfg.conf_weight * loss_c
     conf = losses.confidence_metrics(jax.nn.sigmoid(out["conf_logit_BJ"]), target_BJ, mask_BJ)
     metrics = {
-        "loss_backbone": loss_b, "loss_mtp": loss_m, "loss_conf": loss_c,
-        "conf_pred_mean": conf["mean_pred"], "conf_target_mean": conf["mean_target"],
-        "conf_ece": conf["ece"], "supervised_tokens": n_b + n_m,
-        "real_tokens": _count(labels_BT != IGNORE),
+      "loss_backbone": loss_b,
+      "loss_mtp": loss_m,
+      "loss_conf": loss_c,
+      "conf_pred_mean": conf["mean_pred"],
+      "conf_target_mean": conf["mean_target"],
+      "conf_ece": conf["ece"],
+      "supervised_tokens": n_b + n_m,
+      "real_tokens": _count(labels_BT != IGNORE),
     }
     return total, metrics
 
-  loss_fn.denominators = denominators
-  loss_fn.additive = ADDITIVE
+  loss_fn.denominators = denominators  # type: ignore[attr-defined]
+  loss_fn.additive = ADDITIVE  # type: ignore[attr-defined]
   return loss_fn
 
 
@@ -104,22 +109,24 @@ def make_ar_loss(model_cfg: ModelConfig, loss_cfg: LossConfig, lora_cfg: LoraCon
     x_BTD = backbone.apply(pb, ids_BT, method=Qwen35.embed)
     h_BTD, _ = backbone.apply(pb, x_BTD, pos_BT)
     W_DV = backbone.apply(pb, method=Qwen35.head_kernel)
-    loss_b, n_b, _ = losses.cross_entropy_mean(h_BTD[:, :-1], W_DV, labels_BT[:, 1:], loss_cfg.logits_chunk,
-                                               denominator=denoms["backbone"])
+    loss_b, n_b, _ = losses.cross_entropy_mean(
+      h_BTD[:, :-1], W_DV, labels_BT[:, 1:], loss_cfg.logits_chunk, denominator=denoms["backbone"]
+    )
     metrics = {"loss_backbone": loss_b, "supervised_tokens": n_b, "real_tokens": _count(labels_BT != IGNORE)}
     total = loss_cfg.backbone_weight * loss_b
     if loss_cfg.native_mtp_weight > 0:
       if "mtp" not in p:
         raise ValueError("loss.native_mtp_weight > 0 needs an MTP head (model.mtp_num_hidden_layers >= 1)")
       # Slot t (0..T-3): MTP(e(x_{t+1}), h_t) at RoPE position t predicts x_{t+2}.
-      e_BSD = x_BTD[:, 1:T - 1]
-      m_BSD, _ = mtp.apply({"params": p["mtp"]}, e_BSD, h_BTD[:, :T - 2], pos_BT[:, :T - 2])
-      loss_m, _, _ = losses.cross_entropy_mean(m_BSD, W_DV, labels_BT[:, 2:], loss_cfg.logits_chunk,
-                                               denominator=denoms["mtp"])
+      e_BSD = x_BTD[:, 1 : T - 1]
+      m_BSD, _ = mtp.apply({"params": p["mtp"]}, e_BSD, h_BTD[:, : T - 2], pos_BT[:, : T - 2])
+      loss_m, _, _ = losses.cross_entropy_mean(
+        m_BSD, W_DV, labels_BT[:, 2:], loss_cfg.logits_chunk, denominator=denoms["mtp"]
+      )
       metrics["loss_mtp"] = loss_m
       total = total + loss_cfg.native_mtp_weight * loss_m
     return total, metrics
 
-  loss_fn.denominators = denominators
-  loss_fn.additive = ADDITIVE
+  loss_fn.denominators = denominators  # type: ignore[attr-defined]
+  loss_fn.additive = ADDITIVE  # type: ignore[attr-defined]
   return loss_fn

@@ -23,7 +23,8 @@ A plain `loss_fn(params, batch, rng)` without it is taken as a mean, and micro-b
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -43,8 +44,10 @@ FROZEN_ALWAYS = ("backbone/embed_tokens", "backbone/lm_head")
 
 
 def _map_with_path(fn, tree: Params, path=()):
-  return {k: _map_with_path(fn, v, path + (k,)) if isinstance(v, dict) else fn("/".join(path + (k,)), v)
-          for k, v in tree.items()}
+  return {
+    k: _map_with_path(fn, v, path + (k,)) if isinstance(v, dict) else fn("/".join(path + (k,)), v)
+    for k, v in tree.items()
+  }
 
 
 def _matches(path: str, prefix: str) -> bool:
@@ -80,8 +83,10 @@ def trainable_mask(params: Params, train_cfg, lora_active: bool) -> Params:
   mask = _map_with_path(leaf, params)
   unused = [p for p in prefixes if p not in used]
   if unused:
-    raise ValueError(f"train.trainable prefixes match no parameter: {unused}. Top-level keys are "
-                     f"{sorted(params)}; paths look like 'mtp/fc/kernel'.")
+    raise ValueError(
+      f"train.trainable prefixes match no parameter: {unused}. Top-level keys are "
+      f"{sorted(params)}; paths look like 'mtp/fc/kernel'."
+    )
   return mask
 
 
@@ -163,8 +168,14 @@ def decay_mask(params: Params) -> Params:
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (decoupled decay, lr-scaled like torch.optim.AdamW)."""
-  adamw = optax.adamw(make_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                      eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+  adamw = optax.adamw(
+    make_schedule(optim_cfg, total_steps),
+    b1=optim_cfg.b1,
+    b2=optim_cfg.b2,
+    eps=optim_cfg.eps,
+    weight_decay=optim_cfg.weight_decay,
+    mask=decay_mask,
+  )
   if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), adamw)
   return adamw
@@ -187,27 +198,29 @@ class TrainState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, params: Params, mask: Params, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+  def create(cls, params: Params, mask: Params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     trainable, frozen = partition(params, mask)
-    return cls(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-               opt_state=tx.init(trainable), rng=rng, tx=tx)
+    return cls(
+      step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable), rng=rng, tx=tx
+    )
 
   @property
   def params(self) -> Params:
     return combine(self.trainable, self.frozen)
 
-  def apply_gradients(self, grads: Params, rng: Optional[jax.Array] = None) -> "TrainState":
+  def apply_gradients(self, grads: Params, rng: jax.Array | None = None) -> TrainState:
     """One optimizer update from gradients shaped like `trainable`; frozen leaves pass through."""
     updates, opt_state = self.tx.update(grads, self.opt_state, self.trainable)
     trainable = optax.apply_updates(self.trainable, updates)
-    return self.replace(step=self.step + 1, trainable=trainable, opt_state=opt_state,
-                        rng=self.rng if rng is None else rng)
+    return self.replace(
+      step=self.step + 1, trainable=trainable, opt_state=opt_state, rng=self.rng if rng is None else rng
+    )
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def step_denominators(loss_fn: LossFn, batch: Any, accum_steps: int) -> Optional[dict]:
+def step_denominators(loss_fn: LossFn, batch: Any, accum_steps: int) -> dict | None:
   """The denominators of the whole step (summed over micro-batches), or None for a plain mean loss."""
   fn = getattr(loss_fn, "denominators", None)
   if fn is None:
@@ -217,8 +230,9 @@ def step_denominators(loss_fn: LossFn, batch: Any, accum_steps: int) -> Optional
   return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), jax.vmap(fn)(batch))
 
 
-def accumulate_gradients(loss_fn: LossFn, trainable: Params, frozen: Params, batch: Any, rng: jax.Array,
-                         accum_steps: int, extra: tuple = ()) -> tuple[Params, jax.Array, dict]:
+def accumulate_gradients(
+  loss_fn: LossFn, trainable: Params, frozen: Params, batch: Any, rng: jax.Array, accum_steps: int, extra: tuple = ()
+) -> tuple[Params, jax.Array, dict]:
   """Gradient (w.r.t. `trainable`), loss and metrics of one optimizer step over k micro-batches.
 
   `loss_fn` sees the combined params tree. Two kinds (module docstring):
@@ -234,8 +248,7 @@ def accumulate_gradients(loss_fn: LossFn, trainable: Params, frozen: Params, bat
   if denoms is None:
     call, additive, scale = (lambda p, mb, key: loss_fn(p, mb, key, *extra)), frozenset(), 1.0 / accum_steps
   else:
-    call, additive, scale = (lambda p, mb, key: loss_fn(p, mb, key, denoms, *extra)), frozenset(
-        loss_fn.additive), 1.0
+    call, additive, scale = (lambda p, mb, key: loss_fn(p, mb, key, denoms, *extra)), frozenset(loss_fn.additive), 1.0
 
   def micro(tr, mb, key):
     return call(combine(tr, frozen), mb, key)
@@ -258,7 +271,7 @@ def accumulate_gradients(loss_fn: LossFn, trainable: Params, frozen: Params, bat
   return grads, losses.sum() * scale, metrics
 
 
-def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Callable] = None):
+def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Callable | None = None):
   """`step(state, batch, *extra) -> (state, metrics)`, to be wrapped in `jax.jit(..., donate_argnums=0)`.
 
   extra: step inputs that are not batch rows (OPD: the frozen teacher's LM head), passed to loss_fn after
@@ -271,8 +284,9 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Ca
 
   def step(state: TrainState, batch, *extra):
     rng, step_rng = jax.random.split(state.rng)
-    grads, loss, metrics = accumulate_gradients(loss_fn, state.trainable, state.frozen, batch, step_rng,
-                                                accum_steps, extra)
+    grads, loss, metrics = accumulate_gradients(
+      loss_fn, state.trainable, state.frozen, batch, step_rng, accum_steps, extra
+    )
     out = dict(metrics)
     out["loss"] = loss
     out["grad_norm"] = optax.tree.norm(grads)
@@ -280,8 +294,9 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, schedule: Optional[Ca
       out["learning_rate"] = schedule(state.step)
     # The one place where the update is decided, for every mode: a step whose loss or gradient norm is not
     # finite leaves the state as it was (the trainer counts these and stops after train.max_nonfinite_steps).
-    new_state, out["nonfinite"] = guards.keep_if_finite(state, state.apply_gradients(grads, rng=rng), loss,
-                                                        out["grad_norm"])
+    new_state, out["nonfinite"] = guards.keep_if_finite(
+      state, state.apply_gradients(grads, rng=rng), loss, out["grad_norm"]
+    )
     return new_state, out
 
   return step

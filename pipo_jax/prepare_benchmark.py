@@ -37,7 +37,7 @@ import json
 import os
 import pickle
 import zlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from absl import flags, logging
@@ -45,11 +45,14 @@ from absl import flags, logging
 FORMATS = ("aime25", "gpqa_diamond", "livecodebench", "longbench_v2")
 LETTERS = "ABCD"
 MC_INSTRUCTION = "Answer with the letter of the correct choice, written as \\boxed{X} on the last line."
-CODE_STDIN_FORMAT = ("Read the input from stdin, solve the problem and write the answer to stdout (do not test on "
-                     "the sample inputs directly). Give your program as one Python code block:\n"
-                     "```python\n# YOUR CODE HERE\n```")
-CODE_STARTER_FORMAT = ("Complete the starter code below and give the whole solution as one Python code block:\n"
-                       "```python\n{starter}\n```")
+CODE_STDIN_FORMAT = (
+  "Read the input from stdin, solve the problem and write the answer to stdout (do not test on "
+  "the sample inputs directly). Give your program as one Python code block:\n"
+  "```python\n# YOUR CODE HERE\n```"
+)
+CODE_STARTER_FORMAT = (
+  "Complete the starter code below and give the whole solution as one Python code block:\n```python\n{starter}\n```"
+)
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -104,8 +107,14 @@ def aime_rows(records: Iterable[dict], path: str) -> list[dict]:
     where = f"{path}: record {i + 1}"
     q = _field(r, ("question", "problem", "Problem", "Question"), where, "AIME25")
     a = str(_field(r, ("answer", "Answer"), where, "AIME25")).strip()
-    rows.append({"question": str(q).strip(), "answer": a, "type": "math",
-                 "id": str(r.get("id", r.get("ID", f"{os.path.basename(path)}:{i}")))})
+    rows.append(
+      {
+        "question": str(q).strip(),
+        "answer": a,
+        "type": "math",
+        "id": str(r.get("id", r.get("ID", f"{os.path.basename(path)}:{i}"))),
+      }
+    )
   return rows
 
 
@@ -128,8 +137,14 @@ def gpqa_rows(records: Sequence[dict], path: str, seed: int = 0) -> list[dict]:
     perm = np.random.default_rng([seed, i]).permutation(4)
     shuffled = [options[p] for p in perm]
     answer = LETTERS[int(np.flatnonzero(perm == 0)[0])]
-    rows.append({"question": f"{q}\n\n{choices_block(shuffled)}\n\n{MC_INSTRUCTION}", "answer": answer,
-                 "type": "multiple_choice", "id": str(r.get("Record ID", i))})
+    rows.append(
+      {
+        "question": f"{q}\n\n{choices_block(shuffled)}\n\n{MC_INSTRUCTION}",
+        "answer": answer,
+        "type": "multiple_choice",
+        "id": str(r.get("Record ID", i)),
+      }
+    )
   return rows
 
 
@@ -180,16 +195,25 @@ def lcb_rows(records: Sequence[dict], path: str, start_date: str = "", end_date:
     functional = all(t.get("testtype") == "functional" for t in tests)
     if not functional and any(t.get("testtype") == "functional" for t in tests):
       raise ValueError(f"{where}: mixes functional and stdin tests")
-    spec = {"style": "functional" if functional else "stdin",
-            "tests": [{"input": t["input"], "output": t["output"]} for t in tests]}
+    spec = {
+      "style": "functional" if functional else "stdin",
+      "tests": [{"input": t["input"], "output": t["output"]} for t in tests],
+    }
     starter = str(r.get("starter_code") or "").strip()
     if functional:
       if not meta.get("func_name"):
         raise ValueError(f"{where}: functional tests but no metadata.func_name")
       spec["fn_name"] = meta["func_name"]
     fmt = CODE_STARTER_FORMAT.format(starter=starter) if starter else CODE_STDIN_FORMAT
-    rows.append({"question": f"{content}\n\n{fmt}", "answer": json.dumps(spec), "type": "code",
-                 "id": str(r.get("question_id", i)), "contest_date": date})
+    rows.append(
+      {
+        "question": f"{content}\n\n{fmt}",
+        "answer": json.dumps(spec),
+        "type": "code",
+        "id": str(r.get("question_id", i)),
+        "contest_date": date,
+      }
+    )
   return rows
 
 
@@ -208,15 +232,22 @@ def longbench_rows(records: Sequence[dict], path: str, length: str = "") -> list
     ans = str(_field(r, ("answer",), where, "LongBench v2")).strip()
     if ans not in LETTERS:
       raise ValueError(f"{where}: answer {ans!r} is not one of A-D")
-    rows.append({"question": f"Read the document and answer the question.\n\n<document>\n{ctx}\n</document>\n\n"
-                             f"Question: {q}\n\n{choices_block(choices)}\n\n{MC_INSTRUCTION}",
-                 "answer": ans, "type": "multiple_choice", "id": str(r.get("_id", i)),
-                 "length": r.get("length")})
+    rows.append(
+      {
+        "question": f"Read the document and answer the question.\n\n<document>\n{ctx}\n</document>\n\n"
+        f"Question: {q}\n\n{choices_block(choices)}\n\n{MC_INSTRUCTION}",
+        "answer": ans,
+        "type": "multiple_choice",
+        "id": str(r.get("_id", i)),
+        "length": r.get("length"),
+      }
+    )
   return rows
 
 
-def prepare(fmt: str, paths: Sequence[str], seed: int = 0, start_date: str = "", end_date: str = "",
-            longbench_length: str = "") -> list[dict]:
+def prepare(
+  fmt: str, paths: Sequence[str], seed: int = 0, start_date: str = "", end_date: str = "", longbench_length: str = ""
+) -> list[dict]:
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: expected one of {FORMATS}")
   rows = []
@@ -259,6 +290,7 @@ def define_flags():
 def main(argv):
   del argv
   from pipo_jax import cli
+
   cli.require("format", "input", "output")
   rows = prepare(FLAGS.format, FLAGS.input, FLAGS.seed, FLAGS.start_date, FLAGS.end_date, FLAGS.longbench_length)
   write_rows(rows, FLAGS.output)
@@ -268,4 +300,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

@@ -27,13 +27,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 RANDOM_PAD = "random_pad"
 _DASH = "—"
 
 
-def _num(x) -> Optional[float]:
+def _num(x) -> float | None:
   if x is None:
     return None
   try:
@@ -78,8 +79,12 @@ def _bold_best(body: list[list[str]], cols: Sequence[int]) -> None:
 
 def add_speedup(rows: Sequence[Mapping[str, Any]], baseline_method: str = "Regular") -> list[dict]:
   """Copies of `rows` with `speedup_vs_ar` filled from the baseline row's effective tokens/s where missing."""
-  base = next((_num(r.get("effective_tokens_per_s")) for r in rows
-               if r.get("method") == baseline_method and not r.get("control")), None)
+  base = next(
+    (
+      _num(r.get("effective_tokens_per_s")) for r in rows if r.get("method") == baseline_method and not r.get("control")
+    ),
+    None,
+  )
   out = []
   for r in rows:
     r = dict(r)
@@ -94,7 +99,7 @@ def benchmark_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   """Benchmarks appearing in any row, in first-seen order."""
   names: list[str] = []
   for r in rows:
-    for name in (r.get("benchmarks") or {}):
+    for name in r.get("benchmarks") or {}:
       if name not in names:
         names.append(name)
   return names
@@ -128,7 +133,7 @@ def main_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _speed(r: Mapping[str, Any]) -> str:
-  """"1.62× (1.58–1.66)" with the timing spread when known, else "1.62×"."""
+  """ "1.62× (1.58–1.66)" with the timing spread when known, else "1.62×"."""
   v = _num(r.get("speedup_vs_ar"))
   if v is None:
     return _DASH
@@ -140,9 +145,19 @@ def _speed(r: Mapping[str, Any]) -> str:
 def efficiency_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
   """Lengths and speed: PAD ratio, real tokens and slots per answer, effective tokens/s, speed-up vs AR."""
   header = ["Method", "τ_c", "PAD ratio", "tokens/answer", "slots/answer", "eff. tokens/s", "speed-up vs AR"]
-  body = [[_label(r), _tau(r), _fmt(r.get("pad_ratio"), ".3f"), _fmt(r.get("tokens_per_answer"), ",.0f"),
-           _fmt(r.get("slots_per_answer"), ",.0f"), _fmt(r.get("effective_tokens_per_s"), ",.1f"),
-           _speed(r)] for r in rows if not r.get("control")]
+  body = [
+    [
+      _label(r),
+      _tau(r),
+      _fmt(r.get("pad_ratio"), ".3f"),
+      _fmt(r.get("tokens_per_answer"), ",.0f"),
+      _fmt(r.get("slots_per_answer"), ",.0f"),
+      _fmt(r.get("effective_tokens_per_s"), ",.1f"),
+      _speed(r),
+    ]
+    for r in rows
+    if not r.get("control")
+  ]
   return _md_table(header, body)
 
 
@@ -157,30 +172,59 @@ def sweep_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
   swept = sweep_rows(rows)
   k = next((r.get("k") for r in swept if r.get("k")), "k")
   header = ["Method", "PAD policy", "τ_c", "PAD ratio", f"avg@{k}", f"pass@{k}", "tokens/answer", "speed-up vs AR"]
-  body = [[str(r.get("method", "?")), "random" if r.get("control") == RANDOM_PAD else "confidence", _tau(r),
-           _fmt(r.get("pad_ratio"), ".3f"), _pct(r.get("avg_at_k")), _pct(r.get("pass_at_k")),
-           _fmt(r.get("tokens_per_answer"), ",.0f"), _fmt(r.get("speedup_vs_ar"), ".2f")] for r in swept]
+  body = [
+    [
+      str(r.get("method", "?")),
+      "random" if r.get("control") == RANDOM_PAD else "confidence",
+      _tau(r),
+      _fmt(r.get("pad_ratio"), ".3f"),
+      _pct(r.get("avg_at_k")),
+      _pct(r.get("pass_at_k")),
+      _fmt(r.get("tokens_per_answer"), ",.0f"),
+      _fmt(r.get("speedup_vs_ar"), ".2f"),
+    ]
+    for r in swept
+  ]
   return _md_table(header, body)
 
 
-def report_markdown(rows: Sequence[Mapping[str, Any]], title: str = "PIPO evaluation",
-                    plot_name: Optional[str] = None, budget_tau: float = 0.95,
-                    budget_plot: Optional[str] = None, preamble: str = "") -> str:
+def report_markdown(
+  rows: Sequence[Mapping[str, Any]],
+  title: str = "PIPO evaluation",
+  plot_name: str | None = None,
+  budget_tau: float = 0.95,
+  budget_plot: str | None = None,
+  preamble: str = "",
+) -> str:
   """The whole report.md text (`preamble`: markdown placed right under the title)."""
-  parts = [f"# {title}\n"] + ([preamble] if preamble else []) + ["Accuracies in %. Overall = unweighted mean over benchmarks. Tokens never count PAD;"
-           " a slot is one decode step (one pair for PIPO).\n",
-           "## Accuracy (Table 1 layout)\n", main_table_md(rows), "## Efficiency\n", efficiency_table_md(rows)]
+  parts = (
+    [f"# {title}\n"]
+    + ([preamble] if preamble else [])
+    + [
+      "Accuracies in %. Overall = unweighted mean over benchmarks. Tokens never count PAD;"
+      " a slot is one decode step (one pair for PIPO).\n",
+      "## Accuracy (Table 1 layout)\n",
+      main_table_md(rows),
+      "## Efficiency\n",
+      efficiency_table_md(rows),
+    ]
+  )
   if sweep_rows(rows):
-    parts += ["## Confidence-threshold sweep\n",
-              "Random PAD: PAD by coin flip at the PAD ratio the confidence gate reached at that τ_c.\n",
-              sweep_table_md(rows)]
+    parts += [
+      "## Confidence-threshold sweep\n",
+      "Random PAD: PAD by coin flip at the PAD ratio the confidence gate reached at that τ_c.\n",
+      sweep_table_md(rows),
+    ]
     if plot_name:
       parts.append(f"![threshold sweep]({plot_name})\n")
   budget = budget_table_md(rows, budget_tau)
   if budget:
-    parts += ["## Accuracy vs response budget (slots)\n",
-              "An answer counts when it is correct and finished within the budget; a Regular slot is one token, "
-              "an MTP or PIPO slot one or two.\n", budget]
+    parts += [
+      "## Accuracy vs response budget (slots)\n",
+      "An answer counts when it is correct and finished within the budget; a Regular slot is one token, "
+      "an MTP or PIPO slot one or two.\n",
+      budget,
+    ]
     if budget_plot:
       parts.append(f"![slot budget]({budget_plot})\n")
   return "\n".join(parts)
@@ -195,6 +239,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
   if not swept:
     return False
   import matplotlib  # local: only the writer needs a plotting backend
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -214,8 +259,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
         return [(_num(r.get(key)) * scale) if _num(r.get(key)) is not None else float("nan") for r in sel]
 
       ax_acc.plot(tau, series("pass_at_k", 100), label=f"{name} pass@{k}", **style)
-      ax_acc.plot(tau, series("avg_at_k", 100), label=f"{name} avg@{k}", alpha=0.6,
-                  **{**style, "linestyle": ":"})
+      ax_acc.plot(tau, series("avg_at_k", 100), label=f"{name} avg@{k}", alpha=0.6, **{**style, "linestyle": ":"})
       ax_speed.plot(tau, series("speedup_vs_ar"), label=f"{name} speed-up", **style)
       if not control:
         ax_pad.plot(tau, series("pad_ratio"), color="tab:red", alpha=0.5, marker=".", label=f"{method} PAD ratio")
@@ -236,8 +280,13 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
 
 def budget_rows(rows: Sequence[Mapping[str, Any]], tau: float) -> list[Mapping[str, Any]]:
   """Rows of the slot-budget curve: every non-control row with a curve, gated ones only at threshold `tau`."""
-  return [r for r in rows if r.get("budget_curve") and not r.get("control")
-          and (_num(r.get("conf_threshold")) is None or abs(float(r["conf_threshold"]) - tau) < 1e-9)]
+  return [
+    r
+    for r in rows
+    if r.get("budget_curve")
+    and not r.get("control")
+    and (_num(r.get("conf_threshold")) is None or abs(float(r["conf_threshold"]) - tau) < 1e-9)
+  ]
 
 
 def _curve(row: Mapping[str, Any], key: str) -> dict:
@@ -276,8 +325,10 @@ def plot_budget(rows: Sequence[Mapping[str, Any]], path: str, tau: float) -> boo
   if not sel:
     return False
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   k = next((r.get("k") for r in sel if r.get("k")), "k")
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, key, name in ((axes[0], "pass_at_k", f"pass@{k}"), (axes[1], "avg_at_k", f"avg@{k}")):
@@ -286,8 +337,11 @@ def plot_budget(rows: Sequence[Mapping[str, Any]], path: str, tau: float) -> boo
       b = sorted(c)
       label = _label(r) + (f" τ={_tau(r)}" if _num(r.get("conf_threshold")) is not None else "")
       ax.plot(b, [100 * c[x] for x in b], label=label)
-    ax.set(xlabel="response budget (slots; a PIPO slot holds 1-2 tokens)", ylabel=f"{name} (%)",
-           title=f"{name} vs slot budget")
+    ax.set(
+      xlabel="response budget (slots; a PIPO slot holds 1-2 tokens)",
+      ylabel=f"{name} (%)",
+      title=f"{name} vs slot budget",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -304,20 +358,29 @@ def apply_speed(rows: Sequence[Mapping[str, Any]], speed_rows: Sequence[Mapping[
     r = dict(r)
     for s in speed_rows:
       same_tau = (_num(s.get("tau")) is None and _num(r.get("conf_threshold")) is None) or (
-          _num(s.get("tau")) is not None and _num(r.get("conf_threshold")) is not None
-          and abs(float(s["tau"]) - float(r["conf_threshold"])) < 1e-9)
+        _num(s.get("tau")) is not None
+        and _num(r.get("conf_threshold")) is not None
+        and abs(float(s["tau"]) - float(r["conf_threshold"])) < 1e-9
+      )
       if s.get("method") == r.get("method") and same_tau and not r.get("control"):
-        r.update(speedup_vs_ar=s["speedup_median"], speedup_min=s["speedup_min"], speedup_max=s["speedup_max"],
-                 speedup_rounds=s["speedup"])
+        r.update(
+          speedup_vs_ar=s["speedup_median"],
+          speedup_min=s["speedup_min"],
+          speedup_max=s["speedup_max"],
+          speedup_rounds=s["speedup"],
+        )
     out.append(r)
   return out
 
 
-def _row(rows, method: str, tau: Optional[float] = None, control: bool = False):
+def _row(rows, method: str, tau: float | None = None, control: bool = False):
   for r in rows:
     t = _num(r.get("conf_threshold"))
-    if (r.get("method") == method and bool(r.get("control")) == control
-        and ((tau is None and t is None) or (tau is not None and t is not None and abs(t - tau) < 1e-9))):
+    if (
+      r.get("method") == method
+      and bool(r.get("control")) == control
+      and ((tau is None and t is None) or (tau is not None and t is not None and abs(t - tau) < 1e-9))
+    ):
       return r
   return None
 
@@ -325,6 +388,7 @@ def _row(rows, method: str, tau: Optional[float] = None, control: bool = False):
 def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float]:
   """(mean, standard error) over questions of a's per-question avg@k minus b's (same questions, paired)."""
   import numpy as np
+
   da, db = a.get("per_question_avg") or {}, b.get("per_question_avg") or {}
   diffs = np.concatenate([np.asarray(da[n]) - np.asarray(db[n]) for n in da if n in db]) if da else np.zeros(0)
   if diffs.size < 2:
@@ -332,8 +396,13 @@ def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float
   return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(diffs.size))
 
 
-def miniature_targets(rows: Sequence[Mapping[str, Any]], tau: float = 0.95, teacher: str = "Regular",
-                      sft: str = "PIPO-SFT", opd: str = "PIPO+OPD") -> list[dict]:
+def miniature_targets(
+  rows: Sequence[Mapping[str, Any]],
+  tau: float = 0.95,
+  teacher: str = "Regular",
+  sft: str = "PIPO-SFT",
+  opd: str = "PIPO+OPD",
+) -> list[dict]:
   """The CPU miniature's targets, each {"target", "measured", "met"} (met None when it cannot be measured)."""
   out = []
 
@@ -346,33 +415,49 @@ def miniature_targets(rows: Sequence[Mapping[str, Any]], tau: float = 0.95, teac
   if t is not None and o is not None:
     gap = 100 * (t["avg_at_k"] - o["avg_at_k"])
     add(f"PIPO+OPD at τ {tau:g} within 5 points avg@k of the teacher", f"{gap:+.2f} points below", gap <= 5)
-    add(f"PIPO+OPD at τ {tau:g} pass@k ≥ the teacher's",
-        f"{_pct(o['pass_at_k'])} vs {_pct(t['pass_at_k'])}", o["pass_at_k"] >= t["pass_at_k"])
+    add(
+      f"PIPO+OPD at τ {tau:g} pass@k ≥ the teacher's",
+      f"{_pct(o['pass_at_k'])} vs {_pct(t['pass_at_k'])}",
+      o["pass_at_k"] >= t["pass_at_k"],
+    )
   if t is not None and s is not None:
     gap = 100 * (t["avg_at_k"] - s["avg_at_k"])
     add(f"PIPO-SFT at τ {tau:g} within 10 points avg@k of the teacher", f"{gap:+.2f} points below", gap <= 10)
   if s is not None and o is not None:
-    add(f"OPD above SFT on avg@k at τ {tau:g}", f"{100 * (o['avg_at_k'] - s['avg_at_k']):+.2f} points",
-        o["avg_at_k"] > s["avg_at_k"])
-  gated = [r for r in rows if r.get("method") == opd and not r.get("control") and _num(r.get("conf_threshold"))
-           is not None]
-  ratios = [float(r["pad_ratio"]) for r in gated if _num(r.get("pad_ratio")) is not None
-            and 0 < float(r["pad_ratio"]) < 1]
+    add(
+      f"OPD above SFT on avg@k at τ {tau:g}",
+      f"{100 * (o['avg_at_k'] - s['avg_at_k']):+.2f} points",
+      o["avg_at_k"] > s["avg_at_k"],
+    )
+  gated = [
+    r for r in rows if r.get("method") == opd and not r.get("control") and _num(r.get("conf_threshold")) is not None
+  ]
+  ratios = [
+    float(r["pad_ratio"]) for r in gated if _num(r.get("pad_ratio")) is not None and 0 < float(r["pad_ratio"]) < 1
+  ]
   if ratios:
-    add("the sweep spans PAD ratios from a few % to ≥ 0.6", f"{min(ratios):.3f} … {max(ratios):.3f}",
-        min(ratios) <= 0.1 and max(ratios) >= 0.6)
+    add(
+      "the sweep spans PAD ratios from a few % to ≥ 0.6",
+      f"{min(ratios):.3f} … {max(ratios):.3f}",
+      min(ratios) <= 0.1 and max(ratios) >= 0.6,
+    )
   for r in sorted(gated, key=lambda r: float(r["conf_threshold"])):
     ctl = _row(rows, opd, float(r["conf_threshold"]), control=True)
     if ctl is None or float(r.get("pad_ratio") or 0) < 0.1:
       continue
     d, se = paired_difference(r, ctl)
-    add(f"gate above random PAD at τ {_tau(r)} (PAD ratio {float(r['pad_ratio']):.2f}), avg@k",
-        f"{100 * d:+.2f} ± {100 * se:.2f} points (paired SE over questions)", d > 0)
+    add(
+      f"gate above random PAD at τ {_tau(r)} (PAD ratio {float(r['pad_ratio']):.2f}), avg@k",
+      f"{100 * d:+.2f} ± {100 * se:.2f} points (paired SE over questions)",
+      d > 0,
+    )
   if o is not None and _num(o.get("speedup_min")) is not None:
     lo, hi, med = float(o["speedup_min"]), float(o["speedup_max"]), float(o["speedup_vs_ar"])
-    add(f"effective speed-up of PIPO+OPD at τ {tau:g} ≥ 1.5× (spread ≤ ±0.05×)",
-        f"{med:.2f}× (min {lo:.2f}, max {hi:.2f}, {len(o.get('speedup_rounds') or [])} rounds)",
-        med >= 1.5 and (hi - lo) / 2 <= 0.05)
+    add(
+      f"effective speed-up of PIPO+OPD at τ {tau:g} ≥ 1.5× (spread ≤ ±0.05×)",
+      f"{med:.2f}× (min {lo:.2f}, max {hi:.2f}, {len(o.get('speedup_rounds') or [])} rounds)",
+      med >= 1.5 and (hi - lo) / 2 <= 0.05,
+    )
   return out
 
 
@@ -381,8 +466,14 @@ def targets_md(targets: Sequence[Mapping[str, Any]]) -> str:
   return _md_table(["target", "measured", ""], body)
 
 
-def write_report(rows: Sequence[Mapping[str, Any]], run_dir: str, title: str = "PIPO evaluation",
-                 baseline_method: str = "Regular", budget_tau: float = 0.95, preamble: str = "") -> dict:
+def write_report(
+  rows: Sequence[Mapping[str, Any]],
+  run_dir: str,
+  title: str = "PIPO evaluation",
+  baseline_method: str = "Regular",
+  budget_tau: float = 0.95,
+  preamble: str = "",
+) -> dict:
   """Write report.json, report.md and (when there is a sweep) sweep.png into `run_dir`; returns their paths."""
   os.makedirs(run_dir, exist_ok=True)
   rows = add_speedup(rows, baseline_method)
@@ -394,10 +485,23 @@ def write_report(rows: Sequence[Mapping[str, Any]], run_dir: str, title: str = "
   if plot_budget(rows, budget_png, budget_tau):
     paths["budget_png"] = budget_png
   with open(paths["json"], "w") as f:
-    json.dump({"title": title, "baseline_method": baseline_method, "benchmarks": benchmark_names(rows),
-               "rows": rows}, f, indent=2, sort_keys=True, default=str)
+    json.dump(
+      {"title": title, "baseline_method": baseline_method, "benchmarks": benchmark_names(rows), "rows": rows},
+      f,
+      indent=2,
+      sort_keys=True,
+      default=str,
+    )
     f.write("\n")
   with open(paths["md"], "w") as f:
-    f.write(report_markdown(rows, title, "sweep.png" if "png" in paths else None, budget_tau,
-                            "budget.png" if "budget_png" in paths else None, preamble))
+    f.write(
+      report_markdown(
+        rows,
+        title,
+        "sweep.png" if "png" in paths else None,
+        budget_tau,
+        "budget.png" if "budget_png" in paths else None,
+        preamble,
+      )
+    )
   return paths

@@ -51,8 +51,12 @@ def read_prompts(path: str) -> list[dict]:
         continue
       r = json.loads(line)
       if "question" in r:
-        r = {"messages": [{"role": "user", "content": r["question"]}], "answer": r["answer"],
-             "type": r.get("type", "math"), "source_index": i - 1}
+        r = {
+          "messages": [{"role": "user", "content": r["question"]}],
+          "answer": r["answer"],
+          "type": r.get("type", "math"),
+          "source_index": i - 1,
+        }
       if "messages" not in r or "answer" not in r:
         raise ValueError(f"{path}:{i}: a prompt row needs 'messages' (or 'question') and 'answer'")
       rows.append(r)
@@ -66,11 +70,26 @@ def _write_jsonl(path: str, rows) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass_rate, max_prompts=0,
-        max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0, batch_size=64, seed=0) -> dict:
+def run(
+  checkpoint,
+  tokenizer,
+  prompts_path,
+  n,
+  output_sft,
+  output_opd,
+  min_pass_rate,
+  max_prompts=0,
+  max_new_tokens=96,
+  temperature=1.0,
+  top_k=0,
+  top_p=1.0,
+  batch_size=64,
+  seed=0,
+) -> dict:
   """Sample, grade and write; returns a summary dict (printed by the CLI, saved as rollout_summary.json)."""
   from pipo_jax import batch_sampling, grading
   from pipo_jax.inference.sampling import SamplingParams
+
   t0 = time.perf_counter()
   rows = read_prompts(prompts_path)
   if max_prompts:
@@ -78,8 +97,9 @@ def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass
   model = batch_sampling.load(checkpoint, tokenizer)
   user_turns = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
   sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-  out = batch_sampling.sample(model, user_turns, n, "ar", sp, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              seed=seed)
+  out = batch_sampling.sample(
+    model, user_turns, n, "ar", sp, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+  )
   texts = [[s.text for s in per_q] for per_q in out.samples]
   correct = grading.grade_samples(texts, [str(r["answer"]) for r in rows], [r.get("type", "math") for r in rows])
   sft, opd = [], []
@@ -89,15 +109,29 @@ def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass
         sft.append({"messages": user_turns[q] + [{"role": "assistant", "content": texts[q][i]}]})
     rate = float(correct[q].mean())
     if rate >= min_pass_rate:
-      opd.append({"messages": user_turns[q], "source": r.get("source", os.path.basename(prompts_path)),
-                  "source_index": r.get("source_index", q), "answer": str(r["answer"]), "pass_rate": rate})
+      opd.append(
+        {
+          "messages": user_turns[q],
+          "source": r.get("source", os.path.basename(prompts_path)),
+          "source_index": r.get("source_index", q),
+          "answer": str(r["answer"]),
+          "pass_rate": rate,
+        }
+      )
   _write_jsonl(output_sft, sft)
   if output_opd:
     _write_jsonl(output_opd, opd)
-  summary = {"prompts": len(rows), "samples": len(rows) * n, "teacher_accuracy": float(correct.mean()),
-             "sft_rows": len(sft), "opd_prompts": len(opd), "min_pass_rate": min_pass_rate,
-             "decode_s": round(out.decode_s, 2), "compile_s": round(out.compile_s, 2),
-             "total_s": round(time.perf_counter() - t0, 2)}
+  summary = {
+    "prompts": len(rows),
+    "samples": len(rows) * n,
+    "teacher_accuracy": float(correct.mean()),
+    "sft_rows": len(sft),
+    "opd_prompts": len(opd),
+    "min_pass_rate": min_pass_rate,
+    "decode_s": round(out.decode_s, 2),
+    "compile_s": round(out.compile_s, 2),
+    "total_s": round(time.perf_counter() - t0, 2),
+  }
   # Next to the SFT file, so the report can say what the student was trained on.
   with open(os.path.join(os.path.dirname(os.path.abspath(output_sft)), "rollout_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -106,12 +140,26 @@ def run(checkpoint, tokenizer, prompts_path, n, output_sft, output_opd, min_pass
 
 def main(argv):
   del argv
-  summary = run(_CKPT.value, _TOK.value, _PROMPTS.value, _N.value, _OUT_SFT.value, _OUT_OPD.value, _RHO.value,
-                _MAX_PROMPTS.value, _MAX_NEW.value, _TEMP.value, _TOP_K.value, _TOP_P.value, _BATCH.value,
-                _SEED.value)
+  summary = run(
+    _CKPT.value,
+    _TOK.value,
+    _PROMPTS.value,
+    _N.value,
+    _OUT_SFT.value,
+    _OUT_OPD.value,
+    _RHO.value,
+    _MAX_PROMPTS.value,
+    _MAX_NEW.value,
+    _TEMP.value,
+    _TOP_K.value,
+    _TOP_P.value,
+    _BATCH.value,
+    _SEED.value,
+  )
   print("[rollout] " + json.dumps(summary))
 
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

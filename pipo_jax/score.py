@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 
 from pipo_jax import cli
@@ -47,17 +47,18 @@ def read_token_file(path: str, vocab_size: int) -> list[np.ndarray]:
     for lineno, line in enumerate(f, 1):
       where = f"{path}:{lineno}"
       if not line.strip():
-        raise ValueError(f"{where}: empty line; expected {{\"tokens\": [int, ...]}}")
+        raise ValueError(f'{where}: empty line; expected {{"tokens": [int, ...]}}')
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(rec, dict) or "tokens" not in rec:
-        raise ValueError(f"{where}: expected an object with a \"tokens\" list")
+        raise ValueError(f'{where}: expected an object with a "tokens" list')
       toks = rec["tokens"]
-      if not isinstance(toks, list) or not toks or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                          for t in toks):
-        raise ValueError(f"{where}: \"tokens\" must be a non-empty list of integers")
+      if (
+        not isinstance(toks, list) or not toks or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks)
+      ):
+        raise ValueError(f'{where}: "tokens" must be a non-empty list of integers')
       bad = [t for t in toks if not 0 <= t < vocab_size]
       if bad:
         raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
@@ -89,8 +90,10 @@ def make_logprob_fn(config: ModelConfig):
       lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
       return None, jnp.take_along_axis(logits_BCV, tgt_BC[..., None], axis=-1)[..., 0] - lse_BC
 
-    xs = (h_BTD.reshape(B, T // chunk, chunk, D).swapaxes(0, 1),
-          targets_BT.reshape(B, T // chunk, chunk).swapaxes(0, 1))
+    xs = (
+      h_BTD.reshape(B, T // chunk, chunk, D).swapaxes(0, 1),
+      targets_BT.reshape(B, T // chunk, chunk).swapaxes(0, 1),
+    )
     _, lp_NBC = jax.lax.scan(head, None, xs)
     return lp_NBC.swapaxes(0, 1).reshape(B, T)[:, :-1]
 
@@ -104,40 +107,53 @@ def score_sequences(config: ModelConfig, params, seqs: Sequence[np.ndarray], bat
   out: list = [None] * len(seqs)
   progress = cli.Progress(len(seqs), "score", "sequences")
   for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
+    idx = order[start : start + batch_size]
     T = _bucket(max(len(seqs[i]) for i in idx))
     # Fixed batch size too (dummy all-pad rows), so each length bucket compiles once.
     ids = np.zeros((batch_size, T), np.int32)
     valid = np.zeros((batch_size, T), bool)
     for row, i in enumerate(idx):
       n = len(seqs[i])
-      ids[row, T - n:] = seqs[i]
-      valid[row, T - n:] = True
+      ids[row, T - n :] = seqs[i]
+      valid[row, T - n :] = True
     lp = np.asarray(fn(params, ids, valid))
     for row, i in enumerate(idx):
       n = len(seqs[i])
-      out[i] = lp[row, T - n:].astype(np.float32)
+      out[i] = lp[row, T - n :].astype(np.float32)
     progress.update(len(idx))
   return out
 
 
-def score_file(checkpoint: str, input_path: str, output_path: str, batch_size: int = 8, pipo: bool = False,
-               dtype: str = "float32", pad_token_id: Optional[int] = None) -> int:
+def score_file(
+  checkpoint: str,
+  input_path: str,
+  output_path: str,
+  batch_size: int = 8,
+  pipo: bool = False,
+  dtype: str = "float32",
+  pad_token_id: int | None = None,
+) -> int:
   """Score every line of input_path into output_path; returns the number of sequences."""
   from pipo_jax import loading
+
   overrides = ModelConfig(preset=None, dtype=dtype)
-  m = loading.load_for_cli(checkpoint, overrides=overrides, init_heads=pipo, pad_token_id=pad_token_id,
-                           need_pad=pipo)
+  m = loading.load_for_cli(checkpoint, overrides=overrides, init_heads=pipo, pad_token_id=pad_token_id, need_pad=pipo)
   config, params = m.config, m.params
   seqs = read_token_file(input_path, config.vocab_size)
-  logging.info("scoring %d sequences (%d tokens)%s", len(seqs), sum(len(s) for s in seqs),
-               " in compressed PIPO mode" if pipo else "")
+  logging.info(
+    "scoring %d sequences (%d tokens)%s",
+    len(seqs),
+    sum(len(s) for s in seqs),
+    " in compressed PIPO mode" if pipo else "",
+  )
   if pipo:
     from pipo_jax import score_pipo
+
     records = score_pipo.score_sequences_pipo(config, params, seqs, batch_size, config.pad_token_id)
   else:
-    records = [{"logprobs": [float(v) for v in lp]}
-               for lp in score_sequences(config, params["backbone"], seqs, batch_size)]
+    records = [
+      {"logprobs": [float(v) for v in lp]} for lp in score_sequences(config, params["backbone"], seqs, batch_size)
+    ]
   with open(output_path, "w") as f:
     for rec in records:
       f.write(json.dumps(rec) + "\n")
@@ -151,8 +167,7 @@ def main(argv):
   if FLAGS.batch_size < 1:
     raise app.UsageError("--batch_size must be >= 1")
   jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
-  score_file(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.batch_size, FLAGS.pipo, FLAGS.dtype,
-             FLAGS.pad_token_id)
+  score_file(FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.batch_size, FLAGS.pipo, FLAGS.dtype, FLAGS.pad_token_id)
 
 
 def define_flags():

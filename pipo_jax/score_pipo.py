@@ -11,7 +11,7 @@ t; the confidence sits at the MTP's positions).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +64,15 @@ def make_pipo_score_fn(config: ModelConfig):
   return fn
 
 
-def score_sequences_pipo(config: ModelConfig, params, seqs: Sequence[np.ndarray], batch_size: int,
-                         pad_id: int) -> list[dict]:
+def score_sequences_pipo(
+  config: ModelConfig, params, seqs: Sequence[np.ndarray], batch_size: int, pad_id: int
+) -> list[dict]:
   """Per sequence: {"backbone_logprobs", "mtp_logprobs", "confidence"}, each a list of n-1 floats or None."""
   fn = make_pipo_score_fn(config)
   order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
   out: list = [None] * len(seqs)
   for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
+    idx = order[start : start + batch_size]
     T = _bucket(max(len(seqs[i]) + len(seqs[i]) % 2 for i in idx))
     ids = np.full((batch_size, T), pad_id, np.int32)
     valid = np.zeros((batch_size, T), bool)
@@ -79,14 +80,13 @@ def score_sequences_pipo(config: ModelConfig, params, seqs: Sequence[np.ndarray]
       s = np.asarray(seqs[i], np.int32)
       if len(s) % 2:
         s = np.append(s, np.int32(pad_id))  # parity PAD in the token2 slot of the last pair
-      ids[row, T - len(s):] = s
-      valid[row, T - len(s):] = True
+      ids[row, T - len(s) :] = s
+      valid[row, T - len(s) :] = True
     lp_b, lp_m, conf = (np.asarray(a) for a in fn(params, ids, valid))
     for row, i in enumerate(idx):
       n = len(seqs[i])
       off = (T - (n + n % 2)) // 2  # left-padding pairs
-      rec = {"backbone_logprobs": [None] * (n - 1), "mtp_logprobs": [None] * (n - 1),
-             "confidence": [None] * (n - 1)}
+      rec = {"backbone_logprobs": [None] * (n - 1), "mtp_logprobs": [None] * (n - 1), "confidence": [None] * (n - 1)}
       for j in range((n + n % 2) // 2 - 1):
         t_b, t_m = 2 * j + 2, 2 * j + 3
         if t_b < n:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
-import jax
 import flax.linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pipo_jax.config import MeshConfig
 
@@ -25,26 +27,26 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # whole so FSDP-sharded 'embed' params are all-gathered per layer (ZeRO-3 style). Model-parallel axes
 # (heads, MLP width, vocab, GDN channels) go on 'tensor'.
 RULES: tuple = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("gdn_qkv", "tensor"),
-    ("gdn_value", "tensor"),
-    ("gdn_heads", "tensor"),
-    ("head_dim", None),
-    ("embed2", "fsdp"),  # PIPO heads: the concatenated [2D] input of the compressor / MTP fc / confidence head
-    ("embed_out", "tensor"),  # PIPO heads: their output (or hidden) width
-    ("conv_width", None),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("act_embed", None),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("gdn_qkv", "tensor"),
+  ("gdn_value", "tensor"),
+  ("gdn_heads", "tensor"),
+  ("head_dim", None),
+  ("embed2", "fsdp"),  # PIPO heads: the concatenated [2D] input of the compressor / MTP fc / confidence head
+  ("embed_out", "tensor"),  # PIPO heads: their output (or hidden) width
+  ("conv_width", None),
+  ("layers", None),
 )
 
 
-def make_mesh(mesh_config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(mesh_config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh with axes (data, fsdp, tensor); at most one size may be -1 (takes the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
@@ -62,6 +64,7 @@ def make_mesh(mesh_config: MeshConfig, devices: Optional[Sequence[jax.Device]] =
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
   try:
     from jax.experimental import mesh_utils
+
     grid = mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # non-TPU topologies without a known physical layout: plain row-major order
     grid = np.asarray(devices).reshape(sizes)
@@ -72,7 +75,7 @@ def _rules_dict(rules) -> dict:
   return {name: axes for name, axes in rules}
 
 
-def logical_to_mesh_spec(logical_axes: Sequence[Optional[str]], rules=RULES) -> P:
+def logical_to_mesh_spec(logical_axes: Sequence[str | None], rules=RULES) -> P:
   """('embed', 'mlp') -> PartitionSpec('fsdp', 'tensor'). Unknown names raise (no silent replication)."""
   table = _rules_dict(rules)
   out = []
@@ -120,15 +123,16 @@ def param_shardings(abstract_params: Any, mesh: Mesh, rules=RULES) -> Any:
     for dim, (logical, axes) in enumerate(zip(leaf.names, spec)):
       size = _axis_size(mesh, axes)
       if shape[dim] % size:
-        problems.append(f"{name}: dimension {dim} ({logical!r}, size {shape[dim]}) is not divisible by mesh "
-                        f"axis {axes!r} (size {size})")
+        problems.append(
+          f"{name}: dimension {dim} ({logical!r}, size {shape[dim]}) is not divisible by mesh "
+          f"axis {axes!r} (size {size})"
+        )
       used += [axes] if isinstance(axes, str) else list(axes or ())
     if len(used) != len(set(used)):
       problems.append(f"{name}: logical axes {leaf.names} map mesh axes {used} more than once")
     return NamedSharding(mesh, spec)
 
-  out = jax.tree_util.tree_map_with_path(one, abstract_params,
-                                         is_leaf=lambda x: isinstance(x, nn.meta.Partitioned))
+  out = jax.tree_util.tree_map_with_path(one, abstract_params, is_leaf=lambda x: isinstance(x, nn.meta.Partitioned))
   if problems:
     raise ValueError("cannot shard params on mesh " + str(dict(mesh.shape)) + ":\n  " + "\n  ".join(problems))
   return out
@@ -152,6 +156,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Host arrays (this process's slice of the global batch) -> global arrays sharded on the batch axis."""
+
   def one(x):
     x = np.asarray(x)
     size = _axis_size(mesh, ("data", "fsdp"))
@@ -159,6 +164,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     if global_rows % size:
       raise ValueError(f"global batch {global_rows} is not divisible by data*fsdp = {size}")
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
   return jax.tree_util.tree_map(one, batch)
 
 

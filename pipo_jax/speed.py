@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,11 +30,11 @@ class RunSpec:
   method: str
   checkpoint: str
   decode: str
-  tau: Optional[float] = None
+  tau: float | None = None
 
   @staticmethod
-  def parse(text: str) -> "RunSpec":
-    """"LABEL=CHECKPOINT:DECODE[@TAU]", e.g. "PIPO+OPD=runs/demo/opd:pipo@0.95"."""
+  def parse(text: str) -> RunSpec:
+    """ "LABEL=CHECKPOINT:DECODE[@TAU]", e.g. "PIPO+OPD=runs/demo/opd:pipo@0.95"."""
     try:
       method, rest = text.split("=", 1)
       checkpoint, decode = rest.rsplit(":", 1)
@@ -64,9 +64,21 @@ def speedup_stats(tps_by_method: dict, baseline: str) -> dict:
   return out
 
 
-def measure(specs: Sequence[RunSpec], tokenizer: str, prompts: Sequence[list], k: int, sampling, repeats: int,
-            max_new_tokens: int, batch_size: int, baseline: str, seed: int = 0, log=print) -> list[dict]:
+def measure(
+  specs: Sequence[RunSpec],
+  tokenizer: str,
+  prompts: Sequence[list],
+  k: int,
+  sampling,
+  repeats: int,
+  max_new_tokens: int,
+  batch_size: int,
+  baseline: str,
+  seed: int = 0,
+  log=print,
+) -> list[dict]:
   from pipo_jax import batch_sampling
+
   models = {}
   for s in specs:
     if s.checkpoint not in models:
@@ -78,9 +90,17 @@ def measure(specs: Sequence[RunSpec], tokenizer: str, prompts: Sequence[list], k
   totals = {s.label: (0, 0.0) for s in specs}
   for r in range(repeats):
     for s in specs:
-      run = batch_sampling.sample(models[s.checkpoint], prompts, k, s.decode, sampling,
-                                  conf_threshold=-1.0 if s.tau is None else s.tau, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, seed=seed)
+      run = batch_sampling.sample(
+        models[s.checkpoint],
+        prompts,
+        k,
+        s.decode,
+        sampling,
+        conf_threshold=-1.0 if s.tau is None else s.tau,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+      )
       n_tok = sum(len(x.tokens) for per_q in run.samples for x in per_q)
       tps[s.label].append(n_tok / run.decode_s)
       totals[s.label] = (n_tok, totals[s.label][1] + run.decode_s)
@@ -89,23 +109,39 @@ def measure(specs: Sequence[RunSpec], tokenizer: str, prompts: Sequence[list], k
   rows = []
   for s in specs:
     ratios, med, lo, hi = stats[s.label]
-    rows.append({"method": s.method, "decode": s.decode, "tau": s.tau, "checkpoint": s.checkpoint,
-                 "effective_tokens_per_s": tps[s.label], "speedup": ratios, "speedup_median": med,
-                 "speedup_min": lo, "speedup_max": hi, "tokens": totals[s.label][0],
-                 "seconds": totals[s.label][1], "repeats": repeats, "baseline": baseline})
-    log(f"[speed] {s.label}: {med:.2f}x (min {lo:.2f}, max {hi:.2f}) vs {baseline}, "
-        f"{np.median(tps[s.label]):.0f} tok/s")
+    rows.append(
+      {
+        "method": s.method,
+        "decode": s.decode,
+        "tau": s.tau,
+        "checkpoint": s.checkpoint,
+        "effective_tokens_per_s": tps[s.label],
+        "speedup": ratios,
+        "speedup_median": med,
+        "speedup_min": lo,
+        "speedup_max": hi,
+        "tokens": totals[s.label][0],
+        "seconds": totals[s.label][1],
+        "repeats": repeats,
+        "baseline": baseline,
+      }
+    )
+    log(
+      f"[speed] {s.label}: {med:.2f}x (min {lo:.2f}, max {hi:.2f}) vs {baseline}, {np.median(tps[s.label]):.0f} tok/s"
+    )
   return rows
 
 
 def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   from absl import flags
+
   global _RUN, _TOK, _BENCH, _BASE, _REPEATS, _K, _OUT, _MAX_NEW, _TEMP, _TOP_K, _TOP_P, _BATCH, _SEED, _MAX_Q
   _RUN = flags.DEFINE_multi_string("run", None, "LABEL=CHECKPOINT:DECODE[@TAU], repeatable", required=True)
   _TOK = flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: each checkpoint's)")
-  _BENCH = flags.DEFINE_list("benchmark", None, "benchmark JSONL file(s) whose questions are the prompts",
-                             required=True)
+  _BENCH = flags.DEFINE_list(
+    "benchmark", None, "benchmark JSONL file(s) whose questions are the prompts", required=True
+  )
   _BASE = flags.DEFINE_string("baseline", "Regular", "label of the run the speed-ups are relative to")
   _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (each decodes every prompt once per method)")
   _K = flags.DEFINE_integer("k", 4, "samples per question in a round")
@@ -123,12 +159,15 @@ def main(argv) -> None:
   del argv
   from pipo_jax.evaluate import read_benchmark
   from pipo_jax.inference.sampling import SamplingParams
+
   specs = [RunSpec.parse(r) for r in _RUN.value]
-  prompts = [[{"role": "user", "content": q["question"]}]
-             for p in _BENCH.value for q in read_benchmark(p, _MAX_Q.value)]
+  prompts = [
+    [{"role": "user", "content": q["question"]}] for p in _BENCH.value for q in read_benchmark(p, _MAX_Q.value)
+  ]
   sp = SamplingParams(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-  rows = measure(specs, _TOK.value, prompts, _K.value, sp, _REPEATS.value, _MAX_NEW.value, _BATCH.value,
-                 _BASE.value, _SEED.value)
+  rows = measure(
+    specs, _TOK.value, prompts, _K.value, sp, _REPEATS.value, _MAX_NEW.value, _BATCH.value, _BASE.value, _SEED.value
+  )
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(rows, f, indent=2)
@@ -136,4 +175,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from pipo_jax import cli
+
   cli.run(main, define_flags)

@@ -15,8 +15,6 @@ metrics.jsonl.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ml_collections import config_flags
 
 from pipo_jax import cli
@@ -35,17 +33,20 @@ def define_flags():
 def main(argv):
   del argv
   from pipo_jax import distributed
+
   distributed.initialize_distributed()
   run(_CONFIG.value)
 
 
-def run(cfg: Config) -> Optional[dict]:
+def run(cfg: Config) -> dict | None:
   """Train as configured; returns the last logged metrics (process 0) or None."""
   # Imported here so `--help` and flag parsing do not pay for jax initialisation.
   if cfg.mode == "opd":
     from pipo_jax.opd import trainer as opd_trainer
+
     return opd_trainer.OPDTrainer(cfg).train()
   from pipo_jax import trainer
+
   return trainer.Trainer(cfg).train()
 
 

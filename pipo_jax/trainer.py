@@ -17,17 +17,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import distributed, guards, loading, metrics as metrics_lib, objectives, optim, sharding
+from pipo_jax import distributed, guards, loading, objectives, optim, sharding
+from pipo_jax import metrics as metrics_lib
 from pipo_jax import workdir as wd
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.models import lora as lora_lib
@@ -38,30 +40,37 @@ AR_KEYS = ("backbone", "mtp")
 
 def _config_dict(cfg) -> dict:
   import json
+
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def boxed_params(model_cfg: ModelConfig, mode: str, rng=None):
   """Boxed (logically annotated) params of the run's model: abstract when rng is None."""
+
   def init(key):
     variables = PipoModel(model_cfg).init(key, jnp.zeros((1, 4), jnp.int32), method=PipoModel.init_all)
     params = variables["params"]
     if mode == "ar":
       params = {k: params[k] for k in AR_KEYS if k in params and (k != "mtp" or model_cfg.mtp_num_hidden_layers)}
     return params
+
   if rng is None:
     return jax.eval_shape(init, jax.random.PRNGKey(0))
   return init(rng)
 
 
 def logical_axes(boxed) -> Any:
-  return jax.tree_util.tree_map(lambda b: tuple(b.names) if isinstance(b, nn.meta.Partitioned) else (),
-                                boxed, is_leaf=lambda x: isinstance(x, nn.meta.Partitioned))
+  return jax.tree_util.tree_map(
+    lambda b: tuple(b.names) if isinstance(b, nn.meta.Partitioned) else (),
+    boxed,
+    is_leaf=lambda x: isinstance(x, nn.meta.Partitioned),
+  )
 
 
 def axes_to_shardings(axes_tree, mesh) -> Any:
-  return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, sharding.logical_to_mesh_spec(a)), axes_tree,
-                                is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree_util.tree_map(
+    lambda a: NamedSharding(mesh, sharding.logical_to_mesh_spec(a)), axes_tree, is_leaf=lambda x: isinstance(x, tuple)
+  )
 
 
 def train_state_shardings(params, param_shardings, mask, tx, mesh) -> optim.TrainState:
@@ -72,17 +81,16 @@ def train_state_shardings(params, param_shardings, mask, tx, mesh) -> optim.Trai
   on the params), which costs every device a full copy of the optimizer state. `params` may be abstract.
   """
   import optax
+
   rep = NamedSharding(mesh, P())
   trainable_sh, frozen_sh = optim.partition(param_shardings, mask)
   trainable, _ = optim.partition(params, mask)
   opt_abstract = jax.eval_shape(tx.init, trainable)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_sh,
-                                 transform_non_params=lambda _: rep)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_sh, transform_non_params=lambda _: rep)
   return optim.TrainState(step=rep, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=rep, tx=tx)
 
 
 class Trainer:
-
   def __init__(self, cfg: Config):
     cfg.validate()  # every config check, before any weight is loaded or anything is written
     self.cfg = cfg
@@ -91,8 +99,13 @@ class Trainer:
     wd.prove_shared(self.workdir)  # multi-host: one clear error when the hosts do not share the workdir
     self.model_cfg = loading.model_config_of(cfg)
     self.mesh = sharding.make_mesh(cfg.mesh, self._mesh_devices(cfg.mesh))
-    logging.info("mode=%s model=%s mesh=%s workdir=%s", cfg.mode, cfg.model.preset or cfg.checkpoint.init_from,
-                 dict(self.mesh.shape), self.workdir)
+    logging.info(
+      "mode=%s model=%s mesh=%s workdir=%s",
+      cfg.mode,
+      cfg.model.preset or cfg.checkpoint.init_from,
+      dict(self.mesh.shape),
+      self.workdir,
+    )
 
   @staticmethod
   def _mesh_devices(mc):
@@ -102,7 +115,7 @@ class Trainer:
     sizes = (mc.data, mc.fsdp, mc.tensor)
     if -1 not in sizes and int(np.prod(sizes)) < len(devices):
       logging.info("mesh %s uses %d of %d devices", sizes, int(np.prod(sizes)), len(devices))
-      return devices[:int(np.prod(sizes))]
+      return devices[: int(np.prod(sizes))]
     return devices
 
   def saved_config(self) -> dict:
@@ -152,8 +165,9 @@ class Trainer:
         if k in bb:
           bb[k] = jax.tree_util.tree_map(lambda _: True, bb[k])
       mask["backbone"] = bb
-    n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree_util.tree_leaves(params),
-                                                          jax.tree_util.tree_leaves(mask)) if m)
+    n_train = sum(
+      int(np.prod(x.shape)) for x, m in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(mask)) if m
+    )
     logging.info("trainable params: %s of %s", f"{n_train:,}", f"{optim.count_params(params):,}")
     return mask
 
@@ -175,31 +189,41 @@ class Trainer:
 
   # -- data --------------------------------------------------------------------------------------
   def data_pipeline(self):
-    from pipo_jax.data import pipeline, tokenizer as tok_lib
+    from pipo_jax.data import pipeline
+    from pipo_jax.data import tokenizer as tok_lib
+
     dc = self.cfg.data
     if not dc.train_path:
       dc = self._generated_data(dc)
       self.cfg = dataclasses.replace(self.cfg, data=dc)
     tok_dir = dc.tokenizer_path or self.cfg.checkpoint.init_from
-    tok = tok_lib.load_tokenizer(tok_dir) if tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
+    tok = (
+      tok_lib.load_tokenizer(tok_dir) if tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
+    )
     if tok is not None and tok.vocab_size > self.model_cfg.vocab_size:
       raise ValueError(f"tokenizer {tok_dir} has {tok.vocab_size} ids but model.vocab_size={self.model_cfg.vocab_size}")
     pad = None if tok is not None else self.model_cfg.pad_token_id
-    return pipeline.TrainPipeline(dc, mode=self.cfg.mode, tokenizer=tok, pad_id=pad,
-                                  vocab_size=self.model_cfg.vocab_size)
+    return pipeline.TrainPipeline(
+      dc, mode=self.cfg.mode, tokenizer=tok, pad_id=pad, vocab_size=self.model_cfg.vocab_size
+    )
 
   def _generated_data(self, dc):
     """No data.train_path: generate the synthetic arithmetic task into the workdir (CPU demo default)."""
     from pipo_jax.data import synthetic
+
     out = os.path.join(self.workdir, "data")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "train.jsonl")):
       logging.info("data.train_path is empty: generating the synthetic arithmetic task in %s", out)
       synthetic.write_dataset(out, n_train=2000, n_test=100, seed=dc.seed)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("synthetic data written")
-    return dataclasses.replace(dc, train_path=os.path.join(out, "train.jsonl"),
-                               tokenizer_path=dc.tokenizer_path or os.path.join(out, "tokenizer"))
+    return dataclasses.replace(
+      dc,
+      train_path=os.path.join(out, "train.jsonl"),
+      tokenizer_path=dc.tokenizer_path or os.path.join(out, "tokenizer"),
+    )
 
   def global_batch(self, local_batches: list):
     """k local micro-batches -> one global batch pytree ([B, T], or [k, B, T] with accumulation)."""
@@ -236,15 +260,15 @@ class Trainer:
     cc = self.cfg.checkpoint
     save_frozen = cc.save_frozen == "always" or (cc.save_frozen == "auto" and not cc.init_from)
     fp = ckpt_lib.frozen_fingerprint(state.frozen, cc.init_from, None if cc.init_from else self.cfg.train.seed)
-    return ckpt_lib.Checkpointer(self.workdir, cc, config=self.saved_config(), save_frozen=save_frozen,
-                                 fingerprint=fp)
+    return ckpt_lib.Checkpointer(self.workdir, cc, config=self.saved_config(), save_frozen=save_frozen, fingerprint=fp)
 
   def resume(self, ckpt, state, data):
     """Restore the newest readable checkpoint onto `state`'s shardings (frozen params kept from `state` when
     the checkpoint has none) and trim metrics.jsonl to it. Returns the state."""
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    restored = ckpt.restore_latest(ckpt_lib.abstract_with_shardings(state, shardings), data.iterator,
-                                   frozen=state.frozen)
+    restored = ckpt.restore_latest(
+      ckpt_lib.abstract_with_shardings(state, shardings), data.iterator, frozen=state.frozen
+    )
     if restored is None:
       return state
     state = restored[0]
@@ -264,6 +288,7 @@ class Trainer:
       micro, ended = None, True
     if jax.process_count() > 1 and self.cfg.data.num_epochs > 0:
       from jax.experimental import multihost_utils
+
       ended = bool(np.any(multihost_utils.process_allgather(np.int32(ended))))
     return None if ended else micro
 
@@ -276,12 +301,14 @@ class Trainer:
     params, shardings = self.add_lora(params, shardings, k_lora)
     mask = self.trainable_mask(params)
     tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
-    create = jax.jit(lambda p, r: optim.TrainState.create(p, mask, tx, r),
-                     out_shardings=train_state_shardings(params, shardings, mask, tx, self.mesh))
+    create = jax.jit(
+      lambda p, r: optim.TrainState.create(p, mask, tx, r),
+      out_shardings=train_state_shardings(params, shardings, mask, tx, self.mesh),
+    )
     state = create(params, k_state)
     return state
 
-  def next_batch(self, data, state, step: int) -> Optional[tuple[Any, dict]]:
+  def next_batch(self, data, state, step: int) -> tuple[Any, dict] | None:
     """The global batch of optimizer step `step` (k = grad_accum_steps micro-batches) and host-side metrics
     of producing it; `"tokens"` in them counts the batch's non-PAD tokens (for tokens/s). None when the data
     has ended (on every process alike: see `next_micro_batches`)."""
@@ -302,13 +329,17 @@ class Trainer:
     """One optimizer step (dispatched, not waited for); a mode may add host metrics to `info`."""
     return step_fn(state, batch, *extra)
 
-  def train(self) -> Optional[dict]:
+  def train(self) -> dict | None:
     data = self.data_pipeline()
     cfg = self.cfg  # may now name the generated data
     from pipo_jax.data.pipeline import check_data_end
-    check_data_end(data.steps_available(cfg.optim.grad_accum_steps), cfg.train.num_steps,
-                   f"data.train_path={cfg.data.train_path} x data.num_epochs={cfg.data.num_epochs} at data.batch_size="
-                   f"{cfg.data.batch_size} x optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
+
+    check_data_end(
+      data.steps_available(cfg.optim.grad_accum_steps),
+      cfg.train.num_steps,
+      f"data.train_path={cfg.data.train_path} x data.num_epochs={cfg.data.num_epochs} at data.batch_size="
+      f"{cfg.data.batch_size} x optim.grad_accum_steps={cfg.optim.grad_accum_steps}",
+    )
     state = self.build_state()
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     ckpt = self.checkpointer(state)
@@ -319,8 +350,12 @@ class Trainer:
     with sharding.use_rules(self.mesh):
       jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
     flops = metrics_lib.estimate_flops_per_token(self.model_cfg, self.sequence_length())
-    writer = metrics_lib.MetricsWriter(self.workdir, cfg.train.num_steps, flops,
-                                       metrics_lib.peak_flops_per_device(override=cfg.train.peak_flops_per_device))
+    writer = metrics_lib.MetricsWriter(
+      self.workdir,
+      cfg.train.num_steps,
+      flops,
+      metrics_lib.peak_flops_per_device(override=cfg.train.peak_flops_per_device),
+    )
     guard = ckpt_lib.PreemptionGuard().install()
     step = int(state.step)
     end = cfg.train.num_steps
@@ -337,8 +372,9 @@ class Trainer:
         with sharding.use_rules(self.mesh):
           got = self.next_batch(data, state, step)
           if got is None:
-            logging.warning("the data ended after step %d (of train.num_steps=%d): stopping there", step,
-                            cfg.train.num_steps)
+            logging.warning(
+              "the data ended after step %d (of train.num_steps=%d): stopping there", step, cfg.train.num_steps
+            )
             break
           batch, info = got
           tokens += info.pop("tokens")
@@ -349,8 +385,9 @@ class Trainer:
         step += 1
         data_at_step = ckpt_lib.IteratorSnapshot(data.iterator.get_state())
         if nonfinite.update(step, m["nonfinite"], ckpt.latest_step):
-          logging.warning("step %d: non-finite loss or gradient norm: update skipped (%d so far)", step,
-                          nonfinite.skipped)
+          logging.warning(
+            "step %d: non-finite loss or gradient norm: update skipped (%d so far)", step, nonfinite.skipped
+          )
         if step % cfg.train.log_every == 0 or step == end or step == 1:
           m = self.host_metrics(m, data)
           m.update(_mean_dicts(since_log))

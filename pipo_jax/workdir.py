@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import Optional
 
 from etils import epath
 
@@ -86,7 +85,7 @@ def open_append(path: str):
   return _RewriteOnFlush(path) if is_url(path) else open(path, "a")
 
 
-def prove_shared(workdir: str, process_index: Optional[int] = None, process_count: Optional[int] = None) -> None:
+def prove_shared(workdir: str, process_index: int | None = None, process_count: int | None = None) -> None:
   """Raise ValueError (one line) unless every process sees what process 0 writes in `workdir`.
 
   Single process: nothing to prove. Multi-process: process 0 writes `<workdir>/.pipo_jax_shared/<token>` with a
@@ -95,11 +94,13 @@ def prove_shared(workdir: str, process_index: Optional[int] = None, process_coun
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   p = jax.process_index() if process_index is None else process_index
   n = jax.process_count() if process_count is None else process_count
   if n == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   token = int(multihost_utils.broadcast_one_to_all(np.int64(secrets.randbits(62) if p == 0 else 0)))
   marker = join(workdir, MARKER_DIR, str(token))
   if p == 0:
@@ -120,9 +121,10 @@ def prove_shared(workdir: str, process_index: Optional[int] = None, process_coun
   blind = [i for i, v in enumerate(verdicts) if not v]
   if blind:
     raise ValueError(
-        f"workdir {workdir} is not shared: process(es) {blind} cannot read the marker process 0 wrote there. A "
-        f"multi-host checkpoint must go where every host sees it: --config.workdir=gs://BUCKET/run or a shared "
-        f"mount (NFS, Filestore, gcsfuse)")
+      f"workdir {workdir} is not shared: process(es) {blind} cannot read the marker process 0 wrote there. A "
+      f"multi-host checkpoint must go where every host sees it: --config.workdir=gs://BUCKET/run or a shared "
+      f"mount (NFS, Filestore, gcsfuse)"
+    )
 
 
 def trim_metrics(workdir: str, step: int) -> int:

@@ -2,6 +2,7 @@
 
 This must run before anything imports jax, which is why it lives in conftest.py.
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -14,24 +14,46 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from pipo_jax.config import (CheckpointConfig, Config, DataConfig, LossConfig, MeshConfig, ModelConfig,  # noqa: E402
-                             OptimConfig, TrainConfig)
+from pipo_jax.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  LossConfig,
+  MeshConfig,
+  ModelConfig,
+  OptimConfig,
+  TrainConfig,
+)
 
 
-def tiny_config(data_dir: str, workdir: str, steps: int = 6, every_steps: int = 2, async_save: bool = True,
-                save_frozen: str = "auto", **train_kw) -> Config:
+def tiny_config(
+  data_dir: str,
+  workdir: str,
+  steps: int = 6,
+  every_steps: int = 2,
+  async_save: bool = True,
+  save_frozen: str = "auto",
+  **train_kw,
+) -> Config:
   """The tiny preset on the generated arithmetic task: full fine-tune (embeddings frozen), 1 device."""
   return Config(
-      mode="sft", workdir=workdir,
-      model=ModelConfig(preset="tiny", compressor_type="mlp_residual"),
-      mesh=MeshConfig(data=1, fsdp=1, tensor=1),
-      data=DataConfig(train_path=os.path.join(data_dir, "train.jsonl"),
-                      tokenizer_path=os.path.join(data_dir, "tokenizer"), max_length=64, batch_size=8,
-                      max_pad_ratio=0.25, seed=0),
-      optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, weight_decay=0.0),
-      loss=LossConfig(logits_chunk=64),
-      checkpoint=CheckpointConfig(every_steps=every_steps, keep=10, async_save=async_save, save_frozen=save_frozen),
-      train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, **train_kw))
+    mode="sft",
+    workdir=workdir,
+    model=ModelConfig(preset="tiny", compressor_type="mlp_residual"),
+    mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+    data=DataConfig(
+      train_path=os.path.join(data_dir, "train.jsonl"),
+      tokenizer_path=os.path.join(data_dir, "tokenizer"),
+      max_length=64,
+      batch_size=8,
+      max_pad_ratio=0.25,
+      seed=0,
+    ),
+    optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, weight_decay=0.0),
+    loss=LossConfig(logits_chunk=64),
+    checkpoint=CheckpointConfig(every_steps=every_steps, keep=10, async_save=async_save, save_frozen=save_frozen),
+    train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, **train_kw),
+  )
 
 
 def _say(line: str) -> None:
@@ -45,6 +67,7 @@ def main():
   import json
 
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py: bitwise-equal runs
   import orbax.checkpoint as ocp
   from absl import logging
@@ -61,6 +84,7 @@ def main():
       if step == hold:
         _say(f"FINALIZING {step}")
         import time
+
         time.sleep(600)
       return original(self, step, *a, **k)
 

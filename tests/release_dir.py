@@ -17,20 +17,26 @@ from __future__ import annotations
 import json
 import os
 
+import hf_tiny
 import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-import hf_tiny
-
 TEMPLATE_PATH = os.path.join(os.path.dirname(__file__), "qwen3_5_template.jinja")
-GENERATION_CONFIG = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "eos_token_id": [3, 1],
-                     "bos_token_id": None}
+GENERATION_CONFIG = {
+  "do_sample": True,
+  "temperature": 0.6,
+  "top_k": 20,
+  "top_p": 0.95,
+  "eos_token_id": [3, 1],
+  "bos_token_id": None,
+}
 
 
 def make_release_dir(path: str, seed: int = 0):
   """Write the release-like directory; returns the transformers model its backbone is."""
   import jax
+
   from pipo_jax import hf
   from pipo_jax.config import model_config_from_hf
   from pipo_jax.data import synthetic
@@ -41,11 +47,15 @@ def make_release_dir(path: str, seed: int = 0):
   text = model.config.to_dict()
   for k in ("architectures", "transformers_version", "torch_dtype", "dtype"):
     text.pop(k, None)
-  text.update(model_type="qwen3_5_text", pad_token_id=None, eos_token_id=1, bos_token_id=None,
-              mtp_num_hidden_layers=1)
-  config = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
-            "text_config": text, "vision_config": {"depth": 1, "hidden_size": 8},
-            "image_token_id": 99, "tie_word_embeddings": False}
+  text.update(model_type="qwen3_5_text", pad_token_id=None, eos_token_id=1, bos_token_id=None, mtp_num_hidden_layers=1)
+  config = {
+    "architectures": ["Qwen3_5ForConditionalGeneration"],
+    "model_type": "qwen3_5",
+    "text_config": text,
+    "vision_config": {"depth": 1, "hidden_size": 8},
+    "image_token_id": 99,
+    "tie_word_embeddings": False,
+  }
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config, f, indent=1)
 

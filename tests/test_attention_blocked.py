@@ -1,9 +1,9 @@
 """Blocked (flash-style) attention == the dense path, forward and gradient; O(block) compiled memory."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from pipo_jax.models import attention
 from pipo_jax.models.flash import blocked_attention
@@ -67,7 +67,7 @@ def test_blocked_equals_dense_cached_multi_token_step():
   B, T, S, G, R, K, index = 2, 37, 96, 2, 2, 8, 20
   q, k, v = _inputs(rng, B, T, S, G, R, K)
   valid = np.zeros((B, S), bool)
-  valid[:, :index + T] = True
+  valid[:, : index + T] = True
   valid[1, :5] = False  # left pad of row 1's prompt
   _check(q, k, v, index + jnp.arange(T), jnp.asarray(valid), 16, 16)
 
@@ -90,13 +90,17 @@ def test_compiled_temp_memory_is_o_block():
     def loss(q, k, v):
       def layer(q, _):
         return attn(q, k, v), None
+
       return jnp.sum(jax.lax.scan(layer, q, None, length=2)[0] ** 2)
+
     return jax.grad(loss, argnums=(0, 1, 2))
 
   dense = _temp_bytes(grad_of(lambda q, k, v: attention._dense_attention(q, k, v, slot, valid)), q, kv, kv)
   blocked = _temp_bytes(grad_of(lambda q, k, v: blocked_attention(q, k, v, slot, valid, 256, 256)), q, kv, kv)
-  print(f"\nT=4096 fwd+bwd (2 scanned layers) temp bytes: dense {dense:,} ({dense / 2**20:.1f} MiB), "
-        f"blocked(256) {blocked:,} ({blocked / 2**20:.2f} MiB), ratio {dense / blocked:.0f}x")
+  print(
+    f"\nT=4096 fwd+bwd (2 scanned layers) temp bytes: dense {dense:,} ({dense / 2**20:.1f} MiB), "
+    f"blocked(256) {blocked:,} ({blocked / 2**20:.2f} MiB), ratio {dense / blocked:.0f}x"
+  )
   # Dense: at least R x T x T fp32 probabilities (128 MiB); blocked must be at least 20x smaller.
   assert dense >= R * T * T * 4
   assert blocked * 20 <= dense
@@ -104,8 +108,10 @@ def test_compiled_temp_memory_is_o_block():
 
 def test_gated_attention_uses_blocked_path_and_matches_dense():
   """The module: attention_block=16 (blocked for T=40 > 16) vs 0 (dense), same params, with a left pad."""
-  from pipo_jax.config import ModelConfig, resolve_model_config
   import dataclasses
+
+  from pipo_jax.config import ModelConfig, resolve_model_config
+
   cfg = resolve_model_config(ModelConfig(preset="tiny"))
   B, T = 2, 40
   x = jnp.asarray(np.random.RandomState(3).randn(B, T, cfg.hidden_size), jnp.float32)

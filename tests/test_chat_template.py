@@ -14,18 +14,25 @@ from pipo_jax.data.tokenizer import NO_THINK_SUFFIX, load_tokenizer
 TEMPLATE = os.path.join(os.path.dirname(__file__), "qwen3_5_template.jinja")
 
 CONVERSATIONS = {
-    "single": [{"role": "user", "content": "What is 2+3?"}],
-    "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Add 4 and 5."}],
-    "multi_turn_reasoning_earlier": [
-        {"role": "user", "content": "1+1?"},
-        {"role": "assistant", "content": "<think>\nones\n</think>\n\nIt is \\boxed{2}."},
-        {"role": "user", "content": "and 2+2?"}],
-    "multi_turn_system": [
-        {"role": "system", "content": "Be exact."}, {"role": "user", "content": "7*6?"},
-        {"role": "assistant", "content": "42"}, {"role": "user", "content": "minus 2?"}],
+  "single": [{"role": "user", "content": "What is 2+3?"}],
+  "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Add 4 and 5."}],
+  "multi_turn_reasoning_earlier": [
+    {"role": "user", "content": "1+1?"},
+    {"role": "assistant", "content": "<think>\nones\n</think>\n\nIt is \\boxed{2}."},
+    {"role": "user", "content": "and 2+2?"},
+  ],
+  "multi_turn_system": [
+    {"role": "system", "content": "Be exact."},
+    {"role": "user", "content": "7*6?"},
+    {"role": "assistant", "content": "42"},
+    {"role": "user", "content": "minus 2?"},
+  ],
 }
-RESPONSES = ["<think>\n7*6=42\n</think>\nThe answer is \\boxed{42}.", "no think block at all",
-             "<think>\n\nleading blank\n\n</think>\n\n\nanswer"]
+RESPONSES = [
+  "<think>\n7*6=42\n</think>\nThe answer is \\boxed{42}.",
+  "no think block at all",
+  "<think>\n\nleading blank\n\n</think>\n\n\nanswer",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +83,10 @@ def test_sft_example_matches_transformers(dirs, name, response):
   full = _hf_ids(hf, msgs + [{"role": "assistant", "content": response}])
   assert np.concatenate([p, r]).tolist() == full
   # The unsupervised think prefix of the response is exactly where the generation prompt ends.
-  assert np.concatenate([p, r[:len(ours.think_prefix_ids)]]).tolist() == _hf_ids(
-      hf, msgs, add_generation_prompt=True, enable_thinking=True)
-  assert r[:len(ours.think_prefix_ids)].tolist() == ours.think_prefix_ids.tolist()
+  assert np.concatenate([p, r[: len(ours.think_prefix_ids)]]).tolist() == _hf_ids(
+    hf, msgs, add_generation_prompt=True, enable_thinking=True
+  )
+  assert r[: len(ours.think_prefix_ids)].tolist() == ours.think_prefix_ids.tolist()
 
 
 def test_builtin_fallback_without_template(tmp_path):
@@ -93,7 +101,8 @@ def test_builtin_fallback_without_template(tmp_path):
       continue  # the built-in template keeps earlier assistant turns verbatim
     for thinking in (True, False):
       assert ours.generation_prompt_ids(msgs, thinking).tolist() == _hf_ids(
-          hf, msgs, add_generation_prompt=True, enable_thinking=thinking)
+        hf, msgs, add_generation_prompt=True, enable_thinking=thinking
+      )
     resp = RESPONSES[0].replace("</think>\n", "\n</think>\n\n").replace("\n\n</think>", "\n</think>")
     p, r = ours.encode_chat(msgs, resp)
     assert np.concatenate([p, r]).tolist() == _hf_ids(hf, msgs + [{"role": "assistant", "content": resp}])

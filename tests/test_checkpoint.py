@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from toy_tree import D
 
 from pipo_jax import checkpoint as ck
 from pipo_jax import optim
 from pipo_jax.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
 from pipo_jax.models import lora
-from toy_tree import D, toy_loss
 
 
 class FakeIterator:
@@ -27,16 +27,21 @@ class FakeIterator:
 
   def set_state(self, s):
     import json
+
     self.pos = json.loads(s)["pos"]
 
 
 def _small_params():
   g = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(g.standard_normal(s), jnp.float32)
-  return {"backbone": {"layers": {"layer_0": {"mlp": {"up_proj": {"kernel": f(2, D, 16)}}}},
-                       "embed_tokens": {"embedding": f(16, D)}},
-          "mtp": {"fc": {"kernel": f(2 * D, D)}, "norm": {"scale": f(D)}},
-          "compressor": {"mlp_0": {"kernel": f(2 * D, D), "bias": f(D)}}}
+  return {
+    "backbone": {
+      "layers": {"layer_0": {"mlp": {"up_proj": {"kernel": f(2, D, 16)}}}},
+      "embed_tokens": {"embedding": f(16, D)},
+    },
+    "mtp": {"fc": {"kernel": f(2 * D, D)}, "norm": {"scale": f(D)}},
+    "compressor": {"mlp_0": {"kernel": f(2 * D, D), "bias": f(D)}},
+  }
 
 
 def _loss(params, batch, rng):
@@ -133,8 +138,10 @@ def test_sigterm_triggers_final_save(tmp_path):
 
 def test_restore_onto_different_sharding(tmp_path):
   g = np.random.default_rng(1)
-  params = {"backbone": {"layers": {"mlp": {"up_proj": {"kernel": jnp.asarray(g.standard_normal((8, 4, 16)), jnp.float32)}}}},
-            "mtp": {"fc": {"kernel": jnp.asarray(g.standard_normal((16, 8)), jnp.float32)}}}
+  params = {
+    "backbone": {"layers": {"mlp": {"up_proj": {"kernel": jnp.asarray(g.standard_normal((8, 4, 16)), jnp.float32)}}}},
+    "mtp": {"fc": {"kernel": jnp.asarray(g.standard_normal((16, 8)), jnp.float32)}},
+  }
   mask = {"backbone": {"layers": {"mlp": {"up_proj": {"kernel": False}}}}, "mtp": {"fc": {"kernel": True}}}
   state = optim.TrainState.create(params, mask, optim.make_optimizer(OptimConfig(), 10), jax.random.PRNGKey(0))
   mesh_a = Mesh(np.array(jax.devices()), ("data",))
@@ -147,8 +154,11 @@ def test_restore_onto_different_sharding(tmp_path):
 
   mesh_b = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
   dst = jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh_b, P(None, "fsdp", "tensor") if x.ndim == 3 else
-                              P("tensor", "fsdp") if x.ndim == 2 else P()), state)
+    lambda x: NamedSharding(
+      mesh_b, P(None, "fsdp", "tensor") if x.ndim == 3 else P("tensor", "fsdp") if x.ndim == 2 else P()
+    ),
+    state,
+  )
   abstract = ck.abstract_with_shardings(jax.eval_shape(lambda s: s, state), dst)
   c2 = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, keep=1))
   restored, data_state, _ = c2.restore_latest(abstract)
@@ -210,6 +220,7 @@ def test_two_process_save_restore(tmp_path):
   import socket
   import subprocess
   import sys
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -217,17 +228,33 @@ def test_two_process_save_restore(tmp_path):
   script.write_text(_MP_WORKER)
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    env = dict(
+      os.environ,
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   outs = [p.communicate(timeout=180)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
   lines = sorted(l for o in outs for l in o.splitlines() if l.startswith("RESULT"))
   assert lines == ["RESULT 0 100 True", "RESULT 1 101 True"], outs
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "1" / "data")) == [
-      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    "commit_success.txt",
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
 
 
 def test_other_process_count_refused_in_one_line(tmp_path):
@@ -251,6 +278,7 @@ def test_uncommitted_step_is_invisible_everywhere(tmp_path):
   """A save cut short leaves orbax's temporary directory (committed by a final rename; on GCS by a marker):
   it is neither the latest step nor what resolve_step_dir / export / resume pick."""
   import shutil
+
   state = _trained_state(1)
   c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, async_save=False))
   c.save(1, state)
@@ -266,6 +294,7 @@ def test_uncommitted_step_is_invisible_everywhere(tmp_path):
 
 def test_trim_metrics_drops_steps_after_resume_and_torn_lines(tmp_path):
   from pipo_jax import workdir
+
   lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']
   (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
   assert workdir.trim_metrics(str(tmp_path), 2) == 3
@@ -273,14 +302,20 @@ def test_trim_metrics_drops_steps_after_resume_and_torn_lines(tmp_path):
 
 
 def test_resume_config_check_names_fields_and_allows_listed():
-  saved = {"mode": "sft", "data": {"batch_size": 8, "seed": 0}, "train": {"num_steps": 10, "seed": 0},
-           "model": {"hidden_size": 64, "remat": "none"}}
+  saved = {
+    "mode": "sft",
+    "data": {"batch_size": 8, "seed": 0},
+    "train": {"num_steps": 10, "seed": 0},
+    "model": {"hidden_size": 64, "remat": "none"},
+  }
   cur = json.loads(json.dumps(saved))
   cur["data"]["batch_size"], cur["train"]["num_steps"], cur["model"]["remat"] = 16, 20, "full"
   with pytest.raises(ck.ResumeRefused, match=r"\(data.batch_size: 8 -> 16; train.num_steps: 10 -> 20\)"):
     ck.check_resume_config(saved, cur)  # remat (numerics only) is not a refusal
-  assert ck.check_resume_config(saved, cur, ("data.batch_size", "train.num_steps")) == \
-      ["data.batch_size", "train.num_steps"]
+  assert ck.check_resume_config(saved, cur, ("data.batch_size", "train.num_steps")) == [
+    "data.batch_size",
+    "train.num_steps",
+  ]
   cur["model"]["hidden_size"] = 128
   with pytest.raises(ck.ResumeRefused, match=r"model.hidden_size: 64 -> 128"):
     ck.check_resume_config(saved, cur, ("data.batch_size", "train.num_steps"))

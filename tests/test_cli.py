@@ -11,9 +11,21 @@ from pipo_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tool -> a flag its --help must list
-TOOLS = {"train": "config", "generate": "prompts", "bench": "new_tokens", "score": "pipo", "convert": "to_hf",
-         "evaluate": "benchmark", "rollout": "min_pass_rate", "make_report": "run_dir", "make_task": "n_train",
-         "memory_plan": "accelerator", "prepare_benchmark": "format", "speed": "repeats", "diagnose": "student"}
+TOOLS = {
+  "train": "config",
+  "generate": "prompts",
+  "bench": "new_tokens",
+  "score": "pipo",
+  "convert": "to_hf",
+  "evaluate": "benchmark",
+  "rollout": "min_pass_rate",
+  "make_report": "run_dir",
+  "make_task": "n_train",
+  "memory_plan": "accelerator",
+  "prepare_benchmark": "format",
+  "speed": "repeats",
+  "diagnose": "student",
+}
 
 
 def _env():
@@ -23,14 +35,15 @@ def _env():
 def test_every_cli_imports_together_without_defining_flags():
   """Importing every tool into one process defines none of their flags (each defines them in define_flags,
   called only when it is the program), and each has a define_flags and a main."""
-  code = ("import importlib\nfrom absl import flags\n"
-          f"mods = [importlib.import_module('pipo_jax.' + t) for t in {sorted(TOOLS)!r}]\n"
-          "assert all(callable(m.main) and callable(m.define_flags) for m in mods)\n"
-          "ours = {m: [f.name for f in fl] for m, fl in flags.FLAGS.flags_by_module_dict().items()\n"
-          "        if 'pipo_jax' in m}\n"
-          "print(ours)\n")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO,
-                     timeout=1200)
+  code = (
+    "import importlib\nfrom absl import flags\n"
+    f"mods = [importlib.import_module('pipo_jax.' + t) for t in {sorted(TOOLS)!r}]\n"
+    "assert all(callable(m.main) and callable(m.define_flags) for m in mods)\n"
+    "ours = {m: [f.name for f in fl] for m, fl in flags.FLAGS.flags_by_module_dict().items()\n"
+    "        if 'pipo_jax' in m}\n"
+    "print(ours)\n"
+  )
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.strip() == "{}"  # libraries (absl, orbax, grain) may define flags; no tool does
 
@@ -38,9 +51,17 @@ def test_every_cli_imports_together_without_defining_flags():
 def test_every_cli_help():
   """`python -m pipo_jax.<tool> --help` (absl's, which exits with status 1) lists the tool's own flags and
   --verbose, from any directory (run in parallel)."""
-  procs = {t: subprocess.Popen([sys.executable, "-m", f"pipo_jax.{t}", "--help"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=_env(), cwd="/")
-           for t in TOOLS}
+  procs = {
+    t: subprocess.Popen(
+      [sys.executable, "-m", f"pipo_jax.{t}", "--help"],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=_env(),
+      cwd="/",
+    )
+    for t in TOOLS
+  }
   for t, p in procs.items():
     out, err = p.communicate(timeout=1200)
     assert p.returncode == 1 and "Try --helpfull" in out and "Traceback" not in err, f"{t}: {err[-2000:]}"
@@ -50,6 +71,7 @@ def test_every_cli_help():
 def _run_guarded(exc, verbose):
   def main(argv):
     raise exc
+
   if "verbose" not in flags.FLAGS:
     cli._define_verbose()
   flags.FLAGS["verbose"].value = verbose

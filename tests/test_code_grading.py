@@ -13,11 +13,16 @@ import pytest
 from pipo_jax import code_grading, eval_metrics, grading
 from pipo_jax.code_grading import Limits
 
-STDIN_ROW = json.dumps({"style": "stdin", "tests": [{"input": "3 4\n", "output": "7\n"},
-                                                     {"input": "10 -2\n", "output": "8"}]})
-FUNC_ROW = json.dumps({"style": "functional", "fn_name": "twoSum",
-                       "tests": [{"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]"},
-                                 {"input": "[3, 2, 4]\n6", "output": "[1, 2]"}]})
+STDIN_ROW = json.dumps(
+  {"style": "stdin", "tests": [{"input": "3 4\n", "output": "7\n"}, {"input": "10 -2\n", "output": "8"}]}
+)
+FUNC_ROW = json.dumps(
+  {
+    "style": "functional",
+    "fn_name": "twoSum",
+    "tests": [{"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]"}, {"input": "[3, 2, 4]\n6", "output": "[1, 2]"}],
+  }
+)
 FAST = Limits(time_s=10.0, memory_mb=512)
 
 
@@ -26,9 +31,11 @@ def fence(code, lang="python"):
 
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)"
-TWO_SUM = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
-           "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
-           "                return (seen[target - x], i)\n            seen[x] = i\n")
+TWO_SUM = (
+  "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
+  "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+  "                return (seen[target - x], i)\n            seen[x] = i\n"
+)
 
 
 def test_extract_last_python_block():
@@ -48,8 +55,9 @@ def test_correct_and_wrong_stdin_and_functional():
   assert code_grading.grade_code(fence(ADD), STDIN_ROW, FAST)
   assert not code_grading.grade_code(fence("a, b = map(int, input().split())\nprint(a - b)"), STDIN_ROW, FAST)
   assert code_grading.grade_code(fence(TWO_SUM), FUNC_ROW, FAST)  # a tuple result equals the JSON list
-  assert not code_grading.grade_code(fence(TWO_SUM.replace("return (seen[target - x], i)", "return [i]")),
-                                     FUNC_ROW, FAST)
+  assert not code_grading.grade_code(
+    fence(TWO_SUM.replace("return (seen[target - x], i)", "return [i]")), FUNC_ROW, FAST
+  )
   assert not code_grading.grade_code("I think the answer is a+b.", STDIN_ROW, FAST)  # no code block
 
 
@@ -73,8 +81,10 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
   """A solution that starts a child and loops: on timeout both are gone (the child reported its pid to a file
   outside the sandbox's directory, which the test alone reads)."""
   pid_file = tmp_path / "pids"
-  code = (f"import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\n"
-          f"open({str(pid_file)!r}, 'w').write(f'{{os.getpid()}} {{pid}}')\ntime.sleep(60)\n")
+  code = (
+    f"import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+    f"open({str(pid_file)!r}, 'w').write(f'{{os.getpid()}} {{pid}}')\ntime.sleep(60)\n"
+  )
   status, _, _ = code_grading.run_one(code, "", "stdin", "", Limits(time_s=15.0))  # room for a slow start
   assert status == "timeout"
   pids = [int(p) for p in pid_file.read_text().split()]
@@ -91,8 +101,9 @@ def test_memory_hog_fails_within_the_limit():
 def test_file_writes_stay_in_a_removed_temp_dir(tmp_path):
   """Relative writes land in the per-test directory, which is removed; a big write hits the size limit."""
   before = set(os.listdir("/tmp"))
-  code = ("import os\nopen('out.txt', 'w').write('x')\nprint(os.getcwd())\n"
-          "open('big.bin', 'wb').write(b'0' * (8 << 20))\n")
+  code = (
+    "import os\nopen('out.txt', 'w').write('x')\nprint(os.getcwd())\nopen('big.bin', 'wb').write(b'0' * (8 << 20))\n"
+  )
   status, out, _ = code_grading.run_one(code, "", "stdin", "", Limits(time_s=30.0, file_mb=1))
   assert status == "error"  # EFBIG (Python ignores SIGXFSZ) on the 8 MiB write
   work = out.strip()
@@ -128,9 +139,11 @@ def test_no_network():
 
 def test_grade_samples_code_in_parallel_with_pass_at_k():
   """Code rows through grading.grade_samples (parallel workers) beside a multiple-choice row; pass@k / avg@k by hand."""
-  comps = [[fence(ADD), fence("print(0)"), "no code"],
-           [fence(TWO_SUM), fence(TWO_SUM), fence("class Solution: pass")],
-           ["\\boxed{B}", "\\boxed{C}", "\\boxed{B}"]]
+  comps = [
+    [fence(ADD), fence("print(0)"), "no code"],
+    [fence(TWO_SUM), fence(TWO_SUM), fence("class Solution: pass")],
+    ["\\boxed{B}", "\\boxed{C}", "\\boxed{B}"],
+  ]
   t0 = time.perf_counter()
   c = grading.grade_samples(comps, [STDIN_ROW, FUNC_ROW, "B"], ["code", "code", "multiple_choice"])
   print(f"graded 6 code samples in {time.perf_counter() - t0:.2f}s")

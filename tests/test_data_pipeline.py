@@ -28,8 +28,9 @@ def tok(data):
 
 
 def _cfg(data, **kw):
-  base = dict(train_path=data["train"], tokenizer_path=data["tokenizer"], max_length=192, batch_size=4, seed=7,
-              max_pad_ratio=0.5)
+  base = dict(
+    train_path=data["train"], tokenizer_path=data["tokenizer"], max_length=192, batch_size=4, seed=7, max_pad_ratio=0.5
+  )
   base.update(kw)
   return DataConfig(**base)
 
@@ -100,8 +101,9 @@ def test_special_id_fallbacks(data, tmp_path):
 def test_malformed_line_names_file_and_line(data, tmp_path):
   lines = open(data["train"]).read().splitlines()[:4]
   bad = tmp_path / "bad.jsonl"
-  bad.write_text("\n".join([lines[0], lines[1], "{not json", lines[2], "",
-                            '{"messages": [{"role": "user"}]}', lines[3]]) + "\n")
+  bad.write_text(
+    "\n".join([lines[0], lines[1], "{not json", lines[2], "", '{"messages": [{"role": "user"}]}', lines[3]]) + "\n"
+  )
   with pytest.raises(MalformedRecordError, match=re.escape(f"{bad}:3:")):
     read_jsonl(str(bad))
   recs, n_bad = read_jsonl(str(bad), skip_malformed=True)
@@ -117,9 +119,14 @@ def test_malformed_line_names_file_and_line(data, tmp_path):
 
 def test_schemas(tmp_path):
   f = tmp_path / "mixed.jsonl"
-  rows = [{"prompt": "a", "response": "b"}, {"prompt": "q"}, {"question": "1+1", "answer": "2", "type": "math"},
-          {"tokens": [5, 6, 7], "prompt_length": 1}, {"prompt_ids": [1], "response_ids": [2, 3]},
-          {"messages": [{"role": "user", "content": "x"}], "source": "s", "source_index": 4, "pass_rate": 0.5}]
+  rows = [
+    {"prompt": "a", "response": "b"},
+    {"prompt": "q"},
+    {"question": "1+1", "answer": "2", "type": "math"},
+    {"tokens": [5, 6, 7], "prompt_length": 1},
+    {"prompt_ids": [1], "response_ids": [2, 3]},
+    {"messages": [{"role": "user", "content": "x"}], "source": "s", "source_index": 4, "pass_rate": 0.5},
+  ]
   f.write_text("".join(json.dumps(r) + "\n" for r in rows))
   recs, n_bad = read_jsonl(str(f))
   assert n_bad == 0
@@ -134,6 +141,7 @@ def test_schemas(tmp_path):
 
 def test_missing_pad_is_a_clear_error(tmp_path):
   from tokenizers import Tokenizer, models  # a vocabulary with the chat tokens but no PAD candidate
+
   vocab = {t: i for i, t in enumerate(["<|im_start|>", "<|im_end|>", "<think>", "</think>", "\n", "a"])}
   Tokenizer(models.WordLevel(vocab=vocab, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
   with pytest.raises(ValueError, match="no PAD token"):
@@ -148,7 +156,7 @@ def test_synthetic_task(data):
   hard = synthetic.Difficulty(min_ops=4, max_ops=4, min_operand=2, max_operand=20)
   for _ in range(50):
     p = synthetic.make_problem(rng, hard)
-    expr = p.question[len("Compute "):-1]
+    expr = p.question[len("Compute ") : -1]
     assert eval(expr) == p.answer  # the question's parentheses give the left-to-right fold
     steps = p.response.split("\n")[1:-2]
     assert len(steps) == 4 and p.response.startswith("<think>\n")
@@ -197,7 +205,7 @@ def test_pipeline_deterministic_and_well_formed(data, tok):
   none = next(TrainPipeline(dataclasses.replace(cfg, max_pad_ratio=0.0), process_index=0, process_count=1))
   for ids, lab in zip(none["input_ids"], none["labels"]):
     first, last = np.flatnonzero(lab != pairs.IGNORE)[[0, -1]]
-    assert not np.any(ids[first:last + 1] == pad)  # ratio 0: no PAD inside the response
+    assert not np.any(ids[first : last + 1] == pad)  # ratio 0: no PAD inside the response
 
 
 def test_process_shards_partition_the_global_batch(data):
@@ -215,8 +223,10 @@ def test_split_pattern_is_redrawn_each_epoch(data, tok):
   # Global batch = the whole (40-example) set: batch e is epoch e, reshuffled, with fresh PAD splits.
   cfg = _cfg(data, batch_size=40, max_pad_ratio=1.0, num_epochs=2)
   e0, e1 = _take(TrainPipeline(cfg, process_index=0, process_count=1), 2)
+
   def by_text(batch):
     return {tuple(ids[ids != tok.pad_id]): tuple(ids) for ids in batch["input_ids"]}
+
   a, b = by_text(e0), by_text(e1)
   assert a.keys() == b.keys()  # the same 40 examples in each epoch
   assert [tuple(x) for x in e0["input_ids"]] != [tuple(x) for x in e1["input_ids"]]  # new order
@@ -240,8 +250,13 @@ def test_counters_truncation_and_drop(data):
   batch = next(pipe)
   stats = pipe.stats.as_dict()
   assert stats["truncated"] > 0 and stats["dropped"] == 0 and batch["input_ids"].shape == (4, 56)
-  pipe = TrainPipeline(dataclasses.replace(cfg, overlong="drop", max_length=72), process_index=0,
-                       process_count=1, num_threads=1, prefetch=1)
+  pipe = TrainPipeline(
+    dataclasses.replace(cfg, overlong="drop", max_length=72),
+    process_index=0,
+    process_count=1,
+    num_threads=1,
+    prefetch=1,
+  )
   next(pipe)
   assert pipe.stats.as_dict()["dropped"] > 0
 
@@ -255,9 +270,8 @@ def test_ar_mode_and_eval_fill(data, tok):
   recs, _ = read_jsonl(data["test_sft"])
   p, r = tok.encode_chat(recs[0].messages, recs[0].response)
   row = np.r_[p, r]
-  np.testing.assert_array_equal(batches[0]["input_ids"][0, :len(row)], row)  # eval keeps file order, no PADs
-  np.testing.assert_array_equal(batches[0]["labels"][0, :len(row)],
-                                np.r_[np.full(len(p) + 2, pairs.IGNORE), r[2:]])
+  np.testing.assert_array_equal(batches[0]["input_ids"][0, : len(row)], row)  # eval keeps file order, no PADs
+  np.testing.assert_array_equal(batches[0]["labels"][0, : len(row)], np.r_[np.full(len(p) + 2, pairs.IGNORE), r[2:]])
 
 
 # -- TFDS ArrayRecord ----------------------------------------------------------------------------------
@@ -265,12 +279,15 @@ def test_ar_mode_and_eval_fill(data, tok):
 
 def test_array_record_round_trip(data, tok, tmp_path):
   from pipo_jax.data.tfds_builder import ArrayRecordPairs, build_array_record
+
   out = build_array_record(str(tmp_path / "ar"), {"train": data["train"], "opd": data["opd"]}, data["tokenizer"])
   assert out["num_examples"] == {"train": 40, "opd": 9}
   src = ArrayRecordPairs(str(tmp_path / "ar"), "train")
   recs, _ = read_jsonl(data["train"])
-  want = {tuple(np.r_[tok.encode_chat(r.messages, r.response)[0], -1, tok.encode_chat(r.messages, r.response)[1]])
-          for r in recs}
+  want = {
+    tuple(np.r_[tok.encode_chat(r.messages, r.response)[0], -1, tok.encode_chat(r.messages, r.response)[1]])
+    for r in recs
+  }
   got = {tuple(np.r_[src[i].prompt_ids, -1, src[i].response_ids]) for i in range(len(src))}
   assert got == want
   # The same examples reach the same rows through either source (eval: no splitting; order differs).
@@ -279,8 +296,16 @@ def test_array_record_round_trip(data, tok, tmp_path):
   jsonl_rows = rows(TrainPipeline(cfg, evaluation=True, process_index=0, process_count=1))
   ar_rows = rows(TrainPipeline(cfg, path=str(tmp_path / "ar"), evaluation=True, process_index=0, process_count=1))
   assert jsonl_rows == ar_rows
-  opd = PromptPipeline(str(tmp_path / "ar"), tok, batch_size=3, prompt_length=48, split="opd", evaluation=True,
-                       process_index=0, process_count=1)
+  opd = PromptPipeline(
+    str(tmp_path / "ar"),
+    tok,
+    batch_size=3,
+    prompt_length=48,
+    split="opd",
+    evaluation=True,
+    process_index=0,
+    process_count=1,
+  )
   assert sorted(r.meta["source_index"] for r in opd.records) == list(range(9))
 
 
@@ -288,21 +313,22 @@ def test_array_record_round_trip(data, tok, tmp_path):
 
 
 def test_prompt_pipeline(data, tok, tmp_path):
-  pp = PromptPipeline(data["opd"], tok, batch_size=4, prompt_length=48, evaluation=True,
-                      process_index=0, process_count=1)
+  pp = PromptPipeline(
+    data["opd"], tok, batch_size=4, prompt_length=48, evaluation=True, process_index=0, process_count=1
+  )
   batches = list(pp)
   assert len(batches) == 3 and batches[-1]["index"].tolist() == [8, -1, -1, -1]
   recs, _ = read_jsonl(data["opd"])
   for b in batches:
     assert b["prompt_ids"].shape == (4, 48) and b["prompt_ids"].dtype == np.int32
     for ids, valid, n, i in zip(b["prompt_ids"], b["prompt_valid"], b["prompt_length"], b["index"]):
-      assert valid.sum() == n and n % 2 == 0 and not valid[:48 - n].any()
+      assert valid.sum() == n and n % 2 == 0 and not valid[: 48 - n].any()
       if i < 0:
         continue
       want = tok.generation_prompt_ids(recs[i].messages)
       if len(want) % 2:
         want = np.r_[want, tok.pad_id]  # parity PAD
-      np.testing.assert_array_equal(ids[48 - n:], want)
+      np.testing.assert_array_equal(ids[48 - n :], want)
       assert pp.records[i].meta["answer"] == recs[i].meta["answer"]
   # Sharding and pass-rate filtering.
   rows = [dict(json.loads(l), pass_rate=k / 8) for k, l in enumerate(open(data["opd"]))]
@@ -322,6 +348,7 @@ def test_prompt_pipeline(data, tok, tmp_path):
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches(data):
   from absl import flags
+
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   cfg = _cfg(data)
   want = _take(TrainPipeline(cfg, process_index=0, process_count=1), 5)

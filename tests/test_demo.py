@@ -26,8 +26,7 @@ from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.models.pipo import init_pipo_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("method", "conf_threshold", "avg_at_k", "pass_at_k", "pad_ratio", "effective_tokens_per_s",
-            "speedup_vs_ar")
+REQUIRED = ("method", "conf_threshold", "avg_at_k", "pass_at_k", "pad_ratio", "effective_tokens_per_s", "speedup_vs_ar")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +68,10 @@ def test_rollout_grading_and_schemas(model, task, tmp_path, monkeypatch):
   def fake_sample(m, prompts, n, mode, sp, **kw):
     assert mode == "ar" and n == 2
     good = [synthetic.THINK_TOKENS[0] + "\n1=1\n</think>\n\\boxed{" + rows[0]["answer"] + "}", "no box"]
-    samples = [[batch_sampling.Sample(good[i] if q == 0 else "\\boxed{-1}", [], [], 1, 0, 0) for i in range(n)]
-               for q in range(len(prompts))]
+    samples = [
+      [batch_sampling.Sample(good[i] if q == 0 else "\\boxed{-1}", [], [], 1, 0, 0) for i in range(n)]
+      for q in range(len(prompts))
+    ]
     samples[0][1] = batch_sampling.Sample(good[0], [], [], 1, 0, 0)
     return batch_sampling.SampleRun(samples, 1.0, 0.0, 1)
 
@@ -89,9 +90,20 @@ def test_rollout_grading_and_schemas(model, task, tmp_path, monkeypatch):
 def test_evaluate_rows(model, task, tmp_path, monkeypatch):
   monkeypatch.setattr(batch_sampling, "load", lambda c, t: model)
   out = str(tmp_path / "rows.json")
-  rows = evaluate.run("unused", "", [task[1]["test"]], ["ar", "pipo"], [-1.0, 0.5, 1.0], k=2, output=out,
-                      methods=["Regular", "PIPO"], random_pad_control=True, max_new_tokens=6, batch_size=8,
-                      log=lambda s: None)
+  rows = evaluate.run(
+    "unused",
+    "",
+    [task[1]["test"]],
+    ["ar", "pipo"],
+    [-1.0, 0.5, 1.0],
+    k=2,
+    output=out,
+    methods=["Regular", "PIPO"],
+    random_pad_control=True,
+    max_new_tokens=6,
+    batch_size=8,
+    log=lambda s: None,
+  )
   assert rows == json.load(open(out))
   by = {(r["method"], r["conf_threshold"], r["control"]): r for r in rows}
   assert by[("Regular", None, None)]["pad_ratio"] == 0.0
@@ -110,11 +122,11 @@ def test_evaluate_rows(model, task, tmp_path, monkeypatch):
 def test_demo_smoke(tmp_path):
   """experiments/demo.sh end to end at minimal sizes (PIPO_DEMO_SMOKE=1)."""
   work = str(tmp_path / "demo")
-  env = dict(os.environ, PIPO_DEMO_SMOKE="1", PIPO_DEMO_TAUS="-1,0.5,1",
-             PYTHON=sys.executable)
+  env = dict(os.environ, PIPO_DEMO_SMOKE="1", PIPO_DEMO_TAUS="-1,0.5,1", PYTHON=sys.executable)
   env.pop("XLA_FLAGS", None)  # one CPU device per stage, as a user runs it
-  proc = subprocess.run(["bash", "experiments/demo.sh", work], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=2300)
+  proc = subprocess.run(
+    ["bash", "experiments/demo.sh", work], cwd=REPO, env=env, capture_output=True, text=True, timeout=2300
+  )
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   for name in ("report.json", "report.md", "sweep.png", "timings.json"):
     assert os.path.exists(os.path.join(work, name)), name

@@ -27,8 +27,14 @@ def test_char_classes_hand_worked():
 
 
 def _example(ids, labels, src):
-  return diagnose.Example(np.asarray(ids), np.asarray(labels), [], np.asarray(ids, np.int32),
-                          np.asarray(labels, np.int32), np.asarray(src, np.int32))
+  return diagnose.Example(
+    np.asarray(ids),
+    np.asarray(labels),
+    [],
+    np.asarray(ids, np.int32),
+    np.asarray(labels, np.int32),
+    np.asarray(src, np.int32),
+  )
 
 
 def test_reject_at_repairs_like_decoding():
@@ -57,8 +63,9 @@ def test_tables_align_streams_with_brute_force(task):
   full per-position logits, and the student streams partition the supervised response tokens."""
   tok = tok_lib.load_tokenizer(f"{task}/tokenizer")
   examples = diagnose.read_examples(f"{task}/test_sft.jsonl", tok)
-  cfg = resolve_model_config(ModelConfig(preset="tiny", vocab_size=tok.vocab_size, compressor_type="mlp_residual",
-                                         compressor_random_init=True))
+  cfg = resolve_model_config(
+    ModelConfig(preset="tiny", vocab_size=tok.vocab_size, compressor_type="mlp_residual", compressor_random_init=True)
+  )
   params = init_pipo_params(cfg, jax.random.PRNGKey(3))
   # Sharpen the random model so that argmax accuracy is not identically 0.
   params["backbone"]["embed_tokens"]["embedding"] = params["backbone"]["embed_tokens"]["embedding"] * 40.0

@@ -5,8 +5,14 @@ from pipo_jax import distributed
 
 
 def test_single_process_is_a_no_op(monkeypatch):
-  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
-            "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+  for k in (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+  ):
     monkeypatch.delenv(k, raising=False)
   assert distributed.initialize_distributed() is False
   assert jax.process_index() == 0
@@ -44,6 +50,7 @@ def test_two_cpu_processes_over_loopback(tmp_path):
   import socket
   import subprocess
   import sys
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -51,11 +58,20 @@ def test_two_cpu_processes_over_loopback(tmp_path):
   script.write_text(_WORKER)
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    env = dict(
+      os.environ,
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+    )
   outs = [p.communicate(timeout=120)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
   lines = sorted(l for o in outs for l in o.splitlines() if l.startswith("RESULT"))

@@ -25,7 +25,7 @@ def test_pass_at_k_matches_enumeration(n):
 def test_pass_at_k_edges_and_large_n():
   assert em.pass_at_k(4, 0, 4) == 0.0
   assert em.pass_at_k(4, 4, 1) == 1.0
-  assert em.pass_at_k(4, 1, 4) == 1.0   # k == n: any-correct
+  assert em.pass_at_k(4, 1, 4) == 1.0  # k == n: any-correct
   assert em.pass_at_k(10, 3, 1) == pytest.approx(0.3)
   # Large n: the product form stays finite where C(n, k) as a float would overflow.
   assert em.pass_at_k(2000, 1, 1000) == pytest.approx(0.5)
@@ -36,12 +36,14 @@ def test_pass_at_k_edges_and_large_n():
 
 
 def test_benchmark_and_overall():
-  correct = [[1, 0, 0, 0],   # 1/4 samples, any-correct
-             [0, 0, 0, 0],
-             [1, 1, 1, 1]]
+  correct = [
+    [1, 0, 0, 0],  # 1/4 samples, any-correct
+    [0, 0, 0, 0],
+    [1, 1, 1, 1],
+  ]
   m = em.benchmark_metrics(correct)
   assert m["avg_at_k"] == pytest.approx(5 / 12)
-  assert m["pass_at_k"] == pytest.approx(2 / 3)   # k = n = 4: the paper's plain max over samples
+  assert m["pass_at_k"] == pytest.approx(2 / 3)  # k = n = 4: the paper's plain max over samples
   assert (m["k"], m["n_questions"], m["n_samples"]) == (4, 3, 4)
   assert em.avg_at_k(correct) == pytest.approx(5 / 12)
   m1 = em.benchmark_metrics(correct, k=1)
@@ -84,8 +86,9 @@ def test_budget_in_slots_not_raw_ids():
 
 def test_run_row_feeds_report():
   lengths = [em.count_lengths([1, 2, 3, 0], pad_id=0, tokens_per_slot=2)] * 4
-  row = em.run_row("PIPO-SFT", {"a": [[1, 0], [0, 0]], "b": [[1, 1]]}, lengths, wall_time_s=3.0,
-                   conf_threshold=0.95, note="x")
+  row = em.run_row(
+    "PIPO-SFT", {"a": [[1, 0], [0, 0]], "b": [[1, 1]]}, lengths, wall_time_s=3.0, conf_threshold=0.95, note="x"
+  )
   assert row["benchmarks"]["a"]["pass_at_k"] == pytest.approx(0.5)
   assert row["avg_at_k"] == pytest.approx((0.25 + 1.0) / 2)
   assert row["pass_at_k"] == pytest.approx((0.5 + 1.0) / 2)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from fault_child import tiny_config
 
 from pipo_jax import checkpoint as ck
 from pipo_jax import convert, guards, hf_pipo, loading
@@ -28,7 +29,6 @@ from pipo_jax.config import CheckpointConfig, Config, MeshConfig, OptimConfig
 from pipo_jax.data import synthetic
 from pipo_jax.data.schemas import MalformedRecordError
 from pipo_jax.trainer import Trainer
-from fault_child import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -39,8 +39,7 @@ def compile_cache(tmp_path_factory):
   """One persistent compilation cache for this module's in-process runs and its child processes: the same tiny
   step is compiled once instead of once per run (the executables, hence the numbers, are the same)."""
   d = str(tmp_path_factory.mktemp("jax_cache"))
-  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                             "jax_persistent_cache_min_compile_time_secs")}
+  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
   jax.config.update("jax_compilation_cache_dir", d)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = d
@@ -90,9 +89,14 @@ def assert_resumed_equals_reference(workdir, reference):
 
 def child(data_dir, workdir, **opts):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_child.py"), data_dir, workdir,
-                           json.dumps(opts)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, "tests", "fault_child.py"), data_dir, workdir, json.dumps(opts)],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def wait_for(proc, line, timeout=600):
@@ -122,8 +126,11 @@ def test_sigterm_then_resume_equals_uninterrupted_bit_for_bit(data_dir, referenc
   stopped = ck.latest_step(workdir)
   assert 2 <= stopped < STEPS
   assert ck.read_metadata(workdir)["frozen_saved"] is False
-  saved = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(
-      os.path.join(workdir, "checkpoints", str(stopped), "state")).item_metadata.tree
+  saved = (
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    .metadata(os.path.join(workdir, "checkpoints", str(stopped), "state"))
+    .item_metadata.tree
+  )
   assert sorted(saved) == ["opt_state", "rng", "step", "trainable"]  # the frozen base is not written
   Trainer(tiny_config(data_dir, workdir, steps=STEPS, save_frozen="never")).train()
   assert_resumed_equals_reference(workdir, reference)
@@ -147,15 +154,20 @@ def test_kill9_during_async_save_resumes_from_previous_step(data_dir, reference,
 
 
 def test_truncated_newest_step_falls_back_with_message(tmp_path, caplog):
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
   from test_checkpoint import FakeIterator, _abstract, _assert_trees_equal, _trained_state
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
   s1, s2 = _trained_state(1), _trained_state(2)
   c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, keep=5, async_save=False))
   c.save(1, s1, FakeIterator(1))
   c.save(2, s2, FakeIterator(2))
   c.close()
-  files = [f for f in glob.glob(str(tmp_path / "checkpoints" / "2" / "state" / "**"), recursive=True)
-           if os.path.isfile(f) and "/d/" in f]
+  files = [
+    f
+    for f in glob.glob(str(tmp_path / "checkpoints" / "2" / "state" / "**"), recursive=True)
+    if os.path.isfile(f) and "/d/" in f
+  ]
   assert files
   for f in files:  # truncate every array data file of the newest step
     with open(f, "r+b") as fh:
@@ -223,8 +235,13 @@ def test_nan_steps_skipped_counted_then_clean_stop(data_dir, tmp_path):
     trees[s] = out["state"]
     assert not guards.nonfinite_leaves({"t": trees[s]["trainable"], "o": trees[s]["opt_state"]})
   c.close()
-  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),  # noqa: E731
-                                                               jax.tree_util.tree_leaves(b)))
+  same = lambda a, b: all(
+    np.array_equal(x, y)
+    for x, y in zip(
+      jax.tree_util.tree_leaves(a),
+      jax.tree_util.tree_leaves(b),
+    )
+  )
   for k in ("trainable", "opt_state"):
     assert same(trees[2][k], trees[1][k]) and same(trees[4][k], trees[3][k])  # the skipped steps changed nothing
     assert not same(trees[3][k], trees[2][k])  # a good step does
@@ -233,6 +250,7 @@ def test_nan_steps_skipped_counted_then_clean_stop(data_dir, tmp_path):
 
 def test_save_and_export_refuse_nonfinite_params(tmp_path):
   from test_checkpoint import _trained_state
+
   s = _trained_state(1)
   bad = s.replace(trainable=jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), s.trainable))
   c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1, keep=5, async_save=True))
@@ -241,7 +259,8 @@ def test_save_and_export_refuse_nonfinite_params(tmp_path):
   c.close()
   assert ck.latest_step(str(tmp_path)) is None
   # export
-  from pipo_jax.config import resolve_model_config, ModelConfig
+  from pipo_jax.config import ModelConfig, resolve_model_config
+
   cfg = resolve_model_config(ModelConfig(preset="tiny"))
   params = loading.abstract_pipo_params(cfg)
   params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), params)
@@ -257,12 +276,19 @@ def test_save_and_export_refuse_nonfinite_params(tmp_path):
 
 def test_out_of_vocab_id_refused_at_load_with_file_line(data_dir, tmp_path):
   path = tmp_path / "tok.jsonl"
-  path.write_text(json.dumps({"tokens": [5, 6, 7, 8], "prompt_length": 2}) + "\n\n"
-                  + json.dumps({"tokens": [5, 6, 256, 8], "prompt_length": 2}) + "\n")
+  path.write_text(
+    json.dumps({"tokens": [5, 6, 7, 8], "prompt_length": 2})
+    + "\n\n"
+    + json.dumps({"tokens": [5, 6, 256, 8], "prompt_length": 2})
+    + "\n"
+  )
   cfg = tiny_config(data_dir, str(tmp_path / "run"))
   cfg.data.train_path = str(path)
-  with pytest.raises(MalformedRecordError, match=rf"^{path}:3: response ids hold 256 \(position 0\), outside the "
-                                                 r"model's vocabulary \[0, 256\)"):
+  with pytest.raises(
+    MalformedRecordError,
+    match=rf"^{path}:3: response ids hold 256 \(position 0\), outside the "
+    r"model's vocabulary \[0, 256\)",
+  ):
     Trainer(cfg).train()
   assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before any state was built or saved
 
@@ -270,8 +296,11 @@ def test_out_of_vocab_id_refused_at_load_with_file_line(data_dir, tmp_path):
 def test_data_end_refused_at_start(data_dir, tmp_path):
   cfg = tiny_config(data_dir, str(tmp_path / "run"), steps=20)
   cfg.data.num_epochs = 2  # 64 examples x 2 / 8 per step = 16 steps
-  with pytest.raises(ValueError, match=r"feeds only 16 optimizer steps but train.num_steps=20: set "
-                                       r"--config.train.num_steps=16"):
+  with pytest.raises(
+    ValueError,
+    match=r"feeds only 16 optimizer steps but train.num_steps=20: set "
+    r"--config.train.num_steps=16",
+  ):
     Trainer(cfg).train()
   cfg.optim = OptimConfig(grad_accum_steps=3)  # 16 micro-batches -> 5 whole steps
   with pytest.raises(ValueError, match=r"feeds only 5 optimizer steps"):
@@ -290,13 +319,16 @@ def test_config_change_on_resume_refused_naming_fields(data_dir, reference, tmp_
   saved = ck.read_config(workdir)
   cfg2 = tiny_config(data_dir, workdir, steps=STEPS + 2)
   cfg2.checkpoint.allow_changes = ("train.num_steps",)
-  assert ck.check_resume_config(saved, Trainer(cfg2).saved_config(), cfg2.checkpoint.allow_changes) == \
-      ["train.num_steps"]
+  assert ck.check_resume_config(saved, Trainer(cfg2).saved_config(), cfg2.checkpoint.allow_changes) == [
+    "train.num_steps"
+  ]
 
 
 def test_other_frozen_base_refused(tmp_path):
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
   from test_checkpoint import _abstract, _trained_state
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
   s = _trained_state(1)
   fp = ck.frozen_fingerprint(s.frozen, "/models/base")
   c = ck.Checkpointer(str(tmp_path), CheckpointConfig(every_steps=1), save_frozen=False, fingerprint=fp)
@@ -308,8 +340,9 @@ def test_other_frozen_base_refused(tmp_path):
   ok.close()
   np.testing.assert_array_equal(jax.tree_util.tree_leaves(state.frozen)[0], jax.tree_util.tree_leaves(s.frozen)[0])
   other = jax.tree_util.tree_map(lambda x: x * 1.01, s.frozen)
-  c3 = ck.Checkpointer(str(tmp_path), CheckpointConfig(), save_frozen=False,
-                       fingerprint=ck.frozen_fingerprint(other, "/models/base"))
+  c3 = ck.Checkpointer(
+    str(tmp_path), CheckpointConfig(), save_frozen=False, fingerprint=ck.frozen_fingerprint(other, "/models/base")
+  )
   with pytest.raises(ck.ResumeRefused, match="trained on another frozen base: the frozen weights changed"):
     c3.restore_latest(_abstract(s, rep), frozen=other)
   c3.close()
@@ -356,18 +389,33 @@ def test_export_without_tokenizer_needs_the_flag(reference, tmp_path):
 # -- config checks ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch,accum,mesh,procs,msg", [
+@pytest.mark.parametrize(
+  "batch,accum,mesh,procs,msg",
+  [
     (8, 1, MeshConfig(data=-1), 1, None),
     (6, 1, MeshConfig(data=-1), 1, r"data.batch_size=6 is not divisible by mesh data x fsdp = 8 x 1 = 8"),
     (4, 32, MeshConfig(data=1, fsdp=-1, tensor=2), 1, None),
-    (6, 2, MeshConfig(data=1, fsdp=-1, tensor=2), 1, r"= 4: the batch axis .* data.batch_size x "
-                                                      r"optim.grad_accum_steps = 12"),
-    (6, 1, MeshConfig(data=2, fsdp=1, tensor=1), 4, r"data.batch_size=6 \(per micro-step\) is not divisible by "
-                                                   r"the 4 processes"),
+    (
+      6,
+      2,
+      MeshConfig(data=1, fsdp=-1, tensor=2),
+      1,
+      r"= 4: the batch axis .* data.batch_size x "
+      r"optim.grad_accum_steps = 12",
+    ),
+    (
+      6,
+      1,
+      MeshConfig(data=2, fsdp=1, tensor=1),
+      4,
+      r"data.batch_size=6 \(per micro-step\) is not divisible by "
+      r"the 4 processes",
+    ),
     (8, 1, MeshConfig(data=-1, fsdp=-1), 1, r"at most one axis may be -1"),
     (9, 1, MeshConfig(data=3, fsdp=1, tensor=1), 1, None),  # a 3-device subset of 8
     (8, 1, MeshConfig(data=16, fsdp=1, tensor=1), 1, r"does not fit 8 devices"),
-])
+  ],
+)
 def test_validate_batch_against_processes_and_mesh(batch, accum, mesh, procs, msg):
   cfg = Config(mesh=mesh)
   cfg.data.batch_size, cfg.optim.grad_accum_steps = batch, accum
@@ -380,14 +428,20 @@ def test_validate_batch_against_processes_and_mesh(batch, accum, mesh, procs, ms
 
 def test_validate_names_the_field():
   for mutate, msg in [
-      (lambda c: setattr(c.train, "max_nonfinite_steps", 0), r"train.max_nonfinite_steps=0"),
-      (lambda c: setattr(c.checkpoint, "save_frozen", "sometimes"), r"checkpoint.save_frozen='sometimes'"),
-      (lambda c: setattr(c.data, "max_length", 63), r"data.max_length=63"),
-      (lambda c: (setattr(c, "mode", "opd"), setattr(c.opd, "teacher_checkpoint", "t"),
-                  setattr(c.data, "train_path", "p"), setattr(c.opd, "temperature", 0.0)),
-       r"opd.temperature=0.0"),
-      (lambda c: setattr(c.optim, "grad_accum_steps", 0), r"optim.grad_accum_steps=0"),
-      (lambda c: (setattr(c, "mode", "opd"), setattr(c.data, "train_path", "p")), r"opd.teacher_checkpoint"),
+    (lambda c: setattr(c.train, "max_nonfinite_steps", 0), r"train.max_nonfinite_steps=0"),
+    (lambda c: setattr(c.checkpoint, "save_frozen", "sometimes"), r"checkpoint.save_frozen='sometimes'"),
+    (lambda c: setattr(c.data, "max_length", 63), r"data.max_length=63"),
+    (
+      lambda c: (
+        setattr(c, "mode", "opd"),
+        setattr(c.opd, "teacher_checkpoint", "t"),
+        setattr(c.data, "train_path", "p"),
+        setattr(c.opd, "temperature", 0.0),
+      ),
+      r"opd.temperature=0.0",
+    ),
+    (lambda c: setattr(c.optim, "grad_accum_steps", 0), r"optim.grad_accum_steps=0"),
+    (lambda c: (setattr(c, "mode", "opd"), setattr(c.data, "train_path", "p")), r"opd.teacher_checkpoint"),
   ]:
     cfg = Config()
     mutate(cfg)
@@ -415,6 +469,7 @@ def test_workdir_not_shared_refused_by_every_process(tmp_path):
   """Two jax processes: the same directory passes; each its own directory (as each host's local disk) makes
   both processes stop with the one-line message."""
   import socket
+
   script = tmp_path / "prove.py"
   script.write_text(_PROVE)
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -423,8 +478,16 @@ def test_workdir_not_shared_refused_by_every_process(tmp_path):
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
       addr = f"127.0.0.1:{s.getsockname()[1]}"
-    procs = [subprocess.Popen([sys.executable, str(script), addr, str(i), d], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i, d in enumerate(dirs)]
+    procs = [
+      subprocess.Popen(
+        [sys.executable, str(script), addr, str(i), d],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i, d in enumerate(dirs)
+    ]
     return [p.communicate(timeout=300)[0] for p in procs]
 
   shared = str(tmp_path / "shared")

@@ -7,7 +7,9 @@ import pytest
 from pipo_jax import grading
 
 
-@pytest.mark.parametrize("text,expected", [
+@pytest.mark.parametrize(
+  "text,expected",
+  [
     (r"so \boxed{29}.", "29"),
     (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
     (r"\boxed{\frac{\sqrt{2}}{2}} and more", r"\frac{\sqrt{2}}{2}"),
@@ -17,25 +19,29 @@ from pipo_jax import grading
     (r"\boxed{3} and a truncated \boxed{\frac{1}{", "3"),
     ("no box at all", None),
     (r"\boxed", None),
-])
+  ],
+)
 def test_last_boxed(text, expected):
   assert grading.last_boxed(text) == expected
 
 
-@pytest.mark.parametrize("completion,gold,expected", [
+@pytest.mark.parametrize(
+  "completion,gold,expected",
+  [
     (r"The answer is $\boxed{1/2}$.", "0.5", True),
     (r"The answer is $\boxed{0.5}$.", "1/2", True),
     (r"\boxed{\frac{1}{2}}", "0.5", True),
     (r"\boxed{\frac{1}{2}}", "1/2", True),
     (r"<think>hmm</think> final: \boxed{29}", "29", True),
-    (r"\boxed{29}", "30", False),                       # wrong box
-    ("the answer is 29", "29", False),                  # no box: wrong even though 29 appears
-    (r"\boxed{30} no wait \boxed{29}", "29", True),     # several boxes: the last wins
+    (r"\boxed{29}", "30", False),  # wrong box
+    ("the answer is 29", "29", False),  # no box: wrong even though 29 appears
+    (r"\boxed{30} no wait \boxed{29}", "29", True),  # several boxes: the last wins
     (r"\boxed{29} no wait \boxed{30}", "29", False),
     (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt{2}}{2}", True),  # nested braces + LaTeX gold fallback
     (r"\boxed{\sqrt{4}}", "2", True),
     (r"\boxed{}", "0", False),
-])
+  ],
+)
 def test_grade_math(completion, gold, expected):
   assert grading.grade(completion, gold, "math") is expected
 

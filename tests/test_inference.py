@@ -3,7 +3,6 @@ distributions). One tiny model (vocab 16, LM head scaled up so distributions are
 shared by every test so that the number of compilations stays small.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -56,8 +55,11 @@ def _training_forward(params, ids_BT, *, cfg_key):
   m = PipoModel(cfg_key.obj)
   v = {"params": params}
   out = m.apply(v, ids_BT)
-  return (m.apply(v, out["h_BJD"], method=PipoModel.logits), m.apply(v, out["m_BJD"], method=PipoModel.logits),
-          out["conf_logit_BJ"])
+  return (
+    m.apply(v, out["h_BJD"], method=PipoModel.logits),
+    m.apply(v, out["m_BJD"], method=PipoModel.logits),
+    out["conf_logit_BJ"],
+  )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_ar_greedy_teacher_forced_and_batch_independent(model, ar_greedy):
   lg = full_logits(cfg, params, jnp.asarray([q + [PAD] * (width - len(q)) for q in seqs]))
   for b, prompt in enumerate(PROMPTS):
     n = len(prompt)
-    np.testing.assert_array_equal(lg[b, n - 1:n + 7].argmax(-1), toks[b])
+    np.testing.assert_array_equal(lg[b, n - 1 : n + 7].argmax(-1), toks[b])
   # Rows are independent: each prompt alone (replicated over the batch, so no other prompt length is present
   # and the compiled function is reused) gives the same tokens as in the mixed-length batch.
   for b, prompt in enumerate(PROMPTS):
@@ -93,7 +95,7 @@ def test_ar_stops_at_stop_id(model, ar_greedy):
   ids, valid = left_pad(PROMPTS, BUCKET, PAD)
   res = generate(params, cfg, ids, valid, mode="ar", max_new_tokens=8, stop_ids=[row[i]])
   assert int(res.num_tokens[0]) == i + 1
-  assert np.asarray(res.tokens)[0, :i + 1].tolist() == row[:i + 1]
+  assert np.asarray(res.tokens)[0, : i + 1].tolist() == row[: i + 1]
 
 
 def test_mtp_spec_greedy_equals_ar(model, ar_greedy):
@@ -109,11 +111,12 @@ def test_mtp_spec_greedy_equals_ar(model, ar_greedy):
 
 def _reference_joint(cfg, params, prompt, sp: SamplingParams):
   """Exact P(t1, t2) [V, V] of the first two sampled tokens, from full forwards and a numpy sampler."""
+
   def dist(lg, penal):
     x = (lg - sp.presence_penalty * penal) / sp.temperature
     order = np.argsort(-x)
     keep = np.zeros(V, bool)
-    keep[order[:sp.top_k]] = True
+    keep[order[: sp.top_k]] = True
     x = np.where(keep, x, -np.inf)
     p = np.exp(x - x.max())
     p /= p.sum()
@@ -159,8 +162,9 @@ def test_sampled_first_two_tokens_match_exact_distribution(model, mode):
   counts = np.zeros((V, V))
   accepted = 0
   for seed in range(2):
-    res = generate(params, cfg, ids, valid, mode=mode, sampling=sp, max_new_tokens=2,
-                   rng=jax.random.PRNGKey(100 + seed), stop_ids=[])
+    res = generate(
+      params, cfg, ids, valid, mode=mode, sampling=sp, max_new_tokens=2, rng=jax.random.PRNGKey(100 + seed), stop_ids=[]
+    )
     t = np.asarray(res.tokens)
     np.add.at(counts, (t[:, 0], t[:, 1]), 1)
     accepted += int(np.asarray(res.drafts_kept).sum())
@@ -173,13 +177,15 @@ def test_sampled_first_two_tokens_match_exact_distribution(model, mode):
 
 # -- pipo ---------------------------------------------------------------------------------------------------
 
+
 @functools.partial(jax.jit, static_argnames=("cfg_key", "max_new"))
 def _pipo_forced(params, ids, valid, forced, *, cfg_key, max_new):
   cfg = cfg_key.obj
   stop = jnp.asarray([-1], jnp.int32)
   tau = jnp.float32(-1.0)
-  st = pipo_decode.pipo_prefill(cfg, params, ids, valid, stop, jax.random.PRNGKey(0), tau, sp=GREEDY,
-                                max_new=max_new, forced_BN=forced, trace=True)
+  st = pipo_decode.pipo_prefill(
+    cfg, params, ids, valid, stop, jax.random.PRNGKey(0), tau, sp=GREEDY, max_new=max_new, forced_BN=forced, trace=True
+  )
   st = pipo_decode.pipo_decode(cfg, params, st, stop, tau, sp=GREEDY, max_new=max_new)
   return st["trace"], st["out"]["raw_BN"]
 
@@ -194,21 +200,26 @@ def test_pipo_teacher_forced_logits_equal_training_forward(model):
   forced[:, 3] = PAD  # a gated token2 fed back as a real input
   forced[1, 7] = PAD
   ids, valid = left_pad(prompts, 8, PAD)
-  trace, raw = _pipo_forced(params, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(forced, jnp.int32),
-                            cfg_key=_Static(cfg), max_new=M)
-  np.testing.assert_array_equal(np.asarray(raw)[:, :2 * K], forced[:, :2 * K])
+  trace, raw = _pipo_forced(
+    params, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(forced, jnp.int32), cfg_key=_Static(cfg), max_new=M
+  )
+  np.testing.assert_array_equal(np.asarray(raw)[:, : 2 * K], forced[:, : 2 * K])
   worst = 0.0
-  seqs = [prompt + [PAD] * (len(prompt) % 2) + forced[b, :2 * K].tolist() for b, prompt in enumerate(prompts)]
+  seqs = [prompt + [PAD] * (len(prompt) % 2) + forced[b, : 2 * K].tolist() for b, prompt in enumerate(prompts)]
   width = max(map(len, seqs))  # right-padded (with whole pairs) to one length: causal, so invisible
   lg1_all, lg2_all, conf_all = _training_forward(
-      params, jnp.asarray([q + [PAD] * (width - len(q)) for q in seqs]), cfg_key=_Static(cfg))
+    params, jnp.asarray([q + [PAD] * (width - len(q)) for q in seqs]), cfg_key=_Static(cfg)
+  )
   for b, prompt in enumerate(prompts):
     Lp = (len(prompt) + 1) // 2
     lg1, lg2, conf = lg1_all[b], lg2_all[b], conf_all[b]
-    for name, ref, got in [("logits1", lg1, trace["logits1"][b]), ("logits2", lg2, trace["logits2"][b]),
-                           ("conf", conf, trace["conf"][b])]:
+    for name, ref, got in [
+      ("logits1", lg1, trace["logits1"][b]),
+      ("logits2", lg2, trace["logits2"][b]),
+      ("conf", conf, trace["conf"][b]),
+    ]:
       got = np.asarray(got)[:K]
-      ref = np.asarray(ref)[Lp - 1:Lp - 1 + K]
+      ref = np.asarray(ref)[Lp - 1 : Lp - 1 + K]
       diff = float(np.max(np.abs(ref - np.asarray(got))))
       worst = max(worst, diff)
       assert diff <= 1e-4, (b, name, diff)
@@ -221,8 +232,10 @@ def pipo_run(model):
   ids, valid = left_pad(PROMPTS, BUCKET, PAD)
 
   def run(tau, stop_ids=(), max_new=8):
-    return generate(params, cfg, ids, valid, mode="pipo", conf_threshold=tau, max_new_tokens=max_new,
-                    stop_ids=list(stop_ids))
+    return generate(
+      params, cfg, ids, valid, mode="pipo", conf_threshold=tau, max_new_tokens=max_new, stop_ids=list(stop_ids)
+    )
+
   return run
 
 
@@ -232,7 +245,7 @@ def test_pipo_threshold_extremes(pipo_run):
   assert int(never.phase2_runs) == 0
   assert np.all(np.asarray(never.drafts_proposed) == 0)
   for b in range(raw.shape[0]):
-    assert np.all(raw[b, 1:rlen[b]:2] == PAD) and np.all(raw[b, 0:rlen[b]:2] != PAD)
+    assert np.all(raw[b, 1 : rlen[b] : 2] == PAD) and np.all(raw[b, 0 : rlen[b] : 2] != PAD)
   # max_new_tokens counts non-PAD tokens: 8 tokens in 15 slots (the last token2 is not reached)
   assert np.all(np.asarray(never.tokens_emitted) == 8) and np.all(rlen == 15)
   np.testing.assert_allclose(np.asarray(never.pad_ratio), 7 / 15, rtol=1e-6)
@@ -240,7 +253,7 @@ def test_pipo_threshold_extremes(pipo_run):
   always = pipo_run(-1.0)
   raw, rlen = np.asarray(always.raw), np.asarray(always.raw_len)
   assert np.all(np.asarray(always.raw_is_pad) == False)  # noqa: E712
-  assert all(np.all(raw[b, :rlen[b]] != PAD) for b in range(raw.shape[0]))
+  assert all(np.all(raw[b, : rlen[b]] != PAD) for b in range(raw.shape[0]))
   assert np.all(rlen == 8) and np.all(np.asarray(always.steps) == 4)
   assert int(always.phase2_runs) == 4  # prefill + 3 decode steps, batched
   np.testing.assert_array_equal(always.drafts_kept, always.drafts_proposed)
@@ -251,7 +264,7 @@ def test_pipo_threshold_extremes(pipo_run):
 def test_pipo_stop_ids(pipo_run, model):
   cfg, _ = model
   base = pipo_run(-1.0)
-  R = np.asarray(base.raw)[0, :int(base.raw_len[0])].tolist()
+  R = np.asarray(base.raw)[0, : int(base.raw_len[0])].tolist()
   assert len(R) == 8
   # at prefill: token1 is a stop id -> one token, token2 dropped
   res = pipo_run(-1.0, [R[0]])
@@ -260,9 +273,9 @@ def test_pipo_stop_ids(pipo_run, model):
   first_new = [i for i in range(1, 8) if R[i] not in R[:i]]
   i2 = next(i for i in first_new if i % 2 == 1)  # as token2: kept, sequence ends
   res = pipo_run(-1.0, [R[i2]])
-  assert int(res.num_tokens[0]) == i2 + 1 and np.asarray(res.tokens)[0, :i2 + 1].tolist() == R[:i2 + 1]
+  assert int(res.num_tokens[0]) == i2 + 1 and np.asarray(res.tokens)[0, : i2 + 1].tolist() == R[: i2 + 1]
   i1 = next(i for i in first_new if i % 2 == 0)  # as token1 after the prefill: token2 dropped
   res = pipo_run(-1.0, [R[i1]])
-  assert int(res.raw_len[0]) == i1 + 1 and np.asarray(res.tokens)[0, :i1 + 1].tolist() == R[:i1 + 1]
+  assert int(res.raw_len[0]) == i1 + 1 and np.asarray(res.tokens)[0, : i1 + 1].tolist() == R[: i1 + 1]
   # PAD is never a stop id in pipo mode (it is a no-op token2), even when it is the config's EOS.
   assert cfg.eos_token_id == PAD and stop_id_array(cfg, "pipo", None).tolist() == [-1]

@@ -60,14 +60,54 @@ def _stub_records(stdout, tag="STUB"):
   return out
 
 
-@pytest.mark.parametrize("script,words", [
-    ("local_multiprocess.sh", ["NUM_PROCESSES", "FLAGFILE", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                               "JAX_PROCESS_ID", "gloo", "PIPO_LAUNCH_MODULE"]),
-    ("tpu_pod.sh", ["--project", "--zone", "--accelerator-type", "--name", "--flagfile", "--runtime-version",
-                    "--dry-run", "jax.distributed.initialize()", "--workdir", "gs://", "PREEMPTED", "SIGTERM"]),
-    ("gpu_slurm.sh", ["--nodes", "--gpus-per-node", "--flagfile", "--per-node", "--dry-run",
-                      "JAX_COORDINATOR_ADDRESS", "SLURM_PROCID", "--signal-lead", "--signal=TERM@"]),
-])
+@pytest.mark.parametrize(
+  "script,words",
+  [
+    (
+      "local_multiprocess.sh",
+      [
+        "NUM_PROCESSES",
+        "FLAGFILE",
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "gloo",
+        "PIPO_LAUNCH_MODULE",
+      ],
+    ),
+    (
+      "tpu_pod.sh",
+      [
+        "--project",
+        "--zone",
+        "--accelerator-type",
+        "--name",
+        "--flagfile",
+        "--runtime-version",
+        "--dry-run",
+        "jax.distributed.initialize()",
+        "--workdir",
+        "gs://",
+        "PREEMPTED",
+        "SIGTERM",
+      ],
+    ),
+    (
+      "gpu_slurm.sh",
+      [
+        "--nodes",
+        "--gpus-per-node",
+        "--flagfile",
+        "--per-node",
+        "--dry-run",
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_PROCID",
+        "--signal-lead",
+        "--signal=TERM@",
+      ],
+    ),
+  ],
+)
 def test_help(script, words):
   r = _run([os.path.join(LAUNCH, script), "--help"])
   assert r.returncode == 0, r.stderr
@@ -76,7 +116,9 @@ def test_help(script, words):
   assert "set -euo" not in r.stdout  # only the header comment is printed
 
 
-@pytest.mark.parametrize("script,args,message", [
+@pytest.mark.parametrize(
+  "script,args,message",
+  [
     ("local_multiprocess.sh", [], "need NUM_PROCESSES and FLAGFILE"),
     ("local_multiprocess.sh", ["3", "x.flags"], "must divide"),
     ("local_multiprocess.sh", ["2", "no/such.flags"], "does not exist"),
@@ -84,9 +126,13 @@ def test_help(script, words):
     ("tpu_pod.sh", ["--project=p", "--bogus"], "unknown argument '--bogus'"),
     ("gpu_slurm.sh", ["--nodes=2"], "missing required argument(s): --gpus-per-node --flagfile"),
     ("gpu_slurm.sh", ["--nodes=two", "--gpus-per-node=8", "--flagfile=requirements.txt"], "positive integer"),
-    ("gpu_slurm.sh", ["--nodes=1", "--gpus-per-node=8", "--flagfile=requirements.txt", "--signal-lead=soon"],
-     "--signal-lead must be a number of seconds"),
-])
+    (
+      "gpu_slurm.sh",
+      ["--nodes=1", "--gpus-per-node=8", "--flagfile=requirements.txt", "--signal-lead=soon"],
+      "--signal-lead must be a number of seconds",
+    ),
+  ],
+)
 def test_bad_arguments_refused(script, args, message):
   r = _run([os.path.join(LAUNCH, script)] + args)
   assert r.returncode != 0
@@ -99,9 +145,23 @@ def _dry_run_commands(stdout):
 
 def test_tpu_pod_dry_run_commands(stub_dir):
   flags = str(stub_dir / "run.flags")
-  r = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=my-proj", "--zone", "us-central2-b",
-            "--accelerator-type=v4-32", "--name=pipo-a", f"--flagfile={flags}", "--dry-run",
-            "--workdir=gs://bucket/run", "--config.train.lr=3e-4", "--", "--extra", "two words"])
+  r = _run(
+    [
+      os.path.join(LAUNCH, "tpu_pod.sh"),
+      "--project=my-proj",
+      "--zone",
+      "us-central2-b",
+      "--accelerator-type=v4-32",
+      "--name=pipo-a",
+      f"--flagfile={flags}",
+      "--dry-run",
+      "--workdir=gs://bucket/run",
+      "--config.train.lr=3e-4",
+      "--",
+      "--extra",
+      "two words",
+    ]
+  )
   assert r.returncode == 0, r.stderr
   cmds = _dry_run_commands(r.stdout)
   loc = ["--project=my-proj", "--zone=us-central2-b"]
@@ -138,35 +198,77 @@ def test_tpu_pod_dry_run_commands(stub_dir):
   r = _run(["bash", "-c", follow], env=env)
   assert r.returncode == 7
   argv = json.loads(r.stdout.split("ARGV ", 1)[1].splitlines()[0])
-  assert argv == [f"--flagfile={home}/pipo_run.flags", "--config.train.lr=3e-4", "--extra", "two words",
-                  "--config.workdir=gs://bucket/run"]
+  assert argv == [
+    f"--flagfile={home}/pipo_run.flags",
+    "--config.train.lr=3e-4",
+    "--extra",
+    "two words",
+    "--config.workdir=gs://bucket/run",
+  ]
 
 
-@pytest.mark.parametrize("args,flagfile_text,message", [
+@pytest.mark.parametrize(
+  "args,flagfile_text,message",
+  [
     ([], "--config.workdir=runs/x\n", "workdir 'runs/x' is relative"),
     ([], "--config.mode=sft\n", "workdir 'runs/default' is relative"),  # the Config default
     (["--config.workdir=rel/dir"], "--config.workdir=gs://b/r\n", "workdir 'rel/dir' is relative"),
     ([], "--config.workdir=gs://YOUR_BUCKET/pipo_runs/x\n", "the recipe's placeholder"),
-])
+  ],
+)
 def test_tpu_pod_refuses_workdir_no_worker_shares(tmp_path, args, flagfile_text, message):
   flags = tmp_path / "run.flags"
   flags.write_text(flagfile_text)
-  r = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=p", "--zone=z", "--accelerator-type=v4-32", "--name=n",
-            f"--flagfile={flags}", "--dry-run"] + args)
+  r = _run(
+    [
+      os.path.join(LAUNCH, "tpu_pod.sh"),
+      "--project=p",
+      "--zone=z",
+      "--accelerator-type=v4-32",
+      "--name=n",
+      f"--flagfile={flags}",
+      "--dry-run",
+    ]
+    + args
+  )
   assert r.returncode == 2 and message in r.stderr and r.stdout == ""
-  ok = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=p", "--zone=z", "--accelerator-type=v4-32", "--name=n",
-             f"--flagfile={flags}", "--dry-run", "--workdir=/mnt/shared/run"])
+  ok = _run(
+    [
+      os.path.join(LAUNCH, "tpu_pod.sh"),
+      "--project=p",
+      "--zone=z",
+      "--accelerator-type=v4-32",
+      "--name=n",
+      f"--flagfile={flags}",
+      "--dry-run",
+      "--workdir=/mnt/shared/run",
+    ]
+  )
   assert ok.returncode == 0, ok.stderr
 
 
 def test_tpu_pod_flagfile_in_repo_and_options():
-  r = _run([os.path.join(LAUNCH, "tpu_pod.sh"), "--project=p", "--zone=z", "--accelerator-type=v5litepod-16",
-            "--name=n", "--flagfile=requirements.txt", "--runtime-version=v2-alpha-tpuv5-lite", "--spot",
-            "--skip-install", "--dry-run", "--config.workdir=gs://b/run"])
+  r = _run(
+    [
+      os.path.join(LAUNCH, "tpu_pod.sh"),
+      "--project=p",
+      "--zone=z",
+      "--accelerator-type=v5litepod-16",
+      "--name=n",
+      "--flagfile=requirements.txt",
+      "--runtime-version=v2-alpha-tpuv5-lite",
+      "--spot",
+      "--skip-install",
+      "--dry-run",
+      "--config.workdir=gs://b/run",
+    ]
+  )
   assert r.returncode == 0, r.stderr
   cmds = _dry_run_commands(r.stdout)
   assert cmds[1][-3:] == ["--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot"]
-  assert not any(c[4] == "scp" and "pipo_run.flags" in c[6] for c in cmds if c[0] == "gcloud" and len(c) > 6)  # travels in the tarball
+  assert not any(
+    c[4] == "scp" and "pipo_run.flags" in c[6] for c in cmds if c[0] == "gcloud" and len(c) > 6
+  )  # travels in the tarball
   setup = next(c[-1] for c in cmds if c[0] == "gcloud" and c[4] == "ssh" and "tar -xzf" in c[-1])
   assert "pip install" not in setup
   start = next(c[-1] for c in cmds if c[0] == "gcloud" and c[4] == "ssh" and "nohup" in c[-1])
@@ -178,15 +280,17 @@ def _fake_slurm_bin(tmp_path, tasks, tasks_per_node):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node7\\ngpu-node8\\n'\n")
-  (bin_dir / "srun").write_text(textwrap.dedent(f"""\
+  (bin_dir / "srun").write_text(
+    textwrap.dedent(f"""\
       #!/usr/bin/env bash
       echo "SRUN_OPTS $*" >&2
       while [[ "$1" == -* ]]; do shift; done
       for ((i = 0; i < {tasks}; i++)); do
         SLURM_PROCID=$i SLURM_LOCALID=$((i % {tasks_per_node})) "$@" || exit $?
       done
-      """))
-  (bin_dir / "sbatch").write_text("#!/bin/sh\necho \"Submitted batch job 42 ($1)\"\n")
+      """)
+  )
+  (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 42 ($1)"\n')
   for f in bin_dir.iterdir():
     f.chmod(0o755)
   return str(bin_dir)
@@ -195,25 +299,50 @@ def _fake_slurm_bin(tmp_path, tasks, tasks_per_node):
 @pytest.mark.parametrize("per_node", [False, True])
 def test_gpu_slurm_script_runs_with_stub_slurm(stub_dir, per_node):
   flags = str(stub_dir / "run.flags")
-  args = [os.path.join(LAUNCH, "gpu_slurm.sh"), "--nodes=2", "--gpus-per-node=2", f"--flagfile={flags}",
-          "--partition=gpu", "--account=acc", "--time=01:00:00", "--job-name=t", f"--log-dir={stub_dir}/logs",
-          "--dry-run"] + (["--per-node"] if per_node else []) + ["--config.a=1", "--", "two words"]
+  args = (
+    [
+      os.path.join(LAUNCH, "gpu_slurm.sh"),
+      "--nodes=2",
+      "--gpus-per-node=2",
+      f"--flagfile={flags}",
+      "--partition=gpu",
+      "--account=acc",
+      "--time=01:00:00",
+      "--job-name=t",
+      f"--log-dir={stub_dir}/logs",
+      "--dry-run",
+    ]
+    + (["--per-node"] if per_node else [])
+    + ["--config.a=1", "--", "two words"]
+  )
   r = _run(args)
   assert r.returncode == 0, r.stderr
   sbatch = [l for l in r.stdout.splitlines() if l.startswith("#SBATCH")]
   tasks_per_node = 1 if per_node else 2
-  assert sbatch == ["#SBATCH --job-name=t", "#SBATCH --nodes=2", f"#SBATCH --ntasks-per-node={tasks_per_node}",
-                    "#SBATCH --gpus-per-node=2", "#SBATCH --time=01:00:00",
-                    f"#SBATCH --output={stub_dir}/logs/%x-%j.out", "#SBATCH --signal=TERM@120",
-                    "#SBATCH --partition=gpu", "#SBATCH --account=acc"]
+  assert sbatch == [
+    "#SBATCH --job-name=t",
+    "#SBATCH --nodes=2",
+    f"#SBATCH --ntasks-per-node={tasks_per_node}",
+    "#SBATCH --gpus-per-node=2",
+    "#SBATCH --time=01:00:00",
+    f"#SBATCH --output={stub_dir}/logs/%x-%j.out",
+    "#SBATCH --signal=TERM@120",
+    "#SBATCH --partition=gpu",
+    "#SBATCH --account=acc",
+  ]
   assert r.stdout.splitlines()[-1] == f"sbatch {stub_dir}/logs/t.sbatch"
 
   # Execute the generated job script as SLURM would, with stub srun/scontrol and a stub trainer.
   script = r.stdout.split("# submit:")[0].split("\n", 1)[1]
   tasks = 2 * tasks_per_node
-  env = {"PATH": _fake_slurm_bin(stub_dir, tasks, tasks_per_node) + os.pathsep + os.environ["PATH"],
-         "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu-node[7-8]", "SLURM_NTASKS": str(tasks),
-         "PIPO_LAUNCH_MODULE": "stub_train", "PYTHONPATH": str(stub_dir)}
+  env = {
+    "PATH": _fake_slurm_bin(stub_dir, tasks, tasks_per_node) + os.pathsep + os.environ["PATH"],
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NODELIST": "gpu-node[7-8]",
+    "SLURM_NTASKS": str(tasks),
+    "PIPO_LAUNCH_MODULE": "stub_train",
+    "PYTHONPATH": str(stub_dir),
+  }
   run = _run(["bash", "-c", script], env=env)
   assert run.returncode == 0, run.stderr
   assert "--kill-on-bad-exit=1" in run.stderr
@@ -230,8 +359,17 @@ def test_gpu_slurm_script_runs_with_stub_slurm(stub_dir, per_node):
 def test_gpu_slurm_submits(stub_dir):
   flags = str(stub_dir / "run.flags")
   env = {"PATH": _fake_slurm_bin(stub_dir, 1, 1) + os.pathsep + os.environ["PATH"]}
-  r = _run([os.path.join(LAUNCH, "gpu_slurm.sh"), "--nodes=1", "--gpus-per-node=8", f"--flagfile={flags}",
-            f"--log-dir={stub_dir}/logs", "--port=12345"], env=env)
+  r = _run(
+    [
+      os.path.join(LAUNCH, "gpu_slurm.sh"),
+      "--nodes=1",
+      "--gpus-per-node=8",
+      f"--flagfile={flags}",
+      f"--log-dir={stub_dir}/logs",
+      "--port=12345",
+    ],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   path = stub_dir / "logs" / "pipo.sbatch"
   assert r.stdout.strip() == f"Submitted batch job 42 ({path})"
@@ -239,10 +377,15 @@ def test_gpu_slurm_submits(stub_dir):
 
 
 def test_local_multiprocess_env_contract(stub_dir):
-  env = {"PIPO_LAUNCH_MODULE": "stub_train", "PYTHONPATH": str(stub_dir),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  r = _run([os.path.join(LAUNCH, "local_multiprocess.sh"), "2", str(stub_dir / "run.flags"), "--config.a=1",
-            "two words"], env=env)
+  env = {
+    "PIPO_LAUNCH_MODULE": "stub_train",
+    "PYTHONPATH": str(stub_dir),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  }
+  r = _run(
+    [os.path.join(LAUNCH, "local_multiprocess.sh"), "2", str(stub_dir / "run.flags"), "--config.a=1", "two words"],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   recs = _stub_records(r.stdout)
   assert sorted(rec["env"]["JAX_PROCESS_ID"] for rec in recs) == ["0", "1"]
@@ -261,8 +404,11 @@ def test_local_multiprocess_env_contract(stub_dir):
 
 def test_local_multiprocess_failure_stops_peers(stub_dir):
   env = {"PIPO_LAUNCH_MODULE": "stub_train", "PYTHONPATH": str(stub_dir)}
-  r = _run([os.path.join(LAUNCH, "local_multiprocess.sh"), "2", str(stub_dir / "run.flags"), "--fail-rank1"],
-           env=env, timeout=30)
+  r = _run(
+    [os.path.join(LAUNCH, "local_multiprocess.sh"), "2", str(stub_dir / "run.flags"), "--fail-rank1"],
+    env=env,
+    timeout=30,
+  )
   assert r.returncode == 3  # rank 1's code, and rank 0's 60 s sleep was cut short (timeout=30 would raise)
   assert "process 1 exited with 3" in r.stderr
 
@@ -270,8 +416,9 @@ def test_local_multiprocess_failure_stops_peers(stub_dir):
 def test_local_multiprocess_real_jax_distributed(stub_dir):
   """Two real JAX CPU processes join through the contract and all-gather over gloo: 8 global devices."""
   env = {"PIPO_LAUNCH_MODULE": "stub_train", "PYTHONPATH": str(stub_dir)}
-  r = _run([os.path.join(LAUNCH, "local_multiprocess.sh"), "2", str(stub_dir / "run.flags"), "--jax"],
-           env=env, timeout=120)
+  r = _run(
+    [os.path.join(LAUNCH, "local_multiprocess.sh"), "2", str(stub_dir / "run.flags"), "--jax"], env=env, timeout=120
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   # [process_count, device_count, local_device_count, sum over processes of (index + 1)]
   assert _stub_records(r.stdout, tag="JAX") == [[2, 8, 4, 3.0], [2, 8, 4, 3.0]]

@@ -3,10 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from toy_tree import D, R, toy_params
 
 from pipo_jax.config import LoraConfig
 from pipo_jax.models import lora
-from toy_tree import D, R, toy_params
 
 CFG = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 # one compiled program instead of an eager dispatch (and compile) per kernel shape
@@ -19,8 +19,11 @@ def test_only_targeted_kernels_get_adapters_with_stacked_axes():
   paths = set(lora.adapter_paths(ad))
   attn = {f"self_attn/{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
   mlp = {f"mlp/{n}" for n in ("gate_proj", "up_proj", "down_proj")}
-  expected = ({f"backbone/layers/layer_0/{m}" for m in mlp} | {f"backbone/layers/layer_1/{m}" for m in attn | mlp}
-              | {f"mtp/layer/{m}" for m in attn | mlp})
+  expected = (
+    {f"backbone/layers/layer_0/{m}" for m in mlp}
+    | {f"backbone/layers/layer_1/{m}" for m in attn | mlp}
+    | {f"mtp/layer/{m}" for m in attn | mlp}
+  )
   assert paths == expected  # GDN in_proj_qkv/out_proj, mtp/fc, compressor, heads untouched
   q = ad["backbone"]["layers"]["layer_1"]["self_attn"]["q_proj"]
   assert q["a"].shape == (R, D, 4) and q["b"].shape == (R, 4, 16)
@@ -60,7 +63,8 @@ def test_merge_equals_on_the_fly_and_activation_path():
   # give B non-zero values so the delta matters
   g = np.random.default_rng(3)
   ad = jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(g.standard_normal(x.shape), jnp.float32) if p[-1].key == "b" else x, ad)
+    lambda p, x: jnp.asarray(g.standard_normal(x.shape), jnp.float32) if p[-1].key == "b" else x, ad
+  )
   merged = jax.jit(lambda p, a: lora.materialize(dict(p, **{lora.LORA_KEY: a}), CFG))(params, ad)  # export's merge
   fly = jax.jit(lambda p, a: lora.apply_lora(p, a, CFG, rng=jax.random.PRNGKey(0), deterministic=True))(params, ad)
   for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(fly)):
@@ -94,15 +98,19 @@ def test_rank_dropout_masks_whole_rank_components():
 
 def test_logical_axes_follow_kernel():
   assert lora.lora_axes_for_kernel(("layers", "embed", "heads")) == {
-      "a": ("layers", "embed", None), "b": ("layers", None, "heads")}
+    "a": ("layers", "embed", None),
+    "b": ("layers", None, "heads"),
+  }
   got = lora.lora_axes_for_kernel(P(None, "fsdp", "tensor"))
   assert got == {"a": P(None, "fsdp", None), "b": P(None, None, "tensor")}
   params = toy_params()
   ad = _init(params, jax.random.PRNGKey(1))
-  axes = jax.tree_util.tree_map(lambda x: ("layers", "embed", "mlp")[-x.ndim:] if x.ndim else (), params)
+  axes = jax.tree_util.tree_map(lambda x: ("layers", "embed", "mlp")[-x.ndim :] if x.ndim else (), params)
   la = lora.lora_logical_axes(axes, ad)
   assert la["backbone"]["layers"]["layer_0"]["mlp"]["up_proj"] == {
-      "a": ("layers", "embed", None), "b": ("layers", None, "mlp")}
+    "a": ("layers", "embed", None),
+    "b": ("layers", None, "mlp"),
+  }
   assert la["mtp"]["layer"]["mlp"]["up_proj"] == {"a": ("embed", None), "b": (None, "mlp")}
 
 
@@ -124,6 +132,7 @@ def test_materialize_and_grad_flow():
 
 def test_lora_shardings_from_kernel_shardings():
   from jax.sharding import Mesh, NamedSharding
+
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
   params = toy_params()
   ad = _init(params, jax.random.PRNGKey(1))

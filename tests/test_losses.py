@@ -65,9 +65,11 @@ def test_chunked_ce_batched_shapes_and_weights():
 def test_zero_valid_gives_zero_and_finite_grads():
   h, W, _ = _data()
   y = jnp.full((10,), IGN)
+
   def f(h, W):
     s, n, _ = losses.chunked_cross_entropy(h, W, y, 4)
     return losses.safe_mean(s, n)
+
   val, (gh, gW) = jax.jit(jax.value_and_grad(f, (0, 1)))(h, W)
   assert float(val) == 0.0
   assert np.all(np.asarray(gh) == 0) and np.all(np.asarray(gW) == 0)
@@ -92,13 +94,16 @@ def test_compiled_memory_scales_with_chunk_not_tokens_times_vocab():
   h = jax.ShapeDtypeStruct((t, d), jnp.float32)
   W = jax.ShapeDtypeStruct((d, v), jnp.float32)
   y = jax.ShapeDtypeStruct((t,), jnp.int32)
+
   def step(chunk):
     return jax.grad(lambda h, W, y: losses.chunked_cross_entropy(h, W, y, chunk)[0], (0, 1))
+
   dense = jax.grad(lambda h, W, y: _dense_ce_sum(h, W, y)[0], (0, 1))
   m128, m512, mdense = _temp_bytes(step(128), h, W, y), _temp_bytes(step(512), h, W, y), _temp_bytes(dense, h, W, y)
   full_logits = t * v * 4
-  print(f"\ntemp bytes (T=V={t}, D={d}): chunk128={m128:,} chunk512={m512:,} unchunked={mdense:,}"
-        f" (T*V*4={full_logits:,})")
+  print(
+    f"\ntemp bytes (T=V={t}, D={d}): chunk128={m128:,} chunk512={m512:,} unchunked={mdense:,} (T*V*4={full_logits:,})"
+  )
   assert m128 < m512 < mdense
   assert mdense >= full_logits  # the dense reference really holds [T, V] logits
   # O(chunk x V): at most a few [chunk, V] fp32 blocks (forward logits + their cotangent) plus
@@ -143,15 +148,17 @@ def test_confidence_loss_sends_no_gradient_into_hidden_states():
   g_head, g_h = jax.jit(jax.grad(conf_loss, (0, 1)))(head, h)
   assert np.all(np.asarray(g_h) == 0.0)
   assert float(jnp.abs(g_head["w"]).sum()) > 1e-3
+
   # Even with undetached inputs, the target path carries no gradient: only the head path does.
   def conf_loss_attached(h):
     _, _, gold = losses.chunked_cross_entropy(h, W, y, 4)
     return losses.confidence_bce(h @ head["w"], losses.sft_confidence_target(gold), y != IGN)
+
   def through_logit_only(h):
     _, _, gold = losses.chunked_cross_entropy(h, W, y, 4)
     return losses.confidence_bce(h @ head["w"], jax.lax.stop_gradient(losses.sft_confidence_target(gold)), y != IGN)
-  np.testing.assert_array_equal(jax.jit(jax.grad(conf_loss_attached))(h),
-                                jax.jit(jax.grad(through_logit_only))(h))
+
+  np.testing.assert_array_equal(jax.jit(jax.grad(conf_loss_attached))(h), jax.jit(jax.grad(through_logit_only))(h))
 
 
 def test_sft_confidence_target_is_gold_probability():

@@ -16,15 +16,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(batch=8, length=256, **kw) -> Config:
-  return Config(mode="sft", model=ModelConfig(preset="tiny"), data=DataConfig(batch_size=batch, max_length=length),
-                loss=LossConfig(logits_chunk=128), **kw)
+  return Config(
+    mode="sft",
+    model=ModelConfig(preset="tiny"),
+    data=DataConfig(batch_size=batch, max_length=length),
+    loss=LossConfig(logits_chunk=128),
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
 def plans():
   """One compile per shape: base (8 x 256), twice the batch, twice the length."""
-  return {"base": memory_plan.plan(_cfg(), "v6e"), "batch2": memory_plan.plan(_cfg(batch=16)),
-          "length2": memory_plan.plan(_cfg(length=512))}
+  return {
+    "base": memory_plan.plan(_cfg(), "v6e"),
+    "batch2": memory_plan.plan(_cfg(batch=16)),
+    "length2": memory_plan.plan(_cfg(length=512)),
+  }
 
 
 def test_fields_and_accounting(plans):
@@ -34,10 +42,16 @@ def test_fields_and_accounting(plans):
     assert isinstance(p[k], int) and p[k] > 0, k
   assert p["total_bytes"] == p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
   # data=8 replicates every param: one device holds all of them, fp32.
-  from pipo_jax.trainer import boxed_params
   import flax.linen as nn
-  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
-      nn.meta.unbox(boxed_params(resolve_model_config(ModelConfig(preset="tiny")), "sft"))))
+
+  from pipo_jax.trainer import boxed_params
+
+  n = sum(
+    int(np.prod(x.shape))
+    for x in jax.tree_util.tree_leaves(
+      nn.meta.unbox(boxed_params(resolve_model_config(ModelConfig(preset="tiny")), "sft"))
+    )
+  )
   assert p["params_bytes"] == 4 * n
   # AdamW: two fp32 moments per *trainable* param (the heads; the backbone is frozen), plus counts.
   assert 0 < p["optimizer_bytes"] < 2 * p["params_bytes"] + 1024
@@ -63,6 +77,7 @@ def test_temporaries_scale_with_batch_and_length(plans):
 def test_fsdp_shards_params():
   """On data=2,fsdp=4 the 'embed'-sharded params shrink per device; the batch must divide data*fsdp."""
   from pipo_jax import sharding
+
   mc = resolve_model_config(ModelConfig(preset="tiny"))
   fsdp = _cfg(mesh=MeshConfig(data=2, fsdp=4))
   state, _ = memory_plan.abstract_train_state(fsdp, mc, sharding.make_mesh(fsdp.mesh))
@@ -100,10 +115,24 @@ def test_cli_json(tmp_path):
   out = tmp_path / "plan.json"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
   env["PYTHONPATH"] = ROOT
-  r = subprocess.run([sys.executable, "-m", "pipo_jax.memory_plan", "--config.model.preset=tiny",
-                      "--config.data.batch_size=4", "--config.data.max_length=128", "--num_devices=4",
-                      "--accelerator=H100", f"--output={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=900)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pipo_jax.memory_plan",
+      "--config.model.preset=tiny",
+      "--config.data.batch_size=4",
+      "--config.data.max_length=128",
+      "--num_devices=4",
+      "--accelerator=H100",
+      f"--output={out}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   assert "FITS in H100" in r.stdout
   plan = json.loads(out.read_text())

@@ -1,7 +1,6 @@
 import json
 import types
 
-import jax
 import numpy as np
 import pytest
 
@@ -10,8 +9,9 @@ from pipo_jax.config import ModelConfig, resolve_model_config
 
 
 def test_writer_jsonl_tensorboard_and_rates(tmp_path):
-  w = metrics.MetricsWriter(str(tmp_path), total_steps=10, flops_per_token=100.0, peak_flops=1000.0,
-                            num_devices=2, enabled=True)
+  w = metrics.MetricsWriter(
+    str(tmp_path), total_steps=10, flops_per_token=100.0, peak_flops=1000.0, num_devices=2, enabled=True
+  )
   w.write_scalars(1, {"loss": np.float32(2.5), "lr": 1e-4})
   first = w.log_progress(2, {"loss": 2.0}, tokens_since_last=64)  # starts the clock: no rate yet
   assert "tokens_per_second" not in first
@@ -48,12 +48,12 @@ def test_peak_flops_table():
 def test_flops_per_token_tiny_by_hand():
   cfg = resolve_model_config(ModelConfig(preset="tiny"))
   # tiny: D=64, I=128, V=256, 4 layers (3 GDN + 1 full), nq=4, nkv=2, hd=16, GDN Hk=2, Hv=4, dk=16, dv=8, 1 MTP layer
-  full = 64 * 128 + 2 * 64 * 32 + 64 * 64          # q(+gate) [64,128], k,v [64,32], o [64,64]
+  full = 64 * 128 + 2 * 64 * 32 + 64 * 64  # q(+gate) [64,128], k,v [64,32], o [64,64]
   lin = 64 * (2 * 32 + 32) + 64 * 32 + 2 * 64 * 4 + 32 * 64  # qkv [64,96], z [64,32], a,b [64,4], out [32,64]
   mlp = 3 * 64 * 128
   n = full + 3 * lin + 4 * mlp + 64 * 256 + (full + mlp + 2 * 64 * 64)
   t = 32
-  attn = 2 * 2 * 4 * 16 * t                          # 1 backbone + 1 MTP full-attention layer
+  attn = 2 * 2 * 4 * 16 * t  # 1 backbone + 1 MTP full-attention layer
   gdn = 3 * 6 * 4 * 16 * 8
   assert metrics.estimate_flops_per_token(cfg, t) == 3 * (2 * n + attn + gdn)
   assert metrics.estimate_flops_per_token(cfg, t, training=False) == 2 * n + attn + gdn

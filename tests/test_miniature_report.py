@@ -10,8 +10,18 @@ from pipo_jax import evaluate, report, speed
 
 
 def _row(method, tau, avg, pas, per_q, control=None, pad=0.0, eff=100.0, curve=None):
-  return dict(method=method, conf_threshold=tau, control=control, k=4, avg_at_k=avg, pass_at_k=pas, pad_ratio=pad,
-              effective_tokens_per_s=eff, per_question_avg={"test": per_q}, budget_curve=curve)
+  return dict(
+    method=method,
+    conf_threshold=tau,
+    control=control,
+    k=4,
+    avg_at_k=avg,
+    pass_at_k=pas,
+    pad_ratio=pad,
+    effective_tokens_per_s=eff,
+    per_question_avg={"test": per_q},
+    budget_curve=curve,
+  )
 
 
 def test_slot_budget_curve_hand_worked():
@@ -26,13 +36,30 @@ def test_slot_budget_curve_hand_worked():
 
 
 def test_budget_span_covers_the_rising_part():
-  rows = [_row("Regular", None, 1, 1, [1], curve={b: {"pass_at_k": float(b >= 12), "avg_at_k": float(b >= 12)}
-                                                  for b in range(1, 41)}),
-          _row("PIPO+OPD", 0.95, 1, 1, [1], curve={b: {"pass_at_k": float(b >= 7), "avg_at_k": float(b >= 7)}
-                                                   for b in range(1, 41)})]
+  rows = [
+    _row(
+      "Regular",
+      None,
+      1,
+      1,
+      [1],
+      curve={b: {"pass_at_k": float(b >= 12), "avg_at_k": float(b >= 12)} for b in range(1, 41)},
+    ),
+    _row(
+      "PIPO+OPD",
+      0.95,
+      1,
+      1,
+      [1],
+      curve={b: {"pass_at_k": float(b >= 7), "avg_at_k": float(b >= 7)} for b in range(1, 41)},
+    ),
+  ]
   assert report.budget_span(rows) == [5, 10, 15]
   md = report.budget_table_md(rows, 0.95)
-  assert "| Regular pass@4 | — | 0.00 | 0.00 | 100.00 |" in md and "| PIPO+OPD pass@4 | 0.95 | 0.00 | 100.00 | 100.00 |" in md
+  assert (
+    "| Regular pass@4 | — | 0.00 | 0.00 | 100.00 |" in md
+    and "| PIPO+OPD pass@4 | 0.95 | 0.00 | 100.00 | 100.00 |" in md
+  )
 
 
 def test_speed_stats_and_apply():
@@ -42,12 +69,25 @@ def test_speed_stats_and_apply():
   assert lo == pytest.approx(160 / 110) and hi == pytest.approx(140 / 90)
   spec = speed.RunSpec.parse("PIPO+OPD=runs/x/opd:pipo@0.95")
   assert (spec.method, spec.checkpoint, spec.decode, spec.tau, spec.label) == (
-      "PIPO+OPD", "runs/x/opd", "pipo", 0.95, "PIPO+OPD@0.95")
+    "PIPO+OPD",
+    "runs/x/opd",
+    "pipo",
+    0.95,
+    "PIPO+OPD@0.95",
+  )
   with pytest.raises(ValueError, match="LABEL=CHECKPOINT"):
     speed.RunSpec.parse("no-equals-sign")
   rows = [_row("Regular", None, 1, 1, [1]), _row("PIPO+OPD", 0.95, 1, 1, [1]), _row("PIPO+OPD", 0.5, 1, 1, [1])]
-  srows = [{"method": "PIPO+OPD", "tau": 0.95, "speedup_median": 1.5, "speedup_min": 1.45, "speedup_max": 1.56,
-            "speedup": [1.5, 1.45, 1.56]}]
+  srows = [
+    {
+      "method": "PIPO+OPD",
+      "tau": 0.95,
+      "speedup_median": 1.5,
+      "speedup_min": 1.45,
+      "speedup_max": 1.56,
+      "speedup": [1.5, 1.45, 1.56],
+    }
+  ]
   out = report.apply_speed(rows, srows)
   assert out[1]["speedup_vs_ar"] == 1.5 and out[1]["speedup_min"] == 1.45 and "speedup_vs_ar" not in out[2]
   assert report._speed(out[1]) == "1.50× (1.45–1.56)"
@@ -55,11 +95,13 @@ def test_speed_stats_and_apply():
 
 def test_targets_and_paired_difference():
   gate_q, rand_q = [1.0, 0.75, 1.0, 0.5], [0.75, 0.75, 0.5, 0.5]
-  rows = [_row("Regular", None, 0.98, 1.0, [1, 1, 1, 0.92]),
-          _row("PIPO-SFT", 0.95, 0.90, 1.0, [1, 1, 0.6, 1]),
-          _row("PIPO+OPD", 0.95, 0.95, 1.0, [1, 1, 0.8, 1], pad=0.05),
-          _row("PIPO+OPD", 0.99, 0.8125, 1.0, gate_q, pad=0.3),
-          _row("PIPO+OPD", 0.99, 0.625, 1.0, rand_q, control="random_pad", pad=0.3)]
+  rows = [
+    _row("Regular", None, 0.98, 1.0, [1, 1, 1, 0.92]),
+    _row("PIPO-SFT", 0.95, 0.90, 1.0, [1, 1, 0.6, 1]),
+    _row("PIPO+OPD", 0.95, 0.95, 1.0, [1, 1, 0.8, 1], pad=0.05),
+    _row("PIPO+OPD", 0.99, 0.8125, 1.0, gate_q, pad=0.3),
+    _row("PIPO+OPD", 0.99, 0.625, 1.0, rand_q, control="random_pad", pad=0.3),
+  ]
   d, se = report.paired_difference(rows[3], rows[4])
   diffs = np.array(gate_q) - np.array(rand_q)  # 0.25, 0, 0.5, 0
   assert d == pytest.approx(0.1875) and se == pytest.approx(diffs.std(ddof=1) / 2)

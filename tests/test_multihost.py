@@ -36,14 +36,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
-FLAGS = """\
+FLAGS = f"""\
 --config.mode=sft
 --config.model.preset=tiny
 --config.mesh.data=-1
 --config.data.max_length=64
 --config.data.batch_size=8
 --config.data.max_pad_ratio=0.25
---config.train.num_steps={steps}
+--config.train.num_steps={STEPS}
 --config.train.log_every=1
 --config.lora.rank=8
 --config.lora.alpha=16
@@ -53,7 +53,7 @@ FLAGS = """\
 --config.loss.logits_chunk=64
 --config.checkpoint.every_steps=2
 --config.checkpoint.keep=5
-""".format(steps=STEPS)
+"""
 
 _DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
 
@@ -68,14 +68,26 @@ def _env(**extra) -> dict:
 def _start_single(flagfile, workdir, args):
   """One process, 8 simulated devices."""
   cmd = [sys.executable, "-m", "pipo_jax.train", f"--flagfile={flagfile}", f"--config.workdir={workdir}", *args]
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    cmd,
+    cwd=ROOT,
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _start_two(flagfile, workdir, args):
   """Two processes x 4 devices through the real launcher (loopback coordinator, gloo)."""
-  cmd = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", str(flagfile),
-         f"--config.workdir={workdir}", *args]
+  cmd = [
+    "bash",
+    os.path.join(ROOT, "launch", "local_multiprocess.sh"),
+    "2",
+    str(flagfile),
+    f"--config.workdir={workdir}",
+    *args,
+  ]
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -96,8 +108,10 @@ def _losses(workdir) -> dict:
 
 
 def _params(workdir, step):
-  from pipo_jax import checkpoint as ckpt_lib
   import jax
+
+  from pipo_jax import checkpoint as ckpt_lib
+
   tree = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", str(step)))
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -117,6 +131,7 @@ def _assert_params_close(a, b, atol):
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   from pipo_jax.data import synthetic
+
   data = synthetic.write_dataset(str(tmp_path / "data"), n_train=256, n_test=8, seed=0)
   flagfile = tmp_path / "run.flags"
   flagfile.write_text(FLAGS)
@@ -142,7 +157,10 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   assert not [l for l in out_b.splitlines() if l.startswith("[proc 1]") and "| loss" in l]
   assert [l for l in out_b.splitlines() if l.startswith("[proc 0]") and "| loss" in l]
   assert sorted(os.listdir(os.path.join(wb, "checkpoints", str(STEPS), "data"))) == [
-      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    "commit_success.txt",
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
 
   pa4, pb4 = _params(wa, STEPS), _params(wb, STEPS)
   diff_ab = _max_param_diff(pa4, pb4)
@@ -163,11 +181,14 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   diff_ac = _max_param_diff(pa4, pc4)
   _assert_params_close(pa4, pc4, atol=1e-5)
 
-  print(f"[test_multihost] losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
-        f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s", flush=True)
+  print(
+    f"[test_multihost] losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
+    f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s",
+    flush=True,
+  )
 
 
-OPD_FLAGS = """\
+OPD_FLAGS = f"""\
 --config.mode=opd
 --config.mesh.data=-1
 --config.data.batch_size=8
@@ -184,7 +205,7 @@ OPD_FLAGS = """\
 --config.lora.alpha=16
 --config.lora.dropout=0.0
 --config.train.trainable=compressor,confidence_head,mtp/fc,mtp/pre_fc_norm_embedding,mtp/pre_fc_norm_hidden,mtp/norm
---config.train.num_steps={steps}
+--config.train.num_steps={STEPS}
 --config.train.log_every=1
 --config.optim.grad_accum_steps=2
 --config.optim.learning_rate=3e-3
@@ -193,7 +214,7 @@ OPD_FLAGS = """\
 --config.loss.logits_chunk=64
 --config.checkpoint.every_steps=2
 --config.checkpoint.keep=5
-""".format(steps=STEPS)
+"""
 
 
 @pytest.mark.slow
@@ -203,13 +224,16 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   every prompt batch), C 2 processes resumed from B's step 2 on data=2,fsdp=2,tensor=2. Same prompts, same
   seeds: B's losses equal A's within 1e-5 and its params are close; C continues where B stopped."""
   from pipo_jax.data import synthetic
+
   data = synthetic.write_dataset(str(tmp_path / "data"), n_train=64, n_test=8, n_opd=64, seed=0)
   # Teacher (and the student's starting point): a random tiny Qwen3.5 with its MTP head, written as an HF
   # directory (the student's PIPO heads are initialised from it as in training).
   import jax
+
   from pipo_jax import hf_pipo
   from pipo_jax.config import ModelConfig, resolve_model_config
   from pipo_jax.models.pipo import init_pipo_params
+
   mc = resolve_model_config(ModelConfig(preset="tiny"))
   params = init_pipo_params(mc, jax.random.PRNGKey(0))
   teacher = str(tmp_path / "teacher")
@@ -217,8 +241,12 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
 
   flagfile = tmp_path / "opd.flags"
   flagfile.write_text(OPD_FLAGS)
-  common = [f"--config.data.train_path={data['opd']}", f"--config.data.tokenizer_path={data['tokenizer']}",
-            f"--config.checkpoint.init_from={teacher}", f"--config.opd.teacher_checkpoint={teacher}"]
+  common = [
+    f"--config.data.train_path={data['opd']}",
+    f"--config.data.tokenizer_path={data['tokenizer']}",
+    f"--config.checkpoint.init_from={teacher}",
+    f"--config.opd.teacher_checkpoint={teacher}",
+  ]
   wa, wb, wc = (str(tmp_path / n) for n in ("a", "b", "c"))
   t_all = time.time()
   t0 = time.time()
@@ -233,8 +261,14 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
     assert abs(la[s] - lb[s]) <= 1e-5 * max(1.0, abs(la[s])), (s, la[s], lb[s])
   with open(os.path.join(wa, "metrics.jsonl")) as f:
     rec = json.loads(f.readline())
-  for k in ("time/rollout_s", "time/teacher_s", "time/train_s", "rollout/tokens_per_s", "rollout/mean_length",
-            "rollout/pad_ratio"):
+  for k in (
+    "time/rollout_s",
+    "time/teacher_s",
+    "time/train_s",
+    "rollout/tokens_per_s",
+    "rollout/mean_length",
+    "rollout/pad_ratio",
+  ):
     assert k in rec and np.isfinite(rec[k]), (k, rec)
   assert 0 < rec["rollout/mean_length"] <= 16 and 0 <= rec["rollout/pad_ratio"] <= 1
   assert len([f for f in os.listdir(wb) if f.startswith("events.out.tfevents")]) == 1
@@ -256,5 +290,8 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   pc4 = _params(wc, STEPS)
   diff_ac = _max_param_diff(pa4, pc4)
   _assert_params_close(pa4, pc4, atol=1e-4)
-  print(f"[test_multihost] OPD losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
-        f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s", flush=True)
+  print(
+    f"[test_multihost] OPD losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
+    f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s",
+    flush=True,
+  )

@@ -12,12 +12,22 @@ import numpy as np
 import pytest
 
 from pipo_jax import optim, sharding
-from pipo_jax.opd import loss as opd, rollout as opd_rollout
-from pipo_jax.config import (Config, LoraConfig, LossConfig, MeshConfig, ModelConfig, OPDConfig, OptimConfig,
-                             SamplingConfig, resolve_model_config)
+from pipo_jax.config import (
+  Config,
+  LoraConfig,
+  LossConfig,
+  MeshConfig,
+  ModelConfig,
+  OPDConfig,
+  OptimConfig,
+  SamplingConfig,
+  resolve_model_config,
+)
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import PipoModel, init_pipo_params
 from pipo_jax.models.qwen3_5 import Qwen35
+from pipo_jax.opd import loss as opd
+from pipo_jax.opd import rollout as opd_rollout
 
 PAD = 1
 IGN = -100
@@ -44,11 +54,11 @@ def _hand_batch(length=16):
   pid = np.full((2, P_), PAD, np.int32)
   pvalid = np.zeros((2, P_), bool)
   for b, p in enumerate(prompts):
-    pid[b, P_ - len(p):] = p
-    pvalid[b, P_ - len(p):] = True
+    pid[b, P_ - len(p) :] = p
+    pvalid[b, P_ - len(p) :] = True
   raw = np.full((2, 8), PAD, np.int32)
   for b, r in enumerate(raws):
-    raw[b, :len(r)] = r
+    raw[b, : len(r)] = r
   return opd_rollout.encode_rollouts(pid, pvalid, raw, np.array([7, 6]), PAD, length)
 
 
@@ -63,6 +73,7 @@ def test_encode_rollouts_layout_and_fill_rule():
   # The fill (docs/method.md#pad-label-fill): only rejected-draft PADs inside the stream; not the prompt-parity PAD (3),
   # the trailing parity PAD (11) or the right padding (13, 15). MTP slot j targets position 2j + 3.
   from pipo_jax.opd import pad_compaction
+
   fill = np.asarray(pad_compaction.mtp_fill_mask(jnp.asarray(b["input_ids"]), PAD, jnp.asarray(b["fill_allow"])))
   np.testing.assert_array_equal(2 * np.flatnonzero(fill[0]) + 3, [7, 9])
   np.testing.assert_array_equal(2 * np.flatnonzero(fill[1]) + 3, [5])
@@ -80,14 +91,16 @@ def test_teacher_states_equal_direct_forward_on_compacted_sequence():
   real = np.zeros((2, T), np.int32)
   for r in range(2):
     toks = b["input_ids"][r][b["keep"][r]]
-    real[r, :len(toks)] = toks
+    real[r, : len(toks)] = toks
 
   def direct(t, ids):
     m, pb = Qwen35(TEACHER), {"params": t["backbone"]}
     return m.apply(pb, m.apply(pb, ids, method=Qwen35.embed), jnp.broadcast_to(jnp.arange(T), ids.shape))[0]
+
   # One jit for both (compile time dominates).
   (g_back, g_mtp, W), g = jax.jit(lambda t, i, k, r: (opd.teacher_states(TEACHER, t, i, k), direct(t, r)))(
-      tp, jnp.asarray(b["input_ids"]), jnp.asarray(b["keep"]), jnp.asarray(real))
+    tp, jnp.asarray(b["input_ids"]), jnp.asarray(b["keep"]), jnp.asarray(real)
+  )
   g = np.asarray(g)
   np.testing.assert_allclose(W, tp["backbone"]["lm_head"]["kernel"])
   for r in range(2):
@@ -110,6 +123,7 @@ def _loss_fn(mode, lora=None, loss=None, **kw):
 def test_confidence_targets_jsd_full_formula():
   """full / jsd: sum_v min(p_s, p_t) (1 - TV), whatever the label; sampled / topk: min(1, p_t(y) / p_s(y))."""
   from pipo_jax.opd import divergences as opd_losses
+
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   zs, zt = 3 * jax.random.normal(k1, (6, 40)), 3 * jax.random.normal(k2, (6, 40))
   y = jax.random.randint(k3, (6,), 0, 40)
@@ -146,6 +160,7 @@ def test_confidence_targets_and_bce_gradient_isolation():
     ls, lt = jax.nn.log_softmax(out["m_BJD"] @ W_s, -1), jax.nn.log_softmax(g_mtp @ W_t, -1)
     g = jax.grad(lambda p: loss_fn(p, b_t, None, None, W_t)[1]["loss_conf"])(params)
     return f, ls, lt, g
+
   f, ls, lt, g = jax.jit(run)(params, tp)
 
   m = f["mtp"]
@@ -178,8 +193,8 @@ def _prompts(n, seed, P_=8):
     p = list(rng.integers(4, 256, size=int(rng.integers(3, 8))))
     if len(p) % 2:
       p.append(PAD)
-    ids[i, P_ - len(p):] = p
-    valid[i, P_ - len(p):] = True
+    ids[i, P_ - len(p) :] = p
+    valid[i, P_ - len(p) :] = True
   return {"prompt_ids": ids, "prompt_valid": valid}
 
 
@@ -190,10 +205,19 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
 
   `full` (exact reverse KL): with a near-uniform random student the top-k union holds a small share of its
   mass, so `topk` would mostly reshape mass inside the union (it does lower its own loss, not the full KL)."""
-  cfg = Config(mode="opd", lora=LoraConfig(rank=0), loss=LossConfig(logits_chunk=64),
-               optim=OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, weight_decay=0.0),
-               opd=OPDConfig(divergence="full", conf_threshold=0.5, max_new_tokens=12, prompt_length=8,
-                             sampling=SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, presence_penalty=0.0)))
+  cfg = Config(
+    mode="opd",
+    lora=LoraConfig(rank=0),
+    loss=LossConfig(logits_chunk=64),
+    optim=OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, weight_decay=0.0),
+    opd=OPDConfig(
+      divergence="full",
+      conf_threshold=0.5,
+      max_new_tokens=12,
+      prompt_length=8,
+      sampling=SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, presence_penalty=0.0),
+    ),
+  )
   steps = 60
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=steps))
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
@@ -210,6 +234,7 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
   def scored(batch):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     return dict(batch, **score(tp, batch))
+
   roll = opd_rollout.Rollout(STUDENT, cfg, mesh, stop_ids=[3])
   held = [_prompts(8, seed=100), _prompts(8, seed=101)]
 
@@ -230,8 +255,16 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
       batch, _ = roll(state.params, _prompts(8, seed=i), jax.random.PRNGKey(1000 + i))
       state, m = step(state, scored(batch), W_t)
     end = evaluate(state)
-  keys = ("kl_backbone", "kl_mtp", "loss_conf", "conf_ece", "conf_pred_mean", "conf_target_mean", "pad_ratio",
-          "rollout_length")
+  keys = (
+    "kl_backbone",
+    "kl_mtp",
+    "loss_conf",
+    "conf_ece",
+    "conf_pred_mean",
+    "conf_target_mean",
+    "pad_ratio",
+    "rollout_length",
+  )
   print("\ntiny OPD held-out start -> end: " + ", ".join(f"{k} {start[k]:.3f} -> {end[k]:.3f}" for k in keys))
   assert np.isfinite(float(m["loss"]))
   assert end["kl_backbone"] < 0.95 * start["kl_backbone"]
@@ -240,21 +273,28 @@ def test_tiny_opd_run_lowers_kl_and_improves_calibration():
   assert end["conf_ece"] < start["conf_ece"]
 
 
-@pytest.mark.parametrize("field,override", [
+@pytest.mark.parametrize(
+  "field,override",
+  [
     ("opd.teacher_checkpoint", {"opd": OPDConfig(teacher_checkpoint="")}),
     ("opd.divergence", {"opd": OPDConfig(teacher_checkpoint="/nonexistent/teacher", divergence="kl")}),
     ("opd.prompt_length", {"opd": OPDConfig(teacher_checkpoint="/nonexistent/teacher", prompt_length=63)}),
     ("data.train_path", {"data": None}),
     ("optim.grad_accum_steps", {"optim": OptimConfig(grad_accum_steps=0)}),
-])
+  ],
+)
 def test_bad_opd_config_fails_in_one_line_before_any_load(field, override, tmp_path):
   """Config.validate() runs first in Trainer.__init__: the error names the field, and nothing was read (the
   student checkpoint path does not exist, so any attempt to load would fail differently)."""
   from pipo_jax.config import DataConfig
   from pipo_jax.opd.trainer import OPDTrainer
-  kw = dict(mode="opd", workdir=str(tmp_path / "w"),
-            data=DataConfig(train_path="/nonexistent/prompts.jsonl"),
-            opd=OPDConfig(teacher_checkpoint="/nonexistent/teacher"))
+
+  kw = dict(
+    mode="opd",
+    workdir=str(tmp_path / "w"),
+    data=DataConfig(train_path="/nonexistent/prompts.jsonl"),
+    opd=OPDConfig(teacher_checkpoint="/nonexistent/teacher"),
+  )
   kw.update({k: v for k, v in override.items() if v is not None})
   if override.get("data", 0) is None:
     kw["data"] = DataConfig(train_path="")

@@ -66,18 +66,20 @@ def _brute(mode, zs, zt, y, tau, beta=0.5, k=K):
   return val, grad
 
 
-CASES = [("sampled", 0.5), ("topk", 0.5), ("full", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 0.9),
-         ("jsd", 1.0)]
+CASES = [("sampled", 0.5), ("topk", 0.5), ("full", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0)]
 TAU = 0.7  # tau != 1 so that the temperature scaling is exercised too
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "beta", "tau", "chunk"))
 def _run(hs, Ws, ht, Wt, y, fill=None, w=None, *, mode, beta=0.5, tau=TAU, chunk=4):
   """Jitted (cached per static config) stream loss and its gradient wrt all four inputs."""
+
   def f(hs, Ws, ht, Wt):
-    out = opd.opd_stream_loss(hs, Ws, ht, Wt, y, mode, chunk=chunk, topk=K, beta=beta,
-                              temperature=tau, fill_N=fill, weights_N=w)
+    out = opd.opd_stream_loss(
+      hs, Ws, ht, Wt, y, mode, chunk=chunk, topk=K, beta=beta, temperature=tau, fill_N=fill, weights_N=w
+    )
     return out.loss_sum, out
+
   (_, out), grads = jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True)(hs, Ws, ht, Wt)
   return out, grads
 
@@ -101,8 +103,7 @@ def test_divergence_value_gradient_and_target_vs_brute_force(mode, beta):
   ps, pt = np.exp(_np_logsoftmax(zs / TAU)), np.exp(_np_logsoftmax(zt / TAU))
   accept = np.minimum(1.0, pt[np.arange(N), yy] / ps[np.arange(N), yy])
   overlap = np.minimum(ps, pt).sum(-1)
-  np.testing.assert_allclose(out.conf_target, accept if mode in ("sampled", "topk") else overlap,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.conf_target, accept if mode in ("sampled", "topk") else overlap, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_union_deduplicates():
@@ -125,10 +126,12 @@ def test_topk_union_deduplicates():
 
 def _enumerated_grad(estimator_loss, z_V, zt_V, weights_V):
   """sum_y w(y) d loss(y) / d z for a single token, by evaluating all V samples y at once."""
+
   def total(z):
     zs = jnp.tile(z[None], (V, 1))
     zt = jnp.tile(zt_V[None], (V, 1))
     return jnp.sum(weights_V * estimator_loss(zs, zt, jnp.arange(V)))
+
   return np.asarray(jax.jit(jax.grad(total))(z_V), np.float64)
 
 
@@ -137,25 +140,36 @@ def test_sampled_estimator_is_unbiased_and_reference_is_not():
   hs, Ws, ht, Wt, _ = _setup(2)
   z, zt = (hs @ Ws)[0], (ht @ Wt)[0]
   ps = jax.nn.softmax(z / tau)
-  full_kl = lambda z: opd.opd_token_terms(z[None], zt[None], jnp.zeros(1, jnp.int32), "full",
-                                          temperature=tau)[0][0]
+  full_kl = lambda z: opd.opd_token_terms(z[None], zt[None], jnp.zeros(1, jnp.int32), "full", temperature=tau)[0][0]
   exact = np.asarray(jax.jit(jax.grad(full_kl))(z))
   ours = lambda zs, zt, yy: opd.opd_token_terms(zs, zt, yy, "sampled", temperature=tau)[0]
   expected = _enumerated_grad(ours, z, zt, ps)
   np.testing.assert_allclose(expected, exact, rtol=1e-4, atol=1e-6)
   assert np.abs(exact).max() > 1e-2
   # A y-independent baseline changes the per-sample gradient but not its expectation.
-  with_b = lambda zs, zt, yy: opd.opd_token_terms(zs, zt, yy, "sampled", temperature=tau,
-                                                  baseline_C=jnp.full((V,), 0.7))[0]
+  with_b = lambda zs, zt, yy: opd.opd_token_terms(
+    zs, zt, yy, "sampled", temperature=tau, baseline_C=jnp.full((V,), 0.7)
+  )[0]
   np.testing.assert_allclose(_enumerated_grad(with_b, z, zt, ps), exact, rtol=1e-4, atol=1e-6)
 
   # Same through the chunked stream path: one row per possible sample y, weighted by p_s(y).
   h0, ht0 = hs[0], ht[0]
+
   def stream(h0):
-    out = opd.opd_stream_loss(jnp.tile(h0[None], (V, 1)), Ws, jnp.tile(ht0[None], (V, 1)), Wt,
-                              jnp.arange(V), "sampled", chunk=4, temperature=tau, weights_N=ps,
-                              baseline_N=jnp.full((V,), -0.3))
+    out = opd.opd_stream_loss(
+      jnp.tile(h0[None], (V, 1)),
+      Ws,
+      jnp.tile(ht0[None], (V, 1)),
+      Wt,
+      jnp.arange(V),
+      "sampled",
+      chunk=4,
+      temperature=tau,
+      weights_N=ps,
+      baseline_N=jnp.full((V,), -0.3),
+    )
     return out.loss_sum
+
   value, grad = jax.jit(jax.value_and_grad(stream))(h0)
   np.testing.assert_allclose(grad, Ws @ exact, rtol=1e-4, atol=1e-6)
   # The reported value is the unbiased KL estimate l(y): its expectation is the exact KL.
@@ -166,6 +180,7 @@ def test_sampled_estimator_is_unbiased_and_reference_is_not():
   def reference(zs, zt, yy):
     ls, lt = jax.nn.log_softmax(zs / tau), jax.lax.stop_gradient(jax.nn.log_softmax(zt / tau))
     return (jnp.take_along_axis(ls, yy[:, None], -1) - jnp.take_along_axis(lt, yy[:, None], -1))[:, 0]
+
   # Its expected gradient under exact on-policy sampling is sum_y grad p_s(y) = 0: it learns nothing ...
   np.testing.assert_allclose(_enumerated_grad(reference, z, zt, ps), 0.0, atol=1e-6)
   # ... and under a truncated sampler (top-3 of p_s, renormalised) it is non-zero but identical for
@@ -207,8 +222,7 @@ def test_pad_fill_uses_student_argmax_without_gradient():
   np.testing.assert_allclose(out.loss_sum, explicit.loss_sum, rtol=1e-6)
   np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-7)
   # Mean KL over valid tokens, by hand.
-  np.testing.assert_allclose(losses.safe_mean(out.kl_sum, out.n_valid),
-                             np.asarray(out.kl_tok).sum() / 5, rtol=1e-6)
+  np.testing.assert_allclose(losses.safe_mean(out.kl_sum, out.n_valid), np.asarray(out.kl_tok).sum() / 5, rtol=1e-6)
 
 
 def test_no_valid_position_gives_zero_loss_and_zero_grad():
@@ -230,12 +244,18 @@ def test_compiled_memory_scales_with_chunk():
   """The topk step (student + teacher logits, top-k, union) stays O(chunk x V), not O(T x V)."""
   t, v, d = 8192, 4096, 64
   S = jax.ShapeDtypeStruct
-  args = (S((t, d), jnp.float32), S((d, v), jnp.float32), S((t, d), jnp.float32),
-          S((d, v), jnp.float32), S((t,), jnp.int32))
+  args = (
+    S((t, d), jnp.float32),
+    S((d, v), jnp.float32),
+    S((t, d), jnp.float32),
+    S((d, v), jnp.float32),
+    S((t,), jnp.int32),
+  )
+
   def temp(chunk):
-    f = jax.grad(lambda hs, Ws, ht, Wt, y: opd.opd_stream_loss(
-        hs, Ws, ht, Wt, y, "topk", chunk=chunk).loss_sum, (0, 1))
+    f = jax.grad(lambda hs, Ws, ht, Wt, y: opd.opd_stream_loss(hs, Ws, ht, Wt, y, "topk", chunk=chunk).loss_sum, (0, 1))
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
   m128, m512 = temp(128), temp(512)
   print(f"\nOPD topk temp bytes (T={t}, V={v}): chunk128={m128:,} chunk512={m512:,} (T*V*4={t * v * 4:,})")
   assert 3 < m512 / m128 < 5  # linear in the chunk

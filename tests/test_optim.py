@@ -1,14 +1,12 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_tree import D, leaf_paths, toy_loss, toy_params
 
 from pipo_jax import optim
 from pipo_jax.config import LoraConfig, OptimConfig, TrainConfig
 from pipo_jax.models import lora
-from toy_tree import D, leaf_paths, toy_loss, toy_params
 
 
 def test_schedule_hand_computed():
@@ -20,8 +18,9 @@ def test_schedule_hand_computed():
   # ceil: 5% of 30 steps = 1.5 -> 2 warmup steps
   assert optim.warmup_steps(OptimConfig(warmup_ratio=0.05), 30) == 2
   s0 = optim.make_schedule(OptimConfig(learning_rate=2.0, warmup_ratio=0.0, min_lr_ratio=0.0), 4)
-  np.testing.assert_allclose([float(s0(i)) for i in range(5)],
-                             [2.0, 1.0 + np.cos(np.pi / 4), 1.0, 1.0 - np.cos(np.pi / 4), 0.0], atol=1e-6)
+  np.testing.assert_allclose(
+    [float(s0(i)) for i in range(5)], [2.0, 1.0 + np.cos(np.pi / 4), 1.0, 1.0 - np.cos(np.pi / 4), 0.0], atol=1e-6
+  )
 
 
 def _trained(mask, prefix=""):
@@ -97,8 +96,10 @@ def test_frozen_params_have_no_state_and_stay_bit_identical():
   assert int(state.step) == 3
   for a, b in zip(jax.tree_util.tree_leaves(frozen0), jax.tree_util.tree_leaves(state.frozen)):
     np.testing.assert_array_equal(a, np.asarray(b))
-  moved = [not np.array_equal(a, np.asarray(b))
-           for a, b in zip(jax.tree_util.tree_leaves(train0), jax.tree_util.tree_leaves(state.trainable))]
+  moved = [
+    not np.array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(train0), jax.tree_util.tree_leaves(state.trainable))
+  ]
   assert all(moved)
   assert set(metrics) == {"loss", "aux", "grad_norm", "learning_rate"}
 

@@ -10,10 +10,12 @@ import pytest
 from pipo_jax.opd import pad_compaction as pc
 
 P, F = 1, 0  # PAD id, filler id
-IDS = jnp.array([
+IDS = jnp.array(
+  [
     [10, 11, 12, P, 13, P, 14, 15],  # PADs at odd positions 3, 5 (rejected drafts)
     [P, 20, 21, P, 22, 23, 24, P],  # a leading PAD and a trailing parity PAD
-])
+  ]
+)
 KEEP = IDS != P
 
 
@@ -36,8 +38,9 @@ def test_expand_index_and_expand():
   np.testing.assert_array_equal(idx, [[0, 1, 2, 2, 3, 3, 4, 5], [0, 0, 1, 1, 2, 3, 4, 4]])
   c = pc.compact(IDS, KEEP, F)
   # Round trip: a PAD position shows the previous real token, a real position its own token.
-  np.testing.assert_array_equal(pc.expand(c.ids, KEEP),
-                                [[10, 11, 12, 12, 13, 13, 14, 15], [20, 20, 21, 21, 22, 23, 24, 24]])
+  np.testing.assert_array_equal(
+    pc.expand(c.ids, KEEP), [[10, 11, 12, 12, 13, 13, 14, 15], [20, 20, 21, 21, 22, 23, 24, 24]]
+  )
   g_c = jnp.stack([c.ids, -c.ids], axis=-1).astype(jnp.float32)  # [B, T, D=2]
   np.testing.assert_array_equal(pc.expand(g_c, KEEP)[..., 1], -np.asarray(pc.expand(c.ids, KEEP)))
 

@@ -3,7 +3,8 @@ docs/method.md#encoding-a-rollout)."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipo_jax.data import pairs
 from pipo_jax.data.pairs import IGNORE as X
@@ -34,8 +35,9 @@ def test_hand_worked_example_with_one_split():
   # Masked prefix = 3 + 2 = 5 tokens (odd) -> parity PAD at index 5; 11 tokens (odd) -> trailing PAD.
   # Pairs: (11,12) (13,21) (22,PAD) (23,24) (25,26) (27,PAD); eligible (token2 supervised): pairs 3 and 4.
   # u = 0.5, max ratio 1 -> ratio 0.5 -> round(2 * 0.5) = 1 split, chosen by hand: pair 3 -> (23,PAD) (24,PAD).
-  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.5, [3]), max_pad_ratio=1.0,
-                               think_mask_tokens=2, max_length=16)
+  ex = pairs.build_sft_example(
+    PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.5, [3]), max_pad_ratio=1.0, think_mask_tokens=2, max_length=16
+  )
   want_ids = [11, 12, 13, 21, 22, PAD, 23, PAD, 24, PAD, 25, 26, 27, PAD]
   want_lab = [X, X, X, X, X, X, 23, X, 24, X, 25, 26, 27, X]
   np.testing.assert_array_equal(ex.input_ids, want_ids)
@@ -68,8 +70,16 @@ def test_gate_insertion_hand_worked_example():
   # After parity: (11,12) (13,21) (22,PAD) (23,24) (25,26) (27,PAD-trailing); gate mode drops the trailing PAD
   # and walks: (11,12) (13,21) (22,PAD) are not eligible (token2 unsupervised); at 23 the coin 0.1 < ratio 0.5
   # rejects the draft -> (23,PAD) and 24 opens the next pair; coins 0.9, 0.9 keep (24,25) and (26,27).
-  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_ScriptedRng([0.5, 0.1, 0.9, 0.9]),
-                               max_pad_ratio=1.0, think_mask_tokens=2, max_length=16, pad_insertion="gate")
+  ex = pairs.build_sft_example(
+    PROMPT,
+    RESPONSE,
+    pad_id=PAD,
+    rng=_ScriptedRng([0.5, 0.1, 0.9, 0.9]),
+    max_pad_ratio=1.0,
+    think_mask_tokens=2,
+    max_length=16,
+    pad_insertion="gate",
+  )
   np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, PAD, 24, 25, 26, 27])
   np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, X, 24, 25, 26, 27])
   assert ex.n_split == 1 and ex.pad_ratio == 0.5
@@ -80,17 +90,30 @@ def test_gate_insertion_hand_worked_example():
 
 
 @settings(max_examples=200, deadline=None)
-@given(prompt_len=st.integers(1, 9), response_len=st.integers(3, 30), max_ratio=st.floats(0.0, 1.0),
-       room=st.integers(0, 12), seed=st.integers(0, 2**16))
+@given(
+  prompt_len=st.integers(1, 9),
+  response_len=st.integers(3, 30),
+  max_ratio=st.floats(0.0, 1.0),
+  room=st.integers(0, 12),
+  seed=st.integers(0, 2**16),
+)
 def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, seed):
   prompt = list(range(100, 100 + prompt_len))
   response = list(range(200, 200 + response_len))
-  plain = pairs.build_sft_example(prompt, response, pad_id=PAD, rng=np.random.default_rng(seed), max_pad_ratio=0.0,
-                                  think_mask_tokens=2, max_length=64)
+  plain = pairs.build_sft_example(
+    prompt, response, pad_id=PAD, rng=np.random.default_rng(seed), max_pad_ratio=0.0, think_mask_tokens=2, max_length=64
+  )
   max_length = len(plain.input_ids) + 2 * (room // 2)
-  ex = pairs.build_sft_example(prompt, response, pad_id=PAD, rng=np.random.default_rng(seed),
-                               max_pad_ratio=max_ratio, think_mask_tokens=2, max_length=max_length,
-                               pad_insertion="gate")
+  ex = pairs.build_sft_example(
+    prompt,
+    response,
+    pad_id=PAD,
+    rng=np.random.default_rng(seed),
+    max_pad_ratio=max_ratio,
+    think_mask_tokens=2,
+    max_length=max_length,
+    pad_insertion="gate",
+  )
   ids, lab = ex.input_ids, ex.labels
   assert len(ids) % 2 == 0 and len(ids) <= max_length
   assert np.all(ids[0::2] != PAD)  # PAD only ever in a token2 slot, always unsupervised
@@ -98,7 +121,7 @@ def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, se
   np.testing.assert_array_equal(ids[ids != PAD], plain.input_ids[plain.input_ids != PAD])  # same text, same order
   np.testing.assert_array_equal(lab[lab != X], plain.labels[plain.labels != X])
   # Inserted PADs: all PADs of the result minus the parity PAD the prompt already had (a trailing one may come or go).
-  parity = int(np.sum(plain.input_ids[:len(prompt) + 3] == PAD))
+  parity = int(np.sum(plain.input_ids[: len(prompt) + 3] == PAD))
   assert ex.n_split <= int(np.sum(ids == PAD)) - parity <= ex.n_split + 1
   if max_ratio == 0.0:
     assert ex.n_split == 0
@@ -106,13 +129,22 @@ def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, se
 
 def test_unknown_pad_insertion_raises():
   with pytest.raises(ValueError, match="pad_insertion"):
-    pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.5,
-                            think_mask_tokens=2, max_length=16, pad_insertion="sometimes")
+    pairs.build_sft_example(
+      PROMPT,
+      RESPONSE,
+      pad_id=PAD,
+      rng=np.random.default_rng(0),
+      max_pad_ratio=0.5,
+      think_mask_tokens=2,
+      max_length=16,
+      pad_insertion="sometimes",
+    )
 
 
 def test_ratio_zero_inserts_only_parity_pads():
-  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
-                               think_mask_tokens=2, max_length=16)
+  ex = pairs.build_sft_example(
+    PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0, think_mask_tokens=2, max_length=16
+  )
   np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, 24, 25, 26, 27, PAD])
   np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24, 25, 26, 27, X])
   assert ex.n_split == 0
@@ -120,34 +152,59 @@ def test_ratio_zero_inserts_only_parity_pads():
 
 def test_small_ratio_rounds_to_no_split():
   # round(2 * 0.2) = 0: the reference's max(1, .) would still split one pair (docs/method.md#no-pad-at-ratio-0).
-  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.2, []), max_pad_ratio=1.0,
-                               think_mask_tokens=2, max_length=16)
+  ex = pairs.build_sft_example(
+    PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.2, []), max_pad_ratio=1.0, think_mask_tokens=2, max_length=16
+  )
   assert ex.n_split == 0 and len(ex.input_ids) == 12
 
 
 def test_split_never_exceeds_max_length():
   # 12 tokens already fill max_length 12: no room for a split (each adds 2), whatever the ratio.
-  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.99, []), max_pad_ratio=1.0,
-                               think_mask_tokens=2, max_length=12)
+  ex = pairs.build_sft_example(
+    PROMPT, RESPONSE, pad_id=PAD, rng=_FixedRng(0.99, []), max_pad_ratio=1.0, think_mask_tokens=2, max_length=12
+  )
   assert ex.n_split == 0 and len(ex.input_ids) == 12
 
 
 def test_overlong_truncate_and_drop():
-  ex = pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
-                               think_mask_tokens=2, max_length=8)
+  ex = pairs.build_sft_example(
+    PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0, think_mask_tokens=2, max_length=8
+  )
   np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, 24])
   np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24])
   assert ex.truncated
-  assert pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0),
-                                 max_pad_ratio=0.0, think_mask_tokens=2, max_length=8, overlong="drop") is None
+  assert (
+    pairs.build_sft_example(
+      PROMPT,
+      RESPONSE,
+      pad_id=PAD,
+      rng=np.random.default_rng(0),
+      max_pad_ratio=0.0,
+      think_mask_tokens=2,
+      max_length=8,
+      overlong="drop",
+    )
+    is None
+  )
   # Nothing supervised left after truncation -> dropped.
-  assert pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0),
-                                 max_pad_ratio=0.0, think_mask_tokens=2, max_length=6) is None
+  assert (
+    pairs.build_sft_example(
+      PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0, think_mask_tokens=2, max_length=6
+    )
+    is None
+  )
 
 
 def test_even_prompt_gets_no_parity_pad():
-  ex = pairs.build_sft_example([11, 12, 13, 14], [21, 22, 23, 24], pad_id=PAD, rng=np.random.default_rng(0),
-                               max_pad_ratio=0.0, think_mask_tokens=2, max_length=8)
+  ex = pairs.build_sft_example(
+    [11, 12, 13, 14],
+    [21, 22, 23, 24],
+    pad_id=PAD,
+    rng=np.random.default_rng(0),
+    max_pad_ratio=0.0,
+    think_mask_tokens=2,
+    max_length=8,
+  )
   np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 14, 21, 22, 23, 24])
   np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24])
 
@@ -174,8 +231,9 @@ def test_rollout_encoding():
 
 def test_rollout_batch():
   ids, lab, valid = pairs.encode_rollout_batch([[5, 6, 7], [5, 6, 7, 8]], [[8, PAD, 9, 10, 11], [9, PAD]], PAD, 12)
-  np.testing.assert_array_equal(ids, [[5, 6, 7, PAD, 8, PAD, 9, 10, 11, PAD, PAD, PAD],
-                                      [5, 6, 7, 8, 9, PAD, PAD, PAD, PAD, PAD, PAD, PAD]])
+  np.testing.assert_array_equal(
+    ids, [[5, 6, 7, PAD, 8, PAD, 9, 10, 11, PAD, PAD, PAD], [5, 6, 7, 8, 9, PAD, PAD, PAD, PAD, PAD, PAD, PAD]]
+  )
   np.testing.assert_array_equal(lab, [[X, X, X, X, 8, X, 9, 10, 11, X, X, X], [X, X, X, X, 9] + [X] * 7])
   np.testing.assert_array_equal(valid, [[1] * 9 + [0] * 3, [1] * 6 + [0] * 6])
 
@@ -187,21 +245,35 @@ def test_pad_right_rejects_too_long():
 
 def test_odd_max_length_is_an_error():
   with pytest.raises(ValueError, match="even"):
-    pairs.build_sft_example(PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0,
-                            think_mask_tokens=2, max_length=15)
+    pairs.build_sft_example(
+      PROMPT, RESPONSE, pad_id=PAD, rng=np.random.default_rng(0), max_pad_ratio=0.0, think_mask_tokens=2, max_length=15
+    )
 
 
 _ids = st.lists(st.integers(2, 60) | st.just(PAD), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
-@given(prompt=_ids, response=_ids, ratio=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]), think=st.integers(0, 3),
-       max_length=st.integers(1, 50).map(lambda n: 2 * n), overlong=st.sampled_from(["truncate", "drop"]),
-       seed=st.integers(0, 2**31))
+@given(
+  prompt=_ids,
+  response=_ids,
+  ratio=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]),
+  think=st.integers(0, 3),
+  max_length=st.integers(1, 50).map(lambda n: 2 * n),
+  overlong=st.sampled_from(["truncate", "drop"]),
+  seed=st.integers(0, 2**31),
+)
 def test_properties(prompt, response, ratio, think, max_length, overlong, seed):
-  ex = pairs.build_sft_example(prompt, response, pad_id=PAD, rng=np.random.default_rng(seed),
-                               max_pad_ratio=ratio, think_mask_tokens=think, max_length=max_length,
-                               overlong=overlong)
+  ex = pairs.build_sft_example(
+    prompt,
+    response,
+    pad_id=PAD,
+    rng=np.random.default_rng(seed),
+    max_pad_ratio=ratio,
+    think_mask_tokens=think,
+    max_length=max_length,
+    overlong=overlong,
+  )
   p = [t for t in prompt if t != PAD]
   r = [t for t in response if t != PAD]
   if ex is None:  # dropped: too long under "drop", or nothing supervised within the budget
@@ -213,8 +285,8 @@ def test_properties(prompt, response, ratio, think, max_length, overlong, seed):
   sup = lab != X
   assert sup.any() and np.array_equal(lab[sup], ids[sup])  # unshifted labels
   real = ids[ids != PAD].tolist()
-  assert real == (p + r)[:len(real)]  # real-token order kept, only truncated on the right
-  assert lab[sup].tolist() == r[think:][:int(sup.sum())]  # exactly the unmasked response, in order
+  assert real == (p + r)[: len(real)]  # real-token order kept, only truncated on the right
+  assert lab[sup].tolist() == r[think:][: int(sup.sum())]  # exactly the unmasked response, in order
   assert ex.truncated == (len(real) < len(p + r))
   if overlong == "drop":
     assert not ex.truncated

@@ -11,14 +11,13 @@
 """
 
 import dataclasses
-import json
 
+import hf_tiny
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hf_tiny
 from pipo_jax import hf_pipo, loading
 from pipo_jax.config import ModelConfig, resolve_model_config
 from pipo_jax.models.pipo import Compressor, PipoModel, init_pipo_params
@@ -64,7 +63,8 @@ def tiny_pipo(tmp_path_factory):
   rng = np.random.RandomState(1)
   # The MTP head is freshly initialised (the tiny HF model has no mtp.*); perturb its (1+w) norms so they matter.
   params["mtp"] = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32) if x.ndim == 1 else x, params["mtp"])
+    lambda p, x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32) if x.ndim == 1 else x, params["mtp"]
+  )
   return model, cfg, params
 
 
@@ -72,6 +72,7 @@ def _torch_mtp_logits(model, mtp_tensors, e_BJD, h_BJD):
   """The MTP head in torch from HF modules: norm(layer(fc([norm_e(e); norm_h(h)]))) @ lm_head."""
   import torch
   from transformers.models.qwen3_5 import modeling_qwen3_5 as m
+
   cfg = model.config
   full_cfg = dataclasses.replace(cfg) if dataclasses.is_dataclass(cfg) else cfg.__class__(**cfg.to_dict())
   full_cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
@@ -81,7 +82,7 @@ def _torch_mtp_logits(model, mtp_tensors, e_BJD, h_BJD):
   norm_e, norm_h, norm = (m.Qwen3_5RMSNorm(D, eps=cfg.rms_norm_eps) for _ in range(3))
   fc = torch.nn.Linear(2 * D, D, bias=False)
   t = {k: torch.from_numpy(np.array(v)) for k, v in mtp_tensors.items()}
-  layer.load_state_dict({k[len("mtp.layers.0."):]: v for k, v in t.items() if k.startswith("mtp.layers.0.")})
+  layer.load_state_dict({k[len("mtp.layers.0.") :]: v for k, v in t.items() if k.startswith("mtp.layers.0.")})
   norm_e.weight.data, norm_h.weight.data = t["mtp.pre_fc_norm_embedding.weight"], t["mtp.pre_fc_norm_hidden.weight"]
   norm.weight.data, fc.weight.data = t["mtp.norm.weight"], t["mtp.fc.weight"]
   with torch.no_grad():
@@ -97,6 +98,7 @@ def _torch_mtp_logits(model, mtp_tensors, e_BJD, h_BJD):
 
 def test_compressed_forward_matches_transformers_both_streams(tiny_pipo):
   import torch
+
   model, cfg, params = tiny_pipo
   ids = np.random.RandomState(2).randint(2, 256, (2, 24))
   out = PipoModel(cfg).apply({"params": params}, jnp.asarray(ids))
@@ -118,6 +120,7 @@ def test_compressed_forward_matches_transformers_both_streams(tiny_pipo):
 
 def test_score_pipo_left_padded_batches_equal_single_forwards(tiny_pipo, tmp_path):
   from pipo_jax import score_pipo
+
   _, cfg, params = tiny_pipo
   rng = np.random.RandomState(4)
   seqs = [rng.randint(2, 256, n) for n in (5, 12, 9, 2)]

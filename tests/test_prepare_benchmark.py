@@ -10,7 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from pipo_jax import code_grading, grading, prepare_benchmark as pb
+from pipo_jax import code_grading, grading
+from pipo_jax import prepare_benchmark as pb
 
 
 def _jsonl(path, recs):
@@ -22,13 +23,24 @@ def test_aime25(tmp_path):
   a = _jsonl(tmp_path / "aime2025-I.jsonl", [{"question": "Find x. ", "answer": "70"}])  # opencompass layout
   b = _jsonl(tmp_path / "test.jsonl", [{"problem": "Find y.", "answer": 588, "id": "II-1"}])  # math-ai layout
   rows = pb.prepare("aime25", [a, b])
-  assert rows == [{"question": "Find x.", "answer": "70", "type": "math", "id": "aime2025-I.jsonl:0"},
-                  {"question": "Find y.", "answer": "588", "type": "math", "id": "II-1"}]
+  assert rows == [
+    {"question": "Find x.", "answer": "70", "type": "math", "id": "aime2025-I.jsonl:0"},
+    {"question": "Find y.", "answer": "588", "type": "math", "id": "II-1"},
+  ]
   assert grading.grade("so \\boxed{588}", rows[1]["answer"], rows[1]["type"])
 
 
-GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-               "Incorrect Answer 3", "Explanation", "Record ID", "High-level domain"]
+GPQA_HEADER = [
+  "Pre-Revision Question",
+  "Question",
+  "Correct Answer",
+  "Incorrect Answer 1",
+  "Incorrect Answer 2",
+  "Incorrect Answer 3",
+  "Explanation",
+  "Record ID",
+  "High-level domain",
+]
 
 
 def _gpqa_csv(path, n):
@@ -36,8 +48,9 @@ def _gpqa_csv(path, n):
     w = csv.writer(f)
     w.writerow(GPQA_HEADER)
     for i in range(n):
-      w.writerow(["pre", f"Q{i}: which, \"quoted\"?", f"right{i}", f"w1_{i}", f"w2_{i}", f"w3_{i}", "expl",
-                  f"rec{i}", "Physics"])
+      w.writerow(
+        ["pre", f'Q{i}: which, "quoted"?', f"right{i}", f"w1_{i}", f"w2_{i}", f"w3_{i}", "expl", f"rec{i}", "Physics"]
+      )
   return str(path)
 
 
@@ -57,7 +70,7 @@ def test_gpqa_diamond_shuffles_with_a_fixed_seed(tmp_path):
     assert r["answer"] == "ABCD"[list(perm).index(0)]
   counts = np.bincount(["ABCD".index(r["answer"]) for r in rows], minlength=4)
   assert counts.min() >= 3  # the correct answer is not stuck at one letter
-  assert grading.grade("...\n\\boxed{%s}" % rows[0]["answer"], rows[0]["answer"], "multiple_choice")
+  assert grading.grade("...\n\\boxed{" + rows[0]["answer"] + "}", rows[0]["answer"], "multiple_choice")
 
 
 def _lcb_private(tests):
@@ -70,18 +83,42 @@ def test_livecodebench_stdin_and_functional(tmp_path):
   fn_pub = [{"input": "[2,7,11,15]\n9", "output": "[0, 1]", "testtype": "functional"}]
   fn_priv = [{"input": "[3,3]\n6", "output": "[0, 1]", "testtype": "functional"}]
   recs = [
-      {"question_title": "A+B", "question_content": "Add two numbers.", "platform": "atcoder",
-       "question_id": "abc001_a", "contest_id": "abc001", "contest_date": "2025-03-01T00:00:00",
-       "starter_code": "", "difficulty": "easy", "public_test_cases": json.dumps(stdin_pub),
-       "private_test_cases": _lcb_private(stdin_priv), "metadata": "{}"},
-      {"question_title": "Two Sum", "question_content": "Return indices.", "platform": "leetcode",
-       "question_id": "1", "contest_id": "w1", "contest_date": "2025-04-01T00:00:00",
-       "starter_code": "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        ",
-       "difficulty": "easy", "public_test_cases": json.dumps(fn_pub), "private_test_cases": _lcb_private(fn_priv),
-       "metadata": json.dumps({"func_name": "twoSum"})},
-      {"question_title": "old", "question_content": "Too old.", "contest_date": "2024-01-01T00:00:00",
-       "starter_code": "", "public_test_cases": json.dumps(stdin_pub), "private_test_cases": "[]",
-       "metadata": "{}"}]
+    {
+      "question_title": "A+B",
+      "question_content": "Add two numbers.",
+      "platform": "atcoder",
+      "question_id": "abc001_a",
+      "contest_id": "abc001",
+      "contest_date": "2025-03-01T00:00:00",
+      "starter_code": "",
+      "difficulty": "easy",
+      "public_test_cases": json.dumps(stdin_pub),
+      "private_test_cases": _lcb_private(stdin_priv),
+      "metadata": "{}",
+    },
+    {
+      "question_title": "Two Sum",
+      "question_content": "Return indices.",
+      "platform": "leetcode",
+      "question_id": "1",
+      "contest_id": "w1",
+      "contest_date": "2025-04-01T00:00:00",
+      "starter_code": "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        ",
+      "difficulty": "easy",
+      "public_test_cases": json.dumps(fn_pub),
+      "private_test_cases": _lcb_private(fn_priv),
+      "metadata": json.dumps({"func_name": "twoSum"}),
+    },
+    {
+      "question_title": "old",
+      "question_content": "Too old.",
+      "contest_date": "2024-01-01T00:00:00",
+      "starter_code": "",
+      "public_test_cases": json.dumps(stdin_pub),
+      "private_test_cases": "[]",
+      "metadata": "{}",
+    },
+  ]
   path = _jsonl(tmp_path / "test6.jsonl", recs)
   rows = pb.prepare("livecodebench", [path], start_date="2025-02-01", end_date="2025-05-01")
   assert [r["id"] for r in rows] == ["abc001_a", "1"]
@@ -91,29 +128,64 @@ def test_livecodebench_stdin_and_functional(tmp_path):
   assert "stdin" in rows[0]["question"] and "def twoSum" in rows[1]["question"]
   # The rows grade through the sandbox: a right and a wrong program each.
   good0 = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
-  good1 = ("```python\nclass Solution:\n    def twoSum(self, nums, target):\n        d = {}\n"
-           "        for i, x in enumerate(nums):\n            if target - x in d:\n"
-           "                return [d[target - x], i]\n"
-           "            d[x] = i\n```")
-  c = grading.grade_samples([[good0, good0.replace("+", "*")], [good1, "```python\nprint(1)\n```"]],
-                            [r["answer"] for r in rows], [r["type"] for r in rows])
+  good1 = (
+    "```python\nclass Solution:\n    def twoSum(self, nums, target):\n        d = {}\n"
+    "        for i, x in enumerate(nums):\n            if target - x in d:\n"
+    "                return [d[target - x], i]\n"
+    "            d[x] = i\n```"
+  )
+  c = grading.grade_samples(
+    [[good0, good0.replace("+", "*")], [good1, "```python\nprint(1)\n```"]],
+    [r["answer"] for r in rows],
+    [r["type"] for r in rows],
+  )
   np.testing.assert_array_equal(c, [[1, 0], [1, 0]])
 
 
 def test_livecodebench_refuses_code_in_the_pickle(tmp_path):
   evil = base64.b64encode(zlib.compress(pickle.dumps(code_grading.Limits()))).decode()
-  rec = {"question_content": "x", "public_test_cases": "[]", "private_test_cases": evil, "metadata": "{}",
-         "contest_date": "2025-03-01"}
+  rec = {
+    "question_content": "x",
+    "public_test_cases": "[]",
+    "private_test_cases": evil,
+    "metadata": "{}",
+    "contest_date": "2025-03-01",
+  }
   with pytest.raises(ValueError, match=r"test6.jsonl: record 1: test cases are neither JSON nor .*refusing"):
     pb.prepare("livecodebench", [_jsonl(tmp_path / "test6.jsonl", [rec])])
 
 
 def test_longbench_v2(tmp_path):
-  recs = [{"_id": "x1", "domain": "Single-Document QA", "sub_domain": "Legal", "difficulty": "hard",
-           "length": "short", "question": "Who signed?", "choice_A": "Ann", "choice_B": "Bob", "choice_C": "Cid",
-           "choice_D": "Dee", "answer": "C", "context": "Long text... Cid signed it."},
-          {"_id": "x2", "domain": "d", "sub_domain": "s", "difficulty": "easy", "length": "long", "question": "q",
-           "choice_A": "1", "choice_B": "2", "choice_C": "3", "choice_D": "4", "answer": "A", "context": "c"}]
+  recs = [
+    {
+      "_id": "x1",
+      "domain": "Single-Document QA",
+      "sub_domain": "Legal",
+      "difficulty": "hard",
+      "length": "short",
+      "question": "Who signed?",
+      "choice_A": "Ann",
+      "choice_B": "Bob",
+      "choice_C": "Cid",
+      "choice_D": "Dee",
+      "answer": "C",
+      "context": "Long text... Cid signed it.",
+    },
+    {
+      "_id": "x2",
+      "domain": "d",
+      "sub_domain": "s",
+      "difficulty": "easy",
+      "length": "long",
+      "question": "q",
+      "choice_A": "1",
+      "choice_B": "2",
+      "choice_C": "3",
+      "choice_D": "4",
+      "answer": "A",
+      "context": "c",
+    },
+  ]
   path = tmp_path / "data.json"
   path.write_text(json.dumps(recs))
   rows = pb.prepare("longbench_v2", [str(path)], longbench_length="short")
@@ -126,8 +198,11 @@ def test_longbench_v2(tmp_path):
 
 def test_wrong_format_is_one_line_naming_the_file(tmp_path):
   path = _gpqa_csv(tmp_path / "gpqa_diamond.csv", 2)
-  with pytest.raises(ValueError, match=r"gpqa_diamond.csv: record 1: no 'question_content' field; is this a "
-                                       r"LiveCodeBench file\?"):
+  with pytest.raises(
+    ValueError,
+    match=r"gpqa_diamond.csv: record 1: no 'question_content' field; is this a "
+    r"LiveCodeBench file\?",
+  ):
     pb.prepare("livecodebench", [path])
   bad = tmp_path / "aime.jsonl"
   bad.write_text('{"question": "q", "answer": 1}\n{oops\n')

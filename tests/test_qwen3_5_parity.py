@@ -5,22 +5,22 @@ import json
 import os
 import shutil
 
-import numpy as np
-import pytest
+import hf_tiny
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
-import hf_tiny
 from pipo_jax import hf
 from pipo_jax.config import FULL, LINEAR
-from pipo_jax.models import qwen3_5
 from pipo_jax.models import gated_deltanet as gdn
+from pipo_jax.models import qwen3_5
 
 TOL = 1e-4
 LENGTHS = (1, 63, 64, 65, 150)  # cross the 64-token GDN chunk boundary
 PATTERNS = {
-    "3to1_untied": ((LINEAR, LINEAR, LINEAR, FULL), False),
-    "mixed_tied": ((LINEAR, FULL, LINEAR, LINEAR, FULL), True),  # group = whole stack, 1 repeat
+  "3to1_untied": ((LINEAR, LINEAR, LINEAR, FULL), False),
+  "mixed_tied": ((LINEAR, FULL, LINEAR, LINEAR, FULL), True),  # group = whole stack, 1 repeat
 }
 
 
@@ -107,7 +107,7 @@ def test_decode_with_cache_matches_full_forward(models, name):
   lg, cache = fns.step(ckpt.params, ids[:, :12], valid[:, :12], pos[:, :12], cache)
   outs = [np.asarray(lg)]
   for t in range(12, 20):
-    lg, cache = fns.step(ckpt.params, ids[:, t:t + 1], valid[:, t:t + 1], pos[:, t:t + 1], cache)
+    lg, cache = fns.step(ckpt.params, ids[:, t : t + 1], valid[:, t : t + 1], pos[:, t : t + 1], cache)
     outs.append(np.asarray(lg))
   assert int(cache["index"]) == 20
   err = np.abs(np.concatenate(outs, 1) - ref[:, :20]).max()
@@ -130,8 +130,8 @@ def test_left_padded_batch_matches_single_prompts(models):
   batch = np.zeros((2, T), np.int32)
   valid = np.zeros((2, T), bool)
   for b, n in enumerate(lens):
-    batch[b, T - n:] = ids[b, :n]
-    valid[b, T - n:] = True
+    batch[b, T - n :] = ids[b, :n]
+    valid[b, T - n :] = True
   pos = np.asarray(qwen3_5.positions_from_valid(valid))
   cache = qwen3_5.init_cache(ckpt.config, 2, S)
   lg, cache = fns.step(ckpt.params, batch, valid, pos, cache)
@@ -140,7 +140,7 @@ def test_left_padded_batch_matches_single_prompts(models):
   nxt_pos = np.asarray(cache["valid_BS"].sum(-1))[:, None].astype(np.int32)
   lg_step, _ = fns.step(ckpt.params, nxt, np.ones((2, 1), bool), nxt_pos, cache)
   for b, n in enumerate(lens):
-    err = np.abs(lg[b, T - n:] - ref[b, :n]).max()
+    err = np.abs(lg[b, T - n :] - ref[b, :n]).max()
     err_step = np.abs(np.asarray(lg_step)[b, 0] - ref[b, n]).max()
     print(f"left pad row {b} (len {n}): max|diff| = {err:.3g}, next step {err_step:.3g}")
     assert err <= TOL and err_step <= TOL
@@ -151,7 +151,7 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
   -300 per step that would give inf*0 = NaN without masking before exp."""
   rng = np.random.RandomState(1)
   B, T, H, K, V = 2, 100, 3, 8, 5
-  q = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32)) * K ** -0.5
+  q = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32)) * K**-0.5
   k = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32))
   v = jnp.asarray(rng.randn(B, T, H, V), jnp.float32)
   g = -jnp.asarray(np.where(rng.rand(B, T, H) < 0.1, 300.0, rng.rand(B, T, H)), jnp.float32)
@@ -179,6 +179,7 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
 
 def test_unrolled_and_remat_equal_scanned(models):
   import dataclasses
+
   _, _, ckpt, fns, ids, ref = models["3to1_untied"]
   for kw in (dict(scan_layers=False), dict(remat="full")):
     cfg = dataclasses.replace(ckpt.config, **kw)
@@ -190,12 +191,21 @@ def test_rope_long_positions_match_hf():
   """fp32 inv_freq/angles as HF builds them: cos/sin equal at positions near 32768 and 262143."""
   import torch
   import transformers
+
   from pipo_jax.config import ModelConfig, resolve_model_config
   from pipo_jax.models.attention import rope_cos_sin
+
   cfg = resolve_model_config(ModelConfig(preset="qwen3_5_4b"))
-  hf_cfg = transformers.Qwen3_5TextConfig(head_dim=256, rope_parameters={
-      "rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
-      "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+  hf_cfg = transformers.Qwen3_5TextConfig(
+    head_dim=256,
+    rope_parameters={
+      "rope_type": "default",
+      "rope_theta": 1e7,
+      "partial_rotary_factor": 0.25,
+      "mrope_section": [11, 11, 10],
+      "mrope_interleaved": True,
+    },
+  )
   rot = transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5TextRotaryEmbedding(hf_cfg)
   pos = np.array([[0, 1, 32767, 32768, 131071, 262143]])
   cos_ref, sin_ref = rot(torch.zeros(1, 6, 8), torch.from_numpy(pos).expand(3, 1, 6))
@@ -207,6 +217,7 @@ def test_rope_long_positions_match_hf():
 def _rewrite(src, dst, rename, extra=None, drop=()):
   """Copy an HF dir, renaming / adding / dropping safetensors keys."""
   from safetensors.numpy import load_file, save_file
+
   os.makedirs(dst, exist_ok=True)
   shutil.copy(os.path.join(src, "config.json"), dst)
   tensors = load_file(os.path.join(src, "model.safetensors"))
@@ -220,20 +231,25 @@ def test_vlm_prefix_checkpoint_with_mtp_and_vision(models, tmp_path):
   _, path, ckpt, fns, ids, ref = models["3to1_untied"]
   d = 64
   rng = np.random.RandomState(2)
-  mtp = {"mtp.fc.weight": rng.randn(d, 2 * d), "mtp.pre_fc_norm_embedding.weight": rng.randn(d),
-         "mtp.pre_fc_norm_hidden.weight": rng.randn(d), "mtp.norm.weight": rng.randn(d),
-         "model.visual.blocks.0.attn.qkv.weight": rng.randn(8, 8)}
+  mtp = {
+    "mtp.fc.weight": rng.randn(d, 2 * d),
+    "mtp.pre_fc_norm_embedding.weight": rng.randn(d),
+    "mtp.pre_fc_norm_hidden.weight": rng.randn(d),
+    "mtp.norm.weight": rng.randn(d),
+    "model.visual.blocks.0.attn.qkv.weight": rng.randn(8, 8),
+  }
   for k, v in hf.backbone_to_hf_tensors(ckpt.params, ckpt.config).items():  # borrow a full layer's shapes
     if k.startswith("model.layers.3."):
-      mtp["mtp.layers.0." + k[len("model.layers.3."):]] = rng.randn(*v.shape)
+      mtp["mtp.layers.0." + k[len("model.layers.3.") :]] = rng.randn(*v.shape)
   mtp = {k: np.asarray(v, np.float32) for k, v in mtp.items()}
   vlm = str(tmp_path / "vlm")
   _rewrite(path, vlm, lambda k: k.replace("model.", "model.language_model.", 1), mtp)
   got = hf.load_qwen3_5(vlm)
   assert np.abs(fns.logits(got.params, ids[:, :63]) - ref[:, :63]).max() <= TOL
   np.testing.assert_array_equal(got.mtp["fc"]["kernel"], mtp["mtp.fc.weight"].T)
-  np.testing.assert_array_equal(got.mtp["layer"]["self_attn"]["q_proj"]["kernel"],
-                                mtp["mtp.layers.0.self_attn.q_proj.weight"].T)
+  np.testing.assert_array_equal(
+    got.mtp["layer"]["self_attn"]["q_proj"]["kernel"], mtp["mtp.layers.0.self_attn.q_proj.weight"].T
+  )
   np.testing.assert_array_equal(got.mtp["pre_fc_norm_hidden"]["scale"], mtp["mtp.pre_fc_norm_hidden.weight"])
   back = hf.mtp_to_hf_tensors(got.mtp)
   assert sorted(back) == sorted(k for k in mtp if k.startswith("mtp."))
@@ -241,6 +257,7 @@ def test_vlm_prefix_checkpoint_with_mtp_and_vision(models, tmp_path):
 
 def test_export_roundtrip_is_exact(models):
   from safetensors.numpy import load_file
+
   for name in PATTERNS:
     _, path, ckpt, *_ = models[name]
     original = load_file(os.path.join(path, "model.safetensors"))
@@ -253,9 +270,16 @@ def test_export_roundtrip_is_exact(models):
 def test_mismatched_checkpoint_raises_one_error_naming_all(models, tmp_path):
   _, path, *_ = models["3to1_untied"]
   bad = str(tmp_path / "bad")
-  _rewrite(path, bad, lambda k: k, extra={"model.layers.0.mlp.up_proj.weight": np.zeros((3, 3), np.float32),
-                                          "model.layers.9.foo.weight": np.zeros(2, np.float32)},
-           drop=("model.norm.weight",))
+  _rewrite(
+    path,
+    bad,
+    lambda k: k,
+    extra={
+      "model.layers.0.mlp.up_proj.weight": np.zeros((3, 3), np.float32),
+      "model.layers.9.foo.weight": np.zeros(2, np.float32),
+    },
+    drop=("model.norm.weight",),
+  )
   with pytest.raises(ValueError) as e:
     hf.load_qwen3_5(bad)
   msg = str(e.value)
@@ -272,6 +296,7 @@ def test_bf16_compute_close_to_fp32(models):
   error by 5% of the logits' max magnitude, and require the argmax to agree on >= 95% of positions.
   """
   import dataclasses
+
   _, _, ckpt, fns, ids, ref = models["3to1_untied"]
   cfg = dataclasses.replace(ckpt.config, dtype="bfloat16")
   got = Fns(cfg).logits(ckpt.params, ids[:, :65]).astype(np.float32)
@@ -285,6 +310,7 @@ def test_bf16_compute_close_to_fp32(models):
 def test_sharded_checkpoint_with_index_json(models, tmp_path):
   """Two safetensors shards + model.safetensors.index.json (how released checkpoints ship)."""
   from safetensors.numpy import load_file, save_file
+
   _, path, ckpt, fns, ids, ref = models["mixed_tied"]
   tensors = load_file(os.path.join(path, "model.safetensors"))
   names = sorted(tensors)
@@ -303,6 +329,7 @@ def test_sharded_checkpoint_with_index_json(models, tmp_path):
 def test_head_kernel_is_the_lm_head(models):
   """head_kernel() (used by the chunked losses) is lm_head.weight^T when untied, embed_tokens^T when tied."""
   from safetensors.numpy import load_file
+
   for name, (_, tie) in PATTERNS.items():
     _, path, ckpt, *_ = models[name]
     model = qwen3_5.Qwen35(ckpt.config)

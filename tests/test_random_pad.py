@@ -28,8 +28,11 @@ def setup():
 
 def _gen(setup, **kw):
   cfg, params, ids, valid = setup
-  return jax.device_get(generate(params, cfg, ids, valid, mode="pipo", sampling=SP, max_new_tokens=24,
-                                 rng=jax.random.PRNGKey(3), stop_ids=[], **kw))
+  return jax.device_get(
+    generate(
+      params, cfg, ids, valid, mode="pipo", sampling=SP, max_new_tokens=24, rng=jax.random.PRNGKey(3), stop_ids=[], **kw
+    )
+  )
 
 
 def _pad_share(r):

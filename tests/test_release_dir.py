@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+import release_dir
 import torch
 
-import release_dir
 from pipo_jax import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,10 +81,11 @@ def test_not_a_checkpoint_is_one_line(tmp_path):
 
 def _hf_greedy(model, prompt_ids, n, stop):
   with torch.no_grad():
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=stop,
-                         pad_token_id=stop[0])
-  gen = out[0, len(prompt_ids):].tolist()
-  return gen[:gen.index(stop[0]) + 1] if stop[0] in gen else gen
+    out = model.generate(
+      torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=stop[0]
+    )
+  gen = out[0, len(prompt_ids) :].tolist()
+  return gen[: gen.index(stop[0]) + 1] if stop[0] in gen else gen
 
 
 def test_generate_ar_matches_transformers_greedy(release, loaded):
@@ -92,11 +93,24 @@ def test_generate_ar_matches_transformers_greedy(release, loaded):
   stop id: the same tokens as transformers' greedy generate of the same checkpoint."""
   from pipo_jax import generate
   from pipo_jax.inference.sampling import SamplingParams
+
   model, _ = release
   prompts = generate.read_prompts_from_records([{"messages": USER_MSG}, {"prompt": "2*5?"}], loaded.tokenizer)
   assert prompts[0] == loaded.tokenizer.generation_prompt_ids(USER_MSG).tolist()
-  rows = generate.run(prompts, loaded.config, loaded.params, loaded.tokenizer, "ar", SamplingParams(), 0.95, 12,
-                      2, 0, 16, stop_ids=list(loaded.stop_ids))
+  rows = generate.run(
+    prompts,
+    loaded.config,
+    loaded.params,
+    loaded.tokenizer,
+    "ar",
+    SamplingParams(),
+    0.95,
+    12,
+    2,
+    0,
+    16,
+    stop_ids=list(loaded.stop_ids),
+  )
   for p, r in zip(prompts, rows):
     assert r["tokens"] == _hf_greedy(model, p, 12, list(loaded.stop_ids))
 
@@ -105,6 +119,7 @@ def test_bench_pipo_on_release_dir(loaded):
   """The crash of the issue: bench --decode=ar,pipo on a directory whose config.json has a null PAD."""
   from pipo_jax import bench
   from pipo_jax.inference import flops
+
   out = bench.run(loaded.config, loaded.params, ["ar", "pipo"], 0.95, 16, 1, 8, 1, random_init=True)
   recs = {(r["mode"], r["conf_threshold"]): r for r in out["records"]}
   assert recs[("pipo", -1.0)]["tokens_per_step"] == 2.0  # every token2 kept
@@ -118,8 +133,14 @@ def test_bench_pipo_on_release_dir(loaded):
 
 def _cli(tool, *args, cwd=None, timeout=600):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run([sys.executable, "-m", f"pipo_jax.{tool}", *args], capture_output=True, text=True,
-                        cwd=cwd or REPO, env=env, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", f"pipo_jax.{tool}", *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd or REPO,
+    env=env,
+    timeout=timeout,
+  )
 
 
 def test_generate_cli_end_to_end(release, tmp_path):
@@ -129,13 +150,23 @@ def test_generate_cli_end_to_end(release, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"messages": USER_MSG}) + "\n")
   out = tmp_path / "out.jsonl"
-  r = _cli("generate", f"--checkpoint={path}", f"--prompts={prompts}", f"--output={out}", "--decode=ar",
-           "--temperature=0", "--max_new_tokens=10", "--batch_size=1", cwd=str(tmp_path))
+  r = _cli(
+    "generate",
+    f"--checkpoint={path}",
+    f"--prompts={prompts}",
+    f"--output={out}",
+    "--decode=ar",
+    "--temperature=0",
+    "--max_new_tokens=10",
+    "--batch_size=1",
+    cwd=str(tmp_path),
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "sampling: temperature=0 top_k=20 top_p=0.95" in r.stderr
   got = json.loads(out.read_text())
   tok = loading.find_tokenizer_dir(path)
   from pipo_jax.data.tokenizer import load_tokenizer
+
   ids = load_tokenizer(tok).generation_prompt_ids(USER_MSG).tolist()
   assert got["tokens"] == _hf_greedy(model, ids, 10, [3])
   # A user mistake: one line on stderr naming file and line, non-zero exit.
@@ -149,8 +180,16 @@ def test_generate_cli_end_to_end(release, tmp_path):
 def test_bench_cli_end_to_end(release, tmp_path):
   _, path = release
   out = tmp_path / "bench.json"
-  r = _cli("bench", f"--checkpoint={path}", "--decode=ar,pipo", "--prompt_len=16", "--new_tokens=8",
-           "--repeats=1", f"--output={out}", cwd=str(tmp_path))
+  r = _cli(
+    "bench",
+    f"--checkpoint={path}",
+    "--decode=ar,pipo",
+    "--prompt_len=16",
+    "--new_tokens=8",
+    "--repeats=1",
+    f"--output={out}",
+    cwd=str(tmp_path),
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   modes = [(x["mode"], x["conf_threshold"]) for x in res["records"]]
@@ -189,28 +228,66 @@ def test_every_other_cli_on_the_release_dir(release, tmp_path):
 
   # rollout / evaluate: a benchmark graded by rule; every row sampled (k = n = 2).
   bench = tmp_path / "b.jsonl"
-  bench.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "type": "math"}) + "\n"
-                           for i in range(3)))
-  r = _cli("rollout", f"--checkpoint={path}", f"--prompts={bench}", "--n=2", "--output_sft=ro/sft.jsonl",
-           "--output_opd=ro/opd.jsonl", "--max_new_tokens=8", "--batch_size=6", cwd=tw)
+  bench.write_text(
+    "".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "type": "math"}) + "\n" for i in range(3))
+  )
+  r = _cli(
+    "rollout",
+    f"--checkpoint={path}",
+    f"--prompts={bench}",
+    "--n=2",
+    "--output_sft=ro/sft.jsonl",
+    "--output_opd=ro/opd.jsonl",
+    "--max_new_tokens=8",
+    "--batch_size=6",
+    cwd=tw,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.load(open(os.path.join(tw, "ro", "rollout_summary.json")))
   assert summary["prompts"] == 3 and summary["samples"] == 6
-  r = _cli("evaluate", f"--checkpoint={path}", f"--benchmark={bench}", "--decode=ar,pipo", "--k=2",
-           "--max_new_tokens=8", "--batch_size=6", "--output=ev/rows.json", cwd=tw)
+  r = _cli(
+    "evaluate",
+    f"--checkpoint={path}",
+    f"--benchmark={bench}",
+    "--decode=ar,pipo",
+    "--k=2",
+    "--max_new_tokens=8",
+    "--batch_size=6",
+    "--output=ev/rows.json",
+    cwd=tw,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   rows = json.load(open(os.path.join(tw, "ev", "rows.json")))
   assert [row["decode"] for row in rows] == ["ar", "pipo"]
 
   # train: PIPO SFT from the release directory (its null PAD resolved from the tokenizer), two steps.
   sft = tmp_path / "sft.jsonl"
-  sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
-                                                  {"role": "assistant", "content": f"<think>\n{i}+1\n</think>\n\n"
-                                                                                   f"\\boxed{{{i + 1}}}"}]}) + "\n"
-                         for i in range(16)))
-  r = _cli("train", "--config.mode=sft", f"--config.checkpoint.init_from={path}", "--config.workdir=run",
-           f"--config.data.train_path={sft}", "--config.data.max_length=64", "--config.data.batch_size=4",
-           "--config.train.num_steps=2", "--config.train.log_every=1", "--config.checkpoint.every_steps=2",
-           cwd=tw)
+  sft.write_text(
+    "".join(
+      json.dumps(
+        {
+          "messages": [
+            {"role": "user", "content": f"{i}+1?"},
+            {"role": "assistant", "content": f"<think>\n{i}+1\n</think>\n\n\\boxed{{{i + 1}}}"},
+          ]
+        }
+      )
+      + "\n"
+      for i in range(16)
+    )
+  )
+  r = _cli(
+    "train",
+    "--config.mode=sft",
+    f"--config.checkpoint.init_from={path}",
+    "--config.workdir=run",
+    f"--config.data.train_path={sft}",
+    "--config.data.max_length=64",
+    "--config.data.batch_size=4",
+    "--config.train.num_steps=2",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every_steps=2",
+    cwd=tw,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert loading.find_tokenizer_dir(os.path.join(tw, "run")) == path

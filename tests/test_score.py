@@ -2,12 +2,12 @@
 
 import json
 
+import hf_tiny
 import numpy as np
 import pytest
 import torch
 from absl import flags
 
-import hf_tiny
 from pipo_jax import score
 
 FLAGS = flags.FLAGS

@@ -8,7 +8,6 @@ the file (the golden test is then skipped, never compared against what it has ju
 variable to check.
 """
 
-import dataclasses
 import json
 import os
 
@@ -19,7 +18,15 @@ import pytest
 from pipo_jax import checkpoint as ckpt_lib
 from pipo_jax import loading
 from pipo_jax.config import (
-    CheckpointConfig, Config, DataConfig, LossConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig)
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  LossConfig,
+  MeshConfig,
+  ModelConfig,
+  OptimConfig,
+  TrainConfig,
+)
 from pipo_jax.data import synthetic
 from pipo_jax.trainer import Trainer
 
@@ -36,16 +43,23 @@ def data_dir(tmp_path_factory):
 
 def make_config(data_dir: str, workdir: str, steps: int = STEPS, mesh=None, **train_kw) -> Config:
   return Config(
-      mode="sft", workdir=workdir,
-      model=ModelConfig(preset="tiny", compressor_type="mlp_residual"),
-      mesh=MeshConfig(data=1, fsdp=1, tensor=1) if mesh is None else mesh,
-      data=DataConfig(train_path=os.path.join(data_dir, "train.jsonl"),
-                      tokenizer_path=os.path.join(data_dir, "tokenizer"), max_length=96, batch_size=8,
-                      max_pad_ratio=0.25, seed=0),
-      optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, weight_decay=0.0),
-      loss=LossConfig(logits_chunk=64),
-      checkpoint=CheckpointConfig(every_steps=3, keep=5, async_save=False),
-      train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, train_embeddings=True, **train_kw))
+    mode="sft",
+    workdir=workdir,
+    model=ModelConfig(preset="tiny", compressor_type="mlp_residual"),
+    mesh=MeshConfig(data=1, fsdp=1, tensor=1) if mesh is None else mesh,
+    data=DataConfig(
+      train_path=os.path.join(data_dir, "train.jsonl"),
+      tokenizer_path=os.path.join(data_dir, "tokenizer"),
+      max_length=96,
+      batch_size=8,
+      max_pad_ratio=0.25,
+      seed=0,
+    ),
+    optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, weight_decay=0.0),
+    loss=LossConfig(logits_chunk=64),
+    checkpoint=CheckpointConfig(every_steps=3, keep=5, async_save=False),
+    train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, train_embeddings=True, **train_kw),
+  )
 
 
 def read_metrics(workdir: str) -> list:
@@ -119,6 +133,7 @@ def test_8_device_mesh_gives_the_losses_of_1_device(full_run, data_dir, tmp_path
 
 def test_export_import_round_trip_and_transformers_parity(full_run, tmp_path):
   from pipo_jax import convert, score
+
   hf_dir = str(tmp_path / "hf")
   convert.export_checkpoint(full_run, hf_dir)
   names = set(os.listdir(hf_dir))
@@ -135,6 +150,7 @@ def test_export_import_round_trip_and_transformers_parity(full_run, tmp_path):
 
   import torch
   import transformers
+
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   rng = np.random.RandomState(0)
   seqs = [rng.randint(2, 100, n).tolist() for n in (9, 30)]

@@ -1,9 +1,9 @@
 """Sharded Qwen35 on 8 fake CPU devices (data=2, fsdp=2, tensor=2) against the unsharded forward."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from pipo_jax import sharding as sh
@@ -21,8 +21,9 @@ def setup():
   model = qwen3_5.Qwen35(cfg)
   x = jnp.zeros((1, 1, cfg.hidden_size))
   pos = jnp.zeros((1, 1), jnp.int32)
-  params, shardings = sh.create_sharded_params(lambda k: model.init(k, x, pos)["params"],
-                                               jax.random.PRNGKey(0), mesh=mesh)
+  params, shardings = sh.create_sharded_params(
+    lambda k: model.init(k, x, pos)["params"], jax.random.PRNGKey(0), mesh=mesh
+  )
   return cfg, mesh, model, params, shardings
 
 
@@ -30,16 +31,16 @@ def test_params_are_sharded_per_rules(setup):
   _, _, _, params, _ = setup
   lay = params["layers"]
   expect = {
-      "embed_tokens/embedding": (params["embed_tokens"]["embedding"], P("tensor", "fsdp")),
-      "lm_head/kernel": (params["lm_head"]["kernel"], P("fsdp", "tensor")),
-      "norm/scale": (params["norm"]["scale"], P("fsdp")),
-      "mlp/gate_proj": (lay["layer_0"]["mlp"]["gate_proj"]["kernel"], P(None, "fsdp", "tensor")),
-      "mlp/down_proj": (lay["layer_0"]["mlp"]["down_proj"]["kernel"], P(None, "tensor", "fsdp")),
-      "q_proj": (lay["layer_3"]["self_attn"]["q_proj"]["kernel"], P(None, "fsdp", "tensor")),
-      "k_norm": (lay["layer_3"]["self_attn"]["k_norm"]["scale"], P(None, None)),
-      "in_proj_qkv": (lay["layer_1"]["linear_attn"]["in_proj_qkv"]["kernel"], P(None, "fsdp", "tensor")),
-      "conv1d": (lay["layer_1"]["linear_attn"]["conv1d"]["kernel"], P(None, None, "tensor")),
-      "A_log": (lay["layer_2"]["linear_attn"]["A_log"], P(None, "tensor")),
+    "embed_tokens/embedding": (params["embed_tokens"]["embedding"], P("tensor", "fsdp")),
+    "lm_head/kernel": (params["lm_head"]["kernel"], P("fsdp", "tensor")),
+    "norm/scale": (params["norm"]["scale"], P("fsdp")),
+    "mlp/gate_proj": (lay["layer_0"]["mlp"]["gate_proj"]["kernel"], P(None, "fsdp", "tensor")),
+    "mlp/down_proj": (lay["layer_0"]["mlp"]["down_proj"]["kernel"], P(None, "tensor", "fsdp")),
+    "q_proj": (lay["layer_3"]["self_attn"]["q_proj"]["kernel"], P(None, "fsdp", "tensor")),
+    "k_norm": (lay["layer_3"]["self_attn"]["k_norm"]["scale"], P(None, None)),
+    "in_proj_qkv": (lay["layer_1"]["linear_attn"]["in_proj_qkv"]["kernel"], P(None, "fsdp", "tensor")),
+    "conv1d": (lay["layer_1"]["linear_attn"]["conv1d"]["kernel"], P(None, None, "tensor")),
+    "A_log": (lay["layer_2"]["linear_attn"]["A_log"], P(None, "tensor")),
   }
   for name, (arr, spec) in expect.items():
     assert arr.sharding.spec == spec, (name, arr.sharding.spec)
@@ -53,8 +54,9 @@ def test_sharded_forward_equals_unsharded(setup):
 
   def fwd(p, ids):
     v = {"params": p}
-    h, _ = model.apply(v, model.apply(v, ids, method=model.embed),
-                       jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    h, _ = model.apply(
+      v, model.apply(v, ids, method=model.embed), jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    )
     return h, model.apply(v, h, method=model.logits)
 
   ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (4, 70)).astype(np.int32)
@@ -71,8 +73,11 @@ def test_sharded_forward_equals_unsharded(setup):
 def test_non_dividing_axis_is_a_clear_error(setup):
   cfg, _, model, _, _ = setup
   mesh = sh.make_mesh(MeshConfig(data=1, fsdp=1, tensor=8))
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, cfg.hidden_size)),
-                                               jnp.zeros((1, 1), jnp.int32))["params"])
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, cfg.hidden_size)), jnp.zeros((1, 1), jnp.int32))[
+      "params"
+    ]
+  )
   with pytest.raises(ValueError) as e:
     sh.param_shardings(abstract, mesh)
   msg = str(e.value)
@@ -91,7 +96,9 @@ def test_hf_load_onto_mesh(setup, tmp_path):
   """Import straight onto the param shardings: the exported tensors of the sharded params load back equal
   and already sharded."""
   from safetensors.numpy import save_file
+
   from pipo_jax import hf
+
   cfg, mesh, _, params, _ = setup
   tensors = hf.backbone_to_hf_tensors(params, cfg)
   save_file(tensors, str(tmp_path / "model.safetensors"))

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pipo_jax import hlo_stats, memory_plan, optim, sharding, tpu_plan
 from pipo_jax.config import Config, DataConfig, LoraConfig, LossConfig, MeshConfig, ModelConfig, OPDConfig, OptimConfig
@@ -38,24 +39,39 @@ def devices():
 
 
 def _cfg(mode: str) -> Config:
-  common = dict(model=ModelConfig(preset="tiny"), mesh=MeshConfig(data=1, fsdp=2, tensor=2),
-                loss=LossConfig(logits_chunk=32), lora=LoraConfig(rank=8, alpha=16))
+  common = dict(
+    model=ModelConfig(preset="tiny"),
+    mesh=MeshConfig(data=1, fsdp=2, tensor=2),
+    loss=LossConfig(logits_chunk=32),
+    lora=LoraConfig(rank=8, alpha=16),
+  )
   if mode == "sft":
-    return Config(mode="sft", data=DataConfig(batch_size=4, max_length=64), optim=OptimConfig(grad_accum_steps=2),
-                  **common)
-  return Config(mode="opd", data=DataConfig(batch_size=2, max_length=64),
-                opd=OPDConfig(teacher=ModelConfig(preset="tiny"), prompt_length=16, max_new_tokens=16, topk=4),
-                **common)
+    return Config(
+      mode="sft", data=DataConfig(batch_size=4, max_length=64), optim=OptimConfig(grad_accum_steps=2), **common
+    )
+  return Config(
+    mode="opd",
+    data=DataConfig(batch_size=2, max_length=64),
+    opd=OPDConfig(teacher=ModelConfig(preset="tiny"), prompt_length=16, max_new_tokens=16, topk=4),
+    **common,
+  )
 
 
 def _compile(cfg: Config, devices):
   from pipo_jax import loading
+
   mc = loading.model_config_of(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   built = memory_plan.build_step(cfg, mc, mesh)
   compiled, _, _ = memory_plan.compile_step(built, mesh)
-  return {"cfg": cfg, "mc": mc, "mesh": mesh, "built": built, "compiled": compiled,
-          "plan": memory_plan.tpu_report(cfg, mc, mesh, built, compiled, "v5p")}
+  return {
+    "cfg": cfg,
+    "mc": mc,
+    "mesh": mesh,
+    "built": built,
+    "compiled": compiled,
+    "plan": memory_plan.tpu_report(cfg, mc, mesh, built, compiled, "v5p"),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +140,14 @@ def test_per_chip_param_and_optimizer_bytes_are_the_shard_sums(which, request):
 def test_rule_sharded_params_stay_sharded_in_the_compiled_step(sft):
   """Every param whose logical axes map to a mesh axis of size > 1 (per sharding.RULES) is split on the chips."""
   from pipo_jax.trainer import boxed_params
+
   mc, mesh, compiled = sft["mc"], sft["mesh"], sft["compiled"]
   boxed = boxed_params(mc, "sft")
   state_sh = compiled.input_shardings[0][0]
-  got = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_leaves_with_path(
-      optim.combine(state_sh.trainable, state_sh.frozen))}
+  got = {
+    jax.tree_util.keystr(k): s
+    for k, s in jax.tree_util.tree_leaves_with_path(optim.combine(state_sh.trainable, state_sh.frozen))
+  }
   checked = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.meta.Partitioned)):
     shape = leaf.value.shape
@@ -152,8 +171,10 @@ def test_mismatch_detector_flags_a_replicated_param(sft):
       leaves, treedef = jax.tree_util.tree_flatten(state.frozen)
       i = next(j for j, s in enumerate(leaves) if any(a is not None for a in s.spec))
       leaves[i] = NamedSharding(mesh, P())
-      self.input_shardings = ((state.replace(frozen=jax.tree_util.tree_unflatten(treedef, leaves)),)
-                              + tuple(shardings[1:]), kwargs)
+      self.input_shardings = (
+        (state.replace(frozen=jax.tree_util.tree_unflatten(treedef, leaves)),) + tuple(shardings[1:]),
+        kwargs,
+      )
 
   assert memory_plan.sharding_mismatches(compiled, built) == []
   bad = memory_plan.sharding_mismatches(Replicating(compiled), built)
@@ -192,6 +213,7 @@ def test_flops_are_trip_count_corrected_and_agree_with_the_compiler(sft):
 def _scan_matmuls(L=5, M=16, K=64):
   def f(x_MK, w_LKK):
     return jax.lax.scan(lambda h, w: (h @ w, None), x_MK, w_LKK)[0]
+
   x = jax.ShapeDtypeStruct((M, K), jnp.float32)
   w = jax.ShapeDtypeStruct((L, K, K), jnp.float32)
   return f, (x, w), L * 2 * M * K * K
@@ -211,6 +233,7 @@ def test_scan_flops_multiplied_by_trip_count_cpu():
 def test_scan_flops_and_collectives_on_tpu(devices):
   """psum of a known array inside a 3-step scan, on 4 chips: 3 all-reduces of 4 KiB; FLOPs as the formula."""
   from jax.sharding import Mesh
+
   mesh = Mesh(np.array(devices).reshape(4), ("x",))
   L, M, K = 3, 128, 256
 
@@ -219,7 +242,9 @@ def test_scan_flops_and_collectives_on_tpu(devices):
       y = h @ w
       s = jnp.sum(y, axis=0)  # a cross-chip reduction of a [K] f32 vector, needed by the next step
       return y * s, None
+
     return jax.lax.scan(body, x_MK, w_LKK)[0]
+
   x = jax.ShapeDtypeStruct((M, K), jnp.float32, sharding=NamedSharding(mesh, P("x", None)))
   w = jax.ShapeDtypeStruct((L, K, K), jnp.float32, sharding=NamedSharding(mesh, P()))
   compiled = jax.jit(f).lower(x, w).compile()
@@ -257,8 +282,10 @@ def test_cli_errors_are_one_line(devices):
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   base = [sys.executable, "-m", "pipo_jax.memory_plan", "--config.model.preset=tiny", "--target=tpu"]
-  for extra, msg in [(["--topology=v5p:3x3x3"], "libtpu cannot make topology"),
-                     (["--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=8"], "needs 8 devices, have 4")]:
+  for extra, msg in [
+    (["--topology=v5p:3x3x3"], "libtpu cannot make topology"),
+    (["--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=8"], "needs 8 devices, have 4"),
+  ]:
     r = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]

@@ -1,9 +1,9 @@
 """Matmul-only unit-lower-triangular solve (models/triangular.py) against float64 numpy and autodiff."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from pipo_jax.models import triangular
 
@@ -48,8 +48,7 @@ def test_custom_gradient_equals_autodiff_of_the_forward():
   weights = jnp.asarray(np.random.default_rng(4).normal(size=b.shape), jnp.float32)
 
   def plain_solve(a, b):
-    return jnp.einsum("...ij,...jk->...ik", triangular.unit_lower_inverse(a), b,
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("...ij,...jk->...ik", triangular.unit_lower_inverse(a), b, precision=jax.lax.Precision.HIGHEST)
 
   def loss(solve):
     return lambda a, b: jnp.sum(jnp.sin(solve(a, b)) * weights)

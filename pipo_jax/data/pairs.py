@@ -28,7 +28,6 @@ Batches are built by `pad_right`-ing each example independently, so any batch si
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
@@ -39,6 +38,7 @@ OVERLONG = ("truncate", "drop")
 @dataclasses.dataclass
 class PairExample:
   """One sequence. input_ids / labels: int32 [T] (T even for PIPO examples, <= max_length)."""
+
   input_ids: np.ndarray
   labels: np.ndarray
   truncated: bool = False
@@ -86,8 +86,9 @@ def insert_parity_pads(ids: np.ndarray, labels: np.ndarray, pad_id: int) -> tupl
   return ids.astype(np.int32), labels.astype(np.int32)
 
 
-def fit_length(ids: np.ndarray, labels: np.ndarray, max_length: int,
-               overlong: str) -> Optional[tuple[np.ndarray, np.ndarray, bool]]:
+def fit_length(
+  ids: np.ndarray, labels: np.ndarray, max_length: int, overlong: str
+) -> tuple[np.ndarray, np.ndarray, bool] | None:
   """Apply the length budget: (ids, labels, truncated), or None when the example is dropped.
 
   Dropped: longer than max_length under `overlong="drop"`, or no supervised label left after truncation.
@@ -104,8 +105,9 @@ def fit_length(ids: np.ndarray, labels: np.ndarray, max_length: int,
   return ids, labels, truncated
 
 
-def choose_splits(labels: np.ndarray, rng: np.random.Generator, max_pad_ratio: float,
-                  max_splits: int) -> tuple[np.ndarray, float]:
+def choose_splits(
+  labels: np.ndarray, rng: np.random.Generator, max_pad_ratio: float, max_splits: int
+) -> tuple[np.ndarray, float]:
   """Pick pairs to split: (split bool [L], ratio). labels int32 [2L].
 
   ratio = U[0, 1) * max_pad_ratio; n = round(n_eligible * ratio) (Python rounding, as the reference), capped
@@ -121,8 +123,7 @@ def choose_splits(labels: np.ndarray, rng: np.random.Generator, max_pad_ratio: f
   return split, ratio
 
 
-def split_pairs(ids: np.ndarray, labels: np.ndarray, split: np.ndarray,
-                pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def split_pairs(ids: np.ndarray, labels: np.ndarray, split: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Rebuild pair by pair: a split pair (a, b | la, lb) becomes (a, PAD | la, -100), (b, PAD | lb, -100).
 
   ids, labels int32 [2L]; split bool [L] -> int32 [2L + 2 * split.sum()].
@@ -142,8 +143,9 @@ def split_pairs(ids: np.ndarray, labels: np.ndarray, split: np.ndarray,
   return out_ids, out_lab
 
 
-def gate_pads(ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator, ratio: float,
-              max_pads: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+def gate_pads(
+  ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator, ratio: float, max_pads: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, int]:
   """Insert PADs as gate rejections: (ids, labels, n_inserted). ids, labels int32 [T] (T even) -> at most
   [T + n_inserted + 1], even.
 
@@ -180,9 +182,18 @@ def check_pad_insertion(pad_insertion: str) -> None:
     raise ValueError(f"data.pad_insertion={pad_insertion!r}: expected one of {PAD_INSERTION}")
 
 
-def build_sft_example(prompt_ids, response_ids, *, pad_id: int, rng: np.random.Generator,
-                      max_pad_ratio: float, think_mask_tokens: int, max_length: int,
-                      overlong: str = "truncate", pad_insertion: str = "split") -> Optional[PairExample]:
+def build_sft_example(
+  prompt_ids,
+  response_ids,
+  *,
+  pad_id: int,
+  rng: np.random.Generator,
+  max_pad_ratio: float,
+  think_mask_tokens: int,
+  max_length: int,
+  overlong: str = "truncate",
+  pad_insertion: str = "split",
+) -> PairExample | None:
   """The PIPO SFT example (steps in the module docstring), or None when it is dropped.
 
   prompt_ids int32 [P], response_ids int32 [R] -> PairExample with even T <= max_length.
@@ -209,8 +220,9 @@ def build_sft_example(prompt_ids, response_ids, *, pad_id: int, rng: np.random.G
   return PairExample(ids, labels, truncated=truncated, n_split=int(split.sum()), pad_ratio=ratio)
 
 
-def build_ar_example(prompt_ids, response_ids, *, max_length: int, overlong: str = "truncate",
-                     think_mask_tokens: int = 0) -> Optional[PairExample]:
+def build_ar_example(
+  prompt_ids, response_ids, *, max_length: int, overlong: str = "truncate", think_mask_tokens: int = 0
+) -> PairExample | None:
   """Plain autoregressive example (mode ar): no PAD logic, T = min(P + R, max_length), labels unshifted."""
   _check_length(max_length, even=False)
   ids, labels = sft_sequence(prompt_ids, response_ids, think_mask_tokens)
@@ -273,8 +285,7 @@ def pad_right(input_ids, labels, length: int, pad_id: int) -> tuple[np.ndarray, 
   if len(ids) > length:
     raise ValueError(f"sequence of {len(ids)} tokens does not fit length {length}")
   n = length - len(ids)
-  return (np.concatenate([ids, np.full(n, pad_id, np.int32)]),
-          np.concatenate([lab, np.full(n, IGNORE, np.int32)]))
+  return (np.concatenate([ids, np.full(n, pad_id, np.int32)]), np.concatenate([lab, np.full(n, IGNORE, np.int32)]))
 
 
 def stream_targets(labels):

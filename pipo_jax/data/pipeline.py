@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Optional
 
 import grain
 import numpy as np
@@ -70,24 +69,31 @@ class DataStats:
     self._lock = threading.Lock()
 
 
-def open_source(path: str, split: str = "train", fmt: str = "auto", skip_malformed: bool = False,
-                require_response: Optional[bool] = None, vocab_size: Optional[int] = None):
+def open_source(
+  path: str,
+  split: str = "train",
+  fmt: str = "auto",
+  skip_malformed: bool = False,
+  require_response: bool | None = None,
+  vocab_size: int | None = None,
+):
   """A JSONL file -> `JsonlSource`; a directory written by `tfds_builder` -> `ArrayRecordPairs`.
   `vocab_size`: token ids of pre-tokenised JSONL lines outside [0, vocab_size) fail at load with file:line."""
   if not path:
     raise ValueError("no data path: set data.train_path (a JSONL file or a TFDS ArrayRecord directory)")
   if os.path.isdir(path):
     from pipo_jax.data.tfds_builder import ArrayRecordPairs
+
     return ArrayRecordPairs(path, split)
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file {path} does not exist")
-  return JsonlSource(path, fmt, skip_malformed=skip_malformed, require_response=require_response,
-                     vocab_size=vocab_size)
+  return JsonlSource(path, fmt, skip_malformed=skip_malformed, require_response=require_response, vocab_size=vocab_size)
 
 
-def _process_index_count(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+def _process_index_count(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -108,8 +114,9 @@ class _ProcessRows(grain.MapDataset):
   unless `fill_last` is set, in which case they give the element `-1` (an empty row).
   """
 
-  def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int, process_index: int,
-               fill_last: bool = False):
+  def __init__(
+    self, parent: grain.MapDataset, global_batch: int, local_batch: int, process_index: int, fill_last: bool = False
+  ):
     super().__init__(parent)
     self._g, self._b, self._p, self._fill = global_batch, local_batch, process_index, fill_last
     n = len(parent)
@@ -139,8 +146,17 @@ def _with_position(k: int, i) -> tuple:
 class _BuildExample:
   """(k, i) -> {"input_ids", "labels"} int32 [max_length], or None when the example is dropped."""
 
-  def __init__(self, source, tok: Optional[ChatTokenizer], pad_id: int, mode: str, cfg: DataConfig,
-               think_mask_tokens: int, max_pad_ratio: float, stats: DataStats):
+  def __init__(
+    self,
+    source,
+    tok: ChatTokenizer | None,
+    pad_id: int,
+    mode: str,
+    cfg: DataConfig,
+    think_mask_tokens: int,
+    max_pad_ratio: float,
+    stats: DataStats,
+  ):
     self.source, self.tok, self.pad_id, self.mode, self.stats = source, tok, pad_id, mode, stats
     self.max_length, self.overlong, self.seed = cfg.max_length, cfg.overlong, cfg.seed
     self.pad_insertion = cfg.pad_insertion
@@ -153,21 +169,29 @@ class _BuildExample:
     ids, lab = pairs.pad_right([], [], self.max_length, self.pad_id)
     return {"input_ids": ids, "labels": lab}
 
-  def __call__(self, ki) -> Optional[dict]:
+  def __call__(self, ki) -> dict | None:
     if isinstance(ki, int) and ki == -1:
       return self.empty()
     k, i = ki
     prompt_ids, response_ids = record_token_ids(self.source[i], self.tok)
     if self.mode == "ar":
-      ex = pairs.build_ar_example(prompt_ids, response_ids, max_length=self.max_length, overlong=self.overlong,
-                                  think_mask_tokens=self.think)
+      ex = pairs.build_ar_example(
+        prompt_ids, response_ids, max_length=self.max_length, overlong=self.overlong, think_mask_tokens=self.think
+      )
     else:
       # Seeded by (seed, epoch, example): reproducible and resumable, and a new split pattern every epoch.
       rng = np.random.default_rng([self.seed, k // self.n, i])
-      ex = pairs.build_sft_example(prompt_ids, response_ids, pad_id=self.pad_id, rng=rng,
-                                   max_pad_ratio=self.ratio, think_mask_tokens=self.think,
-                                   max_length=self.max_length, overlong=self.overlong,
-                                   pad_insertion=self.pad_insertion)
+      ex = pairs.build_sft_example(
+        prompt_ids,
+        response_ids,
+        pad_id=self.pad_id,
+        rng=rng,
+        max_pad_ratio=self.ratio,
+        think_mask_tokens=self.think,
+        max_length=self.max_length,
+        overlong=self.overlong,
+        pad_insertion=self.pad_insertion,
+      )
     if ex is None:
       self.stats.add(dropped=1)
       return None
@@ -176,13 +200,14 @@ class _BuildExample:
     return {"input_ids": ids, "labels": lab}
 
 
-def resolve_think_mask_tokens(n: int, tok: Optional[ChatTokenizer]) -> int:
+def resolve_think_mask_tokens(n: int, tok: ChatTokenizer | None) -> int:
   """data.think_mask_tokens; -1 means "the length of the tokenizer's `<think>\\n`"
   (docs/method.md#special-ids-from-the-tokenizer-files)."""
   if n >= 0:
     if tok is not None and n != len(tok.think_prefix_ids):
-      logging.warning("data.think_mask_tokens=%d but the tokenizer's <think>\\n is %d tokens", n,
-                      len(tok.think_prefix_ids))
+      logging.warning(
+        "data.think_mask_tokens=%d but the tokenizer's <think>\\n is %d tokens", n, len(tok.think_prefix_ids)
+      )
     return n
   if tok is None:
     raise ValueError("data.think_mask_tokens=-1 (auto) needs a tokenizer")
@@ -197,11 +222,22 @@ class TrainPipeline:
   empty rows (all PAD, labels -100) so every batch has the fixed shape.
   """
 
-  def __init__(self, cfg: DataConfig, *, mode: str = "sft", path: Optional[str] = None, split: str = "train",
-               tokenizer: Optional[ChatTokenizer] = None, pad_id: Optional[int] = None,
-               evaluation: bool = False, process_index: Optional[int] = None,
-               process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 8,
-               vocab_size: Optional[int] = None):
+  def __init__(
+    self,
+    cfg: DataConfig,
+    *,
+    mode: str = "sft",
+    path: str | None = None,
+    split: str = "train",
+    tokenizer: ChatTokenizer | None = None,
+    pad_id: int | None = None,
+    evaluation: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 2,
+    prefetch: int = 8,
+    vocab_size: int | None = None,
+  ):
     if mode not in ("sft", "ar"):
       raise ValueError(f"TrainPipeline mode={mode!r}: expected sft or ar (opd uses PromptPipeline)")
     if cfg.max_length % 2:
@@ -216,8 +252,7 @@ class TrainPipeline:
         raise ValueError("pad_id is unknown: give a tokenizer (data.tokenizer_path) or pad_id")
       pad_id = tokenizer.pad_id
     self.pad_id = int(pad_id)
-    self.source = open_source(path, split, cfg.format, cfg.skip_malformed, require_response=True,
-                              vocab_size=vocab_size)
+    self.source = open_source(path, split, cfg.format, cfg.skip_malformed, require_response=True, vocab_size=vocab_size)
     if len(self.source) == 0:
       raise ValueError(f"{path}: no usable examples")
     self.stats = DataStats(malformed=self.source.num_malformed)
@@ -227,8 +262,9 @@ class TrainPipeline:
     self.process_index, self.process_count = p, pc
     self.local_batch = local_batch_size(cfg.batch_size, pc)
     think = resolve_think_mask_tokens(cfg.think_mask_tokens, tokenizer)
-    build = _BuildExample(self.source, tokenizer, self.pad_id, mode, cfg, think,
-                          0.0 if evaluation else cfg.max_pad_ratio, self.stats)
+    build = _BuildExample(
+      self.source, tokenizer, self.pad_id, mode, cfg, think, 0.0 if evaluation else cfg.max_pad_ratio, self.stats
+    )
     n = len(self.source)
     ds = grain.MapDataset.range(n)
     if not evaluation:
@@ -245,7 +281,7 @@ class TrainPipeline:
     # Data end, known at start: None when the stream repeats forever.
     self.num_batches = None if (not evaluation and cfg.num_epochs <= 0) else len(ds) // self.local_batch
 
-  def steps_available(self, grad_accum_steps: int = 1) -> Optional[int]:
+  def steps_available(self, grad_accum_steps: int = 1) -> int | None:
     """Optimizer steps the data can feed (None: repeats forever). An upper bound when examples are dropped
     (overlong="drop", nothing supervised): the loop then stops at the last full step when a process runs dry."""
     return None if self.num_batches is None else self.num_batches // max(1, grad_accum_steps)
@@ -263,11 +299,13 @@ class TrainPipeline:
     self.iterator.set_state(state)
 
 
-def check_data_end(steps_available: Optional[int], num_steps: int, what: str) -> None:
+def check_data_end(steps_available: int | None, num_steps: int, what: str) -> None:
   """Refuse at start a run that asks for more optimizer steps than its data holds (one line, with the fix)."""
   if steps_available is not None and steps_available < num_steps:
-    raise ValueError(f"{what} feeds only {steps_available} optimizer steps but train.num_steps={num_steps}: set "
-                     f"--config.train.num_steps={steps_available} or raise data.num_epochs (0 = repeat forever)")
+    raise ValueError(
+      f"{what} feeds only {steps_available} optimizer steps but train.num_steps={num_steps}: set "
+      f"--config.train.num_steps={steps_available} or raise data.num_epochs (0 = repeat forever)"
+    )
 
 
 class _PromptRow:
@@ -284,8 +322,8 @@ class _PromptRow:
     if i >= 0:
       p = self.prompts[i]
       n = len(p)
-      ids[self.length - n:] = p
-      valid[self.length - n:] = True
+      ids[self.length - n :] = p
+      valid[self.length - n :] = True
     return {"prompt_ids": ids, "prompt_valid": valid, "prompt_length": np.int32(n), "index": np.int32(i)}
 
 
@@ -302,11 +340,26 @@ class PromptPipeline:
   with the last batch filled by empty rows.
   """
 
-  def __init__(self, path: str, tokenizer: Optional[ChatTokenizer], *, batch_size: int, prompt_length: int,
-               seed: int = 0, evaluation: bool = False, num_epochs: int = 0, parity_pad: bool = True,
-               min_pass_rate: float = 0.0, pad_id: Optional[int] = None, split: str = "train",
-               fmt: str = "auto", skip_malformed: bool = False, process_index: Optional[int] = None,
-               process_count: Optional[int] = None, vocab_size: Optional[int] = None):
+  def __init__(
+    self,
+    path: str,
+    tokenizer: ChatTokenizer | None,
+    *,
+    batch_size: int,
+    prompt_length: int,
+    seed: int = 0,
+    evaluation: bool = False,
+    num_epochs: int = 0,
+    parity_pad: bool = True,
+    min_pass_rate: float = 0.0,
+    pad_id: int | None = None,
+    split: str = "train",
+    fmt: str = "auto",
+    skip_malformed: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    vocab_size: int | None = None,
+  ):
     if parity_pad and prompt_length % 2:
       raise ValueError(f"prompt_length={prompt_length} must be even for PIPO prompts (whole pairs)")
     self.tokenizer = tokenizer
@@ -317,15 +370,14 @@ class PromptPipeline:
     prompts = []
     for i in range(len(source)):
       rec = source[i]
-      if min_pass_rate > 0 and not (rec.meta.get("pass_rate") is not None
-                                    and rec.meta["pass_rate"] >= min_pass_rate):
+      if min_pass_rate > 0 and not (rec.meta.get("pass_rate") is not None and rec.meta["pass_rate"] >= min_pass_rate):
         self.stats.add(filtered=1)
         continue
       if rec.is_tokenized:
         ids = np.asarray(rec.prompt_ids, np.int32)
         think = tokenizer.think_prefix_ids if tokenizer is not None else np.zeros(0, np.int32)
         r = np.asarray(rec.response_ids, np.int32)
-        if len(r) and len(think) and np.array_equal(r[:len(think)], think):  # an SFT record: add `<think>\n`
+        if len(r) and len(think) and np.array_equal(r[: len(think)], think):  # an SFT record: add `<think>\n`
           ids = np.concatenate([ids, think])
       else:
         ids = record_token_ids(Record(messages=rec.messages), tokenizer)[0]  # the generation prompt
@@ -350,7 +402,7 @@ class PromptPipeline:
     self.iterator = iter(self.dataset)
     self.num_batches = None if (not evaluation and num_epochs <= 0) else len(ds) // self.local_batch
 
-  def steps_available(self, grad_accum_steps: int = 1) -> Optional[int]:
+  def steps_available(self, grad_accum_steps: int = 1) -> int | None:
     """Optimizer steps the prompts can feed (None: repeats forever)."""
     return None if self.num_batches is None else self.num_batches // max(1, grad_accum_steps)
 

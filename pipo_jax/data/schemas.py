@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,10 +43,10 @@ class Record:
   assistant content (None for a prompt-only record). Token records: `prompt_ids` / `response_ids` int32 [n].
   """
 
-  messages: Optional[list] = None
-  response: Optional[str] = None
-  prompt_ids: Optional[np.ndarray] = None
-  response_ids: Optional[np.ndarray] = None
+  messages: list | None = None
+  response: str | None = None
+  prompt_ids: np.ndarray | None = None
+  response_ids: np.ndarray | None = None
   meta: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -66,8 +67,10 @@ def detect_format(obj: dict) -> str:
     return "benchmark"
   if "prompt" in obj:
     return "prompt_response"
-  raise ValueError(f"cannot tell the schema from keys {sorted(obj)}: expected one of messages | prompt "
-                   "(+response) | question (+answer) | tokens | prompt_ids (+response_ids)")
+  raise ValueError(
+    f"cannot tell the schema from keys {sorted(obj)}: expected one of messages | prompt "
+    "(+response) | question (+answer) | tokens | prompt_ids (+response_ids)"
+  )
 
 
 def _int_list(v: Any, name: str) -> np.ndarray:
@@ -134,23 +137,29 @@ def parse_record(obj: Any, fmt: str = "auto") -> Record:
   return Record(prompt_ids=prompt_ids, response_ids=response_ids, meta=meta)
 
 
-def _check_requirements(rec: Record, require_response: Optional[bool], vocab_size: Optional[int] = None) -> None:
+def _check_requirements(rec: Record, require_response: bool | None, vocab_size: int | None = None) -> None:
   if vocab_size and rec.is_tokenized:  # an id >= vocab_size indexes past the embedding: NaN, not an error
     for name, ids in (("prompt ids", rec.prompt_ids), ("response ids", rec.response_ids)):
       if ids is not None and len(ids) and int(np.max(ids)) >= vocab_size:
         j = int(np.argmax(np.asarray(ids) >= vocab_size))
-        raise ValueError(f"{name} hold {int(ids[j])} (position {j}), outside the model's vocabulary "
-                         f"[0, {vocab_size})")
+        raise ValueError(f"{name} hold {int(ids[j])} (position {j}), outside the model's vocabulary [0, {vocab_size})")
   if require_response is True and not rec.has_response:
-    raise ValueError("the record has no response (an assistant turn, 'response' or response tokens), "
-                     "but training needs one")
+    raise ValueError(
+      "the record has no response (an assistant turn, 'response' or response tokens), but training needs one"
+    )
   pr = rec.meta.get("pass_rate")
   if pr is not None and (not isinstance(pr, (int, float)) or isinstance(pr, bool)):
     raise ValueError(f"'pass_rate' must be a number, got {pr!r}")
 
 
-def parse_line(line: str, path: str, lineno: int, fmt: str = "auto",
-               require_response: Optional[bool] = None, vocab_size: Optional[int] = None) -> Record:
+def parse_line(
+  line: str,
+  path: str,
+  lineno: int,
+  fmt: str = "auto",
+  require_response: bool | None = None,
+  vocab_size: int | None = None,
+) -> Record:
   """Parse one JSONL line; errors become `MalformedRecordError("path:lineno: why")`. With `vocab_size`, token
   ids outside [0, vocab_size) are errors."""
   try:
@@ -162,9 +171,13 @@ def parse_line(line: str, path: str, lineno: int, fmt: str = "auto",
   return rec
 
 
-def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
-                require_response: Optional[bool] = None,
-                vocab_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
+def index_jsonl(
+  path: str,
+  fmt: str = "auto",
+  skip_malformed: bool = False,
+  require_response: bool | None = None,
+  vocab_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
   """Validate every line of a JSONL file once and index the good ones.
 
   Returns (spans int64 [n, 2] = (byte offset, byte length), line_numbers int64 [n] (1-based), n_malformed).
@@ -195,8 +208,9 @@ def index_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
   return np.asarray(offsets, np.int64).reshape(-1, 2), np.asarray(linenos, np.int64), n_bad
 
 
-def read_jsonl(path: str, fmt: str = "auto", skip_malformed: bool = False,
-               require_response: Optional[bool] = None) -> tuple[list[Record], int]:
+def read_jsonl(
+  path: str, fmt: str = "auto", skip_malformed: bool = False, require_response: bool | None = None
+) -> tuple[list[Record], int]:
   """Read a whole (small) JSONL file into Records. Returns (records, n_malformed)."""
   offsets, linenos, n_bad = index_jsonl(path, fmt, skip_malformed, require_response)
   src = JsonlSource(path, fmt, offsets, linenos)
@@ -210,9 +224,16 @@ class JsonlSource:
   threads) and parses it. The descriptor is reopened on unpickling, so the source pickles into grain workers.
   """
 
-  def __init__(self, path: str, fmt: str = "auto", offsets: Optional[np.ndarray] = None,
-               linenos: Optional[np.ndarray] = None, skip_malformed: bool = False,
-               require_response: Optional[bool] = None, vocab_size: Optional[int] = None):
+  def __init__(
+    self,
+    path: str,
+    fmt: str = "auto",
+    offsets: np.ndarray | None = None,
+    linenos: np.ndarray | None = None,
+    skip_malformed: bool = False,
+    require_response: bool | None = None,
+    vocab_size: int | None = None,
+  ):
     self.path, self.fmt = path, fmt
     self.num_malformed = 0
     if offsets is None:

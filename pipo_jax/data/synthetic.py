@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -79,8 +78,9 @@ def make_problem(rng: np.random.Generator, difficulty: Difficulty = Difficulty()
   return Problem(question, response, value)
 
 
-def make_splits(n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty = Difficulty(),
-                n_opd: int = 0, max_tries: int = 100) -> dict[str, list[Problem]]:
+def make_splits(
+  n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty = Difficulty(), n_opd: int = 0, max_tries: int = 100
+) -> dict[str, list[Problem]]:
   """Disjoint splits {"train", "opd", "test"} of distinct questions, deterministic in `seed`.
 
   Questions are drawn from one stream, deduplicated and then shuffled; test takes the first n_test, opd the next
@@ -103,7 +103,7 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty
   if len(problems) < need:
     raise ValueError(f"only {len(problems)} distinct questions at {difficulty}; asked for {need}")
   problems = [problems[i] for i in rng.permutation(need)]
-  return {"test": problems[:n_test], "opd": problems[n_test:n_test + n_opd], "train": problems[n_test + n_opd:]}
+  return {"test": problems[:n_test], "opd": problems[n_test : n_test + n_opd], "train": problems[n_test + n_opd :]}
 
 
 def build_tokenizer() -> Tokenizer:
@@ -120,8 +120,14 @@ def save_tokenizer(out_dir: str) -> str:
   """Write tokenizer.json and tokenizer_config.json (pad `<|endoftext|>`, eos `<|im_end|>`, as Qwen3.5 does)."""
   os.makedirs(out_dir, exist_ok=True)
   build_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
-  cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
-         "unk_token": "<unk>", "bos_token": None, "model_max_length": 4096}
+  cfg = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "pad_token": "<|endoftext|>",
+    "eos_token": "<|im_end|>",
+    "unk_token": "<unk>",
+    "bos_token": None,
+    "model_max_length": 4096,
+  }
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
   return out_dir
@@ -132,24 +138,38 @@ def sft_row(p: Problem) -> dict:
 
 
 def prompt_row(p: Problem, index: int) -> dict:
-  return {"messages": [{"role": "user", "content": p.question}], "source": "synthetic_arith",
-          "source_index": index, "answer": str(p.answer)}
+  return {
+    "messages": [{"role": "user", "content": p.question}],
+    "source": "synthetic_arith",
+    "source_index": index,
+    "answer": str(p.answer),
+  }
 
 
 def benchmark_row(p: Problem) -> dict:
   return {"question": p.question, "answer": str(p.answer), "type": "math"}
 
 
-def write_dataset(out_dir: str, n_train: int = 2000, n_test: int = 200, n_opd: int = 0, seed: int = 0,
-                  difficulty: Difficulty = Difficulty(), tokenizer_dir: Optional[str] = None) -> dict[str, str]:
+def write_dataset(
+  out_dir: str,
+  n_train: int = 2000,
+  n_test: int = 200,
+  n_opd: int = 0,
+  seed: int = 0,
+  difficulty: Difficulty = Difficulty(),
+  tokenizer_dir: str | None = None,
+) -> dict[str, str]:
   """Write the task to `out_dir`: train.jsonl (SFT messages), test.jsonl (benchmark schema), test_sft.jsonl
   (messages, for eval loss), opd.jsonl (prompts, when n_opd > 0) and the tokenizer (default out_dir/tokenizer).
   Returns the paths by name."""
   os.makedirs(out_dir, exist_ok=True)
   splits = make_splits(n_train, n_test, seed, difficulty, n_opd=n_opd)
-  paths = {"train": os.path.join(out_dir, "train.jsonl"), "test": os.path.join(out_dir, "test.jsonl"),
-           "test_sft": os.path.join(out_dir, "test_sft.jsonl"),
-           "tokenizer": save_tokenizer(tokenizer_dir or os.path.join(out_dir, "tokenizer"))}
+  paths = {
+    "train": os.path.join(out_dir, "train.jsonl"),
+    "test": os.path.join(out_dir, "test.jsonl"),
+    "test_sft": os.path.join(out_dir, "test_sft.jsonl"),
+    "tokenizer": save_tokenizer(tokenizer_dir or os.path.join(out_dir, "tokenizer")),
+  }
   write_jsonl(paths["train"], [sft_row(p) for p in splits["train"]])
   write_jsonl(paths["test"], [benchmark_row(p) for p in splits["test"]])
   write_jsonl(paths["test_sft"], [sft_row(p) for p in splits["test"]])

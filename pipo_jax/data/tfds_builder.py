@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,8 +40,15 @@ class PipoPairs(tfds.core.GeneratorBasedBuilder):
   def code_path(cls) -> epath.Path:
     return epath.Path(__file__)
 
-  def __init__(self, *, split_paths: Optional[dict] = None, tokenizer: Optional[ChatTokenizer] = None,
-               fmt: str = "auto", skip_malformed: bool = False, **kwargs):
+  def __init__(
+    self,
+    *,
+    split_paths: dict | None = None,
+    tokenizer: ChatTokenizer | None = None,
+    fmt: str = "auto",
+    skip_malformed: bool = False,
+    **kwargs,
+  ):
     self._split_paths = dict(split_paths or {})
     self._tok = tokenizer
     self._fmt = fmt
@@ -53,14 +59,16 @@ class PipoPairs(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="PIPO prompt/response token ids (see pipo_jax/data/tfds_builder.py).",
-        features=tfds.features.FeaturesDict({
-            "prompt_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "response_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "line": tfds.features.Scalar(dtype=np.int64),
-            "meta": tfds.features.Text(),
-        }),
+      builder=self,
+      description="PIPO prompt/response token ids (see pipo_jax/data/tfds_builder.py).",
+      features=tfds.features.FeaturesDict(
+        {
+          "prompt_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "response_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "line": tfds.features.Scalar(dtype=np.int64),
+          "meta": tfds.features.Text(),
+        }
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -78,23 +86,32 @@ class PipoPairs(tfds.core.GeneratorBasedBuilder):
       rec = src[i]
       prompt_ids, response_ids = record_token_ids(rec, self._tok)
       line = int(src._linenos[i])
-      yield line, {"prompt_ids": prompt_ids, "response_ids": response_ids, "line": line,
-                   "meta": json.dumps(rec.meta, ensure_ascii=False)}
+      yield (
+        line,
+        {
+          "prompt_ids": prompt_ids,
+          "response_ids": response_ids,
+          "line": line,
+          "meta": json.dumps(rec.meta, ensure_ascii=False),
+        },
+      )
 
 
-def build_array_record(out_dir: str, split_paths: dict, tokenizer_path: str = "", fmt: str = "auto",
-                       skip_malformed: bool = False) -> dict:
+def build_array_record(
+  out_dir: str, split_paths: dict, tokenizer_path: str = "", fmt: str = "auto", skip_malformed: bool = False
+) -> dict:
   """Tokenise JSONL splits into ArrayRecord under out_dir. Returns {"path", "num_examples", "num_malformed"}.
 
   tokenizer_path may be empty only for pre-tokenised (`tokens`) files.
   """
   tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
-  builder = PipoPairs(split_paths=split_paths, tokenizer=tok, fmt=fmt, skip_malformed=skip_malformed,
-                      data_dir=out_dir)
+  builder = PipoPairs(split_paths=split_paths, tokenizer=tok, fmt=fmt, skip_malformed=skip_malformed, data_dir=out_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=out_dir))
-  return {"path": builder.data_dir,
-          "num_examples": {k: v.num_examples for k, v in builder.info.splits.items()},
-          "num_malformed": dict(builder.num_malformed)}
+  return {
+    "path": builder.data_dir,
+    "num_examples": {k: v.num_examples for k, v in builder.info.splits.items()},
+    "num_malformed": dict(builder.num_malformed),
+  }
 
 
 def find_dataset_dir(path: str) -> str:
@@ -103,8 +120,9 @@ def find_dataset_dir(path: str) -> str:
     return path
   found = sorted(root for root, _, files in os.walk(path) if "dataset_info.json" in files)
   if len(found) != 1:
-    raise FileNotFoundError(f"{path}: expected one TFDS dataset directory (with dataset_info.json) below it, "
-                            f"found {len(found)}: {found[:4]}")
+    raise FileNotFoundError(
+      f"{path}: expected one TFDS dataset directory (with dataset_info.json) below it, found {len(found)}: {found[:4]}"
+    )
   return found[0]
 
 
@@ -126,8 +144,11 @@ class ArrayRecordPairs:
     ex = self._source[i]
     meta = ex["meta"]
     meta = json.loads(meta.decode("utf-8") if isinstance(meta, bytes) else meta)
-    return Record(prompt_ids=np.asarray(ex["prompt_ids"], np.int32),
-                  response_ids=np.asarray(ex["response_ids"], np.int32), meta=meta)
+    return Record(
+      prompt_ids=np.asarray(ex["prompt_ids"], np.int32),
+      response_ids=np.asarray(ex["response_ids"], np.int32),
+      meta=meta,
+    )
 
   def __repr__(self) -> str:
     return f"ArrayRecordPairs({self.path!r}, n={len(self)})"

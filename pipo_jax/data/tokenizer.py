@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -49,7 +49,7 @@ class ChatTemplate:
   (a sandboxed environment with trim_blocks / lstrip_blocks, loop controls, `tojson`, `raise_exception`,
   `strftime_now`, and the special tokens as variables)."""
 
-  def __init__(self, source: str, where: str, special_tokens: Optional[dict] = None):
+  def __init__(self, source: str, where: str, special_tokens: dict | None = None):
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -62,6 +62,7 @@ class ChatTemplate:
 
     def strftime_now(fmt):
       import datetime
+
       return datetime.datetime.now().strftime(fmt)
 
     self.where = where
@@ -77,14 +78,19 @@ class ChatTemplate:
 
   def render(self, messages: Sequence[dict], add_generation_prompt: bool, enable_thinking: bool = True) -> str:
     import jinja2
+
     try:
-      return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                  enable_thinking=enable_thinking, **self.special_tokens)
+      return self.template.render(
+        messages=list(messages),
+        add_generation_prompt=add_generation_prompt,
+        enable_thinking=enable_thinking,
+        **self.special_tokens,
+      )
     except (jinja2.exceptions.TemplateError, TypeError, AttributeError, KeyError, IndexError) as e:
       raise ValueError(f"{self.where}: the chat template failed to render ({type(e).__name__}: {e})") from None
 
 
-def read_chat_template(d: str, tok_config: dict) -> Optional[ChatTemplate]:
+def read_chat_template(d: str, tok_config: dict) -> ChatTemplate | None:
   """The directory's own template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a string,
   or a list of {"name", "template"} of which "default" is used). None when there is none."""
   path = os.path.join(d, "chat_template.jinja")
@@ -126,14 +132,14 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _token_text(v) -> Optional[str]:
+def _token_text(v) -> str | None:
   """tokenizer_config.json writes a token as a string or as {"content": ...} (AddedToken)."""
   if isinstance(v, dict):
     v = v.get("content")
   return v if isinstance(v, str) and v else None
 
 
-def _config_id(cfg: dict, key: str) -> Optional[int]:
+def _config_id(cfg: dict, key: str) -> int | None:
   for d in (cfg, cfg.get("text_config") or {}):
     v = d.get(key)
     if isinstance(v, list):
@@ -146,19 +152,20 @@ def _config_id(cfg: dict, key: str) -> Optional[int]:
 class ChatTokenizer:
   """A `tokenizers.Tokenizer` plus special ids and the chat template. All encodings are int32 [n]."""
 
-  def __init__(self, tokenizer: Tokenizer, special: SpecialIds, path: str = "",
-               template: Optional[ChatTemplate] = None):
+  def __init__(self, tokenizer: Tokenizer, special: SpecialIds, path: str = "", template: ChatTemplate | None = None):
     self.tokenizer = tokenizer
     self.special = special
     self.path = path
     self.template = template
     self.think_prefix_ids = self.encode(THINK_PREFIX)
     if len(self.think_prefix_ids) == 0 or self.think_prefix_ids[0] != special.think_start:
-      raise ValueError(f"{path}: encode({THINK_PREFIX!r}) = {self.think_prefix_ids.tolist()} does not start "
-                       f"with the <think> id {special.think_start}")
+      raise ValueError(
+        f"{path}: encode({THINK_PREFIX!r}) = {self.think_prefix_ids.tolist()} does not start "
+        f"with the <think> id {special.think_start}"
+      )
     self._newline_ids = self.encode("\n")
 
-  def with_special(self, **ids) -> "ChatTokenizer":
+  def with_special(self, **ids) -> ChatTokenizer:
     """The same tokenizer with some special ids replaced (e.g. the model config's PAD)."""
     return ChatTokenizer(self.tokenizer, dataclasses.replace(self.special, **ids), self.path, self.template)
 
@@ -182,18 +189,22 @@ class ChatTokenizer:
       ids = [i for i in ids if i != self.special.pad]
     return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-  def token_to_id(self, token: str) -> Optional[int]:
+  def token_to_id(self, token: str) -> int | None:
     return self.tokenizer.token_to_id(token)
 
   # -- chat template ---------------------------------------------------------------
   def _turn(self, role: str, content: str) -> list:
     s = self.special
-    return [np.asarray([s.im_start], np.int32), self.encode(f"{role}\n{content}"),
-            np.asarray([s.im_end], np.int32), self._newline_ids]
+    return [
+      np.asarray([s.im_start], np.int32),
+      self.encode(f"{role}\n{content}"),
+      np.asarray([s.im_end], np.int32),
+      self._newline_ids,
+    ]
 
   def _template_prompt_text(self, messages: Sequence[dict]) -> str:
     text = self.template.render(messages, add_generation_prompt=True, enable_thinking=True)
-    return text[:-len(THINK_PREFIX)] if text.endswith(THINK_PREFIX) else text
+    return text[: -len(THINK_PREFIX)] if text.endswith(THINK_PREFIX) else text
 
   def prompt_ids(self, messages: Sequence[dict]) -> np.ndarray:
     """Prompt side of an SFT example: every turn, then `<|im_start|>assistant\n`. int32 [n]."""
@@ -217,7 +228,7 @@ class ChatTokenizer:
   def _split_response(self, text: str) -> np.ndarray:
     """`<think>\n` (if the text starts with it) and the rest, encoded separately (see the module docstring)."""
     if text.startswith(THINK_PREFIX):
-      return np.concatenate([self.think_prefix_ids, self.encode(text[len(THINK_PREFIX):])]).astype(np.int32)
+      return np.concatenate([self.think_prefix_ids, self.encode(text[len(THINK_PREFIX) :])]).astype(np.int32)
     return self.encode(text)
 
   def response_ids(self, response: str, add_end: bool = True) -> np.ndarray:
@@ -225,7 +236,7 @@ class ChatTokenizer:
 
     A body that already starts with `<think>\n` keeps a single prefix.
     """
-    body = response[len(THINK_PREFIX):] if response.startswith(THINK_PREFIX) else response
+    body = response[len(THINK_PREFIX) :] if response.startswith(THINK_PREFIX) else response
     parts = [self.think_prefix_ids, self.encode(body)]
     if add_end:
       parts += [np.asarray([self.special.im_end], np.int32), self._newline_ids]
@@ -236,18 +247,21 @@ class ChatTokenizer:
     if self.template is None:
       return self.prompt_ids(messages), self.response_ids(response)
     prompt = self._template_prompt_text(messages)
-    full = self.template.render(list(messages) + [{"role": "assistant", "content": response}],
-                                add_generation_prompt=False)
+    full = self.template.render(
+      list(messages) + [{"role": "assistant", "content": response}], add_generation_prompt=False
+    )
     if not full.startswith(prompt):
-      raise ValueError(f"{self.template.where}: the chat template renders the prompt differently inside the "
-                       f"conversation, so the prompt/response boundary is undefined")
-    return self.encode(prompt), self._split_response(full[len(prompt):])
+      raise ValueError(
+        f"{self.template.where}: the chat template renders the prompt differently inside the "
+        f"conversation, so the prompt/response boundary is undefined"
+      )
+    return self.encode(prompt), self._split_response(full[len(prompt) :])
 
 
 def find_special_ids(tokenizer: Tokenizer, tok_config: dict, model_config: dict, where: str = "") -> SpecialIds:
   """Special ids from the tokenizer and its config files; see the module docstring for the search order."""
 
-  def by_text(text: str, required: bool = True) -> Optional[int]:
+  def by_text(text: str, required: bool = True) -> int | None:
     i = tokenizer.token_to_id(text)
     if i is None and required:
       raise ValueError(f"{where}: the tokenizer has no token {text!r}, which the Qwen chat template needs")
@@ -262,8 +276,10 @@ def find_special_ids(tokenizer: Tokenizer, tok_config: dict, model_config: dict,
   if pad is None:
     pad = by_text("<|endoftext|>", required=False)
   if pad is None:
-    raise ValueError(f"{where}: no PAD token: tokenizer_config.json has no usable 'pad_token', config.json no "
-                     "'pad_token_id', and the vocabulary has no '<|endoftext|>'. Set one of them.")
+    raise ValueError(
+      f"{where}: no PAD token: tokenizer_config.json has no usable 'pad_token', config.json no "
+      "'pad_token_id', and the vocabulary has no '<|endoftext|>'. Set one of them."
+    )
   eos = None
   eos_text = _token_text(tok_config.get("eos_token"))
   if eos_text is not None:
@@ -272,8 +288,14 @@ def find_special_ids(tokenizer: Tokenizer, tok_config: dict, model_config: dict,
     eos = _config_id(model_config, "eos_token_id")
   if eos is None:
     eos = by_text("<|im_end|>")
-  return SpecialIds(pad=int(pad), eos=int(eos), im_start=by_text("<|im_start|>"), im_end=by_text("<|im_end|>"),
-                    think_start=by_text("<think>"), think_end=by_text("</think>"))
+  return SpecialIds(
+    pad=int(pad),
+    eos=int(eos),
+    im_start=by_text("<|im_start|>"),
+    im_end=by_text("<|im_end|>"),
+    think_start=by_text("<think>"),
+    think_end=by_text("</think>"),
+  )
 
 
 def load_tokenizer(path: str) -> ChatTokenizer:
@@ -281,8 +303,9 @@ def load_tokenizer(path: str) -> ChatTokenizer:
   tok_file = path if path.endswith(".json") and os.path.isfile(path) else os.path.join(path, "tokenizer.json")
   d = os.path.dirname(tok_file)
   if not os.path.exists(tok_file):
-    raise FileNotFoundError(f"{tok_file} not found: data.tokenizer_path (or the model directory) must hold "
-                            "a Hugging Face tokenizer.json")
+    raise FileNotFoundError(
+      f"{tok_file} not found: data.tokenizer_path (or the model directory) must hold a Hugging Face tokenizer.json"
+    )
   try:
     tok = Tokenizer.from_file(tok_file)
   except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
@@ -292,7 +315,7 @@ def load_tokenizer(path: str) -> ChatTokenizer:
   return ChatTokenizer(tok, special, path=d, template=read_chat_template(d, tok_config))
 
 
-def record_token_ids(record, tok: Optional[ChatTokenizer]) -> tuple[np.ndarray, np.ndarray]:
+def record_token_ids(record, tok: ChatTokenizer | None) -> tuple[np.ndarray, np.ndarray]:
   """(prompt_ids, response_ids) int32 of a `schemas.Record`.
 
   SFT records: `encode_chat` (the response starts with `<think>\\n`). Prompt-only records: the generation

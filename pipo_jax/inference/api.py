@@ -15,9 +15,9 @@ the threshold, stop ids, prompts, params and the RNG key are traced, so sweeping
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,7 @@ class GenerateResult(NamedTuple):
   pad_ratio [B] float32     PAD slots / all raw slots
   phase2_runs [] int32      pipo only: executions of phase 2 (batched; the prefill's counts as one)
   """
+
   tokens: jax.Array
   num_tokens: jax.Array
   raw: jax.Array
@@ -71,7 +72,7 @@ def _check_mode(mode: str, config: ModelConfig):
     raise ValueError("decode mode 'pipo' needs config.pad_token_id (the PAD written as a rejected token2)")
 
 
-def stop_id_array(config: ModelConfig, mode: str, stop_ids: Optional[Sequence[int]]) -> jax.Array:
+def stop_id_array(config: ModelConfig, mode: str, stop_ids: Sequence[int] | None) -> jax.Array:
   """int32 [E] stop ids: `stop_ids`, default (config.eos_token_id,). In pipo mode PAD is removed (a PAD is
   a no-op token2 there, and Qwen3.5's eos_token_id is the PAD id). Padded with -1 to at least one entry."""
   ids = [config.eos_token_id] if stop_ids is None else list(stop_ids)
@@ -99,6 +100,7 @@ def _finish(state, max_new, pad_id, phase2_runs=None):
 
 
 # -- jitted pieces, cached per static shape (jax.jit caches by static args and input shapes) ---------------
+
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "sp", "max_new"))
 def prefill_fn(params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad=None, *, config, mode, sp, max_new):
@@ -133,16 +135,27 @@ def decode_fn(params, state, stop_ids_E, tau, random_pad=None, *, config, mode, 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "sp", "max_new"))
 def _generate_jit(params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad=None, *, config, mode, sp, max_new):
-  state = prefill_fn.__wrapped__(params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad, config=config,
-                                 mode=mode, sp=sp, max_new=max_new)
-  return decode_fn.__wrapped__(params, state, stop_ids_E, tau, random_pad, config=config, mode=mode, sp=sp,
-                               max_new=max_new)
+  state = prefill_fn.__wrapped__(
+    params, ids_BT, valid_BT, stop_ids_E, rng, tau, random_pad, config=config, mode=mode, sp=sp, max_new=max_new
+  )
+  return decode_fn.__wrapped__(
+    params, state, stop_ids_E, tau, random_pad, config=config, mode=mode, sp=sp, max_new=max_new
+  )
 
 
-def generate(params: dict, config: ModelConfig, prompt_ids_BT, prompt_valid_BT=None, mode: str = "pipo",
-             sampling: SamplingParams = SamplingParams(), conf_threshold: float = 0.95, max_new_tokens: int = 256,
-             rng: Optional[jax.Array] = None, stop_ids: Optional[Sequence[int]] = None,
-             random_pad_ratio: Optional[float] = None) -> GenerateResult:
+def generate(
+  params: dict,
+  config: ModelConfig,
+  prompt_ids_BT,
+  prompt_valid_BT=None,
+  mode: str = "pipo",
+  sampling: SamplingParams = SamplingParams(),
+  conf_threshold: float = 0.95,
+  max_new_tokens: int = 256,
+  rng: jax.Array | None = None,
+  stop_ids: Sequence[int] | None = None,
+  random_pad_ratio: float | None = None,
+) -> GenerateResult:
   """Generate for a batch of left-padded prompts.
 
   params: full PIPO params tree; prompt_ids_BT int [B, T] left-padded to a fixed bucket T;
@@ -167,9 +180,19 @@ def generate(params: dict, config: ModelConfig, prompt_ids_BT, prompt_valid_BT=N
       raise ValueError(f"random_pad_ratio={random_pad_ratio} needs mode='pipo' and a value in [0, 1]")
     rpad = jnp.asarray(random_pad_ratio, jnp.float32)
     conf_threshold = -1.0  # phase 2 always runs; the coin flip alone decides the PADs
-  return _generate_jit(params, ids, valid, stop_id_array(config, mode, stop_ids), rng,
-                       jnp.asarray(conf_threshold, jnp.float32), rpad, config=_Static(config), mode=mode, sp=sp,
-                       max_new=int(max_new_tokens))
+  return _generate_jit(
+    params,
+    ids,
+    valid,
+    stop_id_array(config, mode, stop_ids),
+    rng,
+    jnp.asarray(conf_threshold, jnp.float32),
+    rpad,
+    config=_Static(config),
+    mode=mode,
+    sp=sp,
+    max_new=int(max_new_tokens),
+  )
 
 
 def left_pad(seqs: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,8 +205,8 @@ def left_pad(seqs: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[n
     n = len(s)
     if n == 0 or n > bucket:
       raise ValueError(f"prompt {b} has {n} tokens; expected 1..{bucket} (the prompt bucket)")
-    ids[b, bucket - n:] = np.asarray(s, np.int32)
-    valid[b, bucket - n:] = True
+    ids[b, bucket - n :] = np.asarray(s, np.int32)
+    valid[b, bucket - n :] = True
   return ids, valid
 
 
@@ -193,8 +216,17 @@ def result_rows(res: GenerateResult) -> list:
   rows = []
   for b in range(r.tokens.shape[0]):
     n, nr = int(r.num_tokens[b]), int(r.raw_len[b])
-    rows.append({
-        "tokens": r.tokens[b, :n].tolist(), "raw": r.raw[b, :nr].tolist(),
-        "stats": {"steps": int(r.steps[b]), "tokens_emitted": n, "drafts_proposed": int(r.drafts_proposed[b]),
-                  "drafts_kept": int(r.drafts_kept[b]), "pad_ratio": float(r.pad_ratio[b])}})
+    rows.append(
+      {
+        "tokens": r.tokens[b, :n].tolist(),
+        "raw": r.raw[b, :nr].tolist(),
+        "stats": {
+          "steps": int(r.steps[b]),
+          "tokens_emitted": n,
+          "drafts_proposed": int(r.drafts_proposed[b]),
+          "drafts_kept": int(r.drafts_kept[b]),
+          "pad_ratio": float(r.pad_ratio[b]),
+        },
+      }
+    )
   return rows

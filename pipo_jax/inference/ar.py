@@ -22,13 +22,13 @@ from pipo_jax.models.pipo import init_mtp_cache
 from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
 
 
-def ar_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams,
-               max_new: int) -> dict:
+def ar_prefill(
+  cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams, max_new: int
+) -> dict:
   """Prompt -> state with the first token emitted. Cache: T + max_new slots (1 per step)."""
   B, T = ids_BT.shape
   cache = init_cache(cfg, B, T + max_new)
-  h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT),
-                            valid_BT, cache)
+  h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, key = jax.random.split(rng)
   out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
   tok_B = smp.sample(key, C.logits(cfg, params, h_BTD[:, -1]), sp, out["presence_BV"])
@@ -39,6 +39,7 @@ def ar_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, s
 
 def ar_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingParams, max_new: int) -> dict:
   """One token per step; at most max_new - 1 steps after the prefill token."""
+
   def cond(s):
     return jnp.any(s["out"]["active_B"]) & (s["step"] < max_new - 1)
 
@@ -46,8 +47,9 @@ def ar_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingPa
     out = s["out"]
     act_B = out["active_B"]
     pos_B1 = C.next_positions(s["cache"])[:, None]
-    h_B1D, cache = C.backbone(cfg, params, C.embed(cfg, params, s["last_B"][:, None]), pos_B1, act_B[:, None],
-                              s["cache"])
+    h_B1D, cache = C.backbone(
+      cfg, params, C.embed(cfg, params, s["last_B"][:, None]), pos_B1, act_B[:, None], s["cache"]
+    )
     rng, key = jax.random.split(s["rng"])
     tok_B = smp.sample(key, C.logits(cfg, params, h_B1D[:, 0]), sp, out["presence_BV"])
     out = C.emit(out, tok_B, jnp.ones_like(act_B), stop_ids_E, max_new)
@@ -61,33 +63,41 @@ def ar_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingPa
 # mtp: native MTP drafts a second token each step and it is always kept (unverified baseline)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def mtp_prompt_pass(cfg, params, h_BTD, ids_BT, valid_BT, tok1_B, S: int):
   """MTP over the prompt, vLLM alignment: slot t takes (e(x_{t+1}), h_t) at RoPE position t, and the last
   slot takes e(tok1). Fills the MTP cache for the prompt (so decode-time MTP attention sees the same
   history as training). Returns (m_BD of the last slot, mtp cache with S slots)."""
   B = ids_BT.shape[0]
   next_BT = jnp.concatenate([ids_BT[:, 1:], tok1_B[:, None]], axis=1)
-  m_BTD, mcache = C.mtp_only(cfg, params, next_BT, h_BTD, positions_from_valid(valid_BT), valid_BT,
-                             init_mtp_cache(cfg, B, S))
+  m_BTD, mcache = C.mtp_only(
+    cfg, params, next_BT, h_BTD, positions_from_valid(valid_BT), valid_BT, init_mtp_cache(cfg, B, S)
+  )
   return m_BTD[:, -1], mcache
 
 
-def mtp_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams,
-                max_new: int) -> dict:
+def mtp_prefill(
+  cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams, max_new: int
+) -> dict:
   """Prompt -> token1 (backbone) and token2 (MTP, kept). Caches: T + max_new + 2 slots (2 per step, at most
   max_new // 2 + 1 steps)."""
   B, T = ids_BT.shape
   S = T + max_new + 2
   cache = init_cache(cfg, B, S)
-  h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT),
-                            valid_BT, cache)
+  h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, k1, k2 = jax.random.split(rng, 3)
   out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
   tok1_B = smp.sample(k1, C.logits(cfg, params, h_BTD[:, -1]), sp, out["presence_BV"])
   m_BD, mcache = mtp_prompt_pass(cfg, params, h_BTD, ids_BT, valid_BT, tok1_B, S)
   tok2_B = smp.sample(k2, C.logits(cfg, params, m_BD), sp, out["presence_BV"].at[jnp.arange(B), tok1_B].set(True))
-  return _mtp_emit({"cache": cache, "mcache": mcache, "out": out, "rng": rng, "step": jnp.zeros((), jnp.int32)},
-                   tok1_B, tok2_B, out["active_B"], stop_ids_E, max_new)
+  return _mtp_emit(
+    {"cache": cache, "mcache": mcache, "out": out, "rng": rng, "step": jnp.zeros((), jnp.int32)},
+    tok1_B,
+    tok2_B,
+    out["active_B"],
+    stop_ids_E,
+    max_new,
+  )
 
 
 def _mtp_emit(s, tok1_B, tok2_B, act_B, stop_ids_E, max_new):
@@ -103,6 +113,7 @@ def _mtp_emit(s, tok1_B, tok2_B, act_B, stop_ids_E, max_new):
 def mtp_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingParams, max_new: int) -> dict:
   """Each step the backbone consumes the last two emitted tokens (o_a, o_b) at positions (n, n+1): h_{n+1}
   gives token1; the MTP consumes (e(o_b), h_n) and (e(token1), h_{n+1}) and its last slot gives token2."""
+
   def cond(s):  # each step emits 2 tokens per active row, so the budget ends the loop by then
     return jnp.any(s["out"]["active_B"]) & (s["step"] < max_new // 2 + 1)
 

@@ -14,16 +14,14 @@ Output tracker `out` (a dict pytree carried through `lax.while_loop`):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.models.pipo import PipoModel
 
-
 # -- model calls (params is the full PIPO tree: backbone / mtp / compressor / confidence_head) ---------------
+
 
 def _apply(cfg: ModelConfig, params: dict, fn, *args):
   return PipoModel(cfg).apply({"params": params}, *args, method=fn)
@@ -51,8 +49,10 @@ def mtp(cfg, params, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache):
 
 def mtp_only(cfg, params, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache):
   """Native MTP layer without the confidence head -> (m_BJD, cache)."""
+
   def f(m, t, h, p, v, c):
     return m.mtp(m.backbone.embed(t), h, p, v, c)
+
   return _apply(cfg, params, f, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache)
 
 
@@ -68,17 +68,32 @@ def next_positions(cache: dict) -> jax.Array:
 
 # -- output tracker -------------------------------------------------------------------------------------
 
+
 def init_out(batch: int, num_slots: int, vocab: int, pad_id: int) -> dict:
   B, N = batch, num_slots
   pad_id = 0 if pad_id is None else pad_id  # ar/mtp on a config without a PAD id: any filler works
   z = jnp.zeros((B,), jnp.int32)
-  return {"raw_BN": jnp.full((B, N), pad_id, jnp.int32), "padslot_BN": jnp.zeros((B, N), bool),
-          "raw_len_B": z, "count_B": z, "active_B": jnp.ones((B,), bool),
-          "presence_BV": jnp.zeros((B, vocab), bool), "steps_B": z, "proposed_B": z, "kept_B": z}
+  return {
+    "raw_BN": jnp.full((B, N), pad_id, jnp.int32),
+    "padslot_BN": jnp.zeros((B, N), bool),
+    "raw_len_B": z,
+    "count_B": z,
+    "active_B": jnp.ones((B,), bool),
+    "presence_BV": jnp.zeros((B, vocab), bool),
+    "steps_B": z,
+    "proposed_B": z,
+    "kept_B": z,
+  }
 
 
-def emit(out: dict, tok_B: jax.Array, allowed_B: jax.Array, stop_ids_E: jax.Array, max_new: int,
-         pad_slot_B: Optional[jax.Array] = None) -> dict:
+def emit(
+  out: dict,
+  tok_B: jax.Array,
+  allowed_B: jax.Array,
+  stop_ids_E: jax.Array,
+  max_new: int,
+  pad_slot_B: jax.Array | None = None,
+) -> dict:
   """Append one slot per row where the row is active and `allowed_B`.
 
   A non-PAD slot counts toward max_new_tokens, is recorded for the presence penalty and stops the row when
@@ -95,13 +110,13 @@ def emit(out: dict, tok_B: jax.Array, allowed_B: jax.Array, stop_ids_E: jax.Arra
   stop_B = real_B & jnp.any(tok_B[:, None] == stop_ids_E[None, :], axis=-1)
   count_B = out["count_B"] + real_B
   return dict(
-      out,
-      raw_BN=out["raw_BN"].at[rows, idx_B].set(tok_B, mode="drop"),
-      padslot_BN=out["padslot_BN"].at[rows, idx_B].set(pad_B, mode="drop"),
-      raw_len_B=out["raw_len_B"] + do_B,
-      count_B=count_B,
-      presence_BV=out["presence_BV"].at[rows, jnp.where(real_B, tok_B, V)].set(True, mode="drop"),
-      active_B=out["active_B"] & ~stop_B & (count_B < max_new),
+    out,
+    raw_BN=out["raw_BN"].at[rows, idx_B].set(tok_B, mode="drop"),
+    padslot_BN=out["padslot_BN"].at[rows, idx_B].set(pad_B, mode="drop"),
+    raw_len_B=out["raw_len_B"] + do_B,
+    count_B=count_B,
+    presence_BV=out["presence_BV"].at[rows, jnp.where(real_B, tok_B, V)].set(True, mode="drop"),
+    active_B=out["active_B"] & ~stop_B & (count_B < max_new),
   )
 
 
@@ -115,10 +130,15 @@ def finalize(out: dict, max_new: int, pad_id: int, phase2_runs=None) -> dict:
   slots_B = out["raw_len_B"]
   pad_slots_B = slots_B - out["count_B"]
   return {
-      "tokens": tokens_BM, "num_tokens": out["count_B"],
-      "raw": out["raw_BN"], "raw_is_pad": out["padslot_BN"], "raw_len": slots_B,
-      "steps": out["steps_B"], "tokens_emitted": out["count_B"],
-      "drafts_proposed": out["proposed_B"], "drafts_kept": out["kept_B"],
-      "pad_ratio": pad_slots_B / jnp.maximum(slots_B, 1).astype(jnp.float32),
-      "phase2_runs": jnp.asarray(0 if phase2_runs is None else phase2_runs, jnp.int32),
+    "tokens": tokens_BM,
+    "num_tokens": out["count_B"],
+    "raw": out["raw_BN"],
+    "raw_is_pad": out["padslot_BN"],
+    "raw_len": slots_B,
+    "steps": out["steps_B"],
+    "tokens_emitted": out["count_B"],
+    "drafts_proposed": out["proposed_B"],
+    "drafts_kept": out["kept_B"],
+    "pad_ratio": pad_slots_B / jnp.maximum(slots_B, 1).astype(jnp.float32),
+    "phase2_runs": jnp.asarray(0 if phase2_runs is None else phase2_runs, jnp.int32),
   }

@@ -64,11 +64,11 @@ def per_step(cfg: ModelConfig, ctx_tokens: int) -> dict:
   pipo_p1 = compressor(cfg) + backbone_token(cfg, ctx_tokens // 2) + lm_head(cfg)
   pipo_p2 = mtp_layer(cfg, ctx_tokens // 2) + confidence_head(cfg) + lm_head(cfg)
   return {
-      "ar": ar,
-      "pipo_tau_ge_1": pipo_p1,
-      "pipo_tau_lt_1": pipo_p1 + pipo_p2,
-      # upper bounds of pipo/ar effective-token speed-up at equal FLOP throughput
-      "bound_tau_ge_1": ar / pipo_p1,  # 1 token per step
-      "bound_tau_lt_1_all_kept": 2 * ar / (pipo_p1 + pipo_p2),  # 2 tokens per step
-      "bound_tau_lt_1_none_kept": ar / (pipo_p1 + pipo_p2),
+    "ar": ar,
+    "pipo_tau_ge_1": pipo_p1,
+    "pipo_tau_lt_1": pipo_p1 + pipo_p2,
+    # upper bounds of pipo/ar effective-token speed-up at equal FLOP throughput
+    "bound_tau_ge_1": ar / pipo_p1,  # 1 token per step
+    "bound_tau_lt_1_all_kept": 2 * ar / (pipo_p1 + pipo_p2),  # 2 tokens per step
+    "bound_tau_lt_1_none_kept": ar / (pipo_p1 + pipo_p2),
   }

@@ -30,8 +30,6 @@ Cache sizing: 1 pair slot per step, L + max_new in all.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -58,8 +56,9 @@ def pair_layout(ids_BT, valid_BT, pad_id: int):
   return ids2.astype(jnp.int32), q_BT2 >= 0
 
 
-def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B,
-            random_pad=None):
+def _phase2(
+  cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B, random_pad=None
+):
   """MTP + confidence on the slots; token2 from the last slot, gated by tau (or by a coin flip: random_pad).
   Returns (token2 or PAD [B], is_pad_slot [B], logits2_BV, conf_B, mcache)."""
   m_BJD, conf_BJ, mcache = C.mtp(cfg, params, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache)
@@ -82,19 +81,24 @@ def _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, pre
   return tok2_B, tok2_B == cfg.pad_token_id, logits2_BV, conf_B, mcache
 
 
-def _phase2_cond(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B,
-                 random_pad=None):
+def _phase2_cond(
+  cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B, random_pad=None
+):
   """Phase 2 under lax.cond(tau < 1): with tau >= 1 neither the MTP layer, the confidence head nor the second
   LM head runs, and token2 is PAD."""
   B = tok1_BJ.shape[0]
 
   def run(mc):
-    return _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mc, tau, presence_BV, sp, forced2_B,
-                   random_pad)
+    return _phase2(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mc, tau, presence_BV, sp, forced2_B, random_pad)
 
   def skip(mc):
-    return (jnp.full((B,), cfg.pad_token_id, jnp.int32), jnp.ones((B,), bool),
-            jnp.zeros((B, cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.float32), mc)
+    return (
+      jnp.full((B,), cfg.pad_token_id, jnp.int32),
+      jnp.ones((B,), bool),
+      jnp.zeros((B, cfg.vocab_size), jnp.float32),
+      jnp.zeros((B,), jnp.float32),
+      mc,
+    )
 
   run2 = tau < 1.0
   return run2, jax.lax.cond(run2, run, skip, mcache)
@@ -103,13 +107,28 @@ def _phase2_cond(cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau
 def _record(trace, k, logits1_BV, logits2_BV, conf_B):
   if trace is None:
     return None
-  return {"logits1": trace["logits1"].at[:, k].set(logits1_BV), "logits2": trace["logits2"].at[:, k].set(logits2_BV),
-          "conf": trace["conf"].at[:, k].set(conf_B)}
+  return {
+    "logits1": trace["logits1"].at[:, k].set(logits1_BV),
+    "logits2": trace["logits2"].at[:, k].set(logits2_BV),
+    "conf": trace["conf"].at[:, k].set(conf_B),
+  }
 
 
-def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, tau, *, sp: smp.SamplingParams,
-                 max_new: int, forced_BN: Optional[jax.Array] = None, trace: bool = False,
-                 random_pad: Optional[jax.Array] = None) -> dict:
+def pipo_prefill(
+  cfg: ModelConfig,
+  params,
+  ids_BT,
+  valid_BT,
+  stop_ids_E,
+  rng,
+  tau,
+  *,
+  sp: smp.SamplingParams,
+  max_new: int,
+  forced_BN: jax.Array | None = None,
+  trace: bool = False,
+  random_pad: jax.Array | None = None,
+) -> dict:
   """Prompt -> state with the first pair emitted. forced_BN (tests): the raw stream to teacher-force instead
   of sampling (slot 2k = token1 of step k, 2k+1 = token2; gating off). trace: record per-step logits."""
   B = ids_BT.shape[0]
@@ -132,8 +151,20 @@ def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, ta
   tok1_BL = jnp.concatenate([ids2[:, 2::2], tok1_B[:, None]], axis=1)
 
   run2, (tok2_B, pad2_B, logits2_BV, conf_B, mcache) = _phase2_cond(
-      cfg, params, k2, tok1_BL, h_BLD, ppos_BL, pvalid_BL, mcache0, tau, out["presence_BV"], sp,
-      None if forced_BN is None else forced_BN[:, 1], random_pad)
+    cfg,
+    params,
+    k2,
+    tok1_BL,
+    h_BLD,
+    ppos_BL,
+    pvalid_BL,
+    mcache0,
+    tau,
+    out["presence_BV"],
+    sp,
+    None if forced_BN is None else forced_BN[:, 1],
+    random_pad,
+  )
   proposed_B = out["active_B"] & run2
   out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
   out["steps_B"] = out["steps_B"] + 1
@@ -142,16 +173,32 @@ def pipo_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, ta
   tr = None
   if trace:
     V = cfg.vocab_size
-    tr = {"logits1": jnp.zeros((B, max_new, V)), "logits2": jnp.zeros((B, max_new, V)),
-          "conf": jnp.zeros((B, max_new))}
+    tr = {"logits1": jnp.zeros((B, max_new, V)), "logits2": jnp.zeros((B, max_new, V)), "conf": jnp.zeros((B, max_new))}
     tr = _record(tr, 0, logits1_BV, logits2_BV, conf_B)
-  return {"cache": cache, "mcache": mcache, "pair_B2": jnp.stack([tok1_B, tok2_B], 1), "out": out, "rng": rng,
-          "step": jnp.zeros((), jnp.int32), "phase2_runs": run2.astype(jnp.int32), "trace": tr,
-          "forced": forced_BN}
+  return {
+    "cache": cache,
+    "mcache": mcache,
+    "pair_B2": jnp.stack([tok1_B, tok2_B], 1),
+    "out": out,
+    "rng": rng,
+    "step": jnp.zeros((), jnp.int32),
+    "phase2_runs": run2.astype(jnp.int32),
+    "trace": tr,
+    "forced": forced_BN,
+  }
 
 
-def pipo_decode(cfg: ModelConfig, params, state, stop_ids_E, tau, *, sp: smp.SamplingParams,
-                max_new: int, random_pad: Optional[jax.Array] = None) -> dict:
+def pipo_decode(
+  cfg: ModelConfig,
+  params,
+  state,
+  stop_ids_E,
+  tau,
+  *,
+  sp: smp.SamplingParams,
+  max_new: int,
+  random_pad: jax.Array | None = None,
+) -> dict:
   """Decode steps until every row is done; at most max_new - 1 steps after the prefill (each step emits
   at least one token)."""
   pad = cfg.pad_token_id
@@ -176,15 +223,35 @@ def pipo_decode(cfg: ModelConfig, params, state, stop_ids_E, tau, *, sp: smp.Sam
     out = C.emit(out, tok1_B, jnp.ones((B,), bool), stop_ids_E, max_new)
     # phase 2
     run2, (tok2_B, pad2_B, logits2_BV, conf_B, mcache) = _phase2_cond(
-        cfg, params, k2, tok1_B[:, None], h_B1D, pos_B1, act_B[:, None], s["mcache"], tau, out["presence_BV"], sp,
-        None if forced is None else forced[:, 2 * k + 1], random_pad)
+      cfg,
+      params,
+      k2,
+      tok1_B[:, None],
+      h_B1D,
+      pos_B1,
+      act_B[:, None],
+      s["mcache"],
+      tau,
+      out["presence_BV"],
+      sp,
+      None if forced is None else forced[:, 2 * k + 1],
+      random_pad,
+    )
     proposed_B = out["active_B"] & run2
     out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
     out["steps_B"] = out["steps_B"] + act_B
     out["proposed_B"] = out["proposed_B"] + proposed_B
     out["kept_B"] = out["kept_B"] + (proposed_B & ~pad2_B)
-    return {"cache": cache, "mcache": mcache, "pair_B2": jnp.stack([tok1_B, tok2_B], 1), "out": out, "rng": rng,
-            "step": s["step"] + 1, "phase2_runs": s["phase2_runs"] + run2.astype(jnp.int32),
-            "trace": _record(s["trace"], k, logits1_BV, logits2_BV, conf_B), "forced": forced}
+    return {
+      "cache": cache,
+      "mcache": mcache,
+      "pair_B2": jnp.stack([tok1_B, tok2_B], 1),
+      "out": out,
+      "rng": rng,
+      "step": s["step"] + 1,
+      "phase2_runs": s["phase2_runs"] + run2.astype(jnp.int32),
+      "trace": _record(s["trace"], k, logits1_BV, logits2_BV, conf_B),
+      "forced": forced,
+    }
 
   return jax.lax.while_loop(cond, body, state)

@@ -11,7 +11,6 @@ what exact speculative sampling needs for both the target and the draft.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ class SamplingParams:
   temperature 0 = greedy; top_k 0 = off; top_p 1 = off; presence_penalty subtracts a constant from the
   logit of every token already emitted in this completion (PAD is never recorded, so never penalised).
   """
+
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -38,10 +38,10 @@ class SamplingParams:
     return self.temperature <= 0.0
 
   @classmethod
-  def from_config(cls, cfg: SamplingConfig) -> "SamplingParams":
+  def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
     return cls(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p), float(cfg.presence_penalty))
 
-  def validate(self) -> "SamplingParams":
+  def validate(self) -> SamplingParams:
     if self.top_k < 0:
       raise ValueError(f"top_k={self.top_k}: expected >= 0 (0 = off)")
     if not 0.0 < self.top_p <= 1.0:
@@ -49,8 +49,9 @@ class SamplingParams:
     return self
 
 
-def _base_logits(logits_BV: jax.Array, sp: SamplingParams, presence_BV: Optional[jax.Array],
-                 ban_id: Optional[int]) -> jax.Array:
+def _base_logits(
+  logits_BV: jax.Array, sp: SamplingParams, presence_BV: jax.Array | None, ban_id: int | None
+) -> jax.Array:
   x = logits_BV.astype(jnp.float32)
   if ban_id is not None:
     x = x.at[:, ban_id].set(_NEG)
@@ -77,15 +78,17 @@ def _top_k_top_p(x_BV: jax.Array, k: int, p: float) -> jax.Array:
   return jnp.where(x_BV >= thresh_B1, x_BV, _NEG)
 
 
-def adjusted_logits(logits_BV: jax.Array, sp: SamplingParams, presence_BV: Optional[jax.Array] = None,
-                    ban_id: Optional[int] = None) -> jax.Array:
+def adjusted_logits(
+  logits_BV: jax.Array, sp: SamplingParams, presence_BV: jax.Array | None = None, ban_id: int | None = None
+) -> jax.Array:
   """fp32 [B, V] logits whose softmax is the sampling distribution (temperature > 0 only)."""
   x = _base_logits(logits_BV, sp, presence_BV, ban_id) / sp.temperature
   return _top_k_top_p(x, sp.top_k, sp.top_p)
 
 
-def probs(logits_BV: jax.Array, sp: SamplingParams, presence_BV: Optional[jax.Array] = None,
-          ban_id: Optional[int] = None) -> jax.Array:
+def probs(
+  logits_BV: jax.Array, sp: SamplingParams, presence_BV: jax.Array | None = None, ban_id: int | None = None
+) -> jax.Array:
   """The distribution `sample` draws from, fp32 [B, V] (one-hot of the argmax when greedy)."""
   if sp.greedy:
     top_B = jnp.argmax(_base_logits(logits_BV, sp, presence_BV, ban_id), axis=-1)
@@ -93,8 +96,13 @@ def probs(logits_BV: jax.Array, sp: SamplingParams, presence_BV: Optional[jax.Ar
   return jax.nn.softmax(adjusted_logits(logits_BV, sp, presence_BV, ban_id), axis=-1)
 
 
-def sample(key: jax.Array, logits_BV: jax.Array, sp: SamplingParams, presence_BV: Optional[jax.Array] = None,
-           ban_id: Optional[int] = None) -> jax.Array:
+def sample(
+  key: jax.Array,
+  logits_BV: jax.Array,
+  sp: SamplingParams,
+  presence_BV: jax.Array | None = None,
+  ban_id: int | None = None,
+) -> jax.Array:
   """Token ids int32 [B]. `key` is unused when greedy."""
   if sp.greedy:
     return jnp.argmax(_base_logits(logits_BV, sp, presence_BV, ban_id), axis=-1).astype(jnp.int32)

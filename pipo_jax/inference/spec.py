@@ -35,14 +35,14 @@ from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
 _LINEAR_STATE_KEYS = ("conv_BWC", "state_BHKV")
 
 
-def spec_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams,
-                 max_new: int) -> dict:
+def spec_prefill(
+  cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *, sp: smp.SamplingParams, max_new: int
+) -> dict:
   """Prompt -> x_n (emitted) and the first draft d ~ q (not emitted)."""
   B, T = ids_BT.shape
   S = T + 2 * max_new + 2
   cache = init_cache(cfg, B, S)
-  h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT),
-                            valid_BT, cache)
+  h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, k1, k2 = jax.random.split(rng, 3)
   out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
   tok_B = smp.sample(k1, C.logits(cfg, params, h_BTD[:, -1]), sp, out["presence_BV"])
@@ -51,18 +51,28 @@ def spec_prefill(cfg: ModelConfig, params, ids_BT, valid_BT, stop_ids_E, rng, *,
   m_BD, mcache = mtp_prompt_pass(cfg, params, h_BTD, ids_BT, valid_BT, tok_B, S)
   q_BV = smp.probs(C.logits(cfg, params, m_BD), sp, out["presence_BV"])
   draft_B = smp.sample_from_probs(k2, q_BV, sp.greedy)
-  return {"cache": cache, "mcache": mcache, "last_B": tok_B, "draft_B": draft_B, "q_BV": q_BV, "out": out,
-          "rng": rng, "step": jnp.zeros((), jnp.int32)}
+  return {
+    "cache": cache,
+    "mcache": mcache,
+    "last_B": tok_B,
+    "draft_B": draft_B,
+    "q_BV": q_BV,
+    "out": out,
+    "rng": rng,
+    "step": jnp.zeros((), jnp.int32),
+  }
 
 
 def _select_linear_states(take_a_B, a: dict, b: dict) -> dict:
   """Per row, linear-layer states from cache `a` where take_a_B, else from `b`; everything else from `b`.
   Layer-cache leaves carry a leading [R] (scanned repeats) axis, so the batch axis is 1."""
+
   def sel(path, xa, xb):
     if path[-1].key in _LINEAR_STATE_KEYS:
       m = take_a_B.reshape((1, -1) + (1,) * (xa.ndim - 2))
       return jnp.where(m, xa, xb)
     return xb
+
   return dict(b, layers=jax.tree_util.tree_map_with_path(sel, a["layers"], b["layers"]))
 
 
@@ -82,8 +92,7 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     x_B, d_B, q_BV = s["last_B"], s["draft_B"], s["q_BV"]
 
     # 1. verify
-    h_B2D, cache2 = C.backbone(cfg, params, C.embed(cfg, params, jnp.stack([x_B, d_B], 1)), pos_B2, valid_B2,
-                               cache0)
+    h_B2D, cache2 = C.backbone(cfg, params, C.embed(cfg, params, jnp.stack([x_B, d_B], 1)), pos_B2, valid_B2, cache0)
     logits_B2V = C.logits(cfg, params, h_B2D)
     p1_BV = smp.probs(logits_B2V[:, 0], sp, out["presence_BV"])
 
@@ -113,8 +122,7 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     # 3. rollback: slot of d invalid for rejected rows; linear states recomputed from x_n alone
     keep2_B = act_B & accept_B
     idx = cache0["index"]
-    cache2 = dict(cache2, valid_BS=jax.lax.dynamic_update_slice(cache2["valid_BS"], keep2_B[:, None],
-                                                                (0, idx + 1)))
+    cache2 = dict(cache2, valid_BS=jax.lax.dynamic_update_slice(cache2["valid_BS"], keep2_B[:, None], (0, idx + 1)))
     rejected_B = act_B & ~accept_B
 
     def rollback(c2):
@@ -132,7 +140,15 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     q_next_BV = smp.probs(C.logits(cfg, params, m_BD), sp, pres_next_BV)
     d_next_B = smp.sample_from_probs(k_d, q_next_BV, sp.greedy)
     last_B = jnp.where(accept_B, b_B, x1_B)
-    return {"cache": cache, "mcache": mcache, "last_B": last_B, "draft_B": d_next_B, "q_BV": q_next_BV,
-            "out": out, "rng": rng, "step": s["step"] + 1}
+    return {
+      "cache": cache,
+      "mcache": mcache,
+      "last_B": last_B,
+      "draft_B": d_next_B,
+      "q_BV": q_next_BV,
+      "out": out,
+      "rng": rng,
+      "step": s["step"] + 1,
+    }
 
   return jax.lax.while_loop(cond, body, state)

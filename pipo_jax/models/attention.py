@@ -6,12 +6,10 @@ D model dim, H query heads, G kv heads, R = H/G query heads per kv head, K head 
 
 from __future__ import annotations
 
-from typing import Optional
-
-import numpy as np
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+import numpy as np
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.models.flash import blocked_attention
@@ -56,12 +54,18 @@ def apply_partial_rope(x_BTNK: jax.Array, cos_BTP: jax.Array, sin_BTP: jax.Array
 
 def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
   return nn.Dense(
-      features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes))
+    features,
+    use_bias=False,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
+  )
 
 
-def _dense_attention(q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, query_slot_T: jax.Array,
-                     key_valid_BS: jax.Array) -> jax.Array:
+def _dense_attention(
+  q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, query_slot_T: jax.Array, key_valid_BS: jax.Array
+) -> jax.Array:
   """Reference path: full masked [B, G, R, T, S] fp32 scores. -> o_BTGRK [B, T, G, R, K] in q's dtype.
 
   Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s].
@@ -69,7 +73,7 @@ def _dense_attention(q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, q
   S, K = k_BSGK.shape[1], q_BTGRK.shape[-1]
   mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
   scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32)
-  scores_BGRTS = scores_BGRTS * np.float32(K ** -0.5)
+  scores_BGRTS = scores_BGRTS * np.float32(K**-0.5)
   scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
   probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BTGRK.dtype)  # softmax in fp32
   return jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
@@ -81,11 +85,13 @@ class GatedAttention(nn.Module):
   Params: q_proj [D, H*2K] (per-head interleaved [q_h | gate_h]), k_proj/v_proj [D, G*K], o_proj [H*K, D],
   q_norm/k_norm scale [K].
   """
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: Optional[jax.Array],
-               cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
+  def __call__(
+    self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array | None, cache: dict | None
+  ) -> tuple[jax.Array, dict | None]:
     """x_BTD (already input-normed) -> (out_BTD, new cache).
 
     cache (optional): {"k_BSGK", "v_BSGK", "index" (int32 scalar: first slot to write), "valid_BS"
@@ -130,11 +136,11 @@ class GatedAttention(nn.Module):
     if block and T > block:
       # Long calls (training, long prefill): never materialise [T, S] (memory O(block^2) per head, fwd + bwd).
       # Short calls and decode stay dense: one small [T, S] tile is cheaper than a scan.
-      o_BTGRK = blocked_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T,
-                                  key_valid_BS, block, block)
+      o_BTGRK = blocked_attention(
+        q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T, key_valid_BS, block, block
+      )
     else:
-      o_BTGRK = _dense_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T,
-                                 key_valid_BS)
+      o_BTGRK = _dense_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T, key_valid_BS)
     o_BTF = o_BTGRK.reshape(B, T, H * K)
     # The gate multiplies the concatenated head outputs, before o_proj (as HF).
     o_BTF = o_BTF * jax.nn.sigmoid(gate_BTHK.reshape(B, T, H * K))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
@@ -57,8 +57,14 @@ def _to_blocks(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, bq, bk):
   q_nBGRqK = q.reshape(B, nq, bq, G, R, K).transpose(1, 0, 3, 4, 2, 5)
   k_nBGsK = k.reshape(B, nk, bk, G, K).transpose(1, 0, 3, 2, 4)
   v_nBGsK = v.reshape(B, nk, bk, G, K).transpose(1, 0, 3, 2, 4)
-  return (q_nBGRqK, k_nBGsK, v_nBGsK, q_slot.reshape(nq, bq),
-          jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk), k_valid.reshape(B, nk, bk).transpose(1, 0, 2))
+  return (
+    q_nBGRqK,
+    k_nBGsK,
+    v_nBGsK,
+    q_slot.reshape(nq, bq),
+    jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk),
+    k_valid.reshape(B, nk, bk).transpose(1, 0, 2),
+  )
 
 
 def _from_q_blocks(x_nBGRqK, T):
@@ -98,8 +104,11 @@ def _forward(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, bq, bk):
       return jax.lax.cond(k_slot_s[0] > last_slot, lambda c: c, update, carry), None
 
     B, G, R, q, K = q_BGRqK.shape
-    init = (jnp.full((B, G, R, q), _MASK_VALUE, jnp.float32), jnp.zeros((B, G, R, q), jnp.float32),
-            jnp.zeros((B, G, R, q, K), jnp.float32))
+    init = (
+      jnp.full((B, G, R, q), _MASK_VALUE, jnp.float32),
+      jnp.zeros((B, G, R, q), jnp.float32),
+      jnp.zeros((B, G, R, q, K), jnp.float32),
+    )
     (m, l, acc), _ = jax.lax.scan(kv_step, init, (k_nBGsK, v_nBGsK, k_slot_ns, k_valid_nBs))
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
@@ -137,9 +146,10 @@ def _bwd(block_q, block_k, res, do_BTGRK):
   B, T, G, R, K = q_BTGRK.shape
   S = k_BSGK.shape[1]
   dtype = q_BTGRK.dtype
-  scale = np.float32(K ** -0.5)
+  scale = np.float32(K**-0.5)
   q_nBGRqK, k_nBGsK, v_nBGsK, q_slot_nq, k_slot_ns, k_valid_nBs = _to_blocks(
-      q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block_q, block_k)
+    q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block_q, block_k
+  )
   do_nBGRqK = _to_blocks(do_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block_q, block_k)[0]
   # D_i = rowsum(dO * O): the softmax-Jacobian term, dS = P * (dP - D).
   d_nBGRq = jnp.einsum("nbgrqk,nbgrqk->nbgrq", do_nBGRqK.astype(jnp.float32), o_nBGRqK.astype(jnp.float32))
@@ -169,8 +179,8 @@ def _bwd(block_q, block_k, res, do_BTGRK):
 
     zeros = jnp.zeros(k_BGsK.shape, jnp.float32)
     (dk, dv, dq_acc), _ = jax.lax.scan(
-        q_step, (zeros, zeros, dq_acc),
-        (jnp.arange(nq), q_nBGRqK, do_nBGRqK, lse_nBGRq, d_nBGRq, q_slot_nq))
+      q_step, (zeros, zeros, dq_acc), (jnp.arange(nq), q_nBGRqK, do_nBGRqK, lse_nBGRq, d_nBGRq, q_slot_nq)
+    )
     return dq_acc, (dk, dv)
 
   dq0 = jnp.zeros(q_nBGRqK.shape, jnp.float32)

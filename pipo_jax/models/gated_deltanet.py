@@ -13,12 +13,10 @@ over the whole sequence, so reduced-precision passes would compound (HF keeps it
 
 from __future__ import annotations
 
-from typing import Optional
-
-import numpy as np
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+import numpy as np
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.models.norms import GatedRMSNorm, logical_param
@@ -46,6 +44,7 @@ def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BH
 
   Returns (o_BTHV, final state_BHKV). Used for single-token decode and as the test reference.
   """
+
   def step(S_BHKV, inputs):
     q, k, v, g, beta = inputs
     S_BHKV = S_BHKV * jnp.exp(g)[..., None, None]
@@ -119,6 +118,7 @@ class CausalConv(nn.Module):
   Written as a sum of W shifted products over [cached W-1 pre-activation inputs | new inputs], so prefill,
   single-step and multi-token decode are the same code.
   """
+
   config: ModelConfig
 
   @nn.compact
@@ -126,19 +126,25 @@ class CausalConv(nn.Module):
     """(x_BTC pre-activation, prev_BWC the previous W-1 inputs) -> (silu(conv)_BTC, new prev_BWC)."""
     cfg = self.config
     W, C = cfg.linear_conv_kernel_dim, x_BTC.shape[-1]
-    kernel_WC = logical_param(self, "kernel", nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv"),
-                              (W, C), cfg.param_dtype)
+    kernel_WC = logical_param(
+      self, "kernel", nn.initializers.normal(cfg.initializer_range), ("conv_width", "gdn_qkv"), (W, C), cfg.param_dtype
+    )
     T = x_BTC.shape[1]
     ext_BXC = jnp.concatenate([prev_BWC.astype(x_BTC.dtype), x_BTC], axis=1)  # X = T + W - 1
     ext32 = ext_BXC.astype(jnp.float32)
-    acc_BTC = sum(ext32[:, j:j + T] * kernel_WC[j].astype(jnp.float32) for j in range(W))
+    acc_BTC = sum(ext32[:, j : j + T] * kernel_WC[j].astype(jnp.float32) for j in range(W))
     return jax.nn.silu(acc_BTC).astype(x_BTC.dtype), ext_BXC[:, T:]
 
 
 def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
   return nn.Dense(
-      features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes))
+    features,
+    use_bias=False,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
+  )
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
@@ -151,11 +157,11 @@ class GatedDeltaNet(nn.Module):
   conv1d/kernel [W, C], A_log [Hv] (always fp32; the model computes -exp(A_log)), dt_bias [Hv],
   norm/scale [dv] (plain scale), out_proj [Hv*dv, D].
   """
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, valid_BT: Optional[jax.Array],
-               cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None, cache: dict | None) -> tuple[jax.Array, dict | None]:
     """x_BTD (already input-normed) -> (out_BTD, new cache).
 
     cache (optional): {"conv_BWC": last W-1 pre-activation q|k|v inputs, "state_BHKV": fp32 recurrent state,
@@ -164,8 +170,12 @@ class GatedDeltaNet(nn.Module):
     """
     cfg = self.config
     B, T, _ = x_BTD.shape
-    Hk, H, K, V = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                   cfg.linear_value_head_dim)
+    Hk, H, K, V = (
+      cfg.linear_num_key_heads,
+      cfg.linear_num_value_heads,
+      cfg.linear_key_head_dim,
+      cfg.linear_value_head_dim,
+    )
     W = cfg.linear_conv_kernel_dim
     if valid_BT is not None:
       x_BTD = x_BTD * valid_BT[..., None].astype(x_BTD.dtype)
@@ -185,27 +195,32 @@ class GatedDeltaNet(nn.Module):
 
     kd = cfg.linear_key_dim
     q_BTHK = conv_BTC[..., :kd].reshape(B, T, Hk, K).astype(jnp.float32)
-    k_BTHK = conv_BTC[..., kd:2 * kd].reshape(B, T, Hk, K).astype(jnp.float32)
-    v_BTHV = conv_BTC[..., 2 * kd:].reshape(B, T, H, V).astype(jnp.float32)
+    k_BTHK = conv_BTC[..., kd : 2 * kd].reshape(B, T, Hk, K).astype(jnp.float32)
+    v_BTHV = conv_BTC[..., 2 * kd :].reshape(B, T, H, V).astype(jnp.float32)
     # Scale after the l2norm (as HF); value head h reads key head h // (H/Hk): repeat_interleave.
-    q_BTHK = jnp.repeat(l2norm(q_BTHK) * np.float32(K ** -0.5), H // Hk, axis=2)
+    q_BTHK = jnp.repeat(l2norm(q_BTHK) * np.float32(K**-0.5), H // Hk, axis=2)
     k_BTHK = jnp.repeat(l2norm(k_BTHK), H // Hk, axis=2)
 
     a_log = logical_param(self, "A_log", _a_log_init, ("gdn_heads",), (H,), jnp.float32)
     dt_bias = logical_param(self, "dt_bias", nn.initializers.ones_init(), ("gdn_heads",), (H,), cfg.param_dtype)
     beta_BTH = jax.nn.sigmoid(b_BTH.astype(jnp.float32))
     g_BTH = -jnp.exp(a_log.astype(jnp.float32)) * torch_softplus(
-        a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+      a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32)
+    )
 
     if T == 1 and cache is not None:
       o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
     else:
-      o_BTHV, state_BHKV = chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV,
-                                                    cfg.gdn_chunk_size)
+      o_BTHV, state_BHKV = chunked_gated_delta_rule(
+        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, cfg.gdn_chunk_size
+      )
     # HF casts the kernel output back to the model dtype before the gated norm.
     y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(o_BTHV.astype(x_BTD.dtype), z_BTHV)
     y_BTF = nn.with_logical_constraint(y_BTHV.reshape(B, T, H * V), ("batch", "length", "gdn_value"))
     out_BTD = _dense(cfg.hidden_size, ("gdn_value", "embed"), cfg, "out_proj")(y_BTF)
-    new_cache = None if cache is None else dict(cache, conv_BWC=new_prev_BWC.astype(cache["conv_BWC"].dtype),
-                                                state_BHKV=state_BHKV)
+    new_cache = (
+      None
+      if cache is None
+      else dict(cache, conv_BWC=new_prev_BWC.astype(cache["conv_BWC"].dtype), state_BHKV=state_BHKV)
+    )
     return out_BTD, new_cache

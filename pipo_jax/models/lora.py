@@ -31,7 +31,7 @@ any slice, leading axes or not) keeps that to one layer at a time.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,7 @@ def _copy_dicts(tree):
   return {k: _copy_dicts(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
-def init_lora(params: Params, lora_cfg, rng: jax.Array, dtype: Optional[Any] = None) -> Params:
+def init_lora(params: Params, lora_cfg, rng: jax.Array, dtype: Any | None = None) -> Params:
   """Adapters for every targeted kernel `[..., in, out]`: {'a': [..., in, r], 'b': [..., r, out]}.
 
   A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5)) on lora_A), B = 0, so the
@@ -97,7 +97,7 @@ def init_lora(params: Params, lora_cfg, rng: jax.Array, dtype: Optional[Any] = N
   for (path, w), n in zip(found, sizes):
     *lead, d_in, d_out = w.shape
     dt = dtype or w.dtype
-    a = flat[offset:offset + n].reshape(*lead, d_in, r) / math.sqrt(d_in)
+    a = flat[offset : offset + n].reshape(*lead, d_in, r) / math.sqrt(d_in)
     offset += n
     _set(out, path, {"a": a.astype(dt), "b": jnp.zeros((*lead, r, d_out), dt)})
   return out
@@ -111,8 +111,9 @@ def _delta(a, b, s, mask=None):
   return s * jnp.einsum("...ir,...ro->...io", a, b.astype(jnp.float32))
 
 
-def apply_lora(params: Params, lora_params: Params, lora_cfg, rng: Optional[jax.Array] = None,
-               deterministic: bool = True) -> Params:
+def apply_lora(
+  params: Params, lora_params: Params, lora_cfg, rng: jax.Array | None = None, deterministic: bool = True
+) -> Params:
   """Params with W_eff = W + (alpha/r) A @ B on every adapted kernel (other leaves are shared).
 
   Differentiable in both trees. The sum is formed in fp32 and cast to the kernel's dtype.
@@ -155,7 +156,7 @@ def adapter_paths(lora_params: Params) -> list:
   return ["/".join(p) for p, _ in _adapters(lora_params)]
 
 
-def split_params(params: Params) -> tuple[Params, Optional[Params]]:
+def split_params(params: Params) -> tuple[Params, Params | None]:
   """(model params, adapters) from a tree that may hold adapters under `LORA_KEY`."""
   if LORA_KEY not in params:
     return params, None
@@ -163,7 +164,7 @@ def split_params(params: Params) -> tuple[Params, Optional[Params]]:
   return base, params[LORA_KEY]
 
 
-def materialize(params: Params, lora_cfg, rng: Optional[jax.Array] = None, deterministic: bool = True) -> Params:
+def materialize(params: Params, lora_cfg, rng: jax.Array | None = None, deterministic: bool = True) -> Params:
   """The params tree a model's `apply` takes: adapters (if any, under `LORA_KEY`) applied and removed."""
   base, lora = split_params(params)
   if lora is None:
@@ -186,8 +187,10 @@ def lora_axes_for_kernel(kernel_axes):
   axes = tuple(kernel_axes)
   if len(axes) < 2:
     raise ValueError(f"kernel axes {kernel_axes} have fewer than 2 entries")
+
   def make(t):
     return type(kernel_axes)(t) if type(kernel_axes) in (tuple, list) else type(kernel_axes)(*t)
+
   a = (*axes[:-1], None)
   b = (*axes[:-2], None, axes[-1])
   return {"a": make(a), "b": make(b)}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 
 def logical_param(module: nn.Module, name: str, init, axes: tuple, shape: tuple, dtype: Any) -> jax.Array:
@@ -29,14 +29,14 @@ class RMSNorm(nn.Module):
 
   Used for the layer norms, the final norm, q_norm/k_norm and the MTP norms.
   """
+
   eps: float = 1e-6
   param_dtype: Any = jnp.float32
   axis_name: str | None = "embed"  # logical axis of the scale vector
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = logical_param(self, "scale", nn.initializers.zeros_init(), (self.axis_name,), (x.shape[-1],),
-                      self.param_dtype)
+    w = logical_param(self, "scale", nn.initializers.zeros_init(), (self.axis_name,), (x.shape[-1],), self.param_dtype)
     # (1 + w) is applied in fp32 before the cast back; this only matters in bf16 (as HF).
     y = _rms_normalise(x.astype(jnp.float32), self.eps) * (1.0 + w.astype(jnp.float32))
     return y.astype(x.dtype)
@@ -47,6 +47,7 @@ class GatedRMSNorm(nn.Module):
 
   x_...K and z_...K share their shape; normalisation is over the last axis (one value head).
   """
+
   eps: float = 1e-6
   param_dtype: Any = jnp.float32
 

@@ -14,11 +14,9 @@ Params tree: {"backbone": Qwen35, "mtp": MTPHead, "compressor": ..., "confidence
 
 from __future__ import annotations
 
-from typing import Optional
-
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from pipo_jax.config import FULL, ModelConfig
 from pipo_jax.models.norms import RMSNorm
@@ -31,6 +29,7 @@ def _normal(cfg: ModelConfig, axes: tuple):
 
 def _stacked_identity_init(scale_zero: bool = False):
   """Kernel [2D, D] = [I_D ; I_D]: p = [a ; b] -> a + b (the reference's `linear` / MLP-W2 init)."""
+
   def init(key, shape, dtype=jnp.float32):
     del key
     two_d, d = shape
@@ -39,6 +38,7 @@ def _stacked_identity_init(scale_zero: bool = False):
       return jnp.zeros(shape, dtype)
     eye = jnp.eye(d, dtype=dtype)
     return jnp.concatenate([eye, eye], axis=0)
+
   return init
 
 
@@ -59,6 +59,7 @@ class Compressor(nn.Module):
                   (what the paper describes: a zero-initialised residual branch)
   `compressor_random_init` skips the identity-style init (N(0, initializer_range) kernels, zero biases).
   """
+
   config: ModelConfig
 
   @nn.compact
@@ -70,11 +71,20 @@ class Compressor(nn.Module):
     p_BL2D = jnp.concatenate([a_BLD, b_BLD], axis=-1)  # token1 in dims 0..D-1, token2 in D..2D-1
 
     def dense(features, name, kernel_init, use_bias=True):
-      init = _normal(cfg, ("embed", "embed_out")) if rand else nn.with_logical_partitioning(
-          kernel_init, ("embed", "embed_out"))
-      return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-                      kernel_init=init,
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed_out",)))
+      init = (
+        _normal(cfg, ("embed", "embed_out"))
+        if rand
+        else nn.with_logical_partitioning(kernel_init, ("embed", "embed_out"))
+      )
+      return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+        kernel_init=init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed_out",)),
+      )
 
     if kind == "linear":
       return dense(D, "linear", _stacked_identity_init())(p_BL2D)
@@ -95,6 +105,7 @@ class Compressor(nn.Module):
 
 class ConfidenceHead(nn.Module):
   """a = fc2(silu(fc1(RMSNorm_(1+w)([h ; m])))), no biases; returns the logit a_... (c = sigmoid(a))."""
+
   config: ModelConfig
 
   @nn.compact
@@ -102,10 +113,22 @@ class ConfidenceHead(nn.Module):
     cfg = self.config
     u = jnp.concatenate([h_BJD, m_BJD], axis=-1)
     u = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, axis_name="embed2", name="norm")(u)
-    u = nn.Dense(cfg.hidden_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc1",
-                 kernel_init=_normal(cfg, ("embed2", "embed_out")))(u)
-    a = nn.Dense(1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc2",
-                 kernel_init=_normal(cfg, ("embed_out", None)))(jax.nn.silu(u))
+    u = nn.Dense(
+      cfg.hidden_size,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name="fc1",
+      kernel_init=_normal(cfg, ("embed2", "embed_out")),
+    )(u)
+    a = nn.Dense(
+      1,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name="fc2",
+      kernel_init=_normal(cfg, ("embed_out", None)),
+    )(jax.nn.silu(u))
     return a[..., 0].astype(jnp.float32)
 
 
@@ -114,22 +137,35 @@ class MTPHead(nn.Module):
 
   m = norm(layer(fc([pre_fc_norm_embedding(e) ; pre_fc_norm_hidden(h)])))  -- embedding first.
   """
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, e_BJD: jax.Array, h_BJD: jax.Array, positions_BJ: jax.Array,
-               valid_BJ: Optional[jax.Array] = None, cache: Optional[dict] = None):
+  def __call__(
+    self,
+    e_BJD: jax.Array,
+    h_BJD: jax.Array,
+    positions_BJ: jax.Array,
+    valid_BJ: jax.Array | None = None,
+    cache: dict | None = None,
+  ):
     cfg = self.config
     e_BJD = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="pre_fc_norm_embedding")(e_BJD)
     h_BJD = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="pre_fc_norm_hidden")(h_BJD.astype(e_BJD.dtype))
-    x_BJD = nn.Dense(cfg.hidden_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc",
-                     kernel_init=_normal(cfg, ("embed2", "embed_out")))(jnp.concatenate([e_BJD, h_BJD], -1))
+    x_BJD = nn.Dense(
+      cfg.hidden_size,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name="fc",
+      kernel_init=_normal(cfg, ("embed2", "embed_out")),
+    )(jnp.concatenate([e_BJD, h_BJD], -1))
     x_BJD = nn.with_logical_constraint(x_BJD, RESIDUAL_AXES)
     x_BJD, cache = DecoderLayer(cfg, FULL, name="layer")(x_BJD, positions_BJ, valid_BJ, cache)
     return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_BJD), cache
 
 
-def pair_valid(valid_BT: Optional[jax.Array]) -> Optional[jax.Array]:
+def pair_valid(valid_BT: jax.Array | None) -> jax.Array | None:
   """A pair is real when either of its tokens is (OR of the two token masks)."""
   if valid_BT is None:
     return None
@@ -139,6 +175,7 @@ def pair_valid(valid_BT: Optional[jax.Array]) -> Optional[jax.Array]:
 
 class PipoModel(nn.Module):
   """Backbone + PIPO heads. Methods are applied with `model.apply({'params': p}, ..., method=...)`."""
+
   config: ModelConfig
 
   def setup(self):
@@ -170,7 +207,7 @@ class PipoModel(nn.Module):
     return self.backbone.logits(h_BTD)
 
   # -- training forward (also the OPD student forward) -------------------------------------------
-  def __call__(self, ids_BT: jax.Array, valid_BT: Optional[jax.Array] = None, detach_conf: bool = True):
+  def __call__(self, ids_BT: jax.Array, valid_BT: jax.Array | None = None, detach_conf: bool = True):
     """Compressed teacher-forced forward over whole sequences.
 
     ids_BT int (T even), valid_BT bool or None (None: all real). Padding comes in whole pairs: left padding
@@ -196,14 +233,14 @@ class PipoModel(nn.Module):
     return {"h_BJD": h_BJD, "m_BJD": m_BJD, "conf_logit_BJ": conf_BJ}
 
   # -- inference phases (docs/method.md#decoding; used by pipo_jax.inference) -------------------------
-  def backbone_pairs(self, ids_BT: jax.Array, positions_BL: jax.Array, valid_BL: Optional[jax.Array],
-                     cache: dict):
+  def backbone_pairs(self, ids_BT: jax.Array, positions_BL: jax.Array, valid_BL: jax.Array | None, cache: dict):
     """Phase 1 (and prefill): compress the token pairs and run the backbone with its cache.
     ids_BT (T = 2 * #pairs) -> (h_BLD, cache)."""
     return self.backbone(self.compress(ids_BT), positions_BL, valid_BL, cache)
 
-  def mtp_slots(self, tok1_BJ: jax.Array, h_BJD: jax.Array, positions_BJ: jax.Array,
-                valid_BJ: Optional[jax.Array], cache: dict):
+  def mtp_slots(
+    self, tok1_BJ: jax.Array, h_BJD: jax.Array, positions_BJ: jax.Array, valid_BJ: jax.Array | None, cache: dict
+  ):
     """Phase 2 (and the MTP prefill over the prompt): -> (m_BJD, conf_logit_BJ, mtp cache)."""
     m_BJD, cache = self.mtp(self.backbone.embed(tok1_BJ), h_BJD, positions_BJ, valid_BJ, cache)
     return m_BJD, self.confidence_head(h_BJD, m_BJD), cache
@@ -215,11 +252,13 @@ class PipoModel(nn.Module):
     return out
 
 
-def boxed_pipo_params(config: ModelConfig, rng: Optional[jax.Array] = None):
+def boxed_pipo_params(config: ModelConfig, rng: jax.Array | None = None):
   """Params of the whole PIPO model at their training-time init (compressor / heads at their PIPO init), boxed
   with their logical axis names; abstract (ShapeDtypeStructs, nothing computed) when rng is None."""
+
   def init(key):
     return PipoModel(config).init(key, jnp.zeros((1, 4), jnp.int32), method=PipoModel.init_all)["params"]
+
   return jax.eval_shape(init, jax.random.PRNGKey(0)) if rng is None else init(rng)
 
 
@@ -236,12 +275,13 @@ def abstract_pipo_params(config: ModelConfig) -> dict:
 def abstract_mtp_params(config: ModelConfig) -> dict:
   """ShapeDtypeStruct tree of MTPHead's (unboxed) params: {fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm,
   layer}, whether or not the config enables the head."""
+
   def init(key):
     x_BJD = jnp.zeros((1, 1, config.hidden_size), config.dtype)
     return MTPHead(config).init(key, x_BJD, x_BJD, jnp.zeros((1, 1), jnp.int32))["params"]
+
   return nn.meta.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
 
 
 def init_mtp_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
   return init_layer_cache(config, FULL, batch_size, max_len, dtype)
-

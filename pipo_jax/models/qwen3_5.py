@@ -35,11 +35,9 @@ Cache (init_cache): {"index": int32 scalar (next slot to write), "valid_BS": boo
 
 from __future__ import annotations
 
-from typing import Optional
-
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from pipo_jax.config import FULL, LINEAR, ModelConfig
 from pipo_jax.models.attention import GatedAttention
@@ -51,12 +49,18 @@ RESIDUAL_AXES = ("batch", "length", "act_embed")
 
 def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
   return nn.Dense(
-      features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes))
+    features,
+    use_bias=False,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
+  )
 
 
 class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)); gate/up [D, F], down [F, D]."""
+
   config: ModelConfig
 
   @nn.compact
@@ -73,12 +77,14 @@ class DecoderLayer(nn.Module):
 
   Works standalone (the PIPO MTP head reuses a full-attention one with its own cache from init_layer_cache).
   """
+
   config: ModelConfig
   layer_type: str = FULL
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: Optional[jax.Array] = None,
-               cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+  def __call__(
+    self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array | None = None, cache: dict | None = None
+  ) -> tuple[jax.Array, dict | None]:
     """x_BTD, positions_BT int, valid_BT bool (None: all valid), cache (init_layer_cache or None)
     -> (x_BTD, new cache or None). The layer cache carries "index" and "valid_BS" too; both are advanced."""
     cfg = self.config
@@ -97,14 +103,13 @@ class DecoderLayer(nn.Module):
     return x_BTD, new_cache
 
 
-def _advance(cache: dict, valid_BT: Optional[jax.Array], shape_BTD) -> dict:
+def _advance(cache: dict, valid_BT: jax.Array | None, shape_BTD) -> dict:
   """Write valid_BT into valid_BS at the write index and advance the index by T."""
   B, T = shape_BTD[:2]
   if valid_BT is None:
     valid_BT = jnp.ones((B, T), bool)
   index = cache["index"]
-  return dict(cache, valid_BS=jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index)),
-              index=index + T)
+  return dict(cache, valid_BS=jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index)), index=index + T)
 
 
 _SHARED = ("index", "valid_BS")
@@ -112,6 +117,7 @@ _SHARED = ("index", "valid_BS")
 
 class _LayerGroup(nn.Module):
   """One repeat of the layer group; scanned over R repeats by Qwen35."""
+
   config: ModelConfig
   group: tuple
 
@@ -121,8 +127,7 @@ class _LayerGroup(nn.Module):
     for j, layer_type in enumerate(self.group):
       name = f"layer_{j}"
       layer_cache = None if caches is None else {**caches[name], **shared}
-      x_BTD, layer_cache = DecoderLayer(self.config, layer_type, name=name)(x_BTD, positions_BT, valid_BT,
-                                                                            layer_cache)
+      x_BTD, layer_cache = DecoderLayer(self.config, layer_type, name=name)(x_BTD, positions_BT, valid_BT, layer_cache)
       if caches is not None:
         new_caches[name] = {k: v for k, v in layer_cache.items() if k not in _SHARED}
     return x_BTD, new_caches
@@ -142,27 +147,31 @@ def _layer_stack(config: ModelConfig):
     # prevent_cse=False is safe (and faster) under scan, which already blocks the CSE it guards against.
     block = nn.remat(block, policy=_remat_policy(config.remat), prevent_cse=False)
   scanned = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-      length=repeats,
-      unroll=1 if config.scan_layers else repeats,
-      metadata_params={nn.PARTITION_NAME: "layers"},
+    block,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+    length=repeats,
+    unroll=1 if config.scan_layers else repeats,
+    metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scanned(config, group, name="layers")
 
 
 class Qwen35(nn.Module):
   """The backbone: embed -> scanned layer groups -> final (1+w) RMSNorm; head tied or untied."""
+
   config: ModelConfig
 
   def setup(self):
     cfg = self.config
     self.embed_tokens = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                    ("vocab", "embed")))
+      cfg.vocab_size,
+      cfg.hidden_size,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+    )
     self.layers = _layer_stack(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     if not cfg.tie_word_embeddings:
@@ -172,8 +181,9 @@ class Qwen35(nn.Module):
     """ids_BT int -> x_BTD in the compute dtype (no embedding scale)."""
     return nn.with_logical_constraint(self.embed_tokens(ids_BT), RESIDUAL_AXES)
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: Optional[jax.Array] = None,
-               cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+  def __call__(
+    self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array | None = None, cache: dict | None = None
+  ) -> tuple[jax.Array, dict | None]:
     """x_BTD (from embed, or any input embeddings), positions_BT int RoPE positions, valid_BT bool (False =
     left pad) -> (h_BTD post-final-norm, new cache or None). With a cache the T tokens are appended at
     cache["index"]; the caller must keep index + T <= S."""
@@ -217,19 +227,22 @@ def _layer_state(config: ModelConfig, layer_type: str, batch_size: int, max_len:
     shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
     return {"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype)}
   return {
-      "conv_BWC": jnp.zeros((batch_size, config.linear_conv_kernel_dim - 1, config.linear_conv_dim), dtype),
-      # The recurrent state stays fp32 whatever the compute dtype (mamba_ssm_dtype float32).
-      "state_BHKV": jnp.zeros((batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
-                               config.linear_value_head_dim), jnp.float32),
+    "conv_BWC": jnp.zeros((batch_size, config.linear_conv_kernel_dim - 1, config.linear_conv_dim), dtype),
+    # The recurrent state stays fp32 whatever the compute dtype (mamba_ssm_dtype float32).
+    "state_BHKV": jnp.zeros(
+      (batch_size, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim), jnp.float32
+    ),
   }
 
 
-def init_layer_cache(config: ModelConfig, layer_type: str, batch_size: int, max_len: int,
-                     dtype=None) -> dict:
+def init_layer_cache(config: ModelConfig, layer_type: str, batch_size: int, max_len: int, dtype=None) -> dict:
   """Cache for one standalone DecoderLayer: its state plus its own "index" and "valid_BS" [B, S]."""
   dtype = jnp.dtype(dtype or config.dtype)
-  return {"index": jnp.zeros((), jnp.int32), "valid_BS": jnp.zeros((batch_size, max_len), bool),
-          **_layer_state(config, layer_type, batch_size, max_len, dtype)}
+  return {
+    "index": jnp.zeros((), jnp.int32),
+    "valid_BS": jnp.zeros((batch_size, max_len), bool),
+    **_layer_state(config, layer_type, batch_size, max_len, dtype),
+  }
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
@@ -241,11 +254,10 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
   for j, layer_type in enumerate(group):
     state = _layer_state(config, layer_type, batch_size, max_len, dtype)
     layers[f"layer_{j}"] = {k: jnp.zeros((repeats,) + v.shape, v.dtype) for k, v in state.items()}
-  return {"index": jnp.zeros((), jnp.int32), "valid_BS": jnp.zeros((batch_size, max_len), bool),
-          "layers": layers}
+  return {"index": jnp.zeros((), jnp.int32), "valid_BS": jnp.zeros((batch_size, max_len), bool), "layers": layers}
 
 
-def positions_from_valid(valid_BT: jax.Array, offset_B: Optional[jax.Array] = None) -> jax.Array:
+def positions_from_valid(valid_BT: jax.Array, offset_B: jax.Array | None = None) -> jax.Array:
   """RoPE positions for a left-padded batch: 0, 1, ... over the real tokens (pads get 0), plus offset_B
   (e.g. the number of real tokens already in the cache, `cache["valid_BS"].sum(-1)`)."""
   pos_BT = jnp.maximum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=-1) - 1, 0)
@@ -254,12 +266,14 @@ def positions_from_valid(valid_BT: jax.Array, offset_B: Optional[jax.Array] = No
   return pos_BT
 
 
-def boxed_backbone_params(config: ModelConfig, rng: Optional[jax.Array] = None):
+def boxed_backbone_params(config: ModelConfig, rng: jax.Array | None = None):
   """Qwen35 params at their init, boxed with their logical axis names; abstract (ShapeDtypeStructs, nothing
   computed) when rng is None."""
+
   def init(key):
     x_BTD = jnp.zeros((1, 1, config.hidden_size), config.dtype)
     return Qwen35(config).init(key, x_BTD, jnp.zeros((1, 1), jnp.int32))["params"]
+
   return jax.eval_shape(init, jax.random.PRNGKey(0)) if rng is None else init(rng)
 
 

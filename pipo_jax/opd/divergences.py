@@ -44,7 +44,7 @@ runs with different training modes report the same quantity.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +80,9 @@ def union_dedupe_mask(ids_CM: jax.Array) -> jax.Array:
 def _topk_union_kl(zs, zt, y, k, tau):
   """Reverse KL on the deduplicated, renormalised top-k union; zs, zt raw [C, V] logits."""
   k = min(int(k), zs.shape[-1])
-  ids = jnp.concatenate([
-      jax.lax.top_k(jax.lax.stop_gradient(zs), k)[1],
-      jax.lax.top_k(zt, k)[1],
-      y[:, None].astype(jnp.int32)], axis=-1)
+  ids = jnp.concatenate(
+    [jax.lax.top_k(jax.lax.stop_gradient(zs), k)[1], jax.lax.top_k(zt, k)[1], y[:, None].astype(jnp.int32)], axis=-1
+  )
   dup = union_dedupe_mask(ids)
   zs_u = jnp.take_along_axis(zs, ids, axis=-1) / tau
   zt_u = jnp.take_along_axis(zt, ids, axis=-1) / tau
@@ -102,12 +101,20 @@ def _jsd(ls, lt, beta):
   if beta == 1.0:
     return jnp.sum(ps * (ls - lt), axis=-1)
   log_m = jnp.logaddexp(ls + jnp.log1p(-beta), lt + jnp.log(beta))
-  return (beta * jnp.sum(pt * (lt - log_m), axis=-1)
-          + (1.0 - beta) * jnp.sum(ps * (ls - log_m), axis=-1))
+  return beta * jnp.sum(pt * (lt - log_m), axis=-1) + (1.0 - beta) * jnp.sum(ps * (ls - log_m), axis=-1)
 
 
-def opd_token_terms(zs_CV, zt_CV, y_C, mode: str, *, topk: int = 32, beta: float = 0.5,
-                    temperature: float = 1.0, baseline_C: Optional[jax.Array] = None):
+def opd_token_terms(
+  zs_CV,
+  zt_CV,
+  y_C,
+  mode: str,
+  *,
+  topk: int = 32,
+  beta: float = 0.5,
+  temperature: float = 1.0,
+  baseline_C: jax.Array | None = None,
+):
   """Per-token OPD terms from student and teacher logits of one chunk.
 
   Args:
@@ -153,6 +160,7 @@ def opd_token_terms(zs_CV, zt_CV, y_C, mode: str, *, topk: int = 32, beta: float
 
 class OPDStream(NamedTuple):
   """Result of `opd_stream_loss`. Scalars are fp32; per-token arrays have the labels' shape."""
+
   loss_sum: jax.Array  # sum over valid tokens of weight * loss (the only term with a gradient)
   n_valid: jax.Array  # number of valid tokens (after the PAD fill)
   kl_sum: jax.Array  # sum over valid tokens of the exact reverse KL (metric)
@@ -163,16 +171,28 @@ class OPDStream(NamedTuple):
   conf_target: jax.Array  # per-token confidence target (0 where invalid)
 
 
-def stream_valid(labels_N: jax.Array, fill_N: Optional[jax.Array] = None) -> jax.Array:
+def stream_valid(labels_N: jax.Array, fill_N: jax.Array | None = None) -> jax.Array:
   """Validity after the PAD fill: a label != -100, or a filled position."""
   valid = labels_N != IGNORE_INDEX
   return valid if fill_N is None else valid | fill_N
 
 
-def opd_stream_loss(h_s_ND, W_s_DV, h_t_ND, W_t_DV, labels_N, mode: str, *, chunk: int = 2048,
-                    topk: int = 32, beta: float = 0.5, temperature: float = 1.0,
-                    fill_N: Optional[jax.Array] = None, weights_N: Optional[jax.Array] = None,
-                    baseline_N: Optional[jax.Array] = None) -> OPDStream:
+def opd_stream_loss(
+  h_s_ND,
+  W_s_DV,
+  h_t_ND,
+  W_t_DV,
+  labels_N,
+  mode: str,
+  *,
+  chunk: int = 2048,
+  topk: int = 32,
+  beta: float = 0.5,
+  temperature: float = 1.0,
+  fill_N: jax.Array | None = None,
+  weights_N: jax.Array | None = None,
+  baseline_N: jax.Array | None = None,
+) -> OPDStream:
   """One OPD stream (backbone or MTP), chunked over tokens with remat.
 
   Args:
@@ -212,8 +232,8 @@ def opd_stream_loss(h_s_ND, W_s_DV, h_t_ND, W_t_DV, labels_N, mode: str, *, chun
     y_C = jnp.where(fill_C, own, y_C)
     valid = y_C != IGNORE_INDEX
     loss, kl, target = opd_token_terms(
-        zs, zt, jnp.where(valid, y_C, 0), mode, topk=topk, beta=beta, temperature=temperature,
-        baseline_C=b_C)
+      zs, zt, jnp.where(valid, y_C, 0), mode, topk=topk, beta=beta, temperature=temperature, baseline_C=b_C
+    )
     loss = jnp.where(valid, loss, 0.0)
     kl = jnp.where(valid, kl, 0.0)
     target = jnp.where(valid, target, 0.0)
@@ -222,6 +242,7 @@ def opd_stream_loss(h_s_ND, W_s_DV, h_t_ND, W_t_DV, labels_N, mode: str, *, chun
     return sums, (y_C, valid, jax.lax.stop_gradient(loss), kl, target)
 
   (loss_sum, n_valid, kl_sum), (y_f, valid, loss_tok, kl_tok, target) = scan_token_chunks(
-      body, (hs, ht, y, fill, w, b), (0, 0, IGNORE_INDEX, False, 0.0, 0.0), chunk)
+    body, (hs, ht, y, fill, w, b), (0, 0, IGNORE_INDEX, False, 0.0, 0.0), chunk
+  )
   r = lambda x: x.reshape(shape)
   return OPDStream(loss_sum, n_valid, kl_sum, r(y_f), r(valid), r(loss_tok), r(kl_tok), r(target))

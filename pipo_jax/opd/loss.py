@@ -41,8 +41,6 @@ the stream ended) and the batch right padding are never filled. `fill_allow` = `
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -82,6 +80,7 @@ def teacher_states(teacher_cfg: ModelConfig, teacher_params: dict, ids_BT: jax.A
 def make_teacher_fn(teacher_cfg: ModelConfig):
   """`score(teacher_params, batch) -> {"teacher_back", "teacher_mtp"}` ([B, J, E] each) for one rollout
   batch, or for k stacked micro-batches ([k, B, T] in, [k, B, J, E] out, one micro-batch at a time)."""
+
   def one(teacher_params, ids_BT, keep_BT):
     g_back, g_mtp, _ = teacher_states(teacher_cfg, teacher_params, ids_BT, keep_BT)
     return {"teacher_back": g_back, "teacher_mtp": g_mtp}
@@ -101,8 +100,14 @@ def teacher_head(teacher_cfg: ModelConfig, teacher_params: dict) -> jax.Array:
   return model.apply({"params": teacher_params["backbone"]}, method=Qwen35.head_kernel)
 
 
-def make_opd_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, opd_cfg: OPDConfig, loss_cfg: LossConfig,
-                  lora_cfg: LoraConfig, pad_id: Optional[int] = None):
+def make_opd_loss(
+  student_cfg: ModelConfig,
+  teacher_cfg: ModelConfig,
+  opd_cfg: OPDConfig,
+  loss_cfg: LossConfig,
+  lora_cfg: LoraConfig,
+  pad_id: int | None = None,
+):
   """`loss_fn(params, batch, rng, denominators, W_t) -> (loss, metrics)` (the `optim.make_train_step`
   protocol; `loss_fn.denominators`, `loss_fn.additive`); params is the student's combined tree, batch holds
   `BATCH_KEYS` (teacher states included), W_t is `teacher_head`."""
@@ -136,35 +141,42 @@ def make_opd_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, opd_cfg: O
       fill_BJ = pad_compaction.mtp_fill_mask(ids_BT, pad, batch["fill_allow"])
     w_b = losses.normalisation_weights(lb_BJ != IGNORE, "sample", denoms["rows"])
     w_m = losses.normalisation_weights(divergences.stream_valid(lm_BJ, fill_BJ), "sample", denoms["rows"])
-    back = divergences.opd_stream_loss(out["h_BJD"], W_s, g_back, W_t, lb_BJ, opd_cfg.divergence,
-                                       weights_N=w_b, **kw)
-    mtp = divergences.opd_stream_loss(out["m_BJD"], W_s, g_mtp, W_t, lm_BJ, opd_cfg.divergence,
-                                      fill_N=fill_BJ, weights_N=w_m, **kw)
-    return {"back": back, "mtp": mtp, "conf_logit_BJ": out["conf_logit_BJ"], "fill_BJ": fill_BJ,
-            "w_b": w_b, "w_m": w_m}
+    back = divergences.opd_stream_loss(out["h_BJD"], W_s, g_back, W_t, lb_BJ, opd_cfg.divergence, weights_N=w_b, **kw)
+    mtp = divergences.opd_stream_loss(
+      out["m_BJD"], W_s, g_mtp, W_t, lm_BJ, opd_cfg.divergence, fill_N=fill_BJ, weights_N=w_m, **kw
+    )
+    return {"back": back, "mtp": mtp, "conf_logit_BJ": out["conf_logit_BJ"], "fill_BJ": fill_BJ, "w_b": w_b, "w_m": w_m}
 
   def loss_fn(params, batch, rng, denoms, W_t):
     f = forward(params, batch, W_t, rng, denoms)
     back, mtp, fill_BJ, w_b, w_m = f["back"], f["mtp"], f["fill_BJ"], f["w_b"], f["w_m"]
     conf_logit = f["conf_logit_BJ"]
     loss_c = losses.confidence_bce(conf_logit, mtp.conf_target, mtp.valid, weights_N=w_m)
-    total = (loss_cfg.backbone_weight * back.loss_sum + loss_cfg.mtp_weight * mtp.loss_sum
-             + loss_cfg.conf_weight * loss_c)
-    conf = losses.confidence_metrics(jax.nn.sigmoid(conf_logit), mtp.conf_target, mtp.valid,
-                                     threshold=opd_cfg.conf_threshold)
+    total = (
+      loss_cfg.backbone_weight * back.loss_sum + loss_cfg.mtp_weight * mtp.loss_sum + loss_cfg.conf_weight * loss_c
+    )
+    conf = losses.confidence_metrics(
+      jax.nn.sigmoid(conf_logit), mtp.conf_target, mtp.valid, threshold=opd_cfg.conf_threshold
+    )
     resp = batch["response"]
     n_resp = jnp.sum(resp, axis=-1).astype(jnp.float32)
     n_real = jnp.sum(resp & batch["keep"], axis=-1).astype(jnp.float32)
     metrics = {
-        "loss_backbone": back.loss_sum, "loss_mtp": mtp.loss_sum, "loss_conf": loss_c,
-        # Exact full-vocabulary reverse KL(student || teacher), same per-sample normalisation as the loss.
-        "kl_backbone": jnp.sum(back.kl_tok * w_b), "kl_mtp": jnp.sum(mtp.kl_tok * w_m),
-        "conf_pred_mean": conf["mean_pred"], "conf_target_mean": conf["mean_target"], "conf_ece": conf["ece"],
-        "conf_kept_rate": conf["kept_rate"], "kept_rejected_rate": conf["kept_rejected_rate"],
-        "rollout_length": jnp.mean(n_real),
-        "pad_ratio": jnp.sum(n_resp - n_real) / jnp.maximum(jnp.sum(n_resp), 1.0),
-        "mtp_filled": jnp.sum(fill_BJ).astype(jnp.float32) if fill_BJ is not None else jnp.float32(0),
-        "supervised_tokens": back.n_valid + mtp.n_valid,
+      "loss_backbone": back.loss_sum,
+      "loss_mtp": mtp.loss_sum,
+      "loss_conf": loss_c,
+      # Exact full-vocabulary reverse KL(student || teacher), same per-sample normalisation as the loss.
+      "kl_backbone": jnp.sum(back.kl_tok * w_b),
+      "kl_mtp": jnp.sum(mtp.kl_tok * w_m),
+      "conf_pred_mean": conf["mean_pred"],
+      "conf_target_mean": conf["mean_target"],
+      "conf_ece": conf["ece"],
+      "conf_kept_rate": conf["kept_rate"],
+      "kept_rejected_rate": conf["kept_rejected_rate"],
+      "rollout_length": jnp.mean(n_real),
+      "pad_ratio": jnp.sum(n_resp - n_real) / jnp.maximum(jnp.sum(n_resp), 1.0),
+      "mtp_filled": jnp.sum(fill_BJ).astype(jnp.float32) if fill_BJ is not None else jnp.float32(0),
+      "supervised_tokens": back.n_valid + mtp.n_valid,
     }
     return total, metrics
 

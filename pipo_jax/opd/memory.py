@@ -21,12 +21,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pipo_jax import optim, sharding
-from pipo_jax.opd import loss as opd_lib
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.models import lora as lora_lib
+from pipo_jax.opd import loss as opd_lib
 from pipo_jax.trainer import Trainer, axes_to_shardings, boxed_params, logical_axes, train_state_shardings
 
 
@@ -36,11 +37,13 @@ def _abstract(tree, shardings):
 
 def _unbox(tree):
   import flax.linen as nn
+
   return nn.meta.unbox(tree)
 
 
-def opd_step_memory(cfg: Config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, mesh, batch_size: int,
-                    length: int) -> dict:
+def opd_step_memory(
+  cfg: Config, student_cfg: ModelConfig, teacher_cfg: ModelConfig, mesh, batch_size: int, length: int
+) -> dict:
   """Per-device bytes of the compiled OPD step: {"argument", "output", "alias", "temp" (train step),
   "teacher_temp", "teacher_total" (teacher scoring, with the resident TrainState), "total", ...}.
 
@@ -63,14 +66,15 @@ def opd_step_memory(cfg: Config, student_cfg: ModelConfig, teacher_cfg: ModelCon
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
   # The trainer's own state shardings (optimizer slots sharded like their params).
   state_shardings = train_state_shardings(params, p_shard, mask, tx, mesh)
-  state = _abstract(jax.eval_shape(lambda p, r: optim.TrainState.create(p, mask, tx, r), params, key),
-                    state_shardings)
+  state = _abstract(jax.eval_shape(lambda p, r: optim.TrainState.create(p, mask, tx, r), params, key), state_shardings)
 
   tboxed = boxed_params(teacher_cfg, "ar")["backbone"]
   teacher = {"backbone": _abstract(_unbox(tboxed), sharding.param_shardings(tboxed, mesh))}
   bs = sharding.batch_sharding(mesh, 2)
-  rollout = {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32 if k in ("input_ids", "labels") else jnp.bool_,
-                                     sharding=bs) for k in opd_lib.ROLLOUT_KEYS}
+  rollout = {
+    k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32 if k in ("input_ids", "labels") else jnp.bool_, sharding=bs)
+    for k in opd_lib.ROLLOUT_KEYS
+  }
   n_dev = int(np.prod(list(mesh.shape.values())))
   with sharding.use_rules(mesh):
     teacher_c = jax.jit(opd_lib.make_teacher_fn(teacher_cfg)).lower(teacher, rollout).compile()
@@ -81,22 +85,24 @@ def opd_step_memory(cfg: Config, student_cfg: ModelConfig, teacher_cfg: ModelCon
     w_t = jax.ShapeDtypeStruct(w_t.shape, w_t.dtype, sharding=NamedSharding(mesh, P()))
     loss_fn = opd_lib.make_opd_loss(student_cfg, teacher_cfg, cfg.opd, cfg.loss, cfg.lora)
     step = optim.make_train_step(loss_fn, 1, optim.make_schedule(cfg.optim, cfg.train.num_steps))
-    compiled = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None)).lower(
-        state, batch, w_t).compile()
+    compiled = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None)).lower(state, batch, w_t).compile()
   ma, ta = compiled.memory_analysis(), teacher_c.memory_analysis()
   out = {
-      "argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
-      "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
-      "generated_code": int(ma.generated_code_size_in_bytes),
-      "teacher_temp": int(ta.temp_size_in_bytes),
+    "argument": int(ma.argument_size_in_bytes),
+    "output": int(ma.output_size_in_bytes),
+    "alias": int(ma.alias_size_in_bytes),
+    "temp": int(ma.temp_size_in_bytes),
+    "generated_code": int(ma.generated_code_size_in_bytes),
+    "teacher_temp": int(ta.temp_size_in_bytes),
   }
   out["student_params"] = _bytes(params) // n_dev
   out["teacher_params"] = _bytes(teacher) // n_dev
   out["optimizer_state"] = _bytes(state.opt_state) // n_dev
   state_bytes = _bytes(state) // n_dev
   out["step_total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["teacher_params"]
-  out["teacher_total"] = (int(ta.argument_size_in_bytes) + int(ta.output_size_in_bytes) + out["teacher_temp"]
-                          + state_bytes)
+  out["teacher_total"] = (
+    int(ta.argument_size_in_bytes) + int(ta.output_size_in_bytes) + out["teacher_temp"] + state_bytes
+  )
   out["total"] = max(out["step_total"], out["teacher_total"])
   return out
 

@@ -16,7 +16,7 @@ independently; the reference asserted B = 1: docs/method.md#batched-opd).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +99,7 @@ def stream_labels(labels_BT: jax.Array):
   return labels_BT[:, 2::2], labels_BT[:, 3::2]
 
 
-def mtp_fill_mask(ids_BT: jax.Array, pad_id: int, allow_BT: Optional[jax.Array] = None) -> jax.Array:
+def mtp_fill_mask(ids_BT: jax.Array, pad_id: int, allow_BT: jax.Array | None = None) -> jax.Array:
   """[B, L-1] bool: MTP slots whose target token x_{2j+3} is PAD, optionally restricted.
 
   allow_BT: optional [B, T] bool over original positions (e.g. true only on rejected-draft PADs),

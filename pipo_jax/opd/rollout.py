@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pipo_jax import distributed, loading, sharding
 from pipo_jax.config import Config, ModelConfig, OPDConfig
@@ -53,8 +54,13 @@ def encode_rollouts(prompt_ids_BP, prompt_valid_BP, raw_BN, raw_len_B, pad_id: i
   p_len = np.asarray([len(p) + len(p) % 2 for p in prompts])[:, None]
   r_len = np.asarray([len(r) for r in responses])[:, None]
   response = (pos >= p_len) & (pos < p_len + r_len)
-  return {"input_ids": ids, "labels": labels, "keep": valid & (ids != pad_id), "response": response,
-          "fill_allow": response.copy()}
+  return {
+    "input_ids": ids,
+    "labels": labels,
+    "keep": valid & (ids != pad_id),
+    "response": response,
+    "fill_allow": response.copy(),
+  }
 
 
 def load_teacher(opd_cfg: OPDConfig, mesh) -> tuple[ModelConfig, dict]:
@@ -83,6 +89,7 @@ class Rollout:
   def __init__(self, model_cfg: ModelConfig, cfg: Config, mesh, stop_ids):
     from pipo_jax.inference import api
     from pipo_jax.inference.sampling import SamplingParams
+
     self.api, self.model_cfg, self.opd, self.mesh = api, model_cfg, cfg.opd, mesh
     sp = SamplingParams.from_config(cfg.opd.sampling).validate()
     # `api.generate`'s jitted program itself: generate() checks the prompts on the host, which a global
@@ -104,8 +111,7 @@ class Rollout:
   def _run(self, name, fn, *args, **static):
     """fn(*args) through an ahead-of-time compiled executable, compiled (and met at) on first use."""
     if name not in self._compiled:
-      self._compiled[name] = distributed.compile_and_meet(fn, *args, name=f"pipo_jax.opd.rollout: {name}",
-                                                          **static)
+      self._compiled[name] = distributed.compile_and_meet(fn, *args, name=f"pipo_jax.opd.rollout: {name}", **static)
     return self._compiled[name](*args)
 
   def __call__(self, params, prompts: dict, rng) -> tuple[dict, dict]:
@@ -116,13 +122,16 @@ class Rollout:
     ids = sharding.shard_batch(pid, self.mesh)
     valid = sharding.shard_batch(pvalid, self.mesh)
     merged = self._run("merge", self._merge, params)
-    rng = jax.device_put(np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                                    else rng), self._rep)
-    res = self._run("generate", self.api._generate_jit, merged, ids, valid, self.stop_ids, rng, self.tau, None,
-                    **self.static)
+    rng = jax.device_put(
+      np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng), self._rep
+    )
+    res = self._run(
+      "generate", self.api._generate_jit, merged, ids, valid, self.stop_ids, rng, self.tau, None, **self.static
+    )
     raw, raw_len, totals = distributed.wait_until_ready(self._run("finish", self._finish, res))
     raw, raw_len = multihost_utils.global_array_to_host_local_array(
-        (raw, raw_len), self.mesh, (P(("data", "fsdp"), None), P(("data", "fsdp"))))
+      (raw, raw_len), self.mesh, (P(("data", "fsdp"), None), P(("data", "fsdp")))
+    )
     raw, raw_len = np.asarray(raw), np.asarray(raw_len)
     batch = encode_rollouts(pid, pvalid, raw, raw_len, self.model_cfg.pad_token_id, self.length)
     stats = {k: float(v) for k, v in jax.device_get(totals).items()}
@@ -133,10 +142,15 @@ class Rollout:
 def _rollout_outputs(res):
   """(raw [B, N], raw_len [B], global totals): the raw stream laid out like the batch, and its statistics."""
   inside = jnp.arange(res.raw.shape[1])[None] < res.raw_len[:, None]
-  f = lambda x: jnp.sum(x).astype(jnp.float32)  # noqa: E731
-  totals = {"rows": jnp.float32(res.raw.shape[0]), "tokens": f(res.tokens_emitted), "raw_slots": f(res.raw_len),
-            "pad_slots": f(res.raw_is_pad & inside), "drafts_proposed": f(res.drafts_proposed),
-            "drafts_kept": f(res.drafts_kept)}
+  f = lambda x: jnp.sum(x).astype(jnp.float32)
+  totals = {
+    "rows": jnp.float32(res.raw.shape[0]),
+    "tokens": f(res.tokens_emitted),
+    "raw_slots": f(res.raw_len),
+    "pad_slots": f(res.raw_is_pad & inside),
+    "drafts_proposed": f(res.drafts_proposed),
+    "drafts_kept": f(res.drafts_kept),
+  }
   return res.raw, res.raw_len, totals
 
 
@@ -144,9 +158,10 @@ def rollout_metrics(stats: list[dict], teacher_s: float) -> dict:
   """One step's rollout metrics from the stats of its micro-batches' rollouts (`Rollout.__call__`)."""
   tot = {k: sum(s[k] for s in stats) for k in stats[0]}
   return {
-      "time/rollout_s": tot["seconds"], "time/teacher_s": teacher_s,
-      "rollout/tokens_per_s": tot["tokens"] / max(tot["seconds"], 1e-9),
-      "rollout/mean_length": tot["tokens"] / max(tot["rows"], 1.0),
-      "rollout/pad_ratio": tot["pad_slots"] / max(tot["raw_slots"], 1.0),
-      "rollout/draft_accept_rate": tot["drafts_kept"] / max(tot["drafts_proposed"], 1.0),
+    "time/rollout_s": tot["seconds"],
+    "time/teacher_s": teacher_s,
+    "rollout/tokens_per_s": tot["tokens"] / max(tot["seconds"], 1e-9),
+    "rollout/mean_length": tot["tokens"] / max(tot["rows"], 1.0),
+    "rollout/pad_ratio": tot["pad_slots"] / max(tot["raw_slots"], 1.0),
+    "rollout/draft_accept_rate": tot["drafts_kept"] / max(tot["drafts_proposed"], 1.0),
   }

@@ -46,16 +46,27 @@ class OPDTrainer(Trainer):
 
   # -- hooks of Trainer.train ----------------------------------------------------------------------
   def data_pipeline(self):
-    from pipo_jax.data import pipeline, tokenizer as tok_lib
+    from pipo_jax.data import pipeline
+    from pipo_jax.data import tokenizer as tok_lib
+
     dc, oc = self.cfg.data, self.cfg.opd
     path = dc.tokenizer_path or self.cfg.checkpoint.init_from
     if not path or not os.path.exists(os.path.join(path, "tokenizer.json")):
       raise ValueError(f"mode=opd needs a tokenizer: set data.tokenizer_path (got {path!r})")
     self.tokenizer = tok_lib.load_tokenizer(path)
     data = pipeline.PromptPipeline(
-        dc.train_path, self.tokenizer, batch_size=dc.batch_size, prompt_length=oc.prompt_length, seed=dc.seed,
-        num_epochs=dc.num_epochs, min_pass_rate=oc.min_pass_rate, pad_id=self.model_cfg.pad_token_id,
-        fmt=dc.format, skip_malformed=dc.skip_malformed, vocab_size=self.model_cfg.vocab_size)
+      dc.train_path,
+      self.tokenizer,
+      batch_size=dc.batch_size,
+      prompt_length=oc.prompt_length,
+      seed=dc.seed,
+      num_epochs=dc.num_epochs,
+      min_pass_rate=oc.min_pass_rate,
+      pad_id=self.model_cfg.pad_token_id,
+      fmt=dc.format,
+      skip_malformed=dc.skip_malformed,
+      vocab_size=self.model_cfg.vocab_size,
+    )
     logging.info("OPD prompts: %s", data.stats.as_dict())
     return data
 
@@ -109,6 +120,7 @@ class OPDTrainer(Trainer):
 
     inputs = {k: batch[k] for k in ("input_ids", "keep")}
     if self._score is None:
-      self._score = distributed.compile_and_meet(jax.jit(fn), self.teacher, inputs,
-                                                 name="pipo_jax.opd.trainer: teacher compiled")
+      self._score = distributed.compile_and_meet(
+        jax.jit(fn), self.teacher, inputs, name="pipo_jax.opd.trainer: teacher compiled"
+      )
     return self._score(self.teacher, inputs)

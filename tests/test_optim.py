@@ -101,7 +101,8 @@ def test_frozen_params_have_no_state_and_stay_bit_identical():
     for a, b in zip(jax.tree_util.tree_leaves(train0), jax.tree_util.tree_leaves(state.trainable))
   ]
   assert all(moved)
-  assert set(metrics) == {"loss", "aux", "grad_norm", "learning_rate"}
+  assert set(metrics) == {"loss", "aux", "grad_norm", "learning_rate", "nonfinite"}
+  assert not bool(metrics["nonfinite"])  # the non-finite guard (pipo_jax/guards.py) let every step through
 
 
 def test_gradient_accumulation_equals_big_batch():

@@ -8,6 +8,7 @@ to show that the micro-batches are unequal enough for it to differ.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pipo_jax import objectives, optim
 from pipo_jax.config import (
@@ -22,6 +23,9 @@ from pipo_jax.config import (
   resolve_model_config,
 )
 from pipo_jax.models.pipo import init_pipo_params
+
+# Compile-heavy: run by name, `pytest -m slow tests/test_accumulation.py`.
+pytestmark = pytest.mark.slow
 
 # Two layers (one Gated DeltaNet, one full attention): every kind of layer, half the compile time of `tiny`.
 MC = resolve_model_config(ModelConfig(preset="tiny", num_hidden_layers=2, layer_types=(LINEAR, FULL)))

@@ -30,6 +30,9 @@ from pipo_jax.data import synthetic
 from pipo_jax.data.schemas import MalformedRecordError
 from pipo_jax.trainer import Trainer
 
+# Compile-heavy: run by name, `pytest -m slow tests/test_faults.py`.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
@@ -456,6 +459,7 @@ import os, sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 from pipo_jax import workdir
+
 try:
   workdir.prove_shared(sys.argv[3])
   print("SHARED", flush=True)

@@ -18,6 +18,9 @@ import torch
 
 from pipo_jax import loading
 
+# Compile-heavy: run by name, `pytest -m slow tests/test_release_dir.py`.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_MSG = [{"role": "user", "content": "What is 3+4?"}]
 

@@ -149,9 +149,10 @@ def evaluate_one(
 
 
 def slot_budget_curve(correct_by_bench: dict, slots_by_bench: dict, max_slots: int, k: int) -> dict:
-  """{budget: {"avg_at_k", "pass_at_k"}} for slot budgets 1..max_slots: an answer counts only when it is correct
-  and finished within the budget (the paper's Fig. 2; a PIPO slot holds one or two tokens). The overall value is
-  the unweighted mean over benchmarks, as in the main table."""
+  """{str(budget): {"avg_at_k", "pass_at_k"}} for slot budgets 1..max_slots: an answer counts only when it is
+  correct and finished within the budget (the paper's Fig. 2; a PIPO slot holds one or two tokens). The overall
+  value is the unweighted mean over benchmarks, as in the main table. Keys are strings so that a row equals
+  itself after its JSON round trip."""
   from pipo_jax import eval_metrics
 
   per = {
@@ -159,7 +160,7 @@ def slot_budget_curve(correct_by_bench: dict, slots_by_bench: dict, max_slots: i
     for n in correct_by_bench
   }
   return {
-    b: {key: float(np.mean([per[n][b][key] for n in per])) for key in ("avg_at_k", "pass_at_k")}
+    str(b): {key: float(np.mean([per[n][b][key] for n in per])) for key in ("avg_at_k", "pass_at_k")}
     for b in range(1, max_slots + 1)
   }
 

@@ -52,11 +52,13 @@ def stub_dir(tmp_path):
 
 
 def _stub_records(stdout, tag="STUB"):
+  """The JSON value after each `TAG ` line start. Only the leading value is decoded: the launcher merges the
+  processes' stdout and stderr, and native libraries (gloo) can write their own text onto the same line."""
   out = []
   for line in stdout.splitlines():
     m = re.match(rf"^(\[proc (\d+)\] |\d+: )?{tag} (.*)$", line)
     if m:
-      out.append(json.loads(m.group(3)))
+      out.append(json.JSONDecoder().raw_decode(m.group(3))[0])
   return out
 
 

@@ -29,10 +29,10 @@ def test_slot_budget_curve_hand_worked():
   correct = {"test": [[1, 0], [1, 1]]}
   slots = {"test": [[3, 1], [5, 2]]}
   curve = evaluate.slot_budget_curve(correct, slots, max_slots=5, k=2)
-  assert curve[1] == {"avg_at_k": 0.0, "pass_at_k": 0.0}
-  assert curve[2]["avg_at_k"] == pytest.approx(0.25) and curve[2]["pass_at_k"] == pytest.approx(0.5)
-  assert curve[3]["avg_at_k"] == pytest.approx(0.5) and curve[3]["pass_at_k"] == pytest.approx(1.0)
-  assert curve[5]["avg_at_k"] == pytest.approx(0.75)
+  assert curve["1"] == {"avg_at_k": 0.0, "pass_at_k": 0.0}
+  assert curve["2"]["avg_at_k"] == pytest.approx(0.25) and curve["2"]["pass_at_k"] == pytest.approx(0.5)
+  assert curve["3"]["avg_at_k"] == pytest.approx(0.5) and curve["3"]["pass_at_k"] == pytest.approx(1.0)
+  assert curve["5"]["avg_at_k"] == pytest.approx(0.75)
 
 
 def test_budget_span_covers_the_rising_part():

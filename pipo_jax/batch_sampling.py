@@ -36,6 +36,7 @@ class Model(NamedTuple):
   config: ModelConfig
   params: dict
   tokenizer: tok_lib.ChatTokenizer
+  generation: dict | None = None  # generation_config.json's sampling defaults (None: the file is absent)
 
 
 @dataclasses.dataclass
@@ -65,7 +66,7 @@ _WARM: set = set()  # signatures already compiled in this process
 def load(checkpoint: str, tokenizer_path: str = "") -> Model:
   """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.loading)."""
   m = loading.load_for_cli(checkpoint, tokenizer_path, need_tokenizer=True)
-  return Model(m.config, m.params, m.tokenizer)
+  return Model(m.config, m.params, m.tokenizer, m.generation)
 
 
 def prompt_ids(tok: tok_lib.ChatTokenizer, messages: Sequence[dict], parity_pad: bool) -> np.ndarray:

@@ -47,9 +47,9 @@ def define_flags() -> None:
   _RPAD = flags.DEFINE_float("random_pad_ratio", None, "pipo: run only the random-PAD control at this ratio")
   _MAX_Q = flags.DEFINE_integer("max_questions", 0, "first N questions per benchmark (0 = all)")
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "generated tokens per answer")
-  _TEMP = flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
-  _TOP_K = flags.DEFINE_integer("top_k", 0, "top-k (0 = off)")
-  _TOP_P = flags.DEFINE_float("top_p", 1.0, "top-p")
+  _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 1)")
+  _TOP_K = flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
+  _TOP_P = flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
   _BATCH = flags.DEFINE_integer("batch_size", 100, "sequences per generate call")
   _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -178,22 +178,25 @@ def run(
   random_pad_ratio: float | None = None,
   max_questions: int = 0,
   max_new_tokens: int = 96,
-  temperature: float = 1.0,
-  top_k: int = 0,
-  top_p: float = 1.0,
+  temperature: float | None = None,
+  top_k: int | None = None,
+  top_p: float | None = None,
   batch_size: int = 100,
   seed: int = 0,
   log=print,
 ) -> list[dict]:
-  """Evaluate every (decode, tau) configuration; writes and returns the rows."""
+  """Evaluate every (decode, tau) configuration; writes and returns the rows. Sampling settings left None come
+  from the checkpoint's generation_config.json, else temperature 1 (avg@k needs samples)."""
   from pipo_jax import batch_sampling
-  from pipo_jax.inference.sampling import SamplingParams
+  from pipo_jax.inference import sampling
 
   if methods and len(methods) != len(decodes):
     raise ValueError(f"--method has {len(methods)} labels for {len(decodes)} decode modes")
   benchmarks = {benchmark_name(p): read_benchmark(p, max_questions) for p in benchmark_paths}
   model = batch_sampling.load(checkpoint, tokenizer)
-  sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+  generation = model.generation or {}
+  sp = sampling.resolve(generation, sampling.SAMPLED, temperature=temperature, top_k=top_k, top_p=top_p)
+  log(f"[evaluate] {sampling.describe(sp, generation)}")
   kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
   rows = []
   for j, mode in enumerate(decodes):

@@ -27,6 +27,7 @@ import jax
 from absl import flags, logging
 
 from pipo_jax import cli, loading
+from pipo_jax.inference import sampling
 from pipo_jax.inference.api import MODES, generate, left_pad, result_rows
 from pipo_jax.inference.sampling import SamplingParams
 
@@ -56,20 +57,6 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "sampling seed (one key per batch, folded from it)")
   flags.DEFINE_integer("batch_size", 8, "prompts per batch")
   flags.DEFINE_integer("bucket_multiple", 64, "the prompt bucket is the longest prompt rounded up to this")
-
-
-def sampling_params(generation: dict, temperature=None, top_k=None, top_p=None, presence_penalty=None):
-  """SamplingParams: a flag when given, else generation_config.json's value, else off (greedy)."""
-
-  def pick(flag, key, default):
-    return flag if flag is not None else generation.get(key, default)
-
-  return SamplingParams(
-    float(pick(temperature, "temperature", 0.0)),
-    int(pick(top_k, "top_k", 0)),
-    float(pick(top_p, "top_p", 1.0)),
-    float(pick(presence_penalty, "presence_penalty", 0.0)),
-  )
 
 
 def encode_record(rec: dict, tok, where: str) -> list:
@@ -179,16 +166,15 @@ def main(argv):
   )
   loading.warn_if_pipo_in_ar(m, FLAGS.decode)
   prompts = read_prompts(FLAGS.prompts, m.tokenizer)
-  sp = sampling_params(m.generation, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.presence_penalty)
-  logging.info(
-    "sampling: temperature=%g top_k=%d top_p=%g presence_penalty=%g (flags over %s); stop ids %s",
-    sp.temperature,
-    sp.top_k,
-    sp.top_p,
-    sp.presence_penalty,
-    "generation_config.json" if m.generation else "greedy defaults",
-    list(m.stop_ids),
+  sp = sampling.resolve(
+    m.generation,
+    sampling.GREEDY,
+    temperature=FLAGS.temperature,
+    top_k=FLAGS.top_k,
+    top_p=FLAGS.top_p,
+    presence_penalty=FLAGS.presence_penalty,
   )
+  logging.info("%s; stop ids %s", sampling.describe(sp, m.generation), list(m.stop_ids))
   rows = run(
     prompts,
     m.config,

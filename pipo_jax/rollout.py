@@ -35,9 +35,9 @@ def define_flags() -> None:
   _RHO = flags.DEFINE_float("min_pass_rate", 0.0, "keep OPD prompts with pass_rate >= this")
   _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 0, "use only the first N prompts (0 = all)")
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "generated tokens per response")
-  _TEMP = flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
-  _TOP_K = flags.DEFINE_integer("top_k", 0, "top-k (0 = off)")
-  _TOP_P = flags.DEFINE_float("top_p", 1.0, "top-p")
+  _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 1)")
+  _TOP_K = flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
+  _TOP_P = flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
   _BATCH = flags.DEFINE_integer("batch_size", 64, "sequences per generate call")
   _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -80,15 +80,15 @@ def run(
   min_pass_rate,
   max_prompts=0,
   max_new_tokens=96,
-  temperature=1.0,
-  top_k=0,
-  top_p=1.0,
+  temperature=None,
+  top_k=None,
+  top_p=None,
   batch_size=64,
   seed=0,
 ) -> dict:
   """Sample, grade and write; returns a summary dict (printed by the CLI, saved as rollout_summary.json)."""
   from pipo_jax import batch_sampling, grading
-  from pipo_jax.inference.sampling import SamplingParams
+  from pipo_jax.inference import sampling
 
   t0 = time.perf_counter()
   rows = read_prompts(prompts_path)
@@ -96,7 +96,9 @@ def run(
     rows = rows[:max_prompts]
   model = batch_sampling.load(checkpoint, tokenizer)
   user_turns = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
-  sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+  generation = model.generation or {}
+  sp = sampling.resolve(generation, sampling.SAMPLED, temperature=temperature, top_k=top_k, top_p=top_p)
+  print(f"[rollout] {sampling.describe(sp, generation)}", flush=True)
   out = batch_sampling.sample(
     model, user_turns, n, "ar", sp, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
   )

@@ -69,7 +69,7 @@ def measure(
   tokenizer: str,
   prompts: Sequence[list],
   k: int,
-  sampling,
+  sampling_flags: dict,
   repeats: int,
   max_new_tokens: int,
   batch_size: int,
@@ -78,14 +78,19 @@ def measure(
   log=print,
 ) -> list[dict]:
   from pipo_jax import batch_sampling
+  from pipo_jax.inference import sampling as sampling_lib
 
+  specs = list(specs)
+  if baseline not in [s.label for s in specs]:
+    raise ValueError(f"--baseline={baseline!r} is not one of the runs' labels {[s.label for s in specs]}")
   models = {}
   for s in specs:
     if s.checkpoint not in models:
       models[s.checkpoint] = batch_sampling.load(s.checkpoint, tokenizer)
-  specs = list(specs)
-  if baseline not in [s.label for s in specs]:
-    raise ValueError(f"--baseline={baseline!r} is not one of the runs' labels {[s.label for s in specs]}")
+  # Every run samples alike, with the baseline checkpoint's generation_config.json under the flags.
+  generation = models[next(s.checkpoint for s in specs if s.label == baseline)].generation or {}
+  sampling = sampling_lib.resolve(generation, sampling_lib.SAMPLED, **sampling_flags)
+  log(f"[speed] {sampling_lib.describe(sampling, generation)}")
   tps = {s.label: [] for s in specs}
   totals = {s.label: (0, 0.0) for s in specs}
   for r in range(repeats):
@@ -147,9 +152,9 @@ def define_flags() -> None:
   _K = flags.DEFINE_integer("k", 4, "samples per question in a round")
   _OUT = flags.DEFINE_string("output", None, "rows JSON file", required=True)
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "generated tokens per answer")
-  _TEMP = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
-  _TOP_K = flags.DEFINE_integer("top_k", 0, "top-k (0 = off)")
-  _TOP_P = flags.DEFINE_float("top_p", 1.0, "top-p")
+  _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 1)")
+  _TOP_K = flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
+  _TOP_P = flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
   _BATCH = flags.DEFINE_integer("batch_size", 100, "sequences per generate call")
   _SEED = flags.DEFINE_integer("seed", 0, "sampling seed (the same in every round)")
   _MAX_Q = flags.DEFINE_integer("max_questions", 0, "first N questions per benchmark (0 = all)")
@@ -158,15 +163,23 @@ def define_flags() -> None:
 def main(argv) -> None:
   del argv
   from pipo_jax.evaluate import read_benchmark
-  from pipo_jax.inference.sampling import SamplingParams
 
   specs = [RunSpec.parse(r) for r in _RUN.value]
   prompts = [
     [{"role": "user", "content": q["question"]}] for p in _BENCH.value for q in read_benchmark(p, _MAX_Q.value)
   ]
-  sp = SamplingParams(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  sampling_flags = dict(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   rows = measure(
-    specs, _TOK.value, prompts, _K.value, sp, _REPEATS.value, _MAX_NEW.value, _BATCH.value, _BASE.value, _SEED.value
+    specs,
+    _TOK.value,
+    prompts,
+    _K.value,
+    sampling_flags,
+    _REPEATS.value,
+    _MAX_NEW.value,
+    _BATCH.value,
+    _BASE.value,
+    _SEED.value,
   )
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:

@@ -49,6 +49,32 @@ class SamplingParams:
     return self
 
 
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(temperature=1.0)  # the fallback of the tools that draw k samples per prompt
+
+
+def resolve(generation: dict, fallback: SamplingParams, **flag_values) -> SamplingParams:
+  """The effective sampling settings: each field's flag when given (not None), else generation_config.json's
+  value (`generation`, as `loading.read_generation_config` returns it), else `fallback`'s."""
+  picked = {}
+  for field in dataclasses.fields(SamplingParams):
+    flag = flag_values.pop(field.name, None)
+    value = flag if flag is not None else generation.get(field.name, getattr(fallback, field.name))
+    picked[field.name] = type(getattr(fallback, field.name))(value)
+  if flag_values:
+    raise TypeError(f"not sampling settings: {sorted(flag_values)}")
+  return SamplingParams(**picked).validate()
+
+
+def describe(sp: SamplingParams, generation: dict) -> str:
+  """One log line with the effective values and where the defaults came from."""
+  source = "generation_config.json" if any(f.name in generation for f in dataclasses.fields(sp)) else "built-in"
+  return (
+    f"sampling: temperature={sp.temperature:g} top_k={sp.top_k} top_p={sp.top_p:g} "
+    f"presence_penalty={sp.presence_penalty:g} (flags over {source} defaults)"
+  )
+
+
 def _base_logits(
   logits_BV: jax.Array, sp: SamplingParams, presence_BV: jax.Array | None, ban_id: int | None
 ) -> jax.Array:

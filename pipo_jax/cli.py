@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from absl import app, flags, logging
 
@@ -112,3 +113,13 @@ class Progress:
     if self.done >= self.total or now - self._last >= self.every_s:
       self._last = now
       logging.info("%s", self.line(now))
+
+
+@contextlib.contextmanager
+def stage(label: str) -> Iterator[None]:
+  """Log `label ...` before one long indivisible call (a compilation, a checkpoint restore) and `label: done in
+  N s` after it: the progress a call without items to count can show."""
+  logging.info("%s ...", label)
+  t0 = time.perf_counter()
+  yield
+  logging.info("%s: done in %.1f s", label, time.perf_counter() - t0)

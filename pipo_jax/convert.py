@@ -42,7 +42,8 @@ def export_checkpoint(
   out_dir = os.path.abspath(out_dir)
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:  # before the (long) load
     raise FileExistsError(f"{out_dir} is not empty: pass --overwrite to replace it")
-  m = loading.load_for_cli(checkpoint, tokenizer_dir, init_heads=False, need_pad=False)
+  with cli.stage(f"load {checkpoint}"):
+    m = loading.load_for_cli(checkpoint, tokenizer_dir, init_heads=False, need_pad=False)
   config, params, tokenizer_dir = m.config, m.params, m.tokenizer_dir
   if not tokenizer_dir and not allow_missing_tokenizer:
     raise FileNotFoundError(
@@ -92,7 +93,8 @@ def import_hf(model_dir: str, out_workdir: str) -> str:
   from pipo_jax.config import to_dict
 
   ckpt = ckpt_lib.Checkpointer(out_workdir, cfg.checkpoint, config=to_dict(cfg))
-  ckpt.save(0, state, force=True, blocking=True)
+  with cli.stage(f"save {out_workdir} (step 0)"):
+    ckpt.save(0, state, force=True, blocking=True)
   ckpt.close()
   return ckpt_lib.resolve_step_dir(out_workdir)
 

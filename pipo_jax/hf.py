@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from pipo_jax import cli
 from pipo_jax import config as config_lib
 from pipo_jax.config import ModelConfig
 from pipo_jax.models import qwen3_5
@@ -228,8 +229,9 @@ def _check(leaves, shapes_by_leaf, available: dict, what: str) -> list[str]:
   return problems
 
 
-def _load_leaves(leaves, abstract_flat, shardings_flat, read: Callable[[str], np.ndarray]):
+def _load_leaves(leaves, abstract_flat, shardings_flat, read: Callable[[str], np.ndarray], what: str = "load"):
   out = {}
+  progress = cli.Progress(len(leaves), what, "params")  # a 9B import reads for minutes
   for leaf in leaves:
     spec = abstract_flat[leaf.path]
     np_dtype = np.dtype(spec.dtype)
@@ -242,6 +244,7 @@ def _load_leaves(leaves, abstract_flat, shardings_flat, read: Callable[[str], np
     sharding = shardings_flat[leaf.path]
     out[leaf.path] = jax.make_array_from_callback(spec.shape, sharding, lambda idx, h=host: h[idx])
     del host
+    progress.update()
   return traverse_util.unflatten_dict(out)
 
 
@@ -311,12 +314,16 @@ def load_qwen3_5(
 
   if shardings is None:
     shardings = _default_shardings(abstract)
-  params = _load_leaves(leaves, abstract_flat, traverse_util.flatten_dict(shardings), read)
+  params = _load_leaves(
+    leaves, abstract_flat, traverse_util.flatten_dict(shardings), read, f"import {model_dir} backbone"
+  )
   mtp = None
   if mtp_leaves is not None:
     if mtp_shardings is None:
       mtp_shardings = _default_shardings(traverse_util.unflatten_dict(mtp_abstract_flat))
-    mtp = _load_leaves(mtp_leaves, mtp_abstract_flat, traverse_util.flatten_dict(mtp_shardings), read)
+    mtp = _load_leaves(
+      mtp_leaves, mtp_abstract_flat, traverse_util.flatten_dict(mtp_shardings), read, f"import {model_dir} MTP"
+    )
   return LoadedCheckpoint(config, params, mtp)
 
 

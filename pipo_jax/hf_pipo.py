@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from pipo_jax import guards
+from pipo_jax import cli, guards
 from pipo_jax.config import ModelConfig
 from pipo_jax.hf import _open_shards, backbone_to_hf_tensors, mtp_to_hf_tensors
 
@@ -113,7 +113,7 @@ _DTYPE_NAMES = {
 }
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], progress: cli.Progress | None = None) -> None:
   header, offset = {}, 0
   names = sorted(tensors)
   for name in names:
@@ -134,13 +134,16 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     f.write(blob)
     for name in names:
       f.write(np.ascontiguousarray(tensors[name]).tobytes())
+      if progress is not None:
+        progress.update()
 
 
 def write_sharded(out_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = _SHARD_BYTES) -> list:
   """One model.safetensors, or model-0000i-of-0000n.safetensors + index when over max_shard_bytes."""
   total = sum(a.nbytes for a in tensors.values())
+  progress = cli.Progress(len(tensors), f"write {out_dir} ({total / 2**30:.2f} GiB)", "tensors")
   if total <= max_shard_bytes:
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, progress)
     return ["model.safetensors"]
   groups, cur, size = [], {}, 0
   for name in sorted(tensors):
@@ -153,7 +156,7 @@ def write_sharded(out_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes:
   files, weight_map = [], {}
   for i, group in enumerate(groups):
     fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-    write_safetensors(os.path.join(out_dir, fname), group)
+    write_safetensors(os.path.join(out_dir, fname), group, progress)
     files.append(fname)
     weight_map.update({n: fname for n in group})
   with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
@@ -267,7 +270,9 @@ def validate_hf_dir(model_dir: str, expected: dict, config: ModelConfig, require
     raise ValueError(
       f"{model_dir}: read back {len(missing)} tensors missing ({missing[:3]}), {len(extra)} unexpected ({extra[:3]})"
     )
+  progress = cli.Progress(len(expected), f"validate {model_dir}", "tensors")
   for name, (dtype, shape) in expected.items():
+    progress.update()
     arr = shards[name].get(name)
     if arr.dtype != dtype or tuple(arr.shape) != tuple(shape):
       raise ValueError(f"{model_dir}: {name} reads back as {arr.dtype}{list(arr.shape)}, wrote {dtype}{list(shape)}")

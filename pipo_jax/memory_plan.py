@@ -309,15 +309,17 @@ def compile_step(built: dict, mesh):
   """
   import jax
 
-  from pipo_jax import sharding
+  from pipo_jax import cli, sharding
 
   t_lower = t_compile = 0.0
   with sharding.use_rules(mesh):
     if built["scoring"] is not None:
       t0 = time.time()
-      lowered = built["scoring"]["fn"].lower(*built["scoring"]["args"])
+      with cli.stage("lower the teacher-scoring program"):
+        lowered = built["scoring"]["fn"].lower(*built["scoring"]["args"])
       t1 = time.time()
-      built["scoring_compiled"] = lowered.compile()
+      with cli.stage("compile the teacher-scoring program"):
+        built["scoring_compiled"] = lowered.compile()
       t_lower, t_compile = t1 - t0, time.time() - t1
       states = built["scoring_compiled"].output_shardings[0]
       batch = dict(
@@ -330,9 +332,11 @@ def compile_step(built: dict, mesh):
       built["batch"] = batch
       built["args"] = (built["args"][0], batch, *built["args"][2:])
     t0 = time.time()
-    lowered = built["fn"].lower(*built["args"])
+    with cli.stage("lower the train step"):
+      lowered = built["fn"].lower(*built["args"])
     t1 = time.time()
-    compiled = lowered.compile()
+    with cli.stage("compile the train step (minutes for a multi-billion model)"):
+      compiled = lowered.compile()
   return compiled, round(t_lower + t1 - t0, 2), round(t_compile + time.time() - t1, 2)
 
 

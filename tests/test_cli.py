@@ -107,3 +107,23 @@ def test_empty_input_file_is_an_error(tmp_path):
     cli.read_nonempty_lines(str(f), "prompts")
   with pytest.raises(FileNotFoundError, match=r"missing.jsonl: prompts file not found"):
     cli.read_nonempty_lines(str(tmp_path / "missing.jsonl"), "prompts")
+
+
+def test_stage_logs_start_and_duration(monkeypatch):
+  lines, clock = [], iter([10.0, 72.5])
+  monkeypatch.setattr(cli.logging, "info", lambda fmt, *a: lines.append(fmt % a))
+  monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+  with cli.stage("compile the train step"):
+    lines.append("(work)")
+  assert lines == ["compile the train step ...", "(work)", "compile the train step: done in 62.5 s"]
+
+
+def test_progress_logs_at_most_every_interval_and_at_the_end(monkeypatch):
+  lines, now = [], [0.0]
+  monkeypatch.setattr(cli.logging, "info", lambda fmt, *a: lines.append(fmt % a))
+  monkeypatch.setattr(cli.time, "perf_counter", lambda: now[0])
+  p = cli.Progress(5, "write", "tensors", every_s=10.0)
+  for t in (1.0, 2.0, 11.0, 12.0, 13.0):  # a line at 11 s (10 s since the start), then the final one
+    now[0] = t
+    p.update()
+  assert [line.split(" (")[0] for line in lines] == ["write: 3/5 tensors", "write: 5/5 tensors"]

@@ -1,6 +1,6 @@
 """The CPU miniature (experiments/demo.sh): the rollout and evaluate building blocks on a random tiny model, and
-a smoke run of the whole pipeline at minimal sizes (part of the default run: each stage is a separate Python
-process that pays JAX start-up and compilation, about 3 minutes on an idle 2-core CPU).
+a smoke run of the whole pipeline at minimal sizes (marked slow: each stage is a separate Python process that
+pays JAX start-up and compilation, about 3 minutes alone on an idle 2-core CPU; `pytest -m slow tests/test_demo.py`).
 
 What a smoke run can assert is the plumbing and the invariants, not the numbers (the models see 2 steps):
   * report.json / report.md / sweep.png exist and every row has the required fields;
@@ -118,7 +118,10 @@ def test_evaluate_rows(model, task, tmp_path, monkeypatch):
     assert 0.0 < gate["pad_ratio"] < 1.0 and c["random_pad_ratio"] == gate["pad_ratio"]
 
 
-@pytest.mark.timeout(2400)  # 8 stage processes, each paying JAX start-up and compilation (3 min on an idle 2-core CPU)
+# Slow: 8 stage processes, each paying JAX start-up and compilation (3 min alone on an idle 2-core CPU, 14 min
+# beside the rest of the suite); the stages' own logic is tested above.
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_demo_smoke(tmp_path):
   """experiments/demo.sh end to end at minimal sizes (PIPO_DEMO_SMOKE=1)."""
   work = str(tmp_path / "demo")

@@ -198,6 +198,7 @@ def _prompts(n, seed, P_=8):
   return {"prompt_ids": ids, "prompt_valid": valid}
 
 
+@pytest.mark.slow  # ~3 min of training; the OPD loss, targets and gradients are tested exactly above
 def test_tiny_opd_run_lowers_kl_and_improves_calibration():
   """A tiny student distils a wider, sharper tiny teacher on its own pipo rollouts for 60 steps (fixed seeds);
   on 16 held-out prompts (fresh on-policy rollouts at start and end, same RNG) the reverse KL of both streams

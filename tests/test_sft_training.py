@@ -103,6 +103,7 @@ def test_tiny_run_lowers_every_loss(full_run):
     assert k in m[-1]
 
 
+@pytest.mark.slow  # ~2.5 min; tests/test_checkpoint.py round-trips the state exactly in the default run
 def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(full_run, data_dir, tmp_path):
   workdir = str(tmp_path / "resumed")
   Trainer(make_config(data_dir, workdir, stop_after_steps=STEPS // 2)).train()  # "killed" after step 3
@@ -118,6 +119,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run_bit_for_bit(full_run, 
     assert mb[s] == ma[s]
 
 
+@pytest.mark.slow  # ~2 min; tests/test_sharding.py checks a sharded forward equals the unsharded one by default
 def test_8_device_mesh_gives_the_losses_of_1_device(full_run, data_dir, tmp_path):
   workdir = str(tmp_path / "mesh8")
   Trainer(make_config(data_dir, workdir, mesh=MeshConfig(data=2, fsdp=2, tensor=2), stop_after_steps=3)).train()

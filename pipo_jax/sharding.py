@@ -149,6 +149,26 @@ def create_sharded_params(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=
   return params, shardings
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)` that also works when a target sharding spans other processes' devices.
+
+  A leaf this process holds whole (a numpy array, or a jax.Array on local devices: loaded from the same files
+  or initialised from the same seed in every process) is laid out through the host, each process supplying
+  the shards of its own devices: a plain device_put of a committed local array to a multi-host sharding is a
+  cross-host transfer, which the CPU and GPU backends refuse. One process: a plain device_put.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard inside a program
+      return x if x.sharding == s else jax.jit(lambda y: y, out_shardings=s)(x)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+  return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over data*fsdp, the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -137,7 +137,7 @@ class Trainer:
       if missing:  # an ar run from a checkpoint without an MTP head: initialise it
         fresh = nn.meta.unbox(boxed_params(mc, cfg.mode, rng))
         params.update({k: fresh[k] for k in missing})
-      params = jax.device_put(params, shardings)
+      params = sharding.place(params, shardings)
     else:
       with sharding.use_rules(self.mesh):
         params = jax.jit(lambda k: nn.meta.unbox(boxed_params(mc, cfg.mode, k)), out_shardings=shardings)(rng)
@@ -150,7 +150,7 @@ class Trainer:
     adapters = lora_lib.init_lora(params, lc, rng)
     axes = lora_lib.lora_logical_axes(logical_axes(boxed_params(self.model_cfg, self.cfg.mode)), adapters)
     lora_shardings = axes_to_shardings(axes, self.mesh)
-    adapters = jax.device_put(adapters, lora_shardings)
+    adapters = sharding.place(adapters, lora_shardings)
     logging.info("LoRA r=%d alpha=%g on %d modules", lc.rank, lc.alpha, len(lora_lib.adapter_paths(adapters)))
     return dict(params, **{lora_lib.LORA_KEY: adapters}), dict(shardings, **{lora_lib.LORA_KEY: lora_shardings})
 

@@ -69,7 +69,7 @@ def load_teacher(opd_cfg: OPDConfig, mesh) -> tuple[ModelConfig, dict]:
     raise ValueError("mode=opd needs opd.teacher_checkpoint (an orbax checkpoint or an HF directory)")
   tcfg, params = loading.load_model(opd_cfg.teacher_checkpoint, opd_cfg.teacher, init_heads=False)
   shardings = teacher_shardings(tcfg, mesh)
-  return tcfg, jax.device_put({"backbone": params["backbone"]}, shardings)
+  return tcfg, sharding.place({"backbone": params["backbone"]}, shardings)
 
 
 def teacher_shardings(tcfg: ModelConfig, mesh) -> dict:

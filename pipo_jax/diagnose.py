@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipo_jax import loading
 from pipo_jax.config import ModelConfig
 from pipo_jax.data import schemas
 from pipo_jax.data import tokenizer as tok_lib
 from pipo_jax.data.pairs import IGNORE, insert_parity_pads, pad_right, sft_sequence
+from pipo_jax.io import loading
 from pipo_jax.models.pipo import MTPHead, PipoModel
 from pipo_jax.models.qwen3_5 import Qwen35
 

@@ -6,7 +6,7 @@ r"""Score token sequences: per-token log-probabilities, regular (AR) or compress
 DIR is an HF directory (plain Qwen3.5 or PIPO) or this project's orbax checkpoint (workdir or step dir).
 Each input line is {"tokens": [int, ...]} (at least one token); each output line, in input order, is
 {"logprobs": [...]} with log p(tokens[t] | tokens[<t]) for t = 1..n-1 in float32. With --pipo the line is
-{"backbone_logprobs", "mtp_logprobs", "confidence"} instead (see score_pipo.py; None where a stream has no
+{"backbone_logprobs", "mtp_logprobs", "confidence"} instead (see evaluation/score_pipo.py; None where a stream has no
 prediction for that token).
 
 Sequences of any lengths are mixed freely: they are sorted by length, left-padded into fixed-size batches
@@ -134,7 +134,7 @@ def score_file(
   pad_token_id: int | None = None,
 ) -> int:
   """Score every line of input_path into output_path; returns the number of sequences."""
-  from pipo_jax import loading
+  from pipo_jax.io import loading
 
   overrides = ModelConfig(preset=None, dtype=dtype)
   m = loading.load_for_cli(checkpoint, overrides=overrides, init_heads=pipo, pad_token_id=pad_token_id, need_pad=pipo)
@@ -147,7 +147,7 @@ def score_file(
     " in compressed PIPO mode" if pipo else "",
   )
   if pipo:
-    from pipo_jax import score_pipo
+    from pipo_jax.evaluation import score_pipo
 
     records = score_pipo.score_sequences_pipo(config, params, seqs, batch_size, config.pad_token_id)
   else:

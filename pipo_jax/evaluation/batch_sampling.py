@@ -24,12 +24,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from pipo_jax import cli, loading
+from pipo_jax import cli
 from pipo_jax.config import ModelConfig
 from pipo_jax.data import tokenizer as tok_lib
 from pipo_jax.data.tokenizer import THINK_PREFIX
 from pipo_jax.inference import api
 from pipo_jax.inference.sampling import SamplingParams
+from pipo_jax.io import loading
 
 
 class Model(NamedTuple):
@@ -63,7 +64,7 @@ _WARM: set = set()  # signatures already compiled in this process
 
 
 def load(checkpoint: str, tokenizer_path: str = "") -> Model:
-  """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.loading)."""
+  """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.io.loading)."""
   m = loading.load_for_cli(checkpoint, tokenizer_path, need_tokenizer=True)
   return Model(m.config, m.params, m.tokenizer)
 

@@ -76,9 +76,10 @@ def prompt_ids(tok: tok_lib.ChatTokenizer, messages: Sequence[dict], parity_pad:
   return ids
 
 
-def _bucket(lengths: Sequence[int]) -> int:
-  """Prompt bucket: the longest prompt rounded up to a multiple of 16 (even, so PIPO pairs align)."""
-  return int(-(-max(lengths) // 16) * 16)
+def bucket_length(n: int, multiple: int = 16) -> int:
+  """A batch's fixed length: the longest sequence `n` rounded up to a multiple of 16 (even, so PIPO pairs align),
+  at least one multiple. One compilation then serves every batch whose longest sequence falls in the bucket."""
+  return max(multiple, -(-n // multiple) * multiple)
 
 
 def sample(
@@ -98,7 +99,7 @@ def sample(
   if not prompts:
     raise ValueError("no prompts to sample (empty prompt file?)")
   encoded = [prompt_ids(tok, m, parity_pad=(mode == "pipo")) for m in prompts]
-  bucket = _bucket([len(e) for e in encoded])
+  bucket = bucket_length(max(len(e) for e in encoded))
   rows = [(q, i) for q in range(len(prompts)) for i in range(n)]
   B = min(batch_size, len(rows))
   samples = [[None] * n for _ in prompts]

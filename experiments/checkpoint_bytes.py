@@ -23,7 +23,8 @@ def main(argv):
   del argv
   import jax
 
-  from pipo_jax import checkpoint, loading, memory_plan, sharding
+  from pipo_jax import memory_plan, sharding
+  from pipo_jax.io import checkpoint, loading
 
   cfg = dataclasses.replace(_CONFIG.value, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
   model_cfg = loading.model_config_of(cfg)

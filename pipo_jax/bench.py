@@ -5,7 +5,7 @@ r"""Decode-speed benchmark: TTFT, time per step and effective (non-PAD) tokens p
   python -m pipo_jax.bench --preset=qwen3_5_4b_narrow ...   (random-initialised model of a preset)
 
 DIR: an orbax workdir / step dir or an HF directory (plain Qwen3.5 or PIPO), loaded as every CLI loads it
-(pipo_jax.loading.load_for_cli; --pad_token_id when neither config.json nor a tokenizer names PAD).
+(pipo_jax.io.loading.load_for_cli; --pad_token_id when neither config.json nor a tokenizer names PAD).
 
 Prompts are random ids, no stop ids (every row runs the whole budget). Compilation and a warm-up run are
 excluded; each figure is the fastest of --repeats timed runs (on a shared machine, interference only ever
@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from pipo_jax import cli, loading
+from pipo_jax import cli
 from pipo_jax.inference import flops
 from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, prefill_fn, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
+from pipo_jax.io import loading
 
 FLAGS = flags.FLAGS
 

@@ -22,9 +22,10 @@ import os
 import jax
 from absl import app, flags, logging
 
-from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import cli, hf_pipo, loading
+from pipo_jax import cli
 from pipo_jax.config import Config
+from pipo_jax.io import checkpoint as ckpt_lib
+from pipo_jax.io import hf_pipo, loading
 
 FLAGS = flags.FLAGS
 

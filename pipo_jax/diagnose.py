@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipo_jax import loading
 from pipo_jax.config import ModelConfig
 from pipo_jax.data import schemas
 from pipo_jax.data import tokenizer as tok_lib
 from pipo_jax.data.pairs import IGNORE, insert_parity_pads, pad_right, sft_sequence
+from pipo_jax.evaluation.batch_sampling import bucket_length
+from pipo_jax.io import loading
 from pipo_jax.models.pipo import MTPHead, PipoModel
 from pipo_jax.models.qwen3_5 import Qwen35
 
@@ -145,10 +146,6 @@ def read_examples(
   return out
 
 
-def _bucket(n: int, multiple: int = 16) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 # -- model calls ----------------------------------------------------------------------------------------------
 def _gold_and_argmax(h_BND, W_DV, y_BN):
   logits = jnp.einsum("bnd,dv->bnv", h_BND.astype(jnp.float32), W_DV.astype(jnp.float32))
@@ -217,7 +214,7 @@ def make_student_fn(config: ModelConfig):
 
 def _run_batched(fn, params, seqs: Sequence[np.ndarray], pad_id: int, batch_size: int):
   """fn over right-padded batches of one fixed shape; returns per-sequence lists of numpy outputs [len(seq)]."""
-  T = _bucket(max(len(s) for s in seqs))
+  T = bucket_length(max(len(s) for s in seqs))
   results = []
   for start in range(0, len(seqs), batch_size):
     chunk = list(seqs[start : start + batch_size])

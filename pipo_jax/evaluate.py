@@ -88,7 +88,7 @@ def evaluate_one(
   random_pad_ratio: float | None = None,
 ) -> dict:
   """One report row: every benchmark's questions x k samples in one sampling run (one timing)."""
-  from pipo_jax import batch_sampling, eval_metrics, grading
+  from pipo_jax.evaluation import batch_sampling, eval_metrics, grading
 
   names = list(benchmarks)
   questions = [q for n in names for q in benchmarks[n]]
@@ -153,7 +153,7 @@ def slot_budget_curve(correct_by_bench: dict, slots_by_bench: dict, max_slots: i
   correct and finished within the budget (the paper's Fig. 2; a PIPO slot holds one or two tokens). The overall
   value is the unweighted mean over benchmarks, as in the main table. Keys are strings so that a row equals
   itself after its JSON round trip."""
-  from pipo_jax import eval_metrics
+  from pipo_jax.evaluation import eval_metrics
 
   per = {
     n: eval_metrics.budget_metrics(correct_by_bench[n], slots_by_bench[n], range(1, max_slots + 1), k)
@@ -187,7 +187,7 @@ def run(
 ) -> list[dict]:
   """Evaluate every (decode, tau) configuration; writes and returns the rows. Sampling settings left None come
   from the checkpoint's generation_config.json, else temperature 1 (avg@k needs samples)."""
-  from pipo_jax import batch_sampling
+  from pipo_jax.evaluation import batch_sampling
   from pipo_jax.inference import sampling
 
   if methods and len(methods) != len(decodes):

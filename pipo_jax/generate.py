@@ -26,10 +26,11 @@ import time
 import jax
 from absl import flags, logging
 
-from pipo_jax import cli, loading
+from pipo_jax import cli
 from pipo_jax.inference import sampling
 from pipo_jax.inference.api import MODES, generate, left_pad, result_rows
 from pipo_jax.inference.sampling import SamplingParams
+from pipo_jax.io import loading
 
 FLAGS = flags.FLAGS
 

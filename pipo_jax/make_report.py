@@ -42,7 +42,7 @@ def build(
   targets_tau=None,
   diagnosis_file: str = "",
 ) -> dict:
-  from pipo_jax import report
+  from pipo_jax.evaluation import report
 
   rows = []
   for path in row_files:

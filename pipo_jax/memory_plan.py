@@ -574,14 +574,14 @@ def _merge_stats(stats: list) -> dict:
 
 def teacher_config_of(cfg: Config):
   """The OPD teacher's resolved config: opd.teacher_checkpoint's config.json when it exists, else opd.teacher."""
-  from pipo_jax import loading
   from pipo_jax.config import load_hf_model_config, resolve_model_config
+  from pipo_jax.io import loading
 
   path = cfg.opd.teacher_checkpoint
   if path and loading.is_hf_dir(path):
     return load_hf_model_config(path, cfg.opd.teacher)
   if path and loading.is_orbax_checkpoint(path):
-    from pipo_jax import checkpoint as ckpt_lib
+    from pipo_jax.io import checkpoint as ckpt_lib
 
     return loading.config_from_saved(ckpt_lib.read_config(path), cfg.opd.teacher)[0]
   if cfg.opd.teacher.preset is None:
@@ -603,7 +603,8 @@ def plan(
   """
   import jax
 
-  from pipo_jax import loading, sharding
+  from pipo_jax import sharding
+  from pipo_jax.io import loading
 
   if cfg.data.max_length % 2:
     raise ValueError(f"data.max_length={cfg.data.max_length} must be even")

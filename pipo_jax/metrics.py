@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from pipo_jax import workdir
+from pipo_jax.io import workdir
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as lowercase
 # substrings of `jax.Device.device_kind`; the most specific (longest) key wins.

@@ -18,7 +18,7 @@ Nothing is downloaded: each input is a file the user fetched. Output rows are wh
   with (seed, question index)), labelled A-D, and the answer is the correct choice's letter.
 * livecodebench (code): JSONL of livecodebench/code_generation_lite (`question_content`, `starter_code`,
   `public_test_cases` as a JSON string, `private_test_cases` as JSON or base64(zlib(pickle(JSON string))),
-  `metadata` with `func_name`, `contest_date`); the answer is the JSON test spec of pipo_jax/code_grading.py
+  `metadata` with `func_name`, `contest_date`); the answer is the JSON test spec of pipo_jax/evaluation/code_grading.py
   (public then private tests; style "functional" when the tests are, else "stdin"). The pickle is read with an
   unpickler that accepts only strings and bytes.
 * longbench_v2 (multiple_choice): the JSON list of THUDM/LongBench-v2 (`context`, `question`,

@@ -4,7 +4,7 @@
         --prompts=runs/demo/data/opd.jsonl --n=4 --output_sft=runs/demo/rollout/sft.jsonl \\
         --output_opd=runs/demo/rollout/opd.jsonl --min_pass_rate=0.25
 
-Samples n responses per prompt with regular (ar) decoding, grades each by rule (pipo_jax.grading) against the
+Samples n responses per prompt with regular (ar) decoding, grades each by rule (pipo_jax.evaluation.grading) against the
 prompt's answer, and writes
   * output_sft: every correct response, reference `messages` schema
     {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "<think>\\n..."}]};
@@ -87,7 +87,7 @@ def run(
   seed=0,
 ) -> dict:
   """Sample, grade and write; returns a summary dict (printed by the CLI, saved as rollout_summary.json)."""
-  from pipo_jax import batch_sampling, grading
+  from pipo_jax.evaluation import batch_sampling, grading
   from pipo_jax.inference import sampling
 
   t0 = time.perf_counter()

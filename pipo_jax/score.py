@@ -6,7 +6,7 @@ r"""Score token sequences: per-token log-probabilities, regular (AR) or compress
 DIR is an HF directory (plain Qwen3.5 or PIPO) or this project's orbax checkpoint (workdir or step dir).
 Each input line is {"tokens": [int, ...]} (at least one token); each output line, in input order, is
 {"logprobs": [...]} with log p(tokens[t] | tokens[<t]) for t = 1..n-1 in float32. With --pipo the line is
-{"backbone_logprobs", "mtp_logprobs", "confidence"} instead (see score_pipo.py; None where a stream has no
+{"backbone_logprobs", "mtp_logprobs", "confidence"} instead (see evaluation/score_pipo.py; None where a stream has no
 prediction for that token).
 
 Sequences of any lengths are mixed freely: they are sorted by length, left-padded into fixed-size batches
@@ -28,11 +28,11 @@ from absl import app, flags, logging
 
 from pipo_jax import cli
 from pipo_jax.config import ModelConfig
+from pipo_jax.evaluation import score_pipo
 from pipo_jax.models import qwen3_5
 
 FLAGS = flags.FLAGS
 
-_MIN_BUCKET = 16
 _HEAD_CHUNK = 256  # tokens per LM-head chunk
 
 
@@ -64,10 +64,6 @@ def read_token_file(path: str, vocab_size: int) -> list[np.ndarray]:
         raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
       seqs.append(np.asarray(toks, np.int32))
   return seqs
-
-
-def _bucket(n: int) -> int:
-  return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
 def make_logprob_fn(config: ModelConfig):
@@ -108,7 +104,7 @@ def score_sequences(config: ModelConfig, params, seqs: Sequence[np.ndarray], bat
   progress = cli.Progress(len(seqs), "score", "sequences")
   for start in range(0, len(order), batch_size):
     idx = order[start : start + batch_size]
-    T = _bucket(max(len(seqs[i]) for i in idx))
+    T = score_pipo.pow2_bucket(max(len(seqs[i]) for i in idx))
     # Fixed batch size too (dummy all-pad rows), so each length bucket compiles once.
     ids = np.zeros((batch_size, T), np.int32)
     valid = np.zeros((batch_size, T), bool)
@@ -134,7 +130,7 @@ def score_file(
   pad_token_id: int | None = None,
 ) -> int:
   """Score every line of input_path into output_path; returns the number of sequences."""
-  from pipo_jax import loading
+  from pipo_jax.io import loading
 
   overrides = ModelConfig(preset=None, dtype=dtype)
   m = loading.load_for_cli(checkpoint, overrides=overrides, init_heads=pipo, pad_token_id=pad_token_id, need_pad=pipo)
@@ -147,8 +143,6 @@ def score_file(
     " in compressed PIPO mode" if pipo else "",
   )
   if pipo:
-    from pipo_jax import score_pipo
-
     records = score_pipo.score_sequences_pipo(config, params, seqs, batch_size, config.pad_token_id)
   else:
     records = [

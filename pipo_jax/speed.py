@@ -77,7 +77,7 @@ def measure(
   seed: int = 0,
   log=print,
 ) -> list[dict]:
-  from pipo_jax import batch_sampling
+  from pipo_jax.evaluation import batch_sampling
   from pipo_jax.inference import sampling as sampling_lib
 
   specs = list(specs)

@@ -27,11 +27,12 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import distributed, guards, loading, objectives, optim, sharding
+from pipo_jax import distributed, guards, objectives, optim, sharding
 from pipo_jax import metrics as metrics_lib
-from pipo_jax import workdir as wd
 from pipo_jax.config import Config, ModelConfig
+from pipo_jax.io import checkpoint as ckpt_lib
+from pipo_jax.io import loading
+from pipo_jax.io import workdir as wd
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import PipoModel
 

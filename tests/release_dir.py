@@ -37,9 +37,9 @@ def make_release_dir(path: str, seed: int = 0):
   """Write the release-like directory; returns the transformers model its backbone is."""
   import jax
 
-  from pipo_jax import hf
   from pipo_jax.config import model_config_from_hf
   from pipo_jax.data import synthetic
+  from pipo_jax.io import hf
   from pipo_jax.models.pipo import init_pipo_params
 
   model = hf_tiny.make_hf_model([hf_tiny.LIN, hf_tiny.FULL], tie=False, seed=seed)

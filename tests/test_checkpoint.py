@@ -10,9 +10,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from toy_tree import D
 
-from pipo_jax import checkpoint as ck
 from pipo_jax import optim
 from pipo_jax.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
+from pipo_jax.io import checkpoint as ck
 from pipo_jax.models import lora
 
 
@@ -176,7 +176,8 @@ _MP_WORKER = r"""
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from pipo_jax import checkpoint as ck, distributed, optim
+from pipo_jax.io import checkpoint as ck
+from pipo_jax import distributed, optim
 from pipo_jax.config import CheckpointConfig, OptimConfig
 assert distributed.initialize_distributed()
 workdir, i = sys.argv[1], jax.process_index()
@@ -293,7 +294,7 @@ def test_uncommitted_step_is_invisible_everywhere(tmp_path):
 
 
 def test_trim_metrics_drops_steps_after_resume_and_torn_lines(tmp_path):
-  from pipo_jax import workdir
+  from pipo_jax.io import workdir
 
   lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']
   (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-"""Sandboxed code grading (pipo_jax/code_grading.py): correct, wrong, crashing, infinite-loop, memory-hog,
+"""Sandboxed code grading (pipo_jax/evaluation/code_grading.py): correct, wrong, crashing, infinite-loop, memory-hog,
 file-writing, process-spawning and network-using solutions. Nothing here leaves 127.0.0.1."""
 
 import json
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from pipo_jax import code_grading, eval_metrics, grading
-from pipo_jax.code_grading import Limits
+from pipo_jax.evaluation import code_grading, eval_metrics, grading
+from pipo_jax.evaluation.code_grading import Limits
 
 STDIN_ROW = json.dumps(
   {"style": "stdin", "tests": [{"input": "3 4\n", "output": "7\n"}, {"input": "10 -2\n", "output": "8"}]}

@@ -18,10 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from pipo_jax import batch_sampling, evaluate, rollout
+from pipo_jax import evaluate, rollout
 from pipo_jax.config import ModelConfig, resolve_model_config
 from pipo_jax.data import synthetic
 from pipo_jax.data.tokenizer import load_tokenizer
+from pipo_jax.evaluation import batch_sampling
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.models.pipo import init_pipo_params
 

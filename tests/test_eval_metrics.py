@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipo_jax import eval_metrics as em
+from pipo_jax.evaluation import eval_metrics as em
 
 
 def _brute_pass_at_k(n, c, k):

@@ -23,11 +23,12 @@ import orbax.checkpoint as ocp
 import pytest
 from fault_child import tiny_config
 
-from pipo_jax import checkpoint as ck
-from pipo_jax import convert, guards, hf_pipo, loading
+from pipo_jax import convert, guards
 from pipo_jax.config import CheckpointConfig, Config, MeshConfig, OptimConfig
 from pipo_jax.data import synthetic
 from pipo_jax.data.schemas import MalformedRecordError
+from pipo_jax.io import checkpoint as ck
+from pipo_jax.io import hf_pipo, loading
 from pipo_jax.trainer import Trainer
 
 # Compile-heavy: run by name, `pytest -m slow tests/test_faults.py`.
@@ -458,7 +459,7 @@ _PROVE = """
 import os, sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from pipo_jax import workdir
+from pipo_jax.io import workdir
 
 try:
   workdir.prove_shared(sys.argv[3])

@@ -1,12 +1,12 @@
-"""A run's checkpoint finds its tokenizer without --tokenizer (pipo_jax.loading.find_tokenizer_dir)."""
+"""A run's checkpoint finds its tokenizer without --tokenizer (pipo_jax.io.loading.find_tokenizer_dir)."""
 
 import json
 import os
 
 import pytest
 
-from pipo_jax import loading
 from pipo_jax.data import synthetic
+from pipo_jax.io import loading
 
 
 def _fake_run(workdir, step, saved):

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from pipo_jax import grading
+from pipo_jax.evaluation import grading
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,7 @@ def test_tpu_pod_dry_run_commands(stub_dir):
   pack = cmds[2][2].replace(tarball, str(stub_dir / "code.tgz"))
   assert _run(["bash", "-c", pack]).returncode == 0
   listed = subprocess.run(["tar", "-tzf", str(stub_dir / "code.tgz")], capture_output=True, text=True).stdout.split()
-  assert "launch/tpu_pod.sh" in listed and "pipo_jax/grading.py" in listed
+  assert "launch/tpu_pod.sh" in listed and "pipo_jax/evaluation/grading.py" in listed
   assert not any(p.startswith(("runs/", ".git/")) or "__pycache__" in p for p in listed)
   assert cmds[3] == tpu + ["scp", tarball, "pipo-a:pipo_jax.tgz", "--worker=all"] + loc
   assert cmds[4] == tpu + ["scp", flags, "pipo-a:pipo_run.flags", "--worker=all"] + loc  # flagfile outside repo

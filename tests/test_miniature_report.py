@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from pipo_jax import evaluate, report, speed
+from pipo_jax import evaluate, speed
+from pipo_jax.evaluation import report
 
 
 def _row(method, tau, avg, pas, per_q, control=None, pad=0.0, eff=100.0, curve=None):

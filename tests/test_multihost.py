@@ -110,7 +110,7 @@ def _losses(workdir) -> dict:
 def _params(workdir, step):
   import jax
 
-  from pipo_jax import checkpoint as ckpt_lib
+  from pipo_jax.io import checkpoint as ckpt_lib
 
   tree = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", str(step)))
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
@@ -230,8 +230,8 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   # directory (the student's PIPO heads are initialised from it as in training).
   import jax
 
-  from pipo_jax import hf_pipo
   from pipo_jax.config import ModelConfig, resolve_model_config
+  from pipo_jax.io import hf_pipo
   from pipo_jax.models.pipo import init_pipo_params
 
   mc = resolve_model_config(ModelConfig(preset="tiny"))

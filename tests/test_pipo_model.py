@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import hf_pipo, loading
 from pipo_jax.config import ModelConfig, resolve_model_config
+from pipo_jax.io import hf_pipo, loading
 from pipo_jax.models.pipo import Compressor, PipoModel, init_pipo_params
 
 
@@ -119,7 +119,7 @@ def test_compressed_forward_matches_transformers_both_streams(tiny_pipo):
 
 
 def test_score_pipo_left_padded_batches_equal_single_forwards(tiny_pipo, tmp_path):
-  from pipo_jax import score_pipo
+  from pipo_jax.evaluation import score_pipo
 
   _, cfg, params = tiny_pipo
   rng = np.random.RandomState(4)

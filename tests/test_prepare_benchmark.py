@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from pipo_jax import code_grading, grading
 from pipo_jax import prepare_benchmark as pb
+from pipo_jax.evaluation import code_grading, grading
 
 
 def _jsonl(path, recs):

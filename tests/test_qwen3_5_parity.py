@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipo_jax import hf
 from pipo_jax.config import FULL, LINEAR
+from pipo_jax.io import hf
 from pipo_jax.models import gated_deltanet as gdn
 from pipo_jax.models import qwen3_5
 

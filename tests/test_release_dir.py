@@ -16,7 +16,7 @@ import pytest
 import release_dir
 import torch
 
-from pipo_jax import loading
+from pipo_jax.io import loading
 
 # Compile-heavy: run by name, `pytest -m slow tests/test_release_dir.py`.
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipo_jax import report
+from pipo_jax.evaluation import report
 
 BENCH = lambda a, b, c, d: {  # (AIME, GPQA) avg/pass pairs
   "AIME25": {"avg_at_k": a, "pass_at_k": b},
@@ -152,7 +152,7 @@ def test_no_sweep_no_png(tmp_path):
 
 
 def test_rows_from_eval_metrics(tmp_path):
-  from pipo_jax import eval_metrics as em
+  from pipo_jax.evaluation import eval_metrics as em
 
   lengths = [em.count_lengths([1, 2], pad_id=None)] * 2
   ar = em.run_row("Regular", {"AIME25": [[1, 0]]}, lengths, wall_time_s=2.0)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pipo_jax import loading
 from pipo_jax.inference import sampling
 from pipo_jax.inference.sampling import SamplingParams
+from pipo_jax.io import loading
 
 
 def _generation_config(tmp_path, **fields):

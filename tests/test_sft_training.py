@@ -15,8 +15,6 @@ import jax
 import numpy as np
 import pytest
 
-from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import loading
 from pipo_jax.config import (
   CheckpointConfig,
   Config,
@@ -28,6 +26,8 @@ from pipo_jax.config import (
   TrainConfig,
 )
 from pipo_jax.data import synthetic
+from pipo_jax.io import checkpoint as ckpt_lib
+from pipo_jax.io import loading
 from pipo_jax.trainer import Trainer
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sft_tiny_step1.json")

@@ -97,7 +97,7 @@ def test_hf_load_onto_mesh(setup, tmp_path):
   and already sharded."""
   from safetensors.numpy import save_file
 
-  from pipo_jax import hf
+  from pipo_jax.io import hf
 
   cfg, mesh, _, params, _ = setup
   tensors = hf.backbone_to_hf_tensors(params, cfg)

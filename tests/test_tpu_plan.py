@@ -58,7 +58,7 @@ def _cfg(mode: str) -> Config:
 
 
 def _compile(cfg: Config, devices):
-  from pipo_jax import loading
+  from pipo_jax.io import loading
 
   mc = loading.model_config_of(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)

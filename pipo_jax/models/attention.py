@@ -13,7 +13,7 @@ import numpy as np
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.models.flash import blocked_attention
-from pipo_jax.models.norms import RMSNorm
+from pipo_jax.models.norms import RMSNorm, dense
 
 # Masked scores use the most negative finite fp32 instead of -inf: a query row whose keys are all masked
 # (a left-pad query) then gets a uniform softmax instead of NaN; its output is never used.
@@ -50,17 +50,6 @@ def apply_partial_rope(x_BTNK: jax.Array, cos_BTP: jax.Array, sin_BTP: jax.Array
   rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
   rot = rot * cos_BTP[:, :, None, :] + rotated * sin_BTP[:, :, None, :]
   return jnp.concatenate([rot, rest], axis=-1)
-
-
-def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    use_bias=False,
-    dtype=config.dtype,
-    param_dtype=config.param_dtype,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
-  )
 
 
 def _dense_attention(
@@ -103,10 +92,10 @@ class GatedAttention(nn.Module):
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
 
-    qg_BTHK2 = _dense(H * 2 * K, ("embed", "heads"), cfg, "q_proj")(x_BTD).reshape(B, T, H, 2 * K)
+    qg_BTHK2 = dense(H * 2 * K, ("embed", "heads"), cfg, "q_proj")(x_BTD).reshape(B, T, H, 2 * K)
     q_BTHK, gate_BTHK = qg_BTHK2[..., :K], qg_BTHK2[..., K:]
-    k_BTGK = _dense(G * K, ("embed", "kv_heads"), cfg, "k_proj")(x_BTD).reshape(B, T, G, K)
-    v_BTGK = _dense(G * K, ("embed", "kv_heads"), cfg, "v_proj")(x_BTD).reshape(B, T, G, K)
+    k_BTGK = dense(G * K, ("embed", "kv_heads"), cfg, "k_proj")(x_BTD).reshape(B, T, G, K)
+    v_BTGK = dense(G * K, ("embed", "kv_heads"), cfg, "v_proj")(x_BTD).reshape(B, T, G, K)
 
     q_BTHK = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_BTHK)
     k_BTGK = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_BTGK)
@@ -145,5 +134,5 @@ class GatedAttention(nn.Module):
     # The gate multiplies the concatenated head outputs, before o_proj (as HF).
     o_BTF = o_BTF * jax.nn.sigmoid(gate_BTHK.reshape(B, T, H * K))
     o_BTF = nn.with_logical_constraint(o_BTF, ("batch", "length", "heads"))
-    out_BTD = _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(o_BTF)
+    out_BTD = dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(o_BTF)
     return out_BTD, new_cache

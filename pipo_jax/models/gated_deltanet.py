@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipo_jax.config import ModelConfig
-from pipo_jax.models.norms import GatedRMSNorm, logical_param
+from pipo_jax.models.norms import GatedRMSNorm, dense, logical_param
 from pipo_jax.models.triangular import unit_lower_solve
 
 _HI = jax.lax.Precision.HIGHEST
@@ -136,17 +136,6 @@ class CausalConv(nn.Module):
     return jax.nn.silu(acc_BTC).astype(x_BTC.dtype), ext_BXC[:, T:]
 
 
-def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    use_bias=False,
-    dtype=config.dtype,
-    param_dtype=config.param_dtype,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
-  )
-
-
 def _a_log_init(key, shape, dtype=jnp.float32):
   # A ~ U(0.01, 16) as HF 5.24 initialises it; the param stores log(A).
   return jnp.log(jax.random.uniform(key, shape, dtype, 0.01, 16.0))
@@ -180,10 +169,10 @@ class GatedDeltaNet(nn.Module):
     if valid_BT is not None:
       x_BTD = x_BTD * valid_BT[..., None].astype(x_BTD.dtype)
 
-    mixed_BTC = _dense(cfg.linear_conv_dim, ("embed", "gdn_qkv"), cfg, "in_proj_qkv")(x_BTD)
-    z_BTHV = _dense(H * V, ("embed", "gdn_value"), cfg, "in_proj_z")(x_BTD).reshape(B, T, H, V)
-    b_BTH = _dense(H, ("embed", "gdn_heads"), cfg, "in_proj_b")(x_BTD)
-    a_BTH = _dense(H, ("embed", "gdn_heads"), cfg, "in_proj_a")(x_BTD)
+    mixed_BTC = dense(cfg.linear_conv_dim, ("embed", "gdn_qkv"), cfg, "in_proj_qkv")(x_BTD)
+    z_BTHV = dense(H * V, ("embed", "gdn_value"), cfg, "in_proj_z")(x_BTD).reshape(B, T, H, V)
+    b_BTH = dense(H, ("embed", "gdn_heads"), cfg, "in_proj_b")(x_BTD)
+    a_BTH = dense(H, ("embed", "gdn_heads"), cfg, "in_proj_a")(x_BTD)
 
     if cache is None:
       prev_BWC = jnp.zeros((B, W - 1, cfg.linear_conv_dim), mixed_BTC.dtype)
@@ -217,7 +206,7 @@ class GatedDeltaNet(nn.Module):
     # HF casts the kernel output back to the model dtype before the gated norm.
     y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(o_BTHV.astype(x_BTD.dtype), z_BTHV)
     y_BTF = nn.with_logical_constraint(y_BTHV.reshape(B, T, H * V), ("batch", "length", "gdn_value"))
-    out_BTD = _dense(cfg.hidden_size, ("gdn_value", "embed"), cfg, "out_proj")(y_BTF)
+    out_BTD = dense(cfg.hidden_size, ("gdn_value", "embed"), cfg, "out_proj")(y_BTF)
     new_cache = (
       None
       if cache is None

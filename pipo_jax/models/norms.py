@@ -1,4 +1,5 @@
-"""The two RMSNorm variants of Qwen3.5.
+"""The two RMSNorm variants of Qwen3.5, and the param helpers every model file builds its layers with
+(`logical_param`, `dense`).
 
 Axis vocabulary: B batch, T tokens, D features (any last axis), H heads.
 Both norms compute in fp32 whatever the input dtype and cast back at the end, as HF does.
@@ -12,11 +13,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pipo_jax.config import ModelConfig
+
 
 def logical_param(module: nn.Module, name: str, init, axes: tuple, shape: tuple, dtype: Any) -> jax.Array:
   """`module.param` with logical axis names on it. Inside the module body flax hands back the plain array (the
   names stay on the stored, boxed param), so this is typed as the array the caller computes with."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)  # type: ignore[return-value]
+
+
+def dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
+  """A bias-free `nn.Dense` named like its HF module, kernel [in, out] with logical axis names `axes`, initialised
+  N(0, initializer_range) as HF does."""
+  return nn.Dense(
+    features,
+    use_bias=False,
+    dtype=config.dtype,
+    param_dtype=config.param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
+  )
 
 
 def _rms_normalise(x32: jax.Array, eps: float) -> jax.Array:

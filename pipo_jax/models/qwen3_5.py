@@ -42,20 +42,9 @@ import jax.numpy as jnp
 from pipo_jax.config import FULL, LINEAR, ModelConfig
 from pipo_jax.models.attention import GatedAttention
 from pipo_jax.models.gated_deltanet import GatedDeltaNet
-from pipo_jax.models.norms import GatedRMSNorm, RMSNorm  # noqa: F401  (re-exported)
+from pipo_jax.models.norms import GatedRMSNorm, RMSNorm, dense  # noqa: F401  (norms re-exported)
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
-
-
-def _dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    use_bias=False,
-    dtype=config.dtype,
-    param_dtype=config.param_dtype,
-    name=name,
-    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
-  )
 
 
 class MLP(nn.Module):
@@ -66,10 +55,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     cfg = self.config
-    gate_BTF = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x_BTD)
-    up_BTF = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x_BTD)
+    gate_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x_BTD)
+    up_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x_BTD)
     h_BTF = nn.with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(h_BTF)
+    return dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(h_BTF)
 
 
 class DecoderLayer(nn.Module):
@@ -175,7 +164,7 @@ class Qwen35(nn.Module):
     self.layers = _layer_stack(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, None)
+      self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), cfg, None)
 
   def embed(self, ids_BT: jax.Array) -> jax.Array:
     """ids_BT int -> x_BTD in the compute dtype (no embedding scale)."""

@@ -28,9 +28,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pipo_jax import distributed, loading, sharding
+from pipo_jax import distributed, sharding
 from pipo_jax.config import Config, ModelConfig, OPDConfig
 from pipo_jax.data import pairs
+from pipo_jax.io import loading
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.trainer import boxed_params
 

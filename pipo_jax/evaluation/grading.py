@@ -7,7 +7,7 @@ Three graders and a dispatcher:
 * `grade_multiple_choice(completion, gold)`: the regex `\\boxed{([A-Z])}` over the last 3 lines of the stripped
   text; the last match must equal the gold letter.
 * `code`: the last fenced Python block run against the row's tests in a sandboxed subprocess
-  (pipo_jax/code_grading.py; `answer` holds the tests as JSON).
+  (pipo_jax/evaluation/code_grading.py; `answer` holds the tests as JSON).
 * `grade(completion, answer, answer_type)` with `answer_type` in `ANSWER_TYPES`; `grade_samples` grades code
   samples on a pool of parallel workers.
 
@@ -158,7 +158,7 @@ def grade(completion: str, answer: str, answer_type: str, timeout_s: int | None 
   if answer_type == "multiple_choice":
     return grade_multiple_choice(completion, answer)
   if answer_type == "code":
-    from pipo_jax import code_grading
+    from pipo_jax.evaluation import code_grading
 
     return code_grading.grade_code(completion, answer)
   raise ValueError(f"grade: unknown answer_type {answer_type!r}; expected one of {ANSWER_TYPES}")
@@ -192,7 +192,7 @@ def grade_samples(
       else:
         out[i, j] = grade(c, a, t, timeout_s)
   if code_jobs:
-    from pipo_jax import code_grading
+    from pipo_jax.evaluation import code_grading
 
     for (i, j), ok in zip(code_at, code_grading.grade_many(code_jobs)):
       out[i, j] = ok

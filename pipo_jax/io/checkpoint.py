@@ -27,7 +27,7 @@ count with the one that wrote the data state; those refusals are not retried on 
 Saves refuse non-finite trainable params or optimizer state (`guards.NonFiniteError`): nothing bad lands
 on disk and no good step is rotated out by it.
 
-Workdirs may be URLs (gs://...): paths go through `pipo_jax.workdir` / etils.epath, never os.path.abspath.
+Workdirs may be URLs (gs://...): paths go through `pipo_jax.io.workdir` / etils.epath, never os.path.abspath.
 
 Multi-process: every process must call `save`/`restore` with the same step (orbax synchronises
 processes internally); the data item is per process. tests/test_checkpoint.py and tests/test_multihost.py (both
@@ -53,7 +53,7 @@ from etils import epath
 from grain._src.python.dataset import dataset as grain_dataset
 
 from pipo_jax import guards
-from pipo_jax import workdir as wd
+from pipo_jax.io import workdir as wd
 
 STATE_FIELDS = ("step", "trainable", "frozen", "opt_state", "rng")
 
@@ -449,7 +449,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      multihost_utils.sync_global_devices(f"pipo_jax.checkpoint: step {step} set aside")
+      multihost_utils.sync_global_devices(f"pipo_jax.io.checkpoint: step {step} set aside")
     self.manager.reload()
 
   def restore_latest(self, abstract_state, data_iterator=None, frozen=None):
@@ -538,8 +538,10 @@ def rebuild_frozen(saved_config: dict, trainable: dict) -> dict:
   checkpoint.init_from, else initialised from train.seed), less the leaves `trainable` holds."""
   import flax.linen as nn
 
-  from pipo_jax import loading, optim  # local: both import this module
+  # local: loading and trainer import this module
+  from pipo_jax import optim
   from pipo_jax.config import resolve_model_config
+  from pipo_jax.io import loading
   from pipo_jax.trainer import AR_KEYS, boxed_params
 
   init_from = saved_config.get("checkpoint", {}).get("init_from", "")

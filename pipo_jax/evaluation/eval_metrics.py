@@ -179,7 +179,7 @@ def run_row(
   k: int | None = None,
   **extra,
 ) -> dict:
-  """Everything `pipo_jax.report` needs about one method / threshold, from raw per-sample results.
+  """Everything `pipo_jax.evaluation.report` needs about one method / threshold, from raw per-sample results.
 
   `correct_by_benchmark` maps a benchmark name to its [questions, samples] 0/1 matrix; `lengths` holds one
   LengthStats per generated answer (all benchmarks). Extra keyword fields are copied into the row.

@@ -24,12 +24,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from pipo_jax import cli, loading
+from pipo_jax import cli
 from pipo_jax.config import ModelConfig
 from pipo_jax.data import tokenizer as tok_lib
 from pipo_jax.data.tokenizer import THINK_PREFIX
 from pipo_jax.inference import api
 from pipo_jax.inference.sampling import SamplingParams
+from pipo_jax.io import loading
 
 
 class Model(NamedTuple):
@@ -64,7 +65,7 @@ _WARM: set = set()  # signatures already compiled in this process
 
 
 def load(checkpoint: str, tokenizer_path: str = "") -> Model:
-  """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.loading)."""
+  """Model (LoRA merged, heads present) + tokenizer, through the CLIs' one loader (pipo_jax.io.loading)."""
   m = loading.load_for_cli(checkpoint, tokenizer_path, need_tokenizer=True)
   return Model(m.config, m.params, m.tokenizer, m.generation)
 
@@ -76,9 +77,10 @@ def prompt_ids(tok: tok_lib.ChatTokenizer, messages: Sequence[dict], parity_pad:
   return ids
 
 
-def _bucket(lengths: Sequence[int]) -> int:
-  """Prompt bucket: the longest prompt rounded up to a multiple of 16 (even, so PIPO pairs align)."""
-  return int(-(-max(lengths) // 16) * 16)
+def bucket_length(n: int, multiple: int = 16) -> int:
+  """A batch's fixed length: the longest sequence `n` rounded up to a multiple of 16 (even, so PIPO pairs align),
+  at least one multiple. One compilation then serves every batch whose longest sequence falls in the bucket."""
+  return max(multiple, -(-n // multiple) * multiple)
 
 
 def sample(
@@ -98,7 +100,7 @@ def sample(
   if not prompts:
     raise ValueError("no prompts to sample (empty prompt file?)")
   encoded = [prompt_ids(tok, m, parity_pad=(mode == "pipo")) for m in prompts]
-  bucket = _bucket([len(e) for e in encoded])
+  bucket = bucket_length(max(len(e) for e in encoded))
   rows = [(q, i) for q in range(len(prompts)) for i in range(n)]
   B = min(batch_size, len(rows))
   samples = [[None] * n for _ in prompts]

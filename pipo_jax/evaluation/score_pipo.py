@@ -25,7 +25,9 @@ _MIN_BUCKET = 16
 _HEAD_CHUNK = 256
 
 
-def _bucket(n: int) -> int:
+def pow2_bucket(n: int) -> int:
+  """A batch's fixed length: `n` rounded up to a power of two (at least 16), so the number of compilations is
+  logarithmic in the longest sequence (`score` and `score --pipo`)."""
   return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
@@ -73,7 +75,7 @@ def score_sequences_pipo(
   out: list = [None] * len(seqs)
   for start in range(0, len(order), batch_size):
     idx = order[start : start + batch_size]
-    T = _bucket(max(len(seqs[i]) + len(seqs[i]) % 2 for i in idx))
+    T = pow2_bucket(max(len(seqs[i]) + len(seqs[i]) % 2 for i in idx))
     ids = np.full((batch_size, T), pad_id, np.int32)
     valid = np.zeros((batch_size, T), bool)
     for row, i in enumerate(idx):

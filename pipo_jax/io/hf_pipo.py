@@ -28,7 +28,7 @@ from flax import traverse_util
 
 from pipo_jax import cli, guards
 from pipo_jax.config import ModelConfig
-from pipo_jax.hf import _open_shards, backbone_to_hf_tensors, mtp_to_hf_tensors
+from pipo_jax.io.hf import _open_shards, backbone_to_hf_tensors, mtp_to_hf_tensors
 
 HEAD_PREFIXES = ("compressor.", "confidence_head.")
 TOKENIZER_FILES = (

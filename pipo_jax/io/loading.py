@@ -14,9 +14,9 @@ import os
 import jax
 from absl import logging
 
-from pipo_jax import checkpoint as ckpt_lib
-from pipo_jax import hf, hf_pipo
 from pipo_jax.config import Config, LoraConfig, ModelConfig, resolve_model_config
+from pipo_jax.io import checkpoint as ckpt_lib
+from pipo_jax.io import hf, hf_pipo
 from pipo_jax.models import lora as lora_lib
 from pipo_jax.models.pipo import abstract_pipo_params, init_pipo_params
 

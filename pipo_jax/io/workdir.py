@@ -106,13 +106,13 @@ def prove_shared(workdir: str, process_index: int | None = None, process_count: 
   if p == 0:
     makedirs(join(workdir, MARKER_DIR))
     write_text(marker, json.dumps({"token": token, "writer": 0}))
-  multihost_utils.sync_global_devices("pipo_jax.workdir: marker written")
+  multihost_utils.sync_global_devices("pipo_jax.io.workdir: marker written")
   try:
     seen = json.loads(read_text(marker)).get("token") == token
   except Exception:  # missing, unreadable: all the same verdict
     seen = False
   verdicts = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
-  multihost_utils.sync_global_devices("pipo_jax.workdir: marker read")
+  multihost_utils.sync_global_devices("pipo_jax.io.workdir: marker read")
   if p == 0:
     try:
       epath.Path(marker).unlink()

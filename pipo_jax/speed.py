@@ -12,7 +12,8 @@ tokens / timed seconds (compilation excluded, prefill included, as `evaluate`). 
 round is its tokens/s over the baseline's in the same round, so slow drifts of a shared machine cancel; the
 report gives the median over rounds and the min-max spread. Rows written: {"method", "decode", "tau",
 "effective_tokens_per_s": [per round], "speedup": [per round], "speedup_median", "speedup_min", "speedup_max",
-"tokens", "seconds"}.
+"tokens", "seconds" (totals over all rounds)}. `--min_window_s` repeats a method's decode within a round until its
+timed window lasts that long, so that one window's jitter does not set the round's ratio.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def measure(
   baseline: str,
   seed: int = 0,
   log=print,
+  min_window_s: float = 0.0,
 ) -> list[dict]:
   from pipo_jax.evaluation import batch_sampling
   from pipo_jax.inference import sampling as sampling_lib
@@ -95,20 +97,25 @@ def measure(
   totals = {s.label: (0, 0.0) for s in specs}
   for r in range(repeats):
     for s in specs:
-      run = batch_sampling.sample(
-        models[s.checkpoint],
-        prompts,
-        k,
-        s.decode,
-        sampling,
-        conf_threshold=-1.0 if s.tau is None else s.tau,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-      )
-      n_tok = sum(len(x.tokens) for per_q in run.samples for x in per_q)
-      tps[s.label].append(n_tok / run.decode_s)
-      totals[s.label] = (n_tok, totals[s.label][1] + run.decode_s)
+      # One timed window: the same decode repeated until it has run min_window_s (at least once). A window of
+      # a few seconds carries the machine's jitter straight into the round's ratio.
+      n_tok, seconds = 0, 0.0
+      while n_tok == 0 or seconds < min_window_s:
+        run = batch_sampling.sample(
+          models[s.checkpoint],
+          prompts,
+          k,
+          s.decode,
+          sampling,
+          conf_threshold=-1.0 if s.tau is None else s.tau,
+          max_new_tokens=max_new_tokens,
+          batch_size=batch_size,
+          seed=seed,
+        )
+        n_tok += sum(len(x.tokens) for per_q in run.samples for x in per_q)
+        seconds += run.decode_s
+      tps[s.label].append(n_tok / seconds)
+      totals[s.label] = (totals[s.label][0] + n_tok, totals[s.label][1] + seconds)
     log(f"[speed] round {r + 1}/{repeats}: " + ", ".join(f"{m} {v[-1]:.0f} tok/s" for m, v in tps.items()))
   stats = speedup_stats(tps, baseline)
   rows = []
@@ -141,7 +148,7 @@ def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
   from absl import flags
 
-  global _RUN, _TOK, _BENCH, _BASE, _REPEATS, _K, _OUT, _MAX_NEW, _TEMP, _TOP_K, _TOP_P, _BATCH, _SEED, _MAX_Q
+  global _RUN, _TOK, _BENCH, _BASE, _REPEATS, _K, _OUT, _MAX_NEW, _TEMP, _TOP_K, _TOP_P, _BATCH, _SEED, _MAX_Q, _WINDOW
   _RUN = flags.DEFINE_multi_string("run", None, "LABEL=CHECKPOINT:DECODE[@TAU], repeatable", required=True)
   _TOK = flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: each checkpoint's)")
   _BENCH = flags.DEFINE_list(
@@ -149,6 +156,9 @@ def define_flags() -> None:
   )
   _BASE = flags.DEFINE_string("baseline", "Regular", "label of the run the speed-ups are relative to")
   _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (each decodes every prompt once per method)")
+  _WINDOW = flags.DEFINE_float(
+    "min_window_s", 0.0, "a method's timed window in a round repeats its decode until it lasts this long"
+  )
   _K = flags.DEFINE_integer("k", 4, "samples per question in a round")
   _OUT = flags.DEFINE_string("output", None, "rows JSON file", required=True)
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "generated tokens per answer")
@@ -180,6 +190,7 @@ def main(argv) -> None:
     _BATCH.value,
     _BASE.value,
     _SEED.value,
+    min_window_s=_WINDOW.value,
   )
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:

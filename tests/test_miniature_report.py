@@ -119,3 +119,29 @@ def test_targets_and_paired_difference():
   assert not span["met"] and span["measured"] == "0.050 … 0.300"
   md = report.targets_md(report.miniature_targets(rows, 0.95))
   assert "**missed**" in md and math.isfinite(se)
+
+
+def test_speed_windows_repeat_a_decode_until_min_window(monkeypatch):
+  """Hand-made decode times: Regular 4 s per decode of 40 tokens, PIPO 1.5 s; a 5 s window repeats Regular twice
+  (8 s, 80 tokens) and PIPO four times (6 s, 160 tokens) in every round."""
+  from pipo_jax.evaluation import batch_sampling
+
+  seconds = {"ar": 4.0, "pipo": 1.5}
+  calls = []
+
+  def fake_sample(model, prompts, k, mode, sampling, **kw):
+    calls.append(mode)
+    samples = [[batch_sampling.Sample("", [0] * 10, [], 0, 0, 0) for _ in range(k)] for _ in prompts]
+    return batch_sampling.SampleRun(samples, decode_s=seconds[mode], compile_s=0.0, batches=1)
+
+  monkeypatch.setattr(batch_sampling, "load", lambda c, t: batch_sampling.Model(None, None, None))
+  monkeypatch.setattr(batch_sampling, "sample", fake_sample)
+  specs = [speed.RunSpec("Regular", "t", "ar"), speed.RunSpec("PIPO", "s", "pipo", 0.95)]
+  prompts = [[{"role": "user", "content": "q"}]]
+  rows = speed.measure(specs, "", prompts, 4, {}, 2, 8, 4, "Regular", log=lambda s: None, min_window_s=5.0)
+  assert calls == ["ar", "ar", "pipo", "pipo", "pipo", "pipo"] * 2
+  reg, pipo = rows
+  assert reg["effective_tokens_per_s"] == [10.0, 10.0] and pipo["effective_tokens_per_s"] == [160 / 6] * 2
+  assert pipo["speedup_median"] == pytest.approx(160 / 60) and (reg["tokens"], reg["seconds"]) == (160, 16.0)
+  rows = speed.measure(specs, "", prompts, 4, {}, 1, 8, 4, "Regular", log=lambda s: None)  # no window: one decode
+  assert rows[1]["effective_tokens_per_s"] == [40 / 1.5]

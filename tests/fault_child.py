@@ -14,16 +14,9 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from pipo_jax.config import (
-  CheckpointConfig,
-  Config,
-  DataConfig,
-  LossConfig,
-  MeshConfig,
-  ModelConfig,
-  OptimConfig,
-  TrainConfig,
-)
+from tiny_sft import tiny_sft_config
+
+from pipo_jax.config import CheckpointConfig, Config
 
 
 def tiny_config(
@@ -35,24 +28,15 @@ def tiny_config(
   save_frozen: str = "auto",
   **train_kw,
 ) -> Config:
-  """The tiny preset on the generated arithmetic task: full fine-tune (embeddings frozen), 1 device."""
-  return Config(
-    mode="sft",
-    workdir=workdir,
-    model=ModelConfig(preset="tiny", compressor_type="mlp_residual"),
-    mesh=MeshConfig(data=1, fsdp=1, tensor=1),
-    data=DataConfig(
-      train_path=os.path.join(data_dir, "train.jsonl"),
-      tokenizer_path=os.path.join(data_dir, "tokenizer"),
-      max_length=64,
-      batch_size=8,
-      max_pad_ratio=0.25,
-      seed=0,
-    ),
-    optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, weight_decay=0.0),
-    loss=LossConfig(logits_chunk=64),
+  """tests/tiny_sft.py's tiny SFT run (full fine-tune, embeddings frozen, 1 device) with sequences of up to 64
+  tokens, saving every `every_steps` steps."""
+  return tiny_sft_config(
+    data_dir,
+    workdir,
+    steps=steps,
+    max_length=64,
     checkpoint=CheckpointConfig(every_steps=every_steps, keep=10, async_save=async_save, save_frozen=save_frozen),
-    train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, **train_kw),
+    **train_kw,
   )
 
 

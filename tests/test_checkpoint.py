@@ -4,6 +4,7 @@ import signal
 
 import jax
 import jax.numpy as jnp
+import loopback
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
@@ -218,38 +219,8 @@ print("RESULT", i, it.pos, ok, flush=True)
 @pytest.mark.slow
 def test_two_process_save_restore(tmp_path):
   """Two CPU processes over loopback: one sharded checkpoint, per-process iterator states."""
-  import socket
-  import subprocess
-  import sys
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  script = tmp_path / "worker.py"
-  script.write_text(_MP_WORKER)
-  procs = []
-  for i in range(2):
-    env = dict(
-      os.environ,
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES="2",
-      JAX_PROCESS_ID=str(i),
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "run")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-    )
-  outs = [p.communicate(timeout=180)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
-  lines = sorted(l for o in outs for l in o.splitlines() if l.startswith("RESULT"))
+  outs = loopback.run_two_processes(_MP_WORKER, tmp_path, str(tmp_path / "run"), timeout=180)
+  lines = loopback.result_lines(outs)
   assert lines == ["RESULT 0 100 True", "RESULT 1 101 True"], outs
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "1" / "data")) == [
     "commit_success.txt",

@@ -1,4 +1,5 @@
 import jax
+import loopback
 import pytest
 
 from pipo_jax import distributed
@@ -46,34 +47,6 @@ print("RESULT", n, i, g.shape, float(total), jax.process_index() == 0, flush=Tru
 @pytest.mark.slow
 def test_two_cpu_processes_over_loopback(tmp_path):
   """Two real processes, gloo collectives, coordinates from the JAX_* env variables."""
-  import os
-  import socket
-  import subprocess
-  import sys
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
-  procs = []
-  for i in range(2):
-    env = dict(
-      os.environ,
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES="2",
-      JAX_PROCESS_ID=str(i),
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-      )
-    )
-  outs = [p.communicate(timeout=120)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
-  lines = sorted(l for o in outs for l in o.splitlines() if l.startswith("RESULT"))
+  lines = loopback.result_lines(loopback.run_two_processes(_WORKER, tmp_path, timeout=120))
   # global batch [4, 2]: two rows of 0s from process 0, two rows of 1s from process 1 -> sum 4
   assert lines == ["RESULT 2 0 (4, 2) 4.0 True", "RESULT 2 1 (4, 2) 4.0 False"]

@@ -128,6 +128,61 @@ def _assert_params_close(a, b, atol):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=atol, err_msg=k)
 
 
+def _run_a_and_b(label, flagfile, wa, wb, common):
+  """A (1 process x 8 devices) and B (2 processes x 4 devices), independent, side by side. Both log every step
+  once; returns their losses, B's output and the wall times."""
+  t0 = time.time()
+  pa = _start_single(flagfile, wa, common)
+  pb = _start_two(flagfile, wb, common)
+  _, wall_a = _finish(f"{label}A (1 process x 8 devices)", pa, t0)
+  out_b, wall_b = _finish(f"{label}B (2 processes x 4 devices)", pb, t0)
+  la, lb = _losses(wa), _losses(wb)
+  assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+  return la, lb, out_b, wall_a, wall_b
+
+
+def _assert_one_writer(wb, out_b):
+  """Only process 0 writes the TensorBoard file and the progress lines."""
+  assert len([f for f in os.listdir(wb) if f.startswith("events.out.tfevents")]) == 1
+  assert not [l for l in out_b.splitlines() if l.startswith("[proc 1]") and "| loss" in l]
+
+
+def _compare_params(ref, workdir, atol) -> float:
+  """The final params in `workdir` against `ref` (A's): close within atol; returns the max |diff|."""
+  got = _params(workdir, STEPS)
+  diff = _max_param_diff(ref, got)
+  _assert_params_close(ref, got, atol=atol)
+  return diff
+
+
+def _resume_c(label, flagfile, wb, wc, common, la, pa4, tol):
+  """C: B's step-2 checkpoint (saved by 2 processes on data=8) restored by 2 processes onto
+  data=2,fsdp=2,tensor=2; it runs steps 3-4 only, and their losses (relative to max(1, |loss|)) and the final
+  params match A's (`la`, `pa4`) within `tol`. Returns C's losses, the max |param diff| and the wall time."""
+  os.makedirs(os.path.join(wc, "checkpoints"))
+  shutil.copytree(os.path.join(wb, "checkpoints", "2"), os.path.join(wc, "checkpoints", "2"))
+  t0 = time.time()
+  pc = _start_two(flagfile, wc, common + ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+  out_c, wall_c = _finish(f"{label}C (2 processes, resumed on data=2,fsdp=2,tensor=2)", pc, t0)
+  assert "resumed at step 2" in out_c
+  lc = _losses(wc)
+  assert sorted(lc) == [3, 4], lc
+  for s in (3, 4):
+    assert abs(lc[s] - la[s]) <= tol * max(1.0, abs(la[s])), (s, la[s], lc[s])
+  diff_ac = _compare_params(pa4, wc, atol=tol)
+  return lc, diff_ac, wall_c
+
+
+def _report(label, losses, diff_ab, diff_ac, walls, t_all):
+  la, lb, lc = losses
+  wall_a, wall_b, wall_c = walls
+  print(
+    f"[test_multihost] {label}losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
+    f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s",
+    flush=True,
+  )
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   from pipo_jax.data import synthetic
@@ -139,22 +194,13 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   wa, wb, wc = (str(tmp_path / n) for n in ("a", "b", "c"))
 
   t_all = time.time()
-  # A and B are independent: run them side by side.
-  t0 = time.time()
-  pa = _start_single(flagfile, wa, common)
-  pb = _start_two(flagfile, wb, common)
-  _, wall_a = _finish("A (1 process x 8 devices)", pa, t0)
-  out_b, wall_b = _finish("B (2 processes x 4 devices)", pb, t0)
-
-  la, lb = _losses(wa), _losses(wb)
-  assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+  la, lb, out_b, wall_a, wall_b = _run_a_and_b("", flagfile, wa, wb, common)
   for s in la:
     assert abs(la[s] - lb[s]) <= 1e-6, (s, la[s], lb[s])
   assert la[STEPS] < la[1]  # it trains
 
   # Only process 0 writes logs and metrics; each process saves its own data-iterator state.
-  assert len([f for f in os.listdir(wb) if f.startswith("events.out.tfevents")]) == 1
-  assert not [l for l in out_b.splitlines() if l.startswith("[proc 1]") and "| loss" in l]
+  _assert_one_writer(wb, out_b)
   assert [l for l in out_b.splitlines() if l.startswith("[proc 0]") and "| loss" in l]
   assert sorted(os.listdir(os.path.join(wb, "checkpoints", str(STEPS), "data"))) == [
     "commit_success.txt",
@@ -162,30 +208,11 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
     "process_1-of-2.json",
   ]
 
-  pa4, pb4 = _params(wa, STEPS), _params(wb, STEPS)
-  diff_ab = _max_param_diff(pa4, pb4)
-  _assert_params_close(pa4, pb4, atol=1e-6)
+  pa4 = _params(wa, STEPS)
+  diff_ab = _compare_params(pa4, wb, atol=1e-6)
 
-  # C: B's step-2 checkpoint (saved by 2 processes on data=8) restored by 2 processes onto data=2,fsdp=2,tensor=2.
-  os.makedirs(os.path.join(wc, "checkpoints"))
-  shutil.copytree(os.path.join(wb, "checkpoints", "2"), os.path.join(wc, "checkpoints", "2"))
-  t0 = time.time()
-  pc = _start_two(flagfile, wc, common + ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
-  out_c, wall_c = _finish("C (2 processes, resumed on data=2,fsdp=2,tensor=2)", pc, t0)
-  assert "resumed at step 2" in out_c
-  lc = _losses(wc)
-  assert sorted(lc) == [3, 4], lc
-  for s in (3, 4):
-    assert abs(lc[s] - la[s]) <= 1e-5 * max(1.0, abs(la[s])), (s, la[s], lc[s])
-  pc4 = _params(wc, STEPS)
-  diff_ac = _max_param_diff(pa4, pc4)
-  _assert_params_close(pa4, pc4, atol=1e-5)
-
-  print(
-    f"[test_multihost] losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
-    f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s",
-    flush=True,
-  )
+  lc, diff_ac, wall_c = _resume_c("", flagfile, wb, wc, common, la, pa4, tol=1e-5)
+  _report("", (la, lb, lc), diff_ab, diff_ac, (wall_a, wall_b, wall_c), t_all)
 
 
 OPD_FLAGS = f"""\
@@ -249,14 +276,7 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   ]
   wa, wb, wc = (str(tmp_path / n) for n in ("a", "b", "c"))
   t_all = time.time()
-  t0 = time.time()
-  pa = _start_single(flagfile, wa, common)
-  pb = _start_two(flagfile, wb, common)
-  _, wall_a = _finish("OPD A (1 process x 8 devices)", pa, t0)
-  out_b, wall_b = _finish("OPD B (2 processes x 4 devices)", pb, t0)
-
-  la, lb = _losses(wa), _losses(wb)
-  assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+  la, lb, out_b, wall_a, wall_b = _run_a_and_b("OPD ", flagfile, wa, wb, common)
   for s in la:
     assert abs(la[s] - lb[s]) <= 1e-5 * max(1.0, abs(la[s])), (s, la[s], lb[s])
   with open(os.path.join(wa, "metrics.jsonl")) as f:
@@ -271,27 +291,9 @@ def test_opd_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
   ):
     assert k in rec and np.isfinite(rec[k]), (k, rec)
   assert 0 < rec["rollout/mean_length"] <= 16 and 0 <= rec["rollout/pad_ratio"] <= 1
-  assert len([f for f in os.listdir(wb) if f.startswith("events.out.tfevents")]) == 1
-  assert not [l for l in out_b.splitlines() if l.startswith("[proc 1]") and "| loss" in l]
-  pa4, pb4 = _params(wa, STEPS), _params(wb, STEPS)
-  diff_ab = _max_param_diff(pa4, pb4)
-  _assert_params_close(pa4, pb4, atol=1e-5)
+  _assert_one_writer(wb, out_b)
+  pa4 = _params(wa, STEPS)
+  diff_ab = _compare_params(pa4, wb, atol=1e-5)
 
-  os.makedirs(os.path.join(wc, "checkpoints"))
-  shutil.copytree(os.path.join(wb, "checkpoints", "2"), os.path.join(wc, "checkpoints", "2"))
-  t0 = time.time()
-  pc = _start_two(flagfile, wc, common + ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
-  out_c, wall_c = _finish("OPD C (2 processes, resumed on data=2,fsdp=2,tensor=2)", pc, t0)
-  assert "resumed at step 2" in out_c
-  lc = _losses(wc)
-  assert sorted(lc) == [3, 4], lc
-  for s in (3, 4):
-    assert abs(lc[s] - la[s]) <= 1e-4 * max(1.0, abs(la[s])), (s, la[s], lc[s])
-  pc4 = _params(wc, STEPS)
-  diff_ac = _max_param_diff(pa4, pc4)
-  _assert_params_close(pa4, pc4, atol=1e-4)
-  print(
-    f"[test_multihost] OPD losses A={la} B={lb} C={lc}; max |param| diff A-B {diff_ab:.2e}, A-C {diff_ac:.2e}; "
-    f"wall A {wall_a:.0f}s, A||B {wall_b:.0f}s, C {wall_c:.0f}s, total {time.time() - t_all:.0f}s",
-    flush=True,
-  )
+  lc, diff_ac, wall_c = _resume_c("OPD ", flagfile, wb, wc, common, la, pa4, tol=1e-4)
+  _report("OPD ", (la, lb, lc), diff_ab, diff_ac, (wall_a, wall_b, wall_c), t_all)

@@ -234,32 +234,15 @@ def test_every_other_cli_on_the_release_dir(release, tmp_path):
   bench.write_text(
     "".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "type": "math"}) + "\n" for i in range(3))
   )
-  r = _cli(
-    "rollout",
-    f"--checkpoint={path}",
-    f"--prompts={bench}",
-    "--n=2",
-    "--output_sft=ro/sft.jsonl",
-    "--output_opd=ro/opd.jsonl",
-    "--max_new_tokens=8",
-    "--batch_size=6",
-    cwd=tw,
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
+  sampled = {
+    "rollout": [f"--prompts={bench}", "--n=2", "--output_sft=ro/sft.jsonl", "--output_opd=ro/opd.jsonl"],
+    "evaluate": [f"--benchmark={bench}", "--decode=ar,pipo", "--k=2", "--output=ev/rows.json"],
+  }
+  for tool, args in sampled.items():
+    r = _cli(tool, f"--checkpoint={path}", *args, "--max_new_tokens=8", "--batch_size=6", cwd=tw)
+    assert r.returncode == 0, r.stderr[-3000:]
   summary = json.load(open(os.path.join(tw, "ro", "rollout_summary.json")))
   assert summary["prompts"] == 3 and summary["samples"] == 6
-  r = _cli(
-    "evaluate",
-    f"--checkpoint={path}",
-    f"--benchmark={bench}",
-    "--decode=ar,pipo",
-    "--k=2",
-    "--max_new_tokens=8",
-    "--batch_size=6",
-    "--output=ev/rows.json",
-    cwd=tw,
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
   rows = json.load(open(os.path.join(tw, "ev", "rows.json")))
   assert [row["decode"] for row in rows] == ["ar", "pipo"]
 

@@ -14,17 +14,9 @@ import os
 import jax
 import numpy as np
 import pytest
+from tiny_sft import tiny_sft_config
 
-from pipo_jax.config import (
-  CheckpointConfig,
-  Config,
-  DataConfig,
-  LossConfig,
-  MeshConfig,
-  ModelConfig,
-  OptimConfig,
-  TrainConfig,
-)
+from pipo_jax.config import CheckpointConfig, Config, MeshConfig
 from pipo_jax.data import synthetic
 from pipo_jax.io import checkpoint as ckpt_lib
 from pipo_jax.io import loading
@@ -42,23 +34,15 @@ def data_dir(tmp_path_factory):
 
 
 def make_config(data_dir: str, workdir: str, steps: int = STEPS, mesh=None, **train_kw) -> Config:
-  return Config(
-    mode="sft",
-    workdir=workdir,
-    model=ModelConfig(preset="tiny", compressor_type="mlp_residual"),
-    mesh=MeshConfig(data=1, fsdp=1, tensor=1) if mesh is None else mesh,
-    data=DataConfig(
-      train_path=os.path.join(data_dir, "train.jsonl"),
-      tokenizer_path=os.path.join(data_dir, "tokenizer"),
-      max_length=96,
-      batch_size=8,
-      max_pad_ratio=0.25,
-      seed=0,
-    ),
-    optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, weight_decay=0.0),
-    loss=LossConfig(logits_chunk=64),
+  return tiny_sft_config(
+    data_dir,
+    workdir,
+    steps=steps,
+    mesh=mesh,
+    max_length=96,
     checkpoint=CheckpointConfig(every_steps=3, keep=5, async_save=False),
-    train=TrainConfig(num_steps=steps, log_every=1, full_finetune=True, train_embeddings=True, **train_kw),
+    train_embeddings=True,
+    **train_kw,
   )
 
 

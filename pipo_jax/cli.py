@@ -123,3 +123,17 @@ def stage(label: str) -> Iterator[None]:
   t0 = time.perf_counter()
   yield
   logging.info("%s: done in %.1f s", label, time.perf_counter() - t0)
+
+
+def define_sampling_flags() -> tuple:
+  """--temperature / --top_k / --top_p of the tools that draw k samples per prompt (rollout, evaluate, speed):
+  None when not given, so that `inference.sampling.resolve` falls back to generation_config.json, then to
+  temperature 1."""
+  holders = (
+    flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 1)"),
+    flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)"),
+    flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)"),
+  )
+  for h in holders:  # listed by the program's --help, as if the tool had defined them itself
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[h.name])
+  return holders

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import flags
 
+from pipo_jax import cli
+
 
 def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
@@ -47,9 +49,7 @@ def define_flags() -> None:
   _RPAD = flags.DEFINE_float("random_pad_ratio", None, "pipo: run only the random-PAD control at this ratio")
   _MAX_Q = flags.DEFINE_integer("max_questions", 0, "first N questions per benchmark (0 = all)")
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "generated tokens per answer")
-  _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 1)")
-  _TOP_K = flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
-  _TOP_P = flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
+  _TEMP, _TOP_K, _TOP_P = cli.define_sampling_flags()
   _BATCH = flags.DEFINE_integer("batch_size", 100, "sequences per generate call")
   _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -258,6 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from pipo_jax import cli
-
   cli.run(main, define_flags)

@@ -21,6 +21,8 @@ import time
 
 from absl import flags
 
+from pipo_jax import cli
+
 
 def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
@@ -35,9 +37,7 @@ def define_flags() -> None:
   _RHO = flags.DEFINE_float("min_pass_rate", 0.0, "keep OPD prompts with pass_rate >= this")
   _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 0, "use only the first N prompts (0 = all)")
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "generated tokens per response")
-  _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default: generation_config.json, else 1)")
-  _TOP_K = flags.DEFINE_integer("top_k", None, "0 = off (default: generation_config.json, else 0)")
-  _TOP_P = flags.DEFINE_float("top_p", None, "1 = off (default: generation_config.json, else 1)")
+  _TEMP, _TOP_K, _TOP_P = cli.define_sampling_flags()
   _BATCH = flags.DEFINE_integer("batch_size", 64, "sequences per generate call")
   _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -162,6 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from pipo_jax import cli
-
   cli.run(main, define_flags)

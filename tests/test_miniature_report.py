@@ -123,18 +123,21 @@ def test_targets_and_paired_difference():
 
 def test_speed_windows_repeat_a_decode_until_min_window(monkeypatch):
   """Hand-made decode times: Regular 4 s per decode of 40 tokens, PIPO 1.5 s; a 5 s window repeats Regular twice
-  (8 s, 80 tokens) and PIPO four times (6 s, 160 tokens) in every round."""
+  (8 s, 80 tokens) and PIPO four times (6 s, 160 tokens) in every round. Every decode samples with the baseline
+  checkpoint's generation_config.json (top_k 7) under the tools' temperature-1 fallback."""
   from pipo_jax.evaluation import batch_sampling
+  from pipo_jax.inference.sampling import SamplingParams
 
   seconds = {"ar": 4.0, "pipo": 1.5}
   calls = []
 
   def fake_sample(model, prompts, k, mode, sampling, **kw):
     calls.append(mode)
+    assert sampling == SamplingParams(temperature=1.0, top_k=7)
     samples = [[batch_sampling.Sample("", [0] * 10, [], 0, 0, 0) for _ in range(k)] for _ in prompts]
     return batch_sampling.SampleRun(samples, decode_s=seconds[mode], compile_s=0.0, batches=1)
 
-  monkeypatch.setattr(batch_sampling, "load", lambda c, t: batch_sampling.Model(None, None, None))
+  monkeypatch.setattr(batch_sampling, "load", lambda c, t: batch_sampling.Model(None, None, None, {"top_k": 7}))
   monkeypatch.setattr(batch_sampling, "sample", fake_sample)
   specs = [speed.RunSpec("Regular", "t", "ar"), speed.RunSpec("PIPO", "s", "pipo", 0.95)]
   prompts = [[{"role": "user", "content": "q"}]]

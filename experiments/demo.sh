@@ -19,7 +19,8 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 F=experiments/demo
 D=$W/data
 TOK=$D/tokenizer
-TAUS=${PIPO_DEMO_TAUS:--1,0.5,0.9,0.95,0.99,0.999,0.9999,1}
+# Up to 0.999999: this student's confidences sit close to 1, and the sweep must reach PAD ratios >= 0.6.
+TAUS=${PIPO_DEMO_TAUS:--1,0.5,0.9,0.95,0.99,0.999,0.9999,0.99999,0.999999,1}
 mkdir -p "$W/eval" "$W/logs"
 
 # Size knobs: the defaults are the flagfiles'; the smoke run overrides them.
@@ -68,8 +69,13 @@ stage teacher "$W/teacher/.done" bash -c "$PY -m pipo_jax.train --flagfile=$F/te
 stage rollout "$W/rollout/opd.jsonl" \
   $PY -m pipo_jax.rollout --flagfile=$F/rollout.flags --checkpoint="$W/teacher" --tokenizer="$TOK" \
   --prompts="$D/opd.jsonl" --output_sft="$W/rollout/sft.jsonl" --output_opd="$W/rollout/opd.jsonl" "${ROLL_X[@]}"
+# How hard each token is to draft (the teacher's native MTP head): SFT leans its gate PADs towards those tokens.
+stage difficulty "$W/rollout/sft_difficulty.jsonl" \
+  $PY -m pipo_jax.draft_difficulty --teacher="$W/teacher" --tokenizer="$TOK" --data="$SFT_DATA" \
+  --output="$W/rollout/sft_difficulty.jsonl"
 stage sft "$W/sft/.done" bash -c "$PY -m pipo_jax.train --flagfile=$F/sft.flags \
-  --config.workdir=$W/sft --config.checkpoint.init_from=$W/teacher --config.data.train_path=$SFT_DATA \
+  --config.workdir=$W/sft --config.checkpoint.init_from=$W/teacher \
+  --config.data.train_path=$W/rollout/sft_difficulty.jsonl \
   --config.data.tokenizer_path=$TOK ${SFT_X[*]} && touch $W/sft/.done"
 stage opd "$W/opd/.done" bash -c "$PY -m pipo_jax.train --flagfile=$F/opd.flags \
   --config.workdir=$W/opd --config.checkpoint.init_from=$W/sft --config.opd.teacher_checkpoint=$W/teacher \
@@ -81,6 +87,19 @@ stage eval_teacher "$W/eval/teacher.json" "${EV[@]}" --checkpoint="$W/teacher" -
   --method=Regular,MTP,MTP-spec --output="$W/eval/teacher.json"
 stage eval_sft "$W/eval/sft.json" "${EV[@]}" --checkpoint="$W/sft" --decode=pipo --conf_threshold=0.95 \
   --method=PIPO-SFT --output="$W/eval/sft.json"
+# Accuracy against the training budget: every SFT checkpoint at tau 0.95 (report: accuracy vs demo minutes).
+eval_sft_steps() {
+  local rows=() c n
+  for c in $(ls -dv "$W"/sft/checkpoints/[0-9]*); do
+    n=$(basename "$c")
+    "${EV[@]}" --checkpoint="$c" --decode=pipo --conf_threshold=0.95 --method="PIPO-SFT step $n" \
+      --output="$W/eval/sft_step_$n.json" || return 1
+    rows+=("$W/eval/sft_step_$n.json")
+  done
+  $PY -c "import json, sys; json.dump(sum((json.load(open(p)) for p in sys.argv[2:]), []), open(sys.argv[1], 'w'))" \
+    "$W/eval/sft_steps.json" "${rows[@]}"
+}
+stage eval_sft_steps "$W/eval/sft_steps.json" eval_sft_steps
 stage eval_opd "$W/eval/opd.json" "${EV[@]}" --checkpoint="$W/opd" --decode=pipo --conf_threshold="$TAUS" \
   --method=PIPO+OPD --random_pad_control --output="$W/eval/opd.json"
 # Speed-ups with their spread: every method timed in turn, several rounds, one process (pipo_jax/speed.py).

@@ -405,6 +405,9 @@ class DataConfig:
   # "split": the reference's (a, b) -> (a, PAD), (b, PAD), pairing of the rest kept; "gate": (a, PAD) as a
   # rejected draft, b opens the next pair (the shift inference produces). See data/pairs.py.
   pad_insertion: str = "split"
+  # "gate" only: 0 places PADs uniformly; mix in (0, 1] leans them towards the drafts a gate would reject, by the
+  # records' `draft_difficulty` (python -m pipo_jax.draft_difficulty): chance x ((1 - mix) + mix * d / mean d).
+  pad_difficulty_mix: float = 0.0
   think_mask_tokens: int = 2  # response tokens left unsupervised (the `<think>\n` opener)
   seed: int = 0
   num_epochs: int = 0  # 0 = repeat forever (train.num_steps ends the run)
@@ -551,6 +554,12 @@ class Config:
       raise ValueError(f"data.batch_size={d.batch_size} must be > 0")
     if d.num_epochs < 0:
       raise ValueError(f"data.num_epochs={d.num_epochs} must be >= 0 (0 = repeat forever)")
+    if not 0.0 <= d.pad_difficulty_mix <= 1.0:
+      raise ValueError(f"data.pad_difficulty_mix={d.pad_difficulty_mix} must be in [0, 1]")
+    if d.pad_difficulty_mix > 0 and d.pad_insertion != "gate":
+      raise ValueError(
+        f"data.pad_difficulty_mix={d.pad_difficulty_mix} places 'gate' PADs; data.pad_insertion is {d.pad_insertion!r}"
+      )
     if self.optim.grad_accum_steps < 1:
       raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps} must be >= 1")
     if d.batch_size % process_count:

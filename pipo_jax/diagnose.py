@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipo_jax import cli
 from pipo_jax.config import ModelConfig
 from pipo_jax.data import schemas
 from pipo_jax.data import tokenizer as tok_lib
@@ -212,10 +213,12 @@ def make_student_fn(config: ModelConfig):
   return fn
 
 
-def _run_batched(fn, params, seqs: Sequence[np.ndarray], pad_id: int, batch_size: int):
-  """fn over right-padded batches of one fixed shape; returns per-sequence lists of numpy outputs [len(seq)]."""
+def run_batched(fn, params, seqs: Sequence[np.ndarray], pad_id: int, batch_size: int, label: str = ""):
+  """fn over right-padded batches of one fixed shape; returns per-sequence lists of numpy outputs [len(seq)].
+  With a label, progress is logged (cli.Progress)."""
   T = bucket_length(max(len(s) for s in seqs))
   results = []
+  progress = cli.Progress(len(seqs), label, "sequences") if label else None
   for start in range(0, len(seqs), batch_size):
     chunk = list(seqs[start : start + batch_size])
     n = len(chunk)
@@ -224,6 +227,8 @@ def _run_batched(fn, params, seqs: Sequence[np.ndarray], pad_id: int, batch_size
     outs = [np.asarray(o) for o in fn(params, jnp.asarray(ids))]
     for i in range(n):
       results.append([o[i, : len(seqs[start + i])] for o in outs])
+    if progress:
+      progress.update(n)
   return results
 
 
@@ -251,8 +256,8 @@ def per_token_table(
   """Per-class accuracy / NLL of every predictor; also returns the student's per-example outputs."""
   tally = Tally()
   if teacher is not None:
-    t_out = _run_batched(teacher[0], teacher[1], [e.ids for e in examples], pad_id, batch_size)
-  s_out = _run_batched(student[0], student[1], [e.student_ids for e in examples], pad_id, batch_size)
+    t_out = run_batched(teacher[0], teacher[1], [e.ids for e in examples], pad_id, batch_size)
+  s_out = run_batched(student[0], student[1], [e.student_ids for e in examples], pad_id, batch_size)
   for k, e in enumerate(examples):
     s_gold, s_corr, _ = s_out[k]
     stream_of = {}  # teacher index -> student stream
@@ -315,7 +320,7 @@ def rejection_probe(
   if not probes:
     return {g: {"n": 0} for g in ("gate", "random")}
   seqs = [reject_at(examples[k], t, pad_id) for _, k, t in probes]
-  outs = _run_batched(student[0], student[1], [s for s, _ in seqs], pad_id, batch_size)
+  outs = run_batched(student[0], student[1], [s for s, _ in seqs], pad_id, batch_size)
   acc: dict = {}
   for (group, k, t), (ids, src), out in zip(probes, seqs, outs):
     e, base = examples[k], s_out[k]
@@ -504,6 +509,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from pipo_jax import cli
-
   cli.run(main, define_flags)

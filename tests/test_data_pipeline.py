@@ -208,6 +208,41 @@ def test_pipeline_deterministic_and_well_formed(data, tok):
     assert not np.any(ids[first : last + 1] == pad)  # ratio 0: no PAD inside the response
 
 
+def test_difficulty_weighted_gate_pads_land_before_the_difficult_token(data, tok, tmp_path):
+  """With all of a record's draft difficulty on one response token and mix 1, every PAD the gate walk inserts
+  rejects exactly that token: the PAD is followed by it. Without annotations the pipeline names the tool."""
+  from pipo_jax.config import Config
+  from pipo_jax.data.tokenizer import record_token_ids
+
+  records, _ = read_jsonl(data["train"], require_response=True)
+  path, hard = tmp_path / "annotated.jsonl", {}  # supervised response -> index of its difficult token in it
+  with open(data["train"]) as src, open(path, "w") as out:
+    for line, rec in zip(src, records):
+      _, r = record_token_ids(rec, tok)
+      k = 5 + (len(hard) % 7)  # a response token past the `<think>\n` opener (2 tokens, unsupervised)
+      hard[tuple(r[2:].tolist())] = k - 2
+      obj = json.loads(line)
+      obj["draft_difficulty"] = [1.0 if j == k else 0.0 for j in range(len(r))]
+      out.write(json.dumps(obj) + "\n")
+  cfg = _cfg(data, train_path=str(path), pad_insertion="gate", pad_difficulty_mix=1.0, max_pad_ratio=1.0, num_epochs=1)
+  n_pads = 0
+  for batch in _take(TrainPipeline(cfg, process_index=0, process_count=1), 10):
+    for ids, lab in zip(batch["input_ids"], batch["labels"]):
+      first, last = np.flatnonzero(lab != pairs.IGNORE)[[0, -1]]
+      text = ids[first : last + 1]
+      k = hard[tuple(text[text != tok.pad_id].tolist())]
+      for t in np.flatnonzero(text[:-1] == tok.pad_id):
+        n_pads += 1
+        assert np.sum(text[: t + 1] != tok.pad_id) == k  # the token after the PAD is the difficult one
+  assert n_pads > 5  # chance 0.5 per record (MAX_WEIGHTED_CHANCE) at a ratio ~ U(0, 1)
+  with pytest.raises(ValueError, match="python -m pipo_jax.draft_difficulty"):
+    next(TrainPipeline(dataclasses.replace(cfg, train_path=data["train"]), process_index=0, process_count=1))
+  for kw, msg in [({"pad_difficulty_mix": 1.5}, "must be in"), ({"pad_insertion": "split"}, "places 'gate' PADs")]:
+    bad = Config(workdir="w", data=dataclasses.replace(cfg, **kw))
+    with pytest.raises(ValueError, match=msg):
+      bad.validate(num_devices=1, process_count=1)
+
+
 def test_process_shards_partition_the_global_batch(data):
   cfg = _cfg(data, num_epochs=3)
   whole = _take(TrainPipeline(cfg, process_index=0, process_count=1), 12)  # crosses epoch boundaries

@@ -89,6 +89,39 @@ def test_gate_insertion_hand_worked_example():
   np.testing.assert_array_equal(mtp, [X, X, X, 25, 27])
 
 
+def test_difficulty_weights_hand_worked():
+  # Eligible: supervised and not the first token -> indices 2..5, difficulties 0, 0.2, 0.6, 0.2 (mean 0.25);
+  # the unsupervised 9s do not move the mean. mix 0.5: 0.5 + 0.5 * d / 0.25.
+  w = pairs.difficulty_weights(np.array([9, 9, 0, 0.2, 0.6, 0.2]), np.array([X, X, 5, 6, 7, 8]), 0.5)
+  np.testing.assert_allclose(w[2:], [0.5, 0.9, 1.7, 0.9])
+  assert w[2:].mean() == pytest.approx(1.0)  # the expected PAD count is the uniform one
+  np.testing.assert_allclose(pairs.difficulty_weights(np.zeros(6), np.array([X, X, 5, 6, 7, 8]), 1.0), 1.0)
+
+
+def test_gate_insertion_weighted_by_difficulty_hand_worked():
+  # Same sequence as the unweighted example; eligible drafts 23..27 have difficulties 0.1, 0, 0.1, 0.4, 0
+  # (mean 0.12) and mix 1 gives weights 0.83, 0, 0.83, 3.33, 0. ratio 0.2: the draft 24 is rejected with
+  # chance 0.2 * 0 = 0 (coin 0.0 keeps (23,24)), the draft 26 with min(0.5, 0.2 * 3.33) = 0.5 (coin 0.45 < 0.5
+  # rejects it: (25,PAD)), then 26 opens a pair and the draft 27 has chance 0 (coin 0.0 keeps (26,27)).
+  difficulty = [0.9, 0.9, 0.1, 0.0, 0.1, 0.4, 0.0]  # the <think>\n opener's values are never read
+  kw = dict(pad_id=PAD, max_pad_ratio=1.0, think_mask_tokens=2, max_length=16, pad_insertion="gate")
+  ex = pairs.build_sft_example(
+    PROMPT, RESPONSE, rng=_ScriptedRng([0.2, 0.0, 0.45, 0.0]), draft_difficulty=difficulty, difficulty_mix=1.0, **kw
+  )
+  np.testing.assert_array_equal(ex.input_ids, [11, 12, 13, 21, 22, PAD, 23, 24, 25, PAD, 26, 27])
+  np.testing.assert_array_equal(ex.labels, [X, X, X, X, X, X, 23, 24, 25, X, 26, 27])
+  assert ex.n_split == 1
+  # Uniform placement with the same coins rejects the first draft instead.
+  uniform = pairs.build_sft_example(PROMPT, RESPONSE, rng=_ScriptedRng([0.2, 0.0, 0.45, 0.0, 0.9]), **kw)
+  np.testing.assert_array_equal(uniform.input_ids[:8], [11, 12, 13, 21, 22, PAD, 23, PAD])
+  with pytest.raises(ValueError, match="6 values for a 7-token response"):
+    pairs.build_sft_example(
+      PROMPT, RESPONSE, rng=_ScriptedRng([0.2]), draft_difficulty=difficulty[:6], difficulty_mix=1.0, **kw
+    )
+  with pytest.raises(ValueError, match="pipo_jax.draft_difficulty"):
+    pairs.build_sft_example(PROMPT, RESPONSE, rng=_ScriptedRng([0.2]), difficulty_mix=1.0, **kw)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
   prompt_len=st.integers(1, 9),
@@ -96,8 +129,9 @@ def test_gate_insertion_hand_worked_example():
   max_ratio=st.floats(0.0, 1.0),
   room=st.integers(0, 12),
   seed=st.integers(0, 2**16),
+  mix=st.sampled_from([0.0, 0.5, 1.0]),
 )
-def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, seed):
+def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, seed, mix):
   prompt = list(range(100, 100 + prompt_len))
   response = list(range(200, 200 + response_len))
   plain = pairs.build_sft_example(
@@ -113,6 +147,8 @@ def test_gate_insertion_properties(prompt_len, response_len, max_ratio, room, se
     think_mask_tokens=2,
     max_length=max_length,
     pad_insertion="gate",
+    draft_difficulty=np.random.default_rng(seed + 1).random(response_len) ** 4,  # concentrated, as in practice
+    difficulty_mix=mix,
   )
   ids, lab = ex.input_ids, ex.labels
   assert len(ids) % 2 == 0 and len(ids) <= max_length

@@ -21,6 +21,8 @@ SFT example (docs/method.md#sft-examples):
        (a, PAD) with probability ratio and b opens the next pair, so the pairing of everything after shifts
        by one token, exactly as after a confidence-gate rejection. A model trained only on "split" never
        sees that shift; in the CPU miniature it lost half its accuracy at tau 0.95 with 3 % PADs.
+       With per-token draft difficulties (`difficulty_weights`) the coin of a pair leans towards the drafts a
+       gate would reject, so the backbone learns to carry on where rejections really happen.
 Batches are built by `pad_right`-ing each example independently, so any batch size works
 (docs/method.md#any-sft-batch-size).
 """
@@ -143,8 +145,42 @@ def split_pairs(ids: np.ndarray, labels: np.ndarray, split: np.ndarray, pad_id: 
   return out_ids, out_lab
 
 
+def difficulty_weights(difficulty: np.ndarray, labels: np.ndarray, mix: float) -> np.ndarray:
+  """Per-token multipliers of the gate-PAD chance, float64 [T]: (1 - mix) + mix * d_t / mean(d over eligible).
+
+  difficulty float [T]: how likely a draft of x_t is to be wrong (e.g. 1 - p of the teacher's native MTP head,
+  `pipo_jax.draft_difficulty`); labels int32 [T]. The mean over the eligible tokens (the supervised ones after
+  the first: the drafts the walk in `gate_pads` may reject) is 1, so the expected PAD count stays ratio x eligible and only the
+  placement moves (up to the cap MAX_WEIGHTED_CHANCE): mix 0 is uniform, mix 1 places PADs in proportion to
+  difficulty.
+  """
+  d = np.clip(np.asarray(difficulty, np.float64), 0.0, None)
+  eligible = labels != IGNORE
+  eligible[0] = False  # a first token is never a draft
+  mean = float(d[eligible].mean()) if eligible.any() else 0.0
+  if mean <= 0.0:
+    return np.ones(len(d))
+  return (1.0 - mix) + mix * d / mean
+
+
+# Draft difficulty is concentrated (in the CPU miniature the hardest 5 % of tokens hold 91 % of it), so the
+# weighted chance of a hard token would reach 1 and its draft would never supervise the MTP head. Capped at a
+# half, a hard token trains the backbone after a rejection and the MTP head on its draft about equally often.
+MAX_WEIGHTED_CHANCE = 0.5
+
+
+def _pad_chance(ratio: float, weights: np.ndarray | None, t: int) -> float:
+  return ratio if weights is None else min(MAX_WEIGHTED_CHANCE, ratio * float(weights[t]))
+
+
 def gate_pads(
-  ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator, ratio: float, max_pads: int, pad_id: int
+  ids: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  ratio: float,
+  max_pads: int,
+  pad_id: int,
+  weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
   """Insert PADs as gate rejections: (ids, labels, n_inserted). ids, labels int32 [T] (T even) -> at most
   [T + n_inserted + 1], even.
@@ -153,7 +189,8 @@ def gate_pads(
   eligible token2) and a ratio-coin comes up, the pair is (x_i, PAD | l_i, -100) and the cursor moves by one,
   else it is (x_i, x_{i+1}) and moves by two. At most `max_pads` PADs are inserted; a single token left at
   the end gets a trailing PAD, which keeps the length even (step 4's trailing PAD is dropped first, so that
-  no PAD ever lands in a token1 slot).
+  no PAD ever lands in a token1 slot). weights float [T] (`difficulty_weights`): the coin for rejecting x_{i+1}
+  comes up with probability min(MAX_WEIGHTED_CHANCE, ratio * weights[i + 1]) instead of ratio.
   """
   if len(ids) and ids[-1] == pad_id and labels[-1] == IGNORE:  # step 4's trailing PAD: re-made below if needed
     ids, labels = ids[:-1], labels[:-1]
@@ -163,7 +200,7 @@ def gate_pads(
       out_ids += [ids[i], pad_id]
       out_lab += [labels[i], IGNORE]
       i += 1
-    elif labels[i + 1] != IGNORE and n < max_pads and rng.random() < ratio:
+    elif labels[i + 1] != IGNORE and n < max_pads and rng.random() < _pad_chance(ratio, weights, i + 1):
       out_ids += [ids[i], pad_id]
       out_lab += [labels[i], IGNORE]
       i, n = i + 1, n + 1
@@ -193,31 +230,53 @@ def build_sft_example(
   max_length: int,
   overlong: str = "truncate",
   pad_insertion: str = "split",
+  draft_difficulty=None,
+  difficulty_mix: float = 0.0,
 ) -> PairExample | None:
   """The PIPO SFT example (steps in the module docstring), or None when it is dropped.
 
   prompt_ids int32 [P], response_ids int32 [R] -> PairExample with even T <= max_length.
   PAD ids inside the given text are removed first: a PAD may only be one the pipeline placed (odd index).
+  draft_difficulty float [R] (one per response token) with difficulty_mix > 0: "gate" PADs lean towards the
+  difficult drafts (`difficulty_weights`).
   """
   _check_length(max_length)
   p, r = _i32(prompt_ids), _i32(response_ids)
-  p, r = p[p != pad_id], r[r != pad_id]
+  keep_r = r != pad_id
+  p, r = p[p != pad_id], r[keep_r]
   ids, labels = sft_sequence(p, r, think_mask_tokens)
+  # The source index of every token, through the parity PADs (-1) and the truncation: lays difficulties over it.
+  src, _ = insert_parity_pads(np.arange(len(ids), dtype=np.int32), labels, -1)
   ids, labels = insert_parity_pads(ids, labels, pad_id)
   fitted = fit_length(ids, labels, max_length, overlong)
   if fitted is None:
     return None
   ids, labels, truncated = fitted
+  src = src[: len(ids)]
   check_pad_insertion(pad_insertion)
   if pad_insertion == "gate":
     ratio = float(rng.random()) * float(max_pad_ratio)
+    weights = None
+    if difficulty_mix > 0.0:
+      weights = difficulty_weights(_token_difficulty(draft_difficulty, keep_r, len(p), src), labels, difficulty_mix)
     # Each insertion adds one slot and an odd count a trailing PAD: max_length - T - 1 insertions always fit.
-    ids, labels, n = gate_pads(ids, labels, rng, ratio, max(0, max_length - len(ids) - 1), pad_id)
+    ids, labels, n = gate_pads(ids, labels, rng, ratio, max(0, max_length - len(ids) - 1), pad_id, weights)
     return PairExample(ids, labels, truncated=truncated, n_split=n, pad_ratio=ratio)
   split, ratio = choose_splits(labels, rng, max_pad_ratio, (max_length - len(ids)) // 2)
   if split.any():
     ids, labels = split_pairs(ids, labels, split, pad_id)
   return PairExample(ids, labels, truncated=truncated, n_split=int(split.sum()), pad_ratio=ratio)
+
+
+def _token_difficulty(draft_difficulty, keep_r: np.ndarray, n_prompt: int, src: np.ndarray) -> np.ndarray:
+  """The response's draft difficulties laid over the built sequence: float [len(src)], 0 on the prompt and PADs."""
+  if draft_difficulty is None:
+    raise ValueError("data.pad_difficulty_mix > 0 needs a draft_difficulty per record (python -m pipo_jax.draft_difficulty)")
+  d = np.asarray(draft_difficulty, np.float64)
+  if d.shape != keep_r.shape:
+    raise ValueError(f"draft_difficulty has {d.size} values for a {keep_r.size}-token response")
+  full = np.concatenate([np.zeros(n_prompt), d[keep_r], [0.0]])  # the extra 0 is read by PADs (src -1)
+  return full[src]
 
 
 def build_ar_example(

@@ -159,11 +159,20 @@ class _BuildExample:
   ):
     self.source, self.tok, self.pad_id, self.mode, self.stats = source, tok, pad_id, mode, stats
     self.max_length, self.overlong, self.seed = cfg.max_length, cfg.overlong, cfg.seed
-    self.pad_insertion = cfg.pad_insertion
+    self.pad_insertion, self.difficulty_mix = cfg.pad_insertion, cfg.pad_difficulty_mix
     if mode != "ar":
       pairs.check_pad_insertion(cfg.pad_insertion)  # at construction, not in the first batch's worker
     self.think, self.ratio = think_mask_tokens, max_pad_ratio
     self.n = len(source)
+
+  def _difficulty(self, record, i: int):
+    d = record.meta.get("draft_difficulty")
+    if self.difficulty_mix > 0 and d is None:
+      raise ValueError(
+        f"{self.source} record {i}: data.pad_difficulty_mix > 0 needs a `draft_difficulty` list per record; "
+        "annotate the data with python -m pipo_jax.draft_difficulty"
+      )
+    return d
 
   def empty(self) -> dict:
     ids, lab = pairs.pad_right([], [], self.max_length, self.pad_id)
@@ -173,7 +182,8 @@ class _BuildExample:
     if isinstance(ki, int) and ki == -1:
       return self.empty()
     k, i = ki
-    prompt_ids, response_ids = record_token_ids(self.source[i], self.tok)
+    record = self.source[i]
+    prompt_ids, response_ids = record_token_ids(record, self.tok)
     if self.mode == "ar":
       ex = pairs.build_ar_example(
         prompt_ids, response_ids, max_length=self.max_length, overlong=self.overlong, think_mask_tokens=self.think
@@ -191,6 +201,8 @@ class _BuildExample:
         max_length=self.max_length,
         overlong=self.overlong,
         pad_insertion=self.pad_insertion,
+        draft_difficulty=self._difficulty(record, i),
+        difficulty_mix=self.difficulty_mix,
       )
     if ex is None:
       self.stats.add(dropped=1)

@@ -118,6 +118,7 @@ d = json.load(open(sys.argv[1])); d["total_this_invocation"] = int(sys.argv[2]);
 EOF
 $PY -m pipo_jax.make_report --rows="$ROWS" --run_dir="$W" --title="PIPO CPU miniature (experiments/demo.sh)" \
   --speed="$W/eval/speed.json" --targets_tau=0.95 --diagnosis="$W/eval/diagnosis.json" \
+  --step_rows="$W/eval/sft_steps.json" --timings="$W/timings.json" \
   --extra_json="$W/timings.json,$D/task.json,$W/rollout/rollout_summary.json"
 echo "== report: $W/report.md ($(( $(date +%s) - T0 ))s in all)"
 cat "$W/report.md"

@@ -19,7 +19,7 @@ from absl import flags
 
 def define_flags() -> None:
   """Defined only when run as a program, so the module can be imported next to other CLIs."""
-  global _ROWS, _RUN_DIR, _TITLE, _EXTRA, _NOTES, _SPEED, _TARGETS, _DIAGNOSIS
+  global _ROWS, _RUN_DIR, _TITLE, _EXTRA, _NOTES, _SPEED, _TARGETS, _DIAGNOSIS, _STEPS, _TIMINGS
   _ROWS = flags.DEFINE_list("rows", None, "row JSON files written by pipo_jax.evaluate", required=True)
   _RUN_DIR = flags.DEFINE_string("run_dir", None, "where report.json / report.md / sweep.png go", required=True)
   _TITLE = flags.DEFINE_string("title", "PIPO evaluation", "report title")
@@ -30,6 +30,10 @@ def define_flags() -> None:
   )
   _TARGETS = flags.DEFINE_float("targets_tau", None, "state the CPU miniature's targets (met / missed) at this τ")
   _DIAGNOSIS = flags.DEFINE_string("diagnosis", "", "JSON of pipo_jax.diagnose: its tables go into the report")
+  _STEPS = flags.DEFINE_string(
+    "step_rows", "", "rows of the SFT checkpoints ('<method> step N'): accuracy vs training minutes (needs --timings)"
+  )
+  _TIMINGS = flags.DEFINE_string("timings", "", "stage timings JSON of experiments/demo.sh (seconds per stage)")
 
 
 def build(
@@ -41,6 +45,8 @@ def build(
   speed_file: str = "",
   targets_tau=None,
   diagnosis_file: str = "",
+  step_rows_file: str = "",
+  timings_file: str = "",
 ) -> dict:
   from pipo_jax.evaluation import report
 
@@ -55,6 +61,15 @@ def build(
   if targets_tau is not None:
     targets = report.miniature_targets(report.add_speedup(rows), targets_tau)
     preamble += ["## Targets\n", report.targets_md(targets)]
+  if step_rows_file and timings_file:
+    with open(step_rows_file) as f, open(timings_file) as g:
+      step_rows, timings = json.load(f), json.load(g)
+    tau = 0.95 if targets_tau is None else targets_tau
+    preamble += [
+      "## Accuracy against the training budget\n",
+      report.training_budget_md(report.training_budget(step_rows, rows, timings, tau=tau), timings, tau),
+      "",
+    ]
   if diagnosis_file:
     with open(diagnosis_file) as f:
       preamble += [
@@ -97,6 +112,8 @@ def main(argv):
     _SPEED.value,
     _TARGETS.value,
     _DIAGNOSIS.value,
+    _STEPS.value,
+    _TIMINGS.value,
   )
   print("[make_report] " + json.dumps(paths))
 

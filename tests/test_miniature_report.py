@@ -148,3 +148,26 @@ def test_speed_windows_repeat_a_decode_until_min_window(monkeypatch):
   assert pipo["speedup_median"] == pytest.approx(160 / 60) and (reg["tokens"], reg["seconds"]) == (160, 16.0)
   rows = speed.measure(specs, "", prompts, 4, {}, 1, 8, 4, "Regular", log=lambda s: None)  # no window: one decode
   assert rows[1]["effective_tokens_per_s"] == [40 / 1.5]
+
+
+def test_training_budget_hand_worked():
+  # Before SFT: 60 + 300 + 120 + 60 s = 9 min; SFT 600 s = 10 min for 1200 steps; OPD 120 s = 2 min.
+  timings = {"make_task": 60, "teacher": 300, "rollout": 120, "difficulty": 60, "sft": 600, "opd": 120,
+             "eval_teacher": 90, "speed": 150, "total_this_invocation": 1500}
+  steps = [
+    {"method": "PIPO-SFT step 1200", "avg_at_k": 0.7, "pass_at_k": 0.9},
+    {"method": "PIPO-SFT step 600", "avg_at_k": 0.5, "pass_at_k": 0.8},
+  ]
+  rows = [
+    {"method": "Regular", "avg_at_k": 0.95, "pass_at_k": 1.0},
+    {"method": "PIPO+OPD", "conf_threshold": 0.95, "avg_at_k": 0.75, "pass_at_k": 0.9},
+    {"method": "PIPO+OPD", "conf_threshold": 0.9, "avg_at_k": 0.1, "pass_at_k": 0.1},
+  ]
+  points = report.training_budget(steps, rows, timings, tau=0.95)
+  assert [p["label"] for p in points] == ["PIPO-SFT step 600", "PIPO-SFT step 1200", "PIPO+OPD (from step 1200)"]
+  assert [p["train_minutes"] for p in points] == pytest.approx([14.0, 19.0, 21.0])
+  assert [p["gap"] for p in points] == pytest.approx([45.0, 25.0, 20.0])
+  md = report.training_budget_md(points, timings, 0.95)
+  assert "| PIPO-SFT step 600 | 14.0 | 50.00 | 80.00 | +45.00 |" in md
+  assert "add 4.0 minutes" in md and "25.0 minutes in all" in md and "(missed)" in md
+  assert report.training_budget([{"method": "PIPO-SFT", "avg_at_k": 1, "pass_at_k": 1}], rows, timings) == []

@@ -461,6 +461,66 @@ def miniature_targets(
   return out
 
 
+TRAINING_STAGES = ("make_task", "teacher", "rollout", "difficulty", "sft")  # the demo's stages before OPD
+
+
+def _checkpoint_step(method: str) -> int | None:
+  """`PIPO-SFT step 600` -> 600 (the rows the demo writes for its SFT checkpoints)."""
+  head, _, step = str(method).rpartition(" step ")
+  return int(step) if head and step.isdigit() else None
+
+
+def training_budget(
+  step_rows: Sequence[Mapping[str, Any]],
+  rows: Sequence[Mapping[str, Any]],
+  timings: Mapping[str, float],
+  teacher: str = "Regular",
+  opd: str = "PIPO+OPD",
+  tau: float = 0.95,
+) -> list[dict]:
+  """Accuracy against the minutes of training it took: one point per SFT checkpoint, then PIPO+OPD.
+
+  A checkpoint at step s of S costs the stages before SFT plus s/S of the SFT stage (steps take equal time);
+  PIPO+OPD adds the OPD stage. Evaluation stages are a fixed cost on top (`eval_minutes`). Each point:
+  {"label", "train_minutes", "avg_at_k", "pass_at_k", "gap"} with gap = teacher avg@k - this avg@k, in points.
+  """
+  steps = sorted((s, r) for r in step_rows if (s := _checkpoint_step(r.get("method", ""))) is not None)
+  if not steps:
+    return []
+  before = sum(float(timings.get(k, 0)) for k in TRAINING_STAGES[:-1]) / 60
+  sft, last = float(timings.get("sft", 0)) / 60, steps[-1][0]
+  t = _row(rows, teacher)
+  gap = lambda r: 100 * (t["avg_at_k"] - r["avg_at_k"]) if t is not None else float("nan")
+  out = [
+    {"label": r["method"], "train_minutes": before + sft * s / last, "avg_at_k": r["avg_at_k"],
+     "pass_at_k": r["pass_at_k"], "gap": gap(r)}
+    for s, r in steps
+  ]
+  o = _row(rows, opd, tau)
+  if o is not None:
+    out.append(
+      {"label": f"{opd} (from step {last})", "train_minutes": before + sft + float(timings.get("opd", 0)) / 60,
+       "avg_at_k": o["avg_at_k"], "pass_at_k": o["pass_at_k"], "gap": gap(o)}
+    )
+  return out
+
+
+def training_budget_md(points: Sequence[Mapping[str, Any]], timings: Mapping[str, float], tau: float) -> str:
+  """The accuracy-vs-training-minutes table, the evaluation minutes on top and the demo's 20-minute target."""
+  body = [
+    [p["label"], f"{p['train_minutes']:.1f}", _pct(p["avg_at_k"]), _pct(p["pass_at_k"]), f"{p['gap']:+.2f}"]
+    for p in points
+  ]
+  evals = sum(float(v) for k, v in timings.items() if k.startswith("eval") or k in ("speed", "diagnose")) / 60
+  total = float(timings.get("total_this_invocation", 0)) / 60
+  return (
+    _md_table(["checkpoint", "training minutes", f"avg@k at τ {tau:g}", "pass@k", "teacher − it (points)"], body)
+    + f"\n\nTraining minutes: the stages {', '.join(TRAINING_STAGES)} (and opd for PIPO+OPD) up to the checkpoint; "
+    + f"the evaluation stages add {evals:.1f} minutes. "
+    + (f"This run: {total:.1f} minutes in all against the 20-minute budget ({'met' if total <= 20 else 'missed'})." if total else "")
+  )
+
+
 def targets_md(targets: Sequence[Mapping[str, Any]]) -> str:
   body = [[t["target"], t["measured"], {True: "met", False: "**missed**", None: "—"}[t["met"]]] for t in targets]
   return _md_table(["target", "measured", ""], body)

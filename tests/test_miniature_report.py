@@ -152,8 +152,17 @@ def test_speed_windows_repeat_a_decode_until_min_window(monkeypatch):
 
 def test_training_budget_hand_worked():
   # Before SFT: 60 + 300 + 120 + 60 s = 9 min; SFT 600 s = 10 min for 1200 steps; OPD 120 s = 2 min.
-  timings = {"make_task": 60, "teacher": 300, "rollout": 120, "difficulty": 60, "sft": 600, "opd": 120,
-             "eval_teacher": 90, "speed": 150, "total_this_invocation": 1500}
+  timings = {
+    "make_task": 60,
+    "teacher": 300,
+    "rollout": 120,
+    "difficulty": 60,
+    "sft": 600,
+    "opd": 120,
+    "eval_teacher": 90,
+    "speed": 150,
+    "total_this_invocation": 1500,
+  }
   steps = [
     {"method": "PIPO-SFT step 1200", "avg_at_k": 0.7, "pass_at_k": 0.9},
     {"method": "PIPO-SFT step 600", "avg_at_k": 0.5, "pass_at_k": 0.8},

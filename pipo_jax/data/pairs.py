@@ -150,9 +150,9 @@ def difficulty_weights(difficulty: np.ndarray, labels: np.ndarray, mix: float) -
 
   difficulty float [T]: how likely a draft of x_t is to be wrong (e.g. 1 - p of the teacher's native MTP head,
   `pipo_jax.draft_difficulty`); labels int32 [T]. The mean over the eligible tokens (the supervised ones after
-  the first: the drafts the walk in `gate_pads` may reject) is 1, so the expected PAD count stays ratio x eligible and only the
-  placement moves (up to the cap MAX_WEIGHTED_CHANCE): mix 0 is uniform, mix 1 places PADs in proportion to
-  difficulty.
+  the first: the drafts the walk in `gate_pads` may reject) is 1, so the expected PAD count stays ratio x
+  eligible and only the placement moves (up to the cap MAX_WEIGHTED_CHANCE): mix 0 is uniform, mix 1 places
+  PADs in proportion to difficulty.
   """
   d = np.clip(np.asarray(difficulty, np.float64), 0.0, None)
   eligible = labels != IGNORE
@@ -271,7 +271,9 @@ def build_sft_example(
 def _token_difficulty(draft_difficulty, keep_r: np.ndarray, n_prompt: int, src: np.ndarray) -> np.ndarray:
   """The response's draft difficulties laid over the built sequence: float [len(src)], 0 on the prompt and PADs."""
   if draft_difficulty is None:
-    raise ValueError("data.pad_difficulty_mix > 0 needs a draft_difficulty per record (python -m pipo_jax.draft_difficulty)")
+    raise ValueError(
+      "data.pad_difficulty_mix > 0 needs a draft_difficulty per record (python -m pipo_jax.draft_difficulty)"
+    )
   d = np.asarray(draft_difficulty, np.float64)
   if d.shape != keep_r.shape:
     raise ValueError(f"draft_difficulty has {d.size} values for a {keep_r.size}-token response")

@@ -492,15 +492,25 @@ def training_budget(
   t = _row(rows, teacher)
   gap = lambda r: 100 * (t["avg_at_k"] - r["avg_at_k"]) if t is not None else float("nan")
   out = [
-    {"label": r["method"], "train_minutes": before + sft * s / last, "avg_at_k": r["avg_at_k"],
-     "pass_at_k": r["pass_at_k"], "gap": gap(r)}
+    {
+      "label": r["method"],
+      "train_minutes": before + sft * s / last,
+      "avg_at_k": r["avg_at_k"],
+      "pass_at_k": r["pass_at_k"],
+      "gap": gap(r),
+    }
     for s, r in steps
   ]
   o = _row(rows, opd, tau)
   if o is not None:
     out.append(
-      {"label": f"{opd} (from step {last})", "train_minutes": before + sft + float(timings.get("opd", 0)) / 60,
-       "avg_at_k": o["avg_at_k"], "pass_at_k": o["pass_at_k"], "gap": gap(o)}
+      {
+        "label": f"{opd} (from step {last})",
+        "train_minutes": before + sft + float(timings.get("opd", 0)) / 60,
+        "avg_at_k": o["avg_at_k"],
+        "pass_at_k": o["pass_at_k"],
+        "gap": gap(o),
+      }
     )
   return out
 
@@ -517,7 +527,11 @@ def training_budget_md(points: Sequence[Mapping[str, Any]], timings: Mapping[str
     _md_table(["checkpoint", "training minutes", f"avg@k at τ {tau:g}", "pass@k", "teacher − it (points)"], body)
     + f"\n\nTraining minutes: the stages {', '.join(TRAINING_STAGES)} (and opd for PIPO+OPD) up to the checkpoint; "
     + f"the evaluation stages add {evals:.1f} minutes. "
-    + (f"This run: {total:.1f} minutes in all against the 20-minute budget ({'met' if total <= 20 else 'missed'})." if total else "")
+    + (
+      f"This run: {total:.1f} minutes in all against the 20-minute budget ({'met' if total <= 20 else 'missed'})."
+      if total
+      else ""
+    )
   )
 
 

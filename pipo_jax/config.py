@@ -512,7 +512,10 @@ class TrainConfig:
   )
   full_finetune: bool = False  # train every parameter except embeddings and LM head
   train_embeddings: bool = False  # also train embeddings and LM head (from-scratch `ar` runs)
-  peak_flops_per_device: float = 0.0  # for the FLOP-utilisation metric; 0 = auto
+  # Peak FLOP/s of one device for the `mfu` metric: > 0 given, 0 = the vendor table (metrics.PEAK_FLOPS; none for
+  # CPU, then no mfu). measure_peak_flops (when no figure is given): time a 2048^2 fp32 matmul at start instead.
+  peak_flops_per_device: float = 0.0
+  measure_peak_flops: bool = False
   # A step with a non-finite loss or gradient norm is skipped (params and optimizer state unchanged, counted
   # as skipped_nonfinite); this many in a row stop the run without saving.
   max_nonfinite_steps: int = 5
@@ -598,6 +601,8 @@ class Config:
       raise ValueError(f"train.num_steps={t.num_steps} must be > 0")
     if t.log_every <= 0:
       raise ValueError(f"train.log_every={t.log_every} must be > 0")
+    if t.peak_flops_per_device < 0:
+      raise ValueError(f"train.peak_flops_per_device={t.peak_flops_per_device} must be >= 0 (0 = the vendor table)")
     if t.max_nonfinite_steps < 1:
       raise ValueError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 1")
     c = self.checkpoint

@@ -8,9 +8,11 @@ from the compiler's `known_trip_count` annotation, else from the loop condition 
 conditional branches their caller's. The counts per instruction are then multiplied by it.
 
 Per instruction:
-  flops      dots and convolutions 2 * out_elements * contracted size (the TPU compiler turns dots into
-             `convolution`s), elementwise arithmetic 1 per output element, reductions 1 per input element
-             (the conventions of XLA's HloCostAnalysis, which `cost_analysis()["flops"]` reports)
+  flops      dots 2 * out_elements * contracted size; convolutions (the TPU compiler turns dots into them, batched
+             ones into base-dilated windows) 2 * out_elements * input features * the window taps that land on a
+             real input element (not padding, not a dilation hole); elementwise arithmetic 1 per output element,
+             reductions 1 per input element (the conventions of XLA's HloCostAnalysis, which
+             `cost_analysis()["flops"]` reports)
   bytes      top-level instructions only (what moves through HBM): output + operands, where a fusion operand
              used only through (dynamic-)slices counts the slices, and an in-place dynamic-update-slice counts
              the update, not the whole buffer
@@ -285,15 +287,61 @@ def multiplicities(comps: dict, entry: str) -> tuple:
   return dict(mult), loops
 
 
-def _conv_contracted(ins: Instr, shapes: dict) -> int:
-  if len(ins.operands) < 2 or ins.operands[1] not in shapes:
-    return 0
-  rhs = array_shapes(shapes[ins.operands[1]])
-  labels = re.search(r"dim_labels=\w+_(\w+)->\w+", ins.attrs)
-  if not rhs or not labels:
-    return 0
-  dims, lab = rhs[0][1], labels.group(1)
-  return math.prod(d for d, c in zip(dims, lab) if c == "i" or c.isdigit())
+def _window_field(attrs: str, key: str, n: int, default: int) -> list:
+  """One `window={...}` field ('size', 'stride', 'lhs_dilate', 'rhs_dilate') as n ints."""
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  f = re.search(r"\b" + key + r"=([\dx]+)", m.group(1)) if m else None
+  return [int(x) for x in f.group(1).split("x")] if f else [default] * n
+
+
+def _window_pads(attrs: str, n: int) -> list:
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  f = re.search(r"\bpad=([\d_x-]+)", m.group(1)) if m else None
+  return [tuple(int(v) for v in p.split("_")) for p in f.group(1).split("x")] if f else [(0, 0)] * n
+
+
+def _taps(n: int, size: int, stride: int, lo: int, hi: int, lhs_dilate: int, rhs_dilate: int) -> int:
+  """(output position, window tap) pairs of one spatial dimension that land on a real input element: not in the
+  padding, not in a hole of the base (lhs) dilation. XLA's HloCostAnalysis counts a convolution's FLOPs over these
+  alone; the TPU compiler writes batched dots as base-dilated convolutions whose other taps are all holes."""
+  dilated = (n - 1) * lhs_dilate + 1
+  out = (dilated + lo + hi - (size - 1) * rhs_dilate - 1) // stride + 1
+  total = 0
+  for t in range(size):
+    start = t * rhs_dilate - lo  # input position of output 0
+    if stride == 1:  # positions start .. start + out - 1: count the multiples of lhs_dilate inside [0, dilated)
+      a, b = max(start, 0), min(start + out - 1, dilated - 1)
+      if a <= b:
+        total += b // lhs_dilate - (a - 1) // lhs_dilate
+    else:
+      total += sum(
+        1 for o in range(out) if 0 <= start + o * stride < dilated and (start + o * stride) % lhs_dilate == 0
+      )
+  return total
+
+
+def _conv_flops(ins: Instr, shapes: dict) -> float:
+  """2 x (batch x output features) x input features per group x the real taps of every spatial dimension."""
+  if len(ins.operands) < 2 or ins.operands[0] not in shapes or ins.operands[1] not in shapes:
+    return 0.0
+  lhs, rhs = array_shapes(shapes[ins.operands[0]]), array_shapes(shapes[ins.operands[1]])
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+  out = array_shapes(ins.shape)
+  if not lhs or not rhs or not out or not labels:
+    return 0.0
+  lhs_lab, rhs_lab, out_lab = labels.groups()
+  spatial = sorted(int(c) for c in lhs_lab if c.isdigit())
+  k = len(spatial)
+  size, stride = _window_field(ins.attrs, "size", k, 1), _window_field(ins.attrs, "stride", k, 1)
+  ld, rd = _window_field(ins.attrs, "lhs_dilate", k, 1), _window_field(ins.attrs, "rhs_dilate", k, 1)
+  pads = _window_pads(ins.attrs, k)
+  taps = 1
+  for j, d in enumerate(spatial):
+    n = lhs[0][1][lhs_lab.index(str(d))]
+    taps *= _taps(n, size[j], stride[j], pads[j][0], pads[j][1], ld[j], rd[j])
+  bo = math.prod(x for x, c in zip(out[0][1], out_lab) if not c.isdigit())
+  i = math.prod(x for x, c in zip(rhs[0][1], rhs_lab) if c == "i")
+  return 2.0 * bo * i * taps
 
 
 def _dot_contracted(ins: Instr, shapes: dict) -> int:
@@ -310,7 +358,7 @@ def _flops(ins: Instr, shapes: dict) -> float:
   if ins.opcode == "dot":
     return 2.0 * _elements(ins.shape) * _dot_contracted(ins, shapes)
   if ins.opcode == "convolution":
-    return 2.0 * _elements(ins.shape) * _conv_contracted(ins, shapes)
+    return _conv_flops(ins, shapes)
   if ins.opcode in _ELEMENTWISE:
     return float(_elements(ins.shape))
   if ins.opcode in ("reduce", "reduce-window") and ins.operands and ins.operands[0] in shapes:

@@ -28,7 +28,7 @@ resident). total_bytes is the larger (`larger_program`; both under `train_step` 
 the chips of --topology, so the memory figures are XLA:TPU's own buffer assignment, and adds, per chip and step:
 flops / bytes_accessed (read from the optimized HLO with every while-loop body multiplied by its trip count:
 pipo_jax.hlo_stats; compiler_cost_analysis keeps XLA's once-per-body figures beside them), model_flops (the
-analytic 6N + attention count, metrics.estimate_flops_per_token), collectives by kind with their bytes and the
+step's matmul FLOPs without remat, pipo_jax.flop_model), collectives by kind with their bytes and the
 largest ones, a roofline (step time = max(flops / peak, bytes / HBM bandwidth), MFU = model_flops / (time *
 peak)), the costliest ops, sharding_mismatches (compiled input shards that differ from the rules') and
 whole_param_gathers (all-gathers that rebuild a whole tensor-sharded parameter).
@@ -402,20 +402,12 @@ def _plan_cpu(cfg: Config, model_cfg, mesh) -> dict:
 
 
 def model_flops_per_step(cfg: Config, model_cfg, built: dict) -> float:
-  """Useful FLOPs of one optimizer step, all chips (metrics.estimate_flops_per_token: 6N + attention, no remat).
+  """Useful FLOPs of one optimizer step, all chips: `flop_model.train_step(...).total` (the matmuls of the
+  compressed PIPO forward, its gradients for what the state trains, OPD's teacher scoring; no remat)."""
+  from pipo_jax import flop_model
 
-  ar: B*k*T positions; sft (PIPO): the backbone runs on pairs, B*k*T/2 positions; opd: the student's T/2
-  positions trained plus the teacher's T positions forward only (its scoring program), per micro-batch.
-  """
-  from pipo_jax.metrics import estimate_flops_per_token
-
-  B, k, T = cfg.data.batch_size, cfg.optim.grad_accum_steps, built["length"]
-  if cfg.mode == "ar":
-    return B * k * T * estimate_flops_per_token(model_cfg, T, include_mtp=False)
-  student = B * k * (T // 2) * estimate_flops_per_token(model_cfg, T // 2)
-  if cfg.mode == "opd":
-    student += B * k * T * estimate_flops_per_token(built["teacher_cfg"], T, training=False, include_mtp=False)
-  return student
+  trained = flop_model.trained_modules(built["state"].trainable)
+  return flop_model.train_step(cfg, model_cfg, trained, built["length"], built.get("teacher_cfg")).total
 
 
 def sharding_mismatches(compiled, built: dict) -> list:

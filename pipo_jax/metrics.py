@@ -44,57 +44,32 @@ def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.
   return PEAK_FLOPS[max(hits, key=len)] if hits else None
 
 
-def count_matmul_params(cfg) -> dict:
-  """Weights that take part in a matmul per backbone position, by group (resolved ModelConfig).
+def measure_matmul_peak(size: int = 2048, repeats: int = 5, device: jax.Device | None = None) -> float:
+  """FLOP/s of the best of `repeats` timed fp32 [size, size] x [size, size] matmuls on one device (after a
+  compile-and-warm-up run): a stand-in peak where the table has none (CPU), so MFU reads as a fraction of what
+  this machine's matmul reaches rather than of a vendor figure."""
+  import jax.numpy as jnp
 
-  Embedding lookups cost no matmul and are excluded; the LM head is included (it is a matmul).
-  """
-  d, inter = cfg.hidden_size, cfg.intermediate_size
-  hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-  # Qwen3.5 gated attention: q_proj emits queries and the output gate (2 * nq * hd)
-  full = d * (2 * nq * hd) + 2 * d * (nkv * hd) + nq * hd * d
-  # Gated DeltaNet: in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj (conv1d is depthwise: tiny)
-  linear = (
-    d * cfg.linear_conv_dim + d * cfg.linear_value_dim + 2 * d * cfg.linear_num_value_heads + cfg.linear_value_dim * d
-  )
-  mlp = 3 * d * inter
-  n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
-  n_lin = len(cfg.layer_types) - n_full
-  n_mtp = cfg.mtp_num_hidden_layers or 0
-  return {
-    "backbone": n_full * full + n_lin * linear + len(cfg.layer_types) * mlp,
-    "lm_head": d * cfg.vocab_size,
-    "mtp": n_mtp * (full + mlp + 2 * d * d),  # decoder layer + fc [2D, D]
-  }
-
-
-def estimate_flops_per_token(cfg, seq_len: int, training: bool = True, include_mtp: bool = True) -> float:
-  """Model FLOPs per backbone position (PaLM-style, fwd + bwd when training).
-
-  6 * N_matmul (2 fwd + 4 bwd per weight) plus attention scores/values: per full-attention layer
-  and position, 2 * 2 * nq * hd * seq_len / 2 forward (QK^T and AV over a causal half window), and
-  for Gated DeltaNet layers the state read/update, ~ 3 * 2 * Hv * dk * dv per position forward.
-  With PIPO the backbone sees one position per token *pair*: callers count positions, not tokens.
-  Backward = 2x forward, also for frozen weights (the usual MFU convention, so LoRA runs report
-  against the same model FLOPs).
-  """
-  n = count_matmul_params(cfg)
-  n_matmul = n["backbone"] + n["lm_head"] + (n["mtp"] if include_mtp else 0)
-  n_full = sum(1 for t in cfg.layer_types if t == "full_attention") + (cfg.mtp_num_hidden_layers or 0) * include_mtp
-  n_lin = sum(1 for t in cfg.layer_types if t != "full_attention")
-  attn_fwd = n_full * 2 * cfg.num_attention_heads * cfg.head_dim * seq_len
-  gdn_fwd = n_lin * 6 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
-  mult = 3.0 if training else 1.0
-  return mult * (2.0 * n_matmul + attn_fwd + gdn_fwd)
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * size**3 / best
 
 
 def mfu(
-  flops_per_token: float, tokens_per_second: float, peak_per_device: float | None, num_devices: int
+  flops_per_step: float, steps_per_second: float, peak_per_device: float | None, num_devices: int
 ) -> float | None:
-  """Model FLOP utilisation in [0, 1]; None when the peak is unknown."""
+  """Model FLOP utilisation in [0, 1]: the step's FLOPs (all devices, `flop_model.train_step(...).total`) per
+  second over the devices' peak; None when the peak is unknown."""
   if not peak_per_device:
     return None
-  return flops_per_token * tokens_per_second / (peak_per_device * num_devices)
+  return flops_per_step * steps_per_second / (peak_per_device * num_devices)
 
 
 def _format_duration(seconds: float) -> str:
@@ -113,8 +88,8 @@ def _scalar(v) -> float:
 class MetricsWriter:
   """Writes scalars on process 0 only (others are no-ops, so every process can call it).
 
-  `log_progress(step, metrics, tokens)` adds throughput (tokens/s since the previous call), MFU
-  when `flops_per_token` and a peak are known, and prints one console line with the ETA to
+  `log_progress(step, metrics, tokens)` adds throughput (tokens/s and steps/s since the previous call), MFU
+  when `flops_per_step` (all devices) and a peak are known, and prints one console line with the ETA to
   `total_steps`.
   """
 
@@ -122,7 +97,7 @@ class MetricsWriter:
     self,
     logdir: str,
     total_steps: int | None = None,
-    flops_per_token: float | None = None,
+    flops_per_step: float | None = None,
     peak_flops: float | None = None,
     num_devices: int | None = None,
     enabled: bool | None = None,
@@ -130,7 +105,7 @@ class MetricsWriter:
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self.logdir = logdir
     self.total_steps = total_steps
-    self.flops_per_token = flops_per_token
+    self.flops_per_step = flops_per_step
     self.peak_flops = peak_flops
     self.num_devices = num_devices or jax.device_count()
     self._tb = None
@@ -165,10 +140,11 @@ class MetricsWriter:
     out = {k: _scalar(v) for k, v in metrics.items() if v is not None}
     if self._last is not None and tokens_since_last:
       dt = max(now - self._last[0], 1e-9)
-      tps = tokens_since_last / dt
-      out["tokens_per_second"] = tps
+      out["tokens_per_second"] = tokens_since_last / dt
       out["steps_per_second"] = (step - self._last[1]) / dt
-      u = mfu(self.flops_per_token, tps, self.peak_flops, self.num_devices) if self.flops_per_token else None
+      u = None
+      if self.flops_per_step:
+        u = mfu(self.flops_per_step, out["steps_per_second"], self.peak_flops, self.num_devices)
       if u is not None:
         out["mfu"] = u
     self.write_scalars(step, out)

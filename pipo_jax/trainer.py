@@ -27,7 +27,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pipo_jax import distributed, guards, objectives, optim, sharding
+from pipo_jax import distributed, flop_model, guards, objectives, optim, sharding
 from pipo_jax import metrics as metrics_lib
 from pipo_jax.config import Config, ModelConfig
 from pipo_jax.io import checkpoint as ckpt_lib
@@ -185,8 +185,25 @@ class Trainer:
     return ()
 
   def sequence_length(self) -> int:
-    """Tokens per sequence of a training batch (for the FLOP estimate)."""
+    """Tokens per sequence of a training batch (for the FLOP count)."""
     return self.cfg.data.max_length
+
+  def step_flops(self, state) -> flop_model.Flops:
+    """Matmul FLOPs of one optimizer step, all devices (`flop_model.train_step`; OPD: its teacher_cfg is loaded
+    by step_inputs, which runs first)."""
+    trained = flop_model.trained_modules(state.trainable)
+    teacher = getattr(self, "teacher_cfg", None)
+    return flop_model.train_step(self.cfg, self.model_cfg, trained, self.sequence_length(), teacher)
+
+  def peak_flops(self) -> float | None:
+    """Peak FLOP/s per device for `mfu`: train.peak_flops_per_device, else a timed matmul when
+    train.measure_peak_flops, else the vendor table (None on CPU: no mfu)."""
+    tc = self.cfg.train
+    if tc.peak_flops_per_device <= 0 and tc.measure_peak_flops:
+      peak = metrics_lib.measure_matmul_peak()
+      logging.info("measured peak (best of 5 fp32 2048^2 matmuls): %.4g FLOP/s per device", peak)
+      return peak
+    return metrics_lib.peak_flops_per_device(override=tc.peak_flops_per_device)
 
   # -- data --------------------------------------------------------------------------------------
   def data_pipeline(self):
@@ -350,13 +367,15 @@ class Trainer:
     step_fn = optim.make_train_step(self.loss_fn(), cfg.optim.grad_accum_steps, schedule)
     with sharding.use_rules(self.mesh):
       jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
-    flops = metrics_lib.estimate_flops_per_token(self.model_cfg, self.sequence_length())
-    writer = metrics_lib.MetricsWriter(
-      self.workdir,
-      cfg.train.num_steps,
-      flops,
-      metrics_lib.peak_flops_per_device(override=cfg.train.peak_flops_per_device),
+    flops = self.step_flops(state)
+    logging.info(
+      "matmul FLOPs per optimizer step: %.4g (forward %.4g, backward %.4g; %.4g recomputed, not counted in mfu)",
+      flops.total,
+      flops.forward,
+      flops.backward,
+      flops.recompute,
     )
+    writer = metrics_lib.MetricsWriter(self.workdir, cfg.train.num_steps, flops.total, self.peak_flops())
     guard = ckpt_lib.PreemptionGuard().install()
     step = int(state.step)
     end = cfg.train.num_steps

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 
 from pipo_jax import metrics
-from pipo_jax.config import ModelConfig, resolve_model_config
 
 
 def test_writer_jsonl_tensorboard_and_rates(tmp_path):
   w = metrics.MetricsWriter(
-    str(tmp_path), total_steps=10, flops_per_token=100.0, peak_flops=1000.0, num_devices=2, enabled=True
+    str(tmp_path), total_steps=10, flops_per_step=100.0, peak_flops=1000.0, num_devices=2, enabled=True
   )
   w.write_scalars(1, {"loss": np.float32(2.5), "lr": 1e-4})
   first = w.log_progress(2, {"loss": 2.0}, tokens_since_last=64)  # starts the clock: no rate yet
@@ -20,7 +19,7 @@ def test_writer_jsonl_tensorboard_and_rates(tmp_path):
   w.close()
   assert out["tokens_per_second"] == pytest.approx(200.0, rel=0.05)
   assert out["steps_per_second"] == pytest.approx(1.0, rel=0.05)
-  assert out["mfu"] == pytest.approx(100.0 * 200.0 / 2000.0, rel=0.05)
+  assert out["mfu"] == pytest.approx(100.0 * 1.0 / 2000.0, rel=0.05)  # FLOPs per step x steps/s / peak
   recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in recs] == [1, 2, 4]
   assert recs[0] == {"step": 1, "loss": 2.5, "lr": pytest.approx(1e-4)}
@@ -45,15 +44,22 @@ def test_peak_flops_table():
   assert metrics.peak_flops_per_device(dev("cpu"), override=5e11) == 5e11
 
 
-def test_flops_per_token_tiny_by_hand():
-  cfg = resolve_model_config(ModelConfig(preset="tiny"))
-  # tiny: D=64, I=128, V=256, 4 layers (3 GDN + 1 full), nq=4, nkv=2, hd=16, GDN Hk=2, Hv=4, dk=16, dv=8, 1 MTP layer
-  full = 64 * 128 + 2 * 64 * 32 + 64 * 64  # q(+gate) [64,128], k,v [64,32], o [64,64]
-  lin = 64 * (2 * 32 + 32) + 64 * 32 + 2 * 64 * 4 + 32 * 64  # qkv [64,96], z [64,32], a,b [64,4], out [32,64]
-  mlp = 3 * 64 * 128
-  n = full + 3 * lin + 4 * mlp + 64 * 256 + (full + mlp + 2 * 64 * 64)
-  t = 32
-  attn = 2 * 2 * 4 * 16 * t  # 1 backbone + 1 MTP full-attention layer
-  gdn = 3 * 6 * 4 * 16 * 8
-  assert metrics.estimate_flops_per_token(cfg, t) == 3 * (2 * n + attn + gdn)
-  assert metrics.estimate_flops_per_token(cfg, t, training=False) == 2 * n + attn + gdn
+def test_measured_matmul_peak_is_a_plausible_rate():
+  peak = metrics.measure_matmul_peak(size=256, repeats=3)
+  assert 1e8 < peak < 1e14  # FLOP/s of one CPU device: above 0.1 GFLOP/s, below any chip's fp32 peak
+
+
+def test_trainer_peak_flops_options(monkeypatch):
+  from pipo_jax.config import Config, TrainConfig
+  from pipo_jax.trainer import Trainer
+
+  monkeypatch.setattr(metrics, "measure_matmul_peak", lambda: 123.0)
+  tr = Trainer.__new__(Trainer)
+  tr.cfg = Config(train=TrainConfig(peak_flops_per_device=5e11, measure_peak_flops=True))
+  assert tr.peak_flops() == 5e11  # a given figure wins
+  tr.cfg = Config(train=TrainConfig(measure_peak_flops=True))
+  assert tr.peak_flops() == 123.0
+  tr.cfg = Config(train=TrainConfig())
+  assert tr.peak_flops() is None  # CPU: no table entry, no mfu
+  with pytest.raises(ValueError, match="peak_flops_per_device"):
+    Config(train=TrainConfig(peak_flops_per_device=-1.0)).validate(num_devices=1, process_count=1)

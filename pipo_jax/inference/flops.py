@@ -6,25 +6,25 @@ next to the projections). `ctx` is the number of key slots a full-attention laye
 
 from __future__ import annotations
 
+from pipo_jax import flop_model as fm
 from pipo_jax.config import FULL, ModelConfig
+
+# Projection counts come from the training FLOP model's kernel tables (pipo_jax/flop_model.py): one list of shapes.
 
 
 def attention_layer(cfg: ModelConfig, ctx: int) -> int:
-  D, H, G, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  proj = 2 * D * (2 * H * K) + 2 * 2 * D * (G * K) + 2 * H * K * D  # q (with gate), k, v, o
-  return proj + 2 * 2 * ctx * H * K  # scores and weighted values
+  H, K = cfg.num_attention_heads, cfg.head_dim
+  return fm.per_token(fm.attention_kernels(cfg)) + 2 * 2 * ctx * H * K  # q (with gate), k, v, o; scores and values
 
 
 def gdn_layer(cfg: ModelConfig) -> int:
-  D, Hv, dk, dv = cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-  C = cfg.linear_conv_dim
-  proj = 2 * D * C + 2 * D * Hv * dv + 2 * 2 * D * Hv + 2 * Hv * dv * D  # qkv, z, b, a, out
-  recur = 3 * 2 * Hv * dk * dv  # S^T k, the rank-1 write, S^T q (one token)
-  return proj + 2 * cfg.linear_conv_kernel_dim * C + recur
+  Hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+  recur = 3 * 2 * Hv * dk * dv  # S^T k, the rank-1 write, S^T q (one token: the recurrent form)
+  return fm.per_token(fm.gdn_kernels(cfg)) + 2 * cfg.linear_conv_kernel_dim * cfg.linear_conv_dim + recur
 
 
 def mlp(cfg: ModelConfig) -> int:
-  return 3 * 2 * cfg.hidden_size * cfg.intermediate_size
+  return fm.per_token(fm.mlp_kernels(cfg))
 
 
 def backbone_token(cfg: ModelConfig, ctx: int) -> int:
@@ -36,26 +36,19 @@ def backbone_token(cfg: ModelConfig, ctx: int) -> int:
 
 
 def lm_head(cfg: ModelConfig) -> int:
-  return 2 * cfg.hidden_size * cfg.vocab_size
+  return fm.lm_head_per_token(cfg)
 
 
 def compressor(cfg: ModelConfig) -> int:
-  D = cfg.hidden_size
-  kind = cfg.compressor_type
-  if kind == "linear":
-    return 2 * 2 * D * D
-  if kind in ("mlp", "mlp_residual"):
-    return 2 * 2 * D * 2 * D + 2 * 2 * D * D
-  return 2 * D * D + 2 * 2 * D  # gated: the (a - b) projection and two gates
+  return fm.per_token(fm.compressor_kernels(cfg))
 
 
 def mtp_layer(cfg: ModelConfig, ctx: int) -> int:
-  return 2 * 2 * cfg.hidden_size * cfg.hidden_size + attention_layer(cfg, ctx) + mlp(cfg)
+  return fm.mtp_fc_per_token(cfg) + attention_layer(cfg, ctx) + mlp(cfg)
 
 
 def confidence_head(cfg: ModelConfig) -> int:
-  D = cfg.hidden_size
-  return 2 * 2 * D * D + 2 * D
+  return fm.per_token(fm.confidence_kernels(cfg))
 
 
 def per_step(cfg: ModelConfig, ctx_tokens: int) -> dict:

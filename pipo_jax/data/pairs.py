@@ -245,19 +245,19 @@ def build_sft_example(
   keep_r = r != pad_id
   p, r = p[p != pad_id], r[keep_r]
   ids, labels = sft_sequence(p, r, think_mask_tokens)
-  # The source index of every token, through the parity PADs (-1) and the truncation: lays difficulties over it.
-  src, _ = insert_parity_pads(np.arange(len(ids), dtype=np.int32), labels, -1)
+  unpadded_labels = labels
   ids, labels = insert_parity_pads(ids, labels, pad_id)
   fitted = fit_length(ids, labels, max_length, overlong)
   if fitted is None:
     return None
   ids, labels, truncated = fitted
-  src = src[: len(ids)]
   check_pad_insertion(pad_insertion)
   if pad_insertion == "gate":
     ratio = float(rng.random()) * float(max_pad_ratio)
     weights = None
     if difficulty_mix > 0.0:
+      # The source index of every token, through the parity PADs (-1) and the truncation: lays difficulties over it.
+      src = insert_parity_pads(np.arange(len(unpadded_labels), dtype=np.int32), unpadded_labels, -1)[0][: len(ids)]
       weights = difficulty_weights(_token_difficulty(draft_difficulty, keep_r, len(p), src), labels, difficulty_mix)
     # Each insertion adds one slot and an odd count a trailing PAD: max_length - T - 1 insertions always fit.
     ids, labels, n = gate_pads(ids, labels, rng, ratio, max(0, max_length - len(ids) - 1), pad_id, weights)

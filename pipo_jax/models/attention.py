@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipo_jax.config import ModelConfig
+from pipo_jax.models.cache_slots import read_state, write_state
 from pipo_jax.models.flash import blocked_attention
 from pipo_jax.models.norms import RMSNorm, dense
 
@@ -114,11 +115,16 @@ class GatedAttention(nn.Module):
       new_cache = None
     else:
       index = cache["index"]
-      k_BSGK = jax.lax.dynamic_update_slice(cache["k_BSGK"], k_BTGK.astype(cache["k_BSGK"].dtype), (0, index, 0, 0))
-      v_BSGK = jax.lax.dynamic_update_slice(cache["v_BSGK"], v_BTGK.astype(cache["v_BSGK"].dtype), (0, index, 0, 0))
       key_valid_BS = jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index))
       query_slot_T = index + jnp.arange(T)
-      new_cache = dict(cache, k_BSGK=k_BSGK, v_BSGK=v_BSGK, valid_BS=key_valid_BS, index=index + T)
+      new_cache = dict(
+        cache,
+        k_BSGK=write_state(cache, "k_BSGK", k_BTGK, (0, index, 0, 0)),
+        v_BSGK=write_state(cache, "v_BSGK", v_BTGK, (0, index, 0, 0)),
+        valid_BS=key_valid_BS,
+        index=index + T,
+      )
+      k_BSGK, v_BSGK = read_state(new_cache, "k_BSGK"), read_state(new_cache, "v_BSGK")
     # GQA: query head h = g*R + r reads kv head g = h // R (HF repeat_kv == repeat_interleave).
     q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
     block = cfg.attention_block

@@ -105,21 +105,25 @@ _SHARED = ("index", "valid_BS")
 
 
 class _LayerGroup(nn.Module):
-  """One repeat of the layer group; scanned over R repeats by Qwen35."""
+  """One repeat of the layer group; scanned over R repeats by Qwen35.
+
+  The carry is (x_BTD, the whole stacked layer cache or None); `repeat` (int32, the scanned input) picks this
+  repeat's row, which each layer updates in place (pipo_jax/models/cache_slots.py says why).
+  """
 
   config: ModelConfig
   group: tuple
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, valid_BT, shared, caches):
-    new_caches = None if caches is None else {}
+  def __call__(self, carry, positions_BT, valid_BT, shared, repeat):
+    x_BTD, caches = carry
     for j, layer_type in enumerate(self.group):
       name = f"layer_{j}"
-      layer_cache = None if caches is None else {**caches[name], **shared}
+      layer_cache = None if caches is None else {**caches[name], **shared, "layer": repeat}
       x_BTD, layer_cache = DecoderLayer(self.config, layer_type, name=name)(x_BTD, positions_BT, valid_BT, layer_cache)
       if caches is not None:
-        new_caches[name] = {k: v for k, v in layer_cache.items() if k not in _SHARED}
-    return x_BTD, new_caches
+        caches = {**caches, name: {k: v for k, v in layer_cache.items() if k not in _SHARED + ("layer",)}}
+    return (x_BTD, caches), None
 
 
 def _remat_policy(name: str):
@@ -178,8 +182,11 @@ class Qwen35(nn.Module):
     cache["index"]; the caller must keep index + T <= S."""
     x_BTD = nn.with_logical_constraint(x_BTD.astype(self.config.dtype), RESIDUAL_AXES)
     shared = None if cache is None else {k: cache[k] for k in _SHARED}
-    layer_caches = None if cache is None else cache["layers"]
-    x_BTD, new_layer_caches = self.layers(x_BTD, positions_BT, valid_BT, shared, layer_caches)
+    layer_caches = repeat_R = None
+    if cache is not None:
+      layer_caches = cache["layers"]
+      repeat_R = jnp.arange(self.config.layer_pattern()[1], dtype=jnp.int32)
+    (x_BTD, new_layer_caches), _ = self.layers((x_BTD, layer_caches), positions_BT, valid_BT, shared, repeat_R)
     h_BTD = self.norm(x_BTD)
     if self.is_initializing():  # create the embedding and head params in the same init call
       _ = self.embed_tokens.embedding

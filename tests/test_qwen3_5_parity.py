@@ -122,6 +122,37 @@ def test_decode_with_cache_matches_full_forward(models, name):
   assert err <= TOL
 
 
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_rollback_cache_undoes_the_second_token_of_a_step(models, name):
+  """Speculative decoding's rollback (init_cache(rollback=True)): after a 2-token step, row 0 rejects its
+  second token (a wrong one: its K/V slot is marked invalid, rollback_B set) and row 1 keeps it. The next
+  steps must give HF's logits of the true continuation for both rows, each at its own position."""
+  _, _, ckpt, fns, ids, ref = models[name]
+  B, S = 2, 32
+  ids = ids.astype(np.int32)
+  ones = np.ones((B, 2), bool)
+  cache = qwen3_5.init_cache(ckpt.config, B, S, rollback=True)
+  pos = np.broadcast_to(np.arange(12, dtype=np.int32), (B, 12))
+  _, cache = fns.step(ckpt.params, ids[:, :12], ones[:, :1].repeat(12, 1), pos, cache)
+  wrong = (ids[0, 13] + 1) % 256
+  pair = np.array([[ids[0, 12], wrong], [ids[1, 12], ids[1, 13]]], np.int32)
+  lg, cache = fns.step(ckpt.params, pair, ones, np.array([[12, 13], [12, 13]], np.int32), cache)
+  got = [np.asarray(lg)[:, 0], np.asarray(lg)[1, 1]]
+  want = [ref[:, 12], ref[1, 13]]
+  keep_B = np.array([False, True])
+  cache = dict(cache, valid_BS=cache["valid_BS"].at[:, 13].set(keep_B), rollback_B=~keep_B)
+  nxt = np.array([13, 14])  # each row's next true token, at its own position
+  for _ in range(3):
+    lg, cache = fns.step(ckpt.params, ids[[0, 1], nxt][:, None], ones[:, :1], nxt[:, None].astype(np.int32), cache)
+    cache = dict(cache, rollback_B=np.zeros(B, bool))
+    got.append(np.asarray(lg)[:, 0])
+    want.append(ref[[0, 1], nxt])
+    nxt = nxt + 1
+  err = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+  print(f"{name}: rollback of row 0's second token, then 3 steps: max|jax - hf| = {err:.3g}")
+  assert err <= TOL
+
+
 def test_left_padded_batch_matches_single_prompts(models):
   """Pads are masked as keys and zeroed at the GDN input: each real token's logits equal its prompt alone
   (HF's), also after a decode step on the padded batch."""

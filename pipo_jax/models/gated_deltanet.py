@@ -164,6 +164,11 @@ class GatedDeltaNet(nn.Module):
     cache (optional): {"conv_BWC": last W-1 pre-activation q|k|v inputs, "state_BHKV": fp32 recurrent state,
     ...other keys passed through}. Pads (valid_BT False) are zeroed here, which keeps left padding exact;
     pads in the middle of a sequence would still decay the state, so don't make them.
+
+    Rollback (a cache from init_cache(..., rollback=True), used by speculative decoding): the cache also holds
+    "conv_first_BWC" / "state_first_BHKV", the states after only the first token of the last step of
+    <= RECURRENT_MAX_TOKENS tokens, and "rollback_B" [B]: rows that read those instead of the full-step
+    states. A rejected draft is thus undone by setting a flag, with no second pass and no copy of the states.
     """
     cfg = self.config
     B, T, _ = x_BTD.shape
@@ -187,6 +192,11 @@ class GatedDeltaNet(nn.Module):
       state_BHKV = jnp.zeros((B, H, K, V), jnp.float32)
     else:
       prev_BWC, state_BHKV = read_state(cache, "conv_BWC"), read_state(cache, "state_BHKV")
+    rollback = cache is not None and "state_first_BHKV" in cache
+    if rollback:
+      back_B = cache["rollback_B"]
+      prev_BWC = jnp.where(back_B[:, None, None], read_state(cache, "conv_first_BWC"), prev_BWC)
+      state_BHKV = jnp.where(back_B[:, None, None, None], read_state(cache, "state_first_BHKV"), state_BHKV)
     conv_BTC, new_prev_BWC = CausalConv(cfg, name="conv1d")(mixed_BTC, prev_BWC)
     conv_BTC = nn.with_logical_constraint(conv_BTC, ("batch", "length", "gdn_qkv"))
 
@@ -205,8 +215,18 @@ class GatedDeltaNet(nn.Module):
       a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32)
     )
 
+    first_states = None
     if T <= RECURRENT_MAX_TOKENS and cache is not None:
-      o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
+      if rollback:  # the state after token 0, kept for a rollback to it
+        q0, k0, v0, g0, b0 = (a[:, :1] for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
+        q1, k1, v1, g1, b1 = (a[:, 1:] for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
+        o0_B1HV, state0_BHKV = recurrent_gated_delta_rule(q0, k0, v0, g0, b0, state_BHKV)
+        o1_BTHV, state_BHKV = recurrent_gated_delta_rule(q1, k1, v1, g1, b1, state0_BHKV)
+        o_BTHV = jnp.concatenate([o0_B1HV, o1_BTHV], axis=1)
+        conv0_BWC = jnp.concatenate([prev_BWC.astype(mixed_BTC.dtype), mixed_BTC[:, :1]], axis=1)[:, 1:]
+        first_states = {"conv_first_BWC": conv0_BWC, "state_first_BHKV": state0_BHKV}
+      else:
+        o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
     else:
       o_BTHV, state_BHKV = chunked_gated_delta_rule(
         q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, cfg.gdn_chunk_size
@@ -215,13 +235,7 @@ class GatedDeltaNet(nn.Module):
     y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(o_BTHV.astype(x_BTD.dtype), z_BTHV)
     y_BTF = nn.with_logical_constraint(y_BTHV.reshape(B, T, H * V), ("batch", "length", "gdn_value"))
     out_BTD = dense(cfg.hidden_size, ("gdn_value", "embed"), cfg, "out_proj")(y_BTF)
-    new_cache = (
-      None
-      if cache is None
-      else dict(
-        cache,
-        conv_BWC=write_state(cache, "conv_BWC", new_prev_BWC, (0, 0, 0)),
-        state_BHKV=write_state(cache, "state_BHKV", state_BHKV, (0, 0, 0, 0)),
-      )
-    )
-    return out_BTD, new_cache
+    if cache is None:
+      return out_BTD, None
+    updates = {"conv_BWC": new_prev_BWC, "state_BHKV": state_BHKV, **(first_states or {})}
+    return out_BTD, dict(cache, **{k: write_state(cache, k, v, (0,) * v.ndim) for k, v in updates.items()})

@@ -30,7 +30,8 @@ Params tree (under params["backbone"]):
 Cache (init_cache): {"index": int32 scalar (next slot to write), "valid_BS": bool [B, S],
   "layers": {"layer_{j}": per-layer state with a leading [R] axis}} where a full-attention state is
   {"k_BSGK", "v_BSGK"} (K after k_norm + RoPE, raw V) and a linear state is {"conv_BWC" [B, W-1, C]
-  pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}.
+  pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}. init_cache(rollback=True) adds
+  "rollback_B" bool [B] and, per linear layer, "conv_first_BWC" / "state_first_BHKV" (GatedDeltaNet says how).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _advance(cache: dict, valid_BT: jax.Array | None, shape_BTD) -> dict:
   return dict(cache, valid_BS=jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index)), index=index + T)
 
 
-_SHARED = ("index", "valid_BS")
+_SHARED = ("index", "valid_BS", "rollback_B")  # whole-backbone cache keys every layer sees
 
 
 class _LayerGroup(nn.Module):
@@ -181,7 +182,7 @@ class Qwen35(nn.Module):
     left pad) -> (h_BTD post-final-norm, new cache or None). With a cache the T tokens are appended at
     cache["index"]; the caller must keep index + T <= S."""
     x_BTD = nn.with_logical_constraint(x_BTD.astype(self.config.dtype), RESIDUAL_AXES)
-    shared = None if cache is None else {k: cache[k] for k in _SHARED}
+    shared = None if cache is None else {k: cache[k] for k in _SHARED if k in cache}
     layer_caches = repeat_R = None
     if cache is not None:
       layer_caches = cache["layers"]
@@ -241,16 +242,23 @@ def init_layer_cache(config: ModelConfig, layer_type: str, batch_size: int, max_
   }
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, rollback: bool = False) -> dict:
   """Static-shape cache for the whole backbone (layout in the module docstring). dtype: K/V and conv state
-  (default: the compute dtype); recurrent states are always fp32."""
+  (default: the compute dtype); recurrent states are always fp32. rollback: the DeltaNet layers also keep
+  their states after the first token of each short step, and "rollback_B" [B] says which rows resume from
+  those (GatedDeltaNet's docstring; speculative decoding undoes a rejected draft with it)."""
   dtype = jnp.dtype(dtype or config.dtype)
   group, repeats = config.layer_pattern()
   layers = {}
   for j, layer_type in enumerate(group):
     state = _layer_state(config, layer_type, batch_size, max_len, dtype)
+    if rollback and layer_type == LINEAR:
+      state.update(conv_first_BWC=state["conv_BWC"], state_first_BHKV=state["state_BHKV"])
     layers[f"layer_{j}"] = {k: jnp.zeros((repeats,) + v.shape, v.dtype) for k, v in state.items()}
-  return {"index": jnp.zeros((), jnp.int32), "valid_BS": jnp.zeros((batch_size, max_len), bool), "layers": layers}
+  cache = {"index": jnp.zeros((), jnp.int32), "valid_BS": jnp.zeros((batch_size, max_len), bool), "layers": layers}
+  if rollback:
+    cache["rollback_B"] = jnp.zeros((batch_size,), bool)
+  return cache
 
 
 def positions_from_valid(valid_BT: jax.Array, offset_B: jax.Array | None = None) -> jax.Array:

@@ -8,13 +8,15 @@ DIR: an orbax workdir / step dir or an HF directory (plain Qwen3.5 or PIPO), loa
 (pipo_jax.io.loading.load_for_cli; --pad_token_id when neither config.json nor a tokenizer names PAD).
 
 Prompts are random ids, no stop ids (every row runs the whole budget). Compilation and a warm-up run are
-excluded; each figure is the fastest of --repeats timed runs (on a shared machine, interference only ever
-adds time). ttft_s times the jitted prefill (prompt pass
-and first output step); step_s = (time of the jitted token loop) / (decode steps). effective_tokens_per_s
-counts non-PAD tokens emitted by the loop over the whole batch. Speed-ups are against `ar` of the same run.
-With random weights the pipo confidence head is meaningless, so pipo is also measured at tau = -1 (every
-token2 kept: 2 tokens per step) and tau = 1 (phase 2 skipped: 1 token per step), the two bounds. The
-matmul-FLOP bound of the pipo/ar speed-up is printed and stored. A PNG plot is written next to --output.
+excluded. Timing is in rounds: each round times every mode in turn, back to back, so a slow drift of a shared
+machine hits all modes of a round alike; a mode's window in a round repeats its call until it lasts
+--min_window_s (the time per call is the window's mean). Every figure is the median over --repeats rounds with
+its min-max spread; a speed-up is the median of the per-round ratios to `ar` of the same round. ttft_s times
+the jitted prefill (prompt pass and first output step); step_s = (time of the jitted token loop) / (decode
+steps). effective_tokens_per_s counts non-PAD tokens emitted by the loop over the whole batch. With random
+weights the pipo confidence head is meaningless, so pipo is also measured at tau = -1 (every token2 kept: 2
+tokens per step) and tau = 1 (phase 2 skipped: 1 token per step), the two bounds. The matmul-FLOP bound of the
+pipo/ar speed-up is printed and stored. A PNG plot is written next to --output.
 """
 
 from __future__ import annotations
@@ -50,25 +52,33 @@ def define_flags():
   flags.DEFINE_list("decode", ["ar", "pipo", "mtp", "mtp_spec"], "modes to measure (ar is always measured)")
   flags.DEFINE_float("conf_threshold", 0.95, "pipo tau")
   flags.DEFINE_integer("new_tokens", 64, "max_new_tokens (non-PAD tokens) per row")
-  flags.DEFINE_integer("repeats", 3, "timed runs per figure (the fastest is kept)")
+  flags.DEFINE_integer("repeats", 5, "timed rounds (each times every mode once); figures are medians over rounds")
+  flags.DEFINE_float("min_window_s", 0.2, "a mode's timed window in a round repeats its call until it lasts this long")
   flags.DEFINE_string("output", "bench.json", "JSON records; the plot goes to the same path with .png")
   flags.DEFINE_integer("seed", 0, "prompt and init seed")
 
 
-def _time(fn, repeats: int):
-  jax.block_until_ready(fn())  # compile + warm-up
-  ts = []
-  for _ in range(repeats):
+def timed_window(fn, min_window_s: float) -> float:
+  """Seconds per call of fn, from one window that repeats the call until it has lasted min_window_s (at least
+  one call)."""
+  calls, seconds = 0, 0.0
+  while calls == 0 or seconds < min_window_s:
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return float(np.min(ts)), out
+    jax.block_until_ready(fn())
+    seconds += time.perf_counter() - t0
+    calls += 1
+  return seconds / calls
 
 
-def measure(
-  config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int, repeats: int, seed: int = 0
-) -> dict:
-  """One benchmark record (greedy decoding, no stop ids)."""
+def spread(values) -> dict:
+  """{"median", "min", "max"} of per-round values."""
+  v = np.asarray(values, float)
+  return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+def prepare(config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int, seed: int = 0):
+  """Compile and warm up one mode -> (record of its token counts, prefill thunk, decode thunk). Greedy
+  decoding with no stop ids emits the same tokens on every call, so the counts hold for every timed run."""
   _check_mode(mode, config)
   ids = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 2, config.vocab_size, jnp.int32)
   valid = jnp.ones(ids.shape, bool)
@@ -76,31 +86,55 @@ def measure(
   kw = dict(config=_Static(config), mode=mode, sp=SamplingParams(), max_new=new_tokens)
   tau_a = jnp.float32(tau)
   rng = jax.random.PRNGKey(seed)
-  ttft, state = _time(lambda: prefill_fn(params, ids, valid, stop, rng, tau_a, **kw), repeats)
-  loop_s, res = _time(lambda: decode_fn(params, state, stop, tau_a, **kw), repeats)
-  pre_tokens = np.asarray(state["out"]["count_B"])
+
+  def prefill():
+    return prefill_fn(params, ids, valid, stop, rng, tau_a, **kw)
+
+  state = jax.block_until_ready(prefill())
+
+  def decode():
+    return decode_fn(params, state, stop, tau_a, **kw)
+
+  res = jax.block_until_ready(decode())
   steps = np.asarray(res.steps) - 1  # decode steps (the prefill emitted the first token(s))
-  loop_tokens = np.asarray(res.tokens_emitted) - pre_tokens
-  n_steps = max(int(steps.max()), 1)
+  loop_tokens = np.asarray(res.tokens_emitted) - np.asarray(state["out"]["count_B"])
   rec = {
     "mode": mode,
     "conf_threshold": tau if mode == "pipo" else None,
     "prompt_len": prompt_len,
     "batch_size": batch,
     "new_tokens": new_tokens,
-    "ttft_s": ttft,
-    "step_s": loop_s / n_steps,
-    "decode_steps": n_steps,
+    "decode_steps": max(int(steps.max()), 1),
+    "loop_tokens": int(loop_tokens.sum()),
     "tokens_per_step": float(loop_tokens.sum() / max(steps.sum(), 1)),
-    "effective_tokens_per_s": float(loop_tokens.sum() / loop_s),
     "pad_ratio": float(np.mean(np.asarray(res.pad_ratio))),
     "draft_acceptance": (
       float(np.asarray(res.drafts_kept).sum() / max(np.asarray(res.drafts_proposed).sum(), 1)) if mode != "ar" else None
     ),
     "phase2_runs": int(res.phase2_runs) if mode == "pipo" else None,
   }
-  logging.info("%s", rec)
-  return rec
+  return rec, prefill, decode
+
+
+def summarize(rec: dict, ttft_rounds, loop_rounds, ar: dict, ar_ttft_rounds, ar_loop_rounds) -> dict:
+  """A prepared record with its timing fields, from per-round seconds of its prefill and token loop and of
+  ar's (`ar` its prepared record) in the same rounds: each field is the median over rounds, "<field>_min" /
+  "<field>_max" its spread. Speed-ups are per-round ratios, so the median ratio is not a ratio of medians."""
+  ttft, loop = np.asarray(ttft_rounds, float), np.asarray(loop_rounds, float)
+  ar_ttft, ar_loop = np.asarray(ar_ttft_rounds, float), np.asarray(ar_loop_rounds, float)
+  per_round = {
+    "ttft_s": ttft,
+    "step_s": loop / rec["decode_steps"],
+    "effective_tokens_per_s": rec["loop_tokens"] / loop,
+    "speedup_ttft_vs_ar": ar_ttft / ttft,
+    "speedup_step_vs_ar": (ar_loop / ar["decode_steps"]) / (loop / rec["decode_steps"]),
+    "speedup_effective_vs_ar": (rec["loop_tokens"] / loop) / (ar["loop_tokens"] / ar_loop),
+  }
+  out = dict(rec, rounds=len(loop))
+  for name, values in per_round.items():
+    st = spread(values)
+    out[name], out[name + "_min"], out[name + "_max"] = st["median"], st["min"], st["max"]
+  return out
 
 
 def plot(records: list, path: str):
@@ -112,8 +146,11 @@ def plot(records: list, path: str):
   labels = [r["mode"] + (f"\ntau={r['conf_threshold']:g}" if r["conf_threshold"] is not None else "") for r in records]
   x = np.arange(len(records))
   fig, ax = plt.subplots(figsize=(1.6 * len(records) + 2, 4))
-  ax.bar(x - 0.2, [r["speedup_effective_vs_ar"] for r in records], 0.4, label="effective tokens/s vs ar")
-  ax.bar(x + 0.2, [r["speedup_ttft_vs_ar"] for r in records], 0.4, label="TTFT speed-up vs ar")
+  for dx, name, label in ((-0.2, "effective", "effective tokens/s vs ar"), (0.2, "ttft", "TTFT speed-up vs ar")):
+    med = np.array([r[f"speedup_{name}_vs_ar"] for r in records])
+    lo = med - np.array([r[f"speedup_{name}_vs_ar_min"] for r in records])
+    hi = np.array([r[f"speedup_{name}_vs_ar_max"] for r in records]) - med
+    ax.bar(x + dx, med, 0.4, yerr=np.stack([lo, hi]), capsize=3, label=label + " (median, min-max)")
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_xticks(x, labels)
   r0 = records[0]
@@ -135,10 +172,25 @@ def flop_model_speedup(per_step: dict, rec: dict):
   return rec["tokens_per_step"] * per_step["ar"] / pipo
 
 
-def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, random_init: bool, seed=0) -> dict:
+def run(
+  config,
+  params,
+  modes,
+  tau,
+  prompt_len,
+  batch,
+  new_tokens,
+  repeats,
+  random_init: bool,
+  seed=0,
+  min_window_s: float = 0.0,
+  log=logging.info,
+) -> dict:
   for m in modes:
     if m not in MODES:
       raise ValueError(f"--decode: unknown mode {m!r}; expected some of {MODES}")
+  if repeats < 1:
+    raise ValueError(f"--repeats={repeats}: expected >= 1")
   plan = [("ar", None)]
   for m in modes:
     if m == "pipo":
@@ -146,18 +198,31 @@ def run(config, params, modes, tau, prompt_len, batch, new_tokens, repeats, rand
       plan += [("pipo", t) for t in dict.fromkeys(taus)]
     elif m != "ar":
       plan.append((m, None))
-  records = [
-    measure(config, params, m, -1.0 if t is None else t, prompt_len, batch, new_tokens, repeats, seed) for m, t in plan
-  ]
-  ar = records[0]
-  for r in records:
-    r["speedup_ttft_vs_ar"] = ar["ttft_s"] / r["ttft_s"]
-    r["speedup_effective_vs_ar"] = r["effective_tokens_per_s"] / ar["effective_tokens_per_s"]
-    r["speedup_step_vs_ar"] = ar["step_s"] / r["step_s"]
+  cases = []
+  for m, t in plan:
+    log(f"[bench] compiling {m}" + ("" if t is None else f" tau={t:g}"))
+    cases.append(prepare(config, params, m, -1.0 if t is None else t, prompt_len, batch, new_tokens, seed))
+  ttft = [[] for _ in cases]
+  loop = [[] for _ in cases]
+  for r in range(repeats):
+    for i, (_, prefill, decode) in enumerate(cases):
+      ttft[i].append(timed_window(prefill, min_window_s))
+      loop[i].append(timed_window(decode, min_window_s))
+    log(
+      f"[bench] round {r + 1}/{repeats}: step ms "
+      + ", ".join(f"{1e3 * lp[-1] / c[0]['decode_steps']:.3f}" for lp, c in zip(loop, cases))
+    )
+  ar = cases[0][0]
+  records = [summarize(c[0], ttft[i], loop[i], ar, ttft[0], loop[0]) for i, c in enumerate(cases)]
   bound = flops.per_step(config, prompt_len + new_tokens // 2)
   for r in records:
     r["flop_model_speedup"] = flop_model_speedup(bound, r)
   return {"records": records, "flops_per_step": bound, "device": str(jax.devices()[0])}
+
+
+def _with_spread(rec: dict, name: str, fmt: str, scale: float = 1.0) -> str:
+  lo, hi = rec[name + "_min"] * scale, rec[name + "_max"] * scale
+  return f"{rec[name] * scale:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
 
 
 def main(argv):
@@ -181,6 +246,7 @@ def main(argv):
     FLAGS.repeats,
     random_init=not FLAGS.checkpoint,
     seed=FLAGS.seed,
+    min_window_s=FLAGS.min_window_s,
   )
   b = out["flops_per_step"]
   print(
@@ -189,15 +255,16 @@ def main(argv):
     f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
     f"tau<1 none kept: {b['bound_tau_lt_1_none_kept']:.3f}x"
   )
+  print(f"median over {FLAGS.repeats} rounds (min-max over rounds in brackets)")
   for r in out["records"]:
     tau = "" if r["conf_threshold"] is None else f" tau={r['conf_threshold']:g}"
     acc = "" if r["draft_acceptance"] is None else f" acceptance={r['draft_acceptance']:.3f}"
     fm = "" if r["flop_model_speedup"] is None else f" flop_model_x={r['flop_model_speedup']:.2f}"
     print(
-      f"{r['mode']:9s}{tau:10s} ttft={r['ttft_s'] * 1e3:9.2f}ms step={r['step_s'] * 1e3:8.2f}ms "
-      f"tokens/step={r['tokens_per_step']:.2f} eff_tok/s={r['effective_tokens_per_s']:8.1f} "
-      f"ttft_x={r['speedup_ttft_vs_ar']:.2f} step_x={r['speedup_step_vs_ar']:.2f} "
-      f"eff_x={r['speedup_effective_vs_ar']:.2f}{fm}{acc}"
+      f"{r['mode']:9s}{tau:10s} ttft={_with_spread(r, 'ttft_s', '.2f', 1e3)}ms "
+      f"step={_with_spread(r, 'step_s', '.3f', 1e3)}ms tokens/step={r['tokens_per_step']:.2f} "
+      f"eff_x={_with_spread(r, 'speedup_effective_vs_ar', '.2f')} step_x={r['speedup_step_vs_ar']:.2f} "
+      f"ttft_x={r['speedup_ttft_vs_ar']:.2f}{fm}{acc}"
     )
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   with open(FLAGS.output, "w") as f:

@@ -15,6 +15,7 @@ TOOLS = {
   "train": "config",
   "generate": "prompts",
   "bench": "new_tokens",
+  "decode_profile": "min_window_s",
   "score": "pipo",
   "convert": "to_hf",
   "evaluate": "benchmark",

@@ -13,9 +13,9 @@ Step:
      way: identical to ar.
   3. rollback of rejected rows: the KV slot of d is marked invalid in valid_BS (positions are per row: the
      number of valid slots, so the next token of that row reuses position n+1). Gated-DeltaNet conv and
-     recurrent states cannot be un-applied, so the cache keeps each linear layer's state after x_n alone as
-     well (init_cache(rollback=True)); rejected rows set rollback_B and the next step reads those. Nothing
-     is recomputed and no state is copied.
+     recurrent states cannot be un-applied, so the cache (init_cache(rollback=True)) keeps them one token
+     behind, with the last token's update pending; rejected rows set rollback_B and the next step drops it.
+     Nothing is recomputed and no state is copied.
   4. MTP on (e(x_{n+1}), h_n) at n and (e(b), h_{n+1}) at n+1 (the second slot invalid when rejected); the
      next draft comes from the last valid slot.
 Cache sizing: 2 slots per step, T + 2 * max_new in all.

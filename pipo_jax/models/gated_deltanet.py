@@ -65,6 +65,20 @@ def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BH
   return jnp.moveaxis(o_TBHV, 0, 1), state_BHKV
 
 
+def last_token_update(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state_BHKV):
+  """One token of the delta rule without forming the new state: -> (o_BHV, u_BHV). The new state is
+  exp(g) * state + k u^T (apply_token_update), so a cache can keep the old state and (g, k, u) pending."""
+  decay_BH = jnp.exp(g_BH)
+  u_BHV = beta_BH[..., None] * (v_BHV - decay_BH[..., None] * _einsum("bhkv,bhk->bhv", state_BHKV, k_BHK))
+  kq_BH = jnp.sum(k_BHK * q_BHK, axis=-1)
+  return decay_BH[..., None] * _einsum("bhkv,bhk->bhv", state_BHKV, q_BHK) + u_BHV * kq_BH[..., None], u_BHV
+
+
+def apply_token_update(state_BHKV, g_BH, k_BHK, u_BHV):
+  """exp(g) * state + k u^T: a pending token update (last_token_update) made real."""
+  return state_BHKV * jnp.exp(g_BH)[..., None, None] + k_BHK[..., :, None] * u_BHV[..., None, :]
+
+
 def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, chunk: int):
   """Chunked parallel delta rule, continuing from state_BHKV. All inputs fp32.
 
@@ -165,10 +179,13 @@ class GatedDeltaNet(nn.Module):
     ...other keys passed through}. Pads (valid_BT False) are zeroed here, which keeps left padding exact;
     pads in the middle of a sequence would still decay the state, so don't make them.
 
-    Rollback (a cache from init_cache(..., rollback=True), used by speculative decoding): the cache also holds
-    "conv_first_BWC" / "state_first_BHKV", the states after only the first token of the last step of
-    <= RECURRENT_MAX_TOKENS tokens, and "rollback_B" [B]: rows that read those instead of the full-step
-    states. A rejected draft is thus undone by setting a flag, with no second pass and no copy of the states.
+    Rollback (a cache from init_cache(..., rollback=True), used by speculative decoding): the states are kept
+    one token behind. conv_BWC / state_BHKV hold the states before the last token of the call, which stays
+    pending: its conv input "pend_x_BC" and its update (pend_g_BH, pend_k_BHK, pend_u_BHV), state' =
+    exp(g) state + k u^T. The next call applies the pending token first, except in rows where "rollback_B"
+    [B] is set: those resume from before it. A rejected last token (a draft) is thus undone by a flag, with
+    no second pass and no extra state copy; a call longer than RECURRENT_MAX_TOKENS (a prefill) leaves an
+    identity update pending (g = 0, k = u = 0) and only the conv input.
     """
     cfg = self.config
     B, T, _ = x_BTD.shape
@@ -192,11 +209,14 @@ class GatedDeltaNet(nn.Module):
       state_BHKV = jnp.zeros((B, H, K, V), jnp.float32)
     else:
       prev_BWC, state_BHKV = read_state(cache, "conv_BWC"), read_state(cache, "state_BHKV")
-    rollback = cache is not None and "state_first_BHKV" in cache
-    if rollback:
-      back_B = cache["rollback_B"]
-      prev_BWC = jnp.where(back_B[:, None, None], read_state(cache, "conv_first_BWC"), prev_BWC)
-      state_BHKV = jnp.where(back_B[:, None, None, None], read_state(cache, "state_first_BHKV"), state_BHKV)
+    rollback = cache is not None and "pend_u_BHV" in cache
+    if rollback:  # make the previous call's pending token real, except where it was rolled back
+      keep_B = ~cache["rollback_B"]
+      pend = {k: read_state(cache, k) for k in ("pend_x_BC", "pend_g_BH", "pend_k_BHK", "pend_u_BHV")}
+      shifted_BWC = jnp.concatenate([prev_BWC[:, 1:], pend["pend_x_BC"][:, None].astype(prev_BWC.dtype)], axis=1)
+      prev_BWC = jnp.where(keep_B[:, None, None], shifted_BWC, prev_BWC)
+      updated_BHKV = apply_token_update(state_BHKV, pend["pend_g_BH"], pend["pend_k_BHK"], pend["pend_u_BHV"])
+      state_BHKV = jnp.where(keep_B[:, None, None, None], updated_BHKV, state_BHKV)
     conv_BTC, new_prev_BWC = CausalConv(cfg, name="conv1d")(mixed_BTC, prev_BWC)
     conv_BTC = nn.with_logical_constraint(conv_BTC, ("batch", "length", "gdn_qkv"))
 
@@ -215,18 +235,14 @@ class GatedDeltaNet(nn.Module):
       a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32)
     )
 
-    first_states = None
-    if T <= RECURRENT_MAX_TOKENS and cache is not None:
-      if rollback:  # the state after token 0, kept for a rollback to it
-        q0, k0, v0, g0, b0 = (a[:, :1] for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
-        q1, k1, v1, g1, b1 = (a[:, 1:] for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
-        o0_B1HV, state0_BHKV = recurrent_gated_delta_rule(q0, k0, v0, g0, b0, state_BHKV)
-        o1_BTHV, state_BHKV = recurrent_gated_delta_rule(q1, k1, v1, g1, b1, state0_BHKV)
-        o_BTHV = jnp.concatenate([o0_B1HV, o1_BTHV], axis=1)
-        conv0_BWC = jnp.concatenate([prev_BWC.astype(mixed_BTC.dtype), mixed_BTC[:, :1]], axis=1)[:, 1:]
-        first_states = {"conv_first_BWC": conv0_BWC, "state_first_BHKV": state0_BHKV}
-      else:
-        o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
+    pending = None
+    if rollback:
+      o_BTHV, state_BHKV, pending = self._rollback_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
+      # the conv window before the last token (the token itself is pending)
+      new_prev_BWC = jnp.concatenate([prev_BWC.astype(mixed_BTC.dtype), mixed_BTC], axis=1)[:, T - 1 : T + W - 2]
+      pending["pend_x_BC"] = mixed_BTC[:, -1]
+    elif T <= RECURRENT_MAX_TOKENS and cache is not None:
+      o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
     else:
       o_BTHV, state_BHKV = chunked_gated_delta_rule(
         q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, cfg.gdn_chunk_size
@@ -237,5 +253,29 @@ class GatedDeltaNet(nn.Module):
     out_BTD = dense(cfg.hidden_size, ("gdn_value", "embed"), cfg, "out_proj")(y_BTF)
     if cache is None:
       return out_BTD, None
-    updates = {"conv_BWC": new_prev_BWC, "state_BHKV": state_BHKV, **(first_states or {})}
+    updates = {"conv_BWC": new_prev_BWC, "state_BHKV": state_BHKV, **(pending or {})}
     return out_BTD, dict(cache, **{k: write_state(cache, k, v, (0,) * v.ndim) for k, v in updates.items()})
+
+  def _rollback_rule(self, q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV):
+    """The delta rule for a rollback cache -> (o_BTHV, state before the last token, its pending update)."""
+    T = q_BTHK.shape[1]
+    if T > RECURRENT_MAX_TOKENS:  # a prefill: run everything, leave an identity update pending
+      o_BTHV, state_BHKV = chunked_gated_delta_rule(
+        q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, self.config.gdn_chunk_size
+      )
+      zero = jnp.zeros_like
+      return (
+        o_BTHV,
+        state_BHKV,
+        {"pend_g_BH": zero(g_BTH[:, 0]), "pend_k_BHK": zero(k_BTHK[:, 0]), "pend_u_BHV": zero(v_BTHV[:, 0])},
+      )
+    outs = []
+    if T > 1:
+      o_head_BTHV, state_BHKV = recurrent_gated_delta_rule(
+        q_BTHK[:, :-1], k_BTHK[:, :-1], v_BTHV[:, :-1], g_BTH[:, :-1], beta_BTH[:, :-1], state_BHKV
+      )
+      outs.append(o_head_BTHV)
+    k_BHK, g_BH = k_BTHK[:, -1], g_BTH[:, -1]
+    o_BHV, u_BHV = last_token_update(q_BTHK[:, -1], k_BHK, v_BTHV[:, -1], g_BH, beta_BTH[:, -1], state_BHKV)
+    o_BTHV = jnp.concatenate([*outs, o_BHV[:, None]], axis=1)
+    return o_BTHV, state_BHKV, {"pend_g_BH": g_BH, "pend_k_BHK": k_BHK, "pend_u_BHV": u_BHV}

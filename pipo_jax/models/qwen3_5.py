@@ -31,7 +31,8 @@ Cache (init_cache): {"index": int32 scalar (next slot to write), "valid_BS": boo
   "layers": {"layer_{j}": per-layer state with a leading [R] axis}} where a full-attention state is
   {"k_BSGK", "v_BSGK"} (K after k_norm + RoPE, raw V) and a linear state is {"conv_BWC" [B, W-1, C]
   pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}. init_cache(rollback=True) adds
-  "rollback_B" bool [B] and, per linear layer, "conv_first_BWC" / "state_first_BHKV" (GatedDeltaNet says how).
+  "rollback_B" bool [B] and, per linear layer, the pending last token "pend_x_BC", "pend_g_BH", "pend_k_BHK",
+  "pend_u_BHV" (GatedDeltaNet says how).
 """
 
 from __future__ import annotations
@@ -232,6 +233,17 @@ def _layer_state(config: ModelConfig, layer_type: str, batch_size: int, max_len:
   }
 
 
+def _pending_update(config: ModelConfig, batch_size: int, dtype) -> dict:
+  """A DeltaNet layer's pending last token in a rollback cache (GatedDeltaNet's docstring), as an identity."""
+  B, H, K, V = batch_size, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
+  return {
+    "pend_x_BC": jnp.zeros((B, config.linear_conv_dim), dtype),
+    "pend_g_BH": jnp.zeros((B, H), jnp.float32),
+    "pend_k_BHK": jnp.zeros((B, H, K), jnp.float32),
+    "pend_u_BHV": jnp.zeros((B, H, V), jnp.float32),
+  }
+
+
 def init_layer_cache(config: ModelConfig, layer_type: str, batch_size: int, max_len: int, dtype=None) -> dict:
   """Cache for one standalone DecoderLayer: its state plus its own "index" and "valid_BS" [B, S]."""
   dtype = jnp.dtype(dtype or config.dtype)
@@ -244,16 +256,16 @@ def init_layer_cache(config: ModelConfig, layer_type: str, batch_size: int, max_
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, rollback: bool = False) -> dict:
   """Static-shape cache for the whole backbone (layout in the module docstring). dtype: K/V and conv state
-  (default: the compute dtype); recurrent states are always fp32. rollback: the DeltaNet layers also keep
-  their states after the first token of each short step, and "rollback_B" [B] says which rows resume from
-  those (GatedDeltaNet's docstring; speculative decoding undoes a rejected draft with it)."""
+  (default: the compute dtype); recurrent states are always fp32. rollback: the DeltaNet layers keep their
+  states one token behind with the last token's update pending, and "rollback_B" [B] says which rows drop it
+  (GatedDeltaNet's docstring; speculative decoding undoes a rejected draft with it)."""
   dtype = jnp.dtype(dtype or config.dtype)
   group, repeats = config.layer_pattern()
   layers = {}
   for j, layer_type in enumerate(group):
     state = _layer_state(config, layer_type, batch_size, max_len, dtype)
     if rollback and layer_type == LINEAR:
-      state.update(conv_first_BWC=state["conv_BWC"], state_first_BHKV=state["state_BHKV"])
+      state.update(_pending_update(config, batch_size, dtype))
     layers[f"layer_{j}"] = {k: jnp.zeros((repeats,) + v.shape, v.dtype) for k, v in state.items()}
   cache = {"index": jnp.zeros((), jnp.int32), "valid_BS": jnp.zeros((batch_size, max_len), bool), "layers": layers}
   if rollback:

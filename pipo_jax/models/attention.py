@@ -117,14 +117,18 @@ class GatedAttention(nn.Module):
       index = cache["index"]
       key_valid_BS = jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index))
       query_slot_T = index + jnp.arange(T)
+      # The cache is laid out as the decode matmuls read it: K as [B, G, K, S] (scores q @ K), V as
+      # [B, G, S, K] (p @ V). Stored as [B, S, G, K], every decode step copied each layer's whole cache into
+      # those layouts before its matmuls (measured with pipo_jax.decode_profile).
       new_cache = dict(
         cache,
-        k_BSGK=write_state(cache, "k_BSGK", k_BTGK, (0, index, 0, 0)),
-        v_BSGK=write_state(cache, "v_BSGK", v_BTGK, (0, index, 0, 0)),
+        k_BGKS=write_state(cache, "k_BGKS", jnp.transpose(k_BTGK, (0, 2, 3, 1)), (0, 0, 0, index)),
+        v_BGSK=write_state(cache, "v_BGSK", jnp.swapaxes(v_BTGK, 1, 2), (0, 0, index, 0)),
         valid_BS=key_valid_BS,
         index=index + T,
       )
-      k_BSGK, v_BSGK = read_state(new_cache, "k_BSGK"), read_state(new_cache, "v_BSGK")
+      k_BSGK = jnp.transpose(read_state(new_cache, "k_BGKS"), (0, 3, 1, 2))
+      v_BSGK = jnp.swapaxes(read_state(new_cache, "v_BGSK"), 1, 2)
     # GQA: query head h = g*R + r reads kv head g = h // R (HF repeat_kv == repeat_interleave).
     q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
     block = cfg.attention_block

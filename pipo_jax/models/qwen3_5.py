@@ -29,10 +29,10 @@ Params tree (under params["backbone"]):
 
 Cache (init_cache): {"index": int32 scalar (next slot to write), "valid_BS": bool [B, S],
   "layers": {"layer_{j}": per-layer state with a leading [R] axis}} where a full-attention state is
-  {"k_BSGK", "v_BSGK"} (K after k_norm + RoPE, raw V) and a linear state is {"conv_BWC" [B, W-1, C]
-  pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}. init_cache(rollback=True) adds
-  "rollback_B" bool [B] and, per linear layer, the pending last token "pend_x_BC", "pend_g_BH", "pend_k_BHK",
-  "pend_u_BHV" (GatedDeltaNet says how).
+  {"k_BGKS", "v_BGSK"} (K after k_norm + RoPE, raw V; laid out as the decode matmuls read them) and a
+  linear state is {"conv_BWC" [B, W-1, C] pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}.
+  init_cache(rollback=True) adds "rollback_B" bool [B] and, per linear layer, the pending last token
+  "pend_x_BC", "pend_g_BH", "pend_k_BHK", "pend_u_BHV" (GatedDeltaNet says how).
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ class Qwen35(nn.Module):
 
 def _layer_state(config: ModelConfig, layer_type: str, batch_size: int, max_len: int, dtype) -> dict:
   if layer_type == FULL:
-    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
-    return {"k_BSGK": jnp.zeros(shape, dtype), "v_BSGK": jnp.zeros(shape, dtype)}
+    G, S, K = config.num_key_value_heads, max_len, config.head_dim
+    return {"k_BGKS": jnp.zeros((batch_size, G, K, S), dtype), "v_BGSK": jnp.zeros((batch_size, G, S, K), dtype)}
   return {
     "conv_BWC": jnp.zeros((batch_size, config.linear_conv_kernel_dim - 1, config.linear_conv_dim), dtype),
     # The recurrent state stays fp32 whatever the compute dtype (mamba_ssm_dtype float32).

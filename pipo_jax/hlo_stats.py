@@ -382,32 +382,41 @@ def collective_kind(ins: Instr, comps: dict) -> str | None:
   return None
 
 
+def _param_read_bytes(body: list, param: str, full: float, comps: dict, depth: int = 0) -> float:
+  """Bytes a fusion body reads of its parameter `param` (`full` = the whole operand): the slices when every
+  use is a (dynamic-)slice or gather, also through nested fusions (the TPU fuses a layer's dynamic-slice of
+  a stacked cache or weight into the matmul fusion that reads it); 0 when it is only updated in place."""
+  uses = [(i, pos) for i in body for pos, o in enumerate(i.operands) if o == param]
+  if not uses:
+    return full
+  if all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in uses):
+    return 0.0  # updated in place: the write is counted with the output
+  total = 0.0
+  for u, pos in uses:
+    if u.opcode in ("dynamic-slice", "slice", "gather") and pos == 0:
+      total += shape_bytes(u.shape)
+    elif u.opcode == "fusion" and depth < 4 and (u.attr("calls") or "").lstrip("%") in comps:
+      inner = comps[(u.attr("calls") or "").lstrip("%")]
+      inner_param = next((i.name for i in inner if i.opcode == "parameter" and i.args == str(pos)), None)
+      if inner_param is None:
+        return full
+      total += _param_read_bytes(inner, inner_param, full, comps, depth + 1)
+    else:
+      return full
+  return min(total, full)
+
+
 def _fusion_operand_bytes(ins: Instr, comps: dict, shapes: dict) -> float:
   """Operand bytes a fusion reads: a parameter used only through (dynamic-)slices reads the slices."""
   body = comps.get((ins.attr("calls") or "").lstrip("%"))
   if body is None:
     return sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
-  params = {}
-  for i in body:
-    if i.opcode == "parameter":
-      params[i.name] = int(i.args) if i.args.isdigit() else -1
-  users = defaultdict(list)
-  for i in body:
-    for pos, o in enumerate(i.operands):
-      if o in params:
-        users[o].append((i, pos))
   total = 0.0
-  for pname, idx in params.items():
-    if idx < 0 or idx >= len(ins.operands):
+  for i in body:
+    if i.opcode != "parameter" or not i.args.isdigit() or int(i.args) >= len(ins.operands):
       continue
-    full = shape_bytes(shapes.get(ins.operands[idx], ""))
-    us = users.get(pname, [])
-    if us and all(u.opcode in ("dynamic-slice", "slice", "gather") and pos == 0 for u, pos in us):
-      total += sum(shape_bytes(u.shape) for u, _ in us)
-    elif us and all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in us):
-      total += 0  # updated in place: the write is counted with the output
-    else:
-      total += full
+    full = shape_bytes(shapes.get(ins.operands[int(i.args)], ""))
+    total += _param_read_bytes(body, i.name, full, comps)
   return total
 
 

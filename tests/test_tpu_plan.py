@@ -242,6 +242,43 @@ def test_convolution_taps_by_hand():
   assert hlo_stats._flops(ins, {"a": "f32[2,2,32,16]"}) == 2 * 4 * 32 * 32 * 16
 
 
+NESTED_SLICE_HLO = """
+HloModule m
+
+%inner (p0: f32[8,4,16], p1: s32[]) -> f32[4,16] {
+  %p0 = f32[8,4,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %c0 = s32[] constant(0)
+  %ds = f32[1,4,16]{2,1,0} dynamic-slice(%p0, %p1, %c0, %c0), dynamic_slice_sizes={1,4,16}
+  ROOT %b = f32[4,16]{1,0} bitcast(%ds)
+}
+
+%outer (q0: f32[8,4,16], q1: s32[], q2: f32[16,3]) -> f32[4,3] {
+  %q0 = f32[8,4,16]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %q2 = f32[16,3]{1,0} parameter(2)
+  %f = f32[4,16]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%inner
+  ROOT %d = f32[4,3]{1,0} dot(%f, %q2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[8,4,16], i: s32[], w: f32[16,3]) -> f32[4,3] {
+  %a = f32[8,4,16]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %w = f32[16,3]{1,0} parameter(2)
+  ROOT %r = f32[4,3]{1,0} fusion(%a, %i, %w), kind=kOutput, calls=%outer
+}
+"""
+
+
+def test_bytes_of_a_slice_read_through_a_nested_fusion():
+  """As the TPU writes a layer's matmul on a stacked cache: the outer fusion takes the whole [8, 4, 16] stack, a
+  nested fusion dynamic-slices one [4, 16] layer out of it. By hand: the slice 4*16*4 = 256 B, the index 4 B,
+  the weight 16*3*4 = 192 B, the output 4*3*4 = 48 B: 500 B, not the whole stack's 2048 B + 244 B."""
+  r = hlo_stats.analyze(NESTED_SLICE_HLO)
+  assert r["bytes"] == 256 + 4 + 192 + 48
+  assert r["flops"] == 2 * 4 * 3 * 16
+
+
 def test_scan_flops_multiplied_by_trip_count_cpu():
   f, args, expected = _scan_matmuls()
   compiled = jax.jit(f).lower(*args).compile()

@@ -32,7 +32,7 @@ from absl import flags, logging
 
 from pipo_jax import cli
 from pipo_jax.inference import flops
-from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, prefill_fn, stop_id_array
+from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, params_for_backend, prefill_fn, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.io import loading
 
@@ -80,6 +80,7 @@ def prepare(config, params, mode: str, tau: float, prompt_len: int, batch: int, 
   """Compile and warm up one mode -> (record of its token counts, prefill thunk, decode thunk). Greedy
   decoding with no stop ids emits the same tokens on every call, so the counts hold for every timed run."""
   _check_mode(mode, config)
+  params = params_for_backend(config, params)
   ids = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 2, config.vocab_size, jnp.int32)
   valid = jnp.ones(ids.shape, bool)
   stop = stop_id_array(config, mode, [])

@@ -30,10 +30,9 @@ from absl import flags
 from pipo_jax import bench, cli
 from pipo_jax.config import ModelConfig
 from pipo_jax.inference import common as C
-from pipo_jax.inference.api import MODES
+from pipo_jax.inference.api import MODES, params_for_backend
 from pipo_jax.io import loading
 from pipo_jax.models.pipo import init_mtp_cache
-from pipo_jax.models.qwen3_5 import init_cache
 
 FLAGS = flags.FLAGS
 
@@ -79,7 +78,7 @@ def layer_loop(cfg: ModelConfig, mode: str, batch: int, prompt_len: int, steps: 
     return toks_BX[:, -1]
 
   def run(params):
-    cache = _filled(init_cache(cfg, B, S, rollback=mode == "mtp_spec"), P)
+    cache = _filled(C.init_backbone_cache(cfg, params, B, S, rollback=mode == "mtp_spec"), P)
     mcache = _filled(init_mtp_cache(cfg, B, S), P) if J else None
     tok_B = jnp.full((B,), 2, jnp.int32)
 
@@ -119,7 +118,8 @@ def profile(config, params, modes, prompt_len, batch, new_tokens, repeats, min_w
     steps = rec["decode_steps"]
     fns = {"full": decode}
     for name, heads in (("layers", False), ("+heads", True)):
-      fns[name] = functools.partial(layer_loop(config, mode, batch, prompt_len, steps, heads), params)
+      layout = params_for_backend(config, params)  # as bench.prepare runs the real loop
+      fns[name] = functools.partial(layer_loop(config, mode, batch, prompt_len, steps, heads), layout)
     for fn in fns.values():
       jax.block_until_ready(fn())  # compile + warm-up
     cases.append((mode, steps, fns))

@@ -279,3 +279,26 @@ def test_pipo_stop_ids(pipo_run, model):
   assert int(res.raw_len[0]) == i1 + 1 and np.asarray(res.tokens)[0, : i1 + 1].tolist() == R[: i1 + 1]
   # PAD is never a stop id in pipo mode (it is a no-op token2), even when it is the config's EOS.
   assert cfg.eos_token_id == PAD and stop_id_array(cfg, "pipo", None).tolist() == [-1]
+
+
+def test_decode_layout_equals_the_scanned_layers(model, pipo_run):
+  """generate on CPU runs the layers split per repeat (common.decode_layout); the programs on the stacked params
+  (the scan, as a TPU runs them) must emit the same pipo stream with the same confidences' gating."""
+  from pipo_jax.inference import api
+  from pipo_jax.inference import common as C
+
+  cfg, params = model
+  assert "layers_by_repeat" in api.params_for_backend(cfg, params)["backbone"]  # CPU: the decode layout
+  assert "layers_by_repeat" not in params["backbone"]
+  ids, valid = left_pad(PROMPTS, BUCKET, PAD)
+  stop, tau = stop_id_array(cfg, "pipo", []), jnp.float32(0.5)
+  kw = dict(config=_Static(cfg), mode="pipo", sp=GREEDY, max_new=8)
+  args = (jnp.asarray(ids), jnp.asarray(valid), stop, jax.random.PRNGKey(0), tau)
+  scanned = api.decode_fn(params, api.prefill_fn(params, *args, **kw), stop, tau, **kw)
+  split = C.decode_layout(cfg, params)
+  unrolled = api.decode_fn(split, api.prefill_fn(split, *args, **kw), stop, tau, **kw)
+  np.testing.assert_array_equal(np.asarray(unrolled.raw), np.asarray(scanned.raw))
+  np.testing.assert_array_equal(np.asarray(unrolled.raw_is_pad), np.asarray(scanned.raw_is_pad))
+  # the gate both kept and dropped drafts
+  assert int(np.asarray(scanned.drafts_kept).sum()) > 0 and int(np.asarray(scanned.raw_is_pad).sum()) > 0
+  np.testing.assert_array_equal(np.asarray(pipo_run(0.5).raw), np.asarray(scanned.raw))

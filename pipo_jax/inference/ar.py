@@ -19,7 +19,7 @@ from pipo_jax.config import ModelConfig
 from pipo_jax.inference import common as C
 from pipo_jax.inference import sampling as smp
 from pipo_jax.models.pipo import init_mtp_cache
-from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
+from pipo_jax.models.qwen3_5 import positions_from_valid
 
 
 def ar_prefill(
@@ -27,7 +27,7 @@ def ar_prefill(
 ) -> dict:
   """Prompt -> state with the first token emitted. Cache: T + max_new slots (1 per step)."""
   B, T = ids_BT.shape
-  cache = init_cache(cfg, B, T + max_new)
+  cache = C.init_backbone_cache(cfg, params, B, T + max_new)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, key = jax.random.split(rng)
   out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
@@ -83,7 +83,7 @@ def mtp_prefill(
   max_new // 2 + 1 steps)."""
   B, T = ids_BT.shape
   S = T + max_new + 2
-  cache = init_cache(cfg, B, S)
+  cache = C.init_backbone_cache(cfg, params, B, S)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, k1, k2 = jax.random.split(rng, 3)
   out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pipo_jax.config import ModelConfig
 from pipo_jax.models.pipo import PipoModel
+from pipo_jax.models.qwen3_5 import init_cache, run_unstacked, unstack_layers
 
 # -- model calls (params is the full PIPO tree: backbone / mtp / compressor / confidence_head) ---------------
 
@@ -31,9 +32,35 @@ def embed(cfg, params, ids_BT):
   return _apply(cfg, params, lambda m, i: m.backbone.embed(i), ids_BT)
 
 
+# -- the decode layout: layers split per repeat once, outside the token loop ------------------------------
+
+
+def decode_layout(cfg: ModelConfig, params: dict) -> dict:
+  """params with the backbone's stacked layers also split per repeat ("layers_by_repeat"), which every model
+  call below then runs unrolled (qwen3_5.run_unstacked says why). Used on CPU; a TPU fuses the per-layer slice
+  of a stacked weight into its matmul, so it keeps the scan (and one copy of the weights)."""
+  if "layers_by_repeat" in params["backbone"]:
+    return params
+  layers = params["backbone"]["layers"]
+  split = unstack_layers(layers, cfg.layer_pattern()[1])
+  return dict(params, backbone={**params["backbone"], "layers_by_repeat": split})
+
+
+def init_backbone_cache(cfg: ModelConfig, params: dict, batch: int, max_len: int, rollback: bool = False) -> dict:
+  """init_cache in the layout of `params`: per-repeat layer caches for the decode layout."""
+  cache = init_cache(cfg, batch, max_len, rollback=rollback)
+  if "layers_by_repeat" in params["backbone"]:
+    cache["layers"] = unstack_layers(cache["layers"], cfg.layer_pattern()[1])
+  return cache
+
+
 def backbone(cfg, params, x_BTD, pos_BT, valid_BT, cache):
   """Uncompressed backbone step -> (h_BTD, cache)."""
-  return _apply(cfg, params, lambda m, *a: m.backbone(*a), x_BTD, pos_BT, valid_BT, cache)
+  if "layers_by_repeat" not in params["backbone"]:
+    return _apply(cfg, params, lambda m, *a: m.backbone(*a), x_BTD, pos_BT, valid_BT, cache)
+  layer_params = params["backbone"]["layers_by_repeat"]
+  x_BTD, cache = run_unstacked(cfg, layer_params, x_BTD, pos_BT, valid_BT, cache)
+  return _apply(cfg, params, lambda m, x: m.backbone.norm(x), x_BTD), cache
 
 
 def logits(cfg, params, h_BD):
@@ -58,7 +85,9 @@ def mtp_only(cfg, params, tok_BJ, h_BJD, pos_BJ, valid_BJ, cache):
 
 def pairs(cfg, params, ids_BT, pos_BL, valid_BL, cache):
   """Compressed backbone on token pairs (T = 2L) -> (h_BLD, cache)."""
-  return _apply(cfg, params, lambda m, *a: m.backbone_pairs(*a), ids_BT, pos_BL, valid_BL, cache)
+  if "layers_by_repeat" not in params["backbone"]:
+    return _apply(cfg, params, lambda m, *a: m.backbone_pairs(*a), ids_BT, pos_BL, valid_BL, cache)
+  return backbone(cfg, params, _apply(cfg, params, lambda m, i: m.compress(i), ids_BT), pos_BL, valid_BL, cache)
 
 
 def next_positions(cache: dict) -> jax.Array:

@@ -37,7 +37,7 @@ from pipo_jax.config import ModelConfig
 from pipo_jax.inference import common as C
 from pipo_jax.inference import sampling as smp
 from pipo_jax.models.pipo import init_mtp_cache, pair_valid
-from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
+from pipo_jax.models.qwen3_5 import positions_from_valid
 
 
 def pair_layout(ids_BT, valid_BT, pad_id: int):
@@ -139,7 +139,7 @@ def pipo_prefill(
   S = L + max_new + 1
   pvalid_BL = pair_valid(valid2)
   ppos_BL = positions_from_valid(pvalid_BL)
-  h_BLD, cache = C.pairs(cfg, params, ids2, ppos_BL, pvalid_BL, init_cache(cfg, B, S))
+  h_BLD, cache = C.pairs(cfg, params, ids2, ppos_BL, pvalid_BL, C.init_backbone_cache(cfg, params, B, S))
   rng, k1, k2 = jax.random.split(rng, 3)
   out = C.init_out(B, 2 * max_new, cfg.vocab_size, pad)
   logits1_BV = C.logits(cfg, params, h_BLD[:, -1])

@@ -30,7 +30,7 @@ from pipo_jax.config import ModelConfig
 from pipo_jax.inference import common as C
 from pipo_jax.inference import sampling as smp
 from pipo_jax.inference.ar import mtp_prompt_pass
-from pipo_jax.models.qwen3_5 import init_cache, positions_from_valid
+from pipo_jax.models.qwen3_5 import positions_from_valid
 
 
 def spec_prefill(
@@ -39,7 +39,7 @@ def spec_prefill(
   """Prompt -> x_n (emitted) and the first draft d ~ q (not emitted)."""
   B, T = ids_BT.shape
   S = T + 2 * max_new + 2
-  cache = init_cache(cfg, B, S, rollback=True)
+  cache = C.init_backbone_cache(cfg, params, B, S, rollback=True)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, k1, k2 = jax.random.split(rng, 3)
   out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)

@@ -119,9 +119,10 @@ class _LayerGroup(nn.Module):
   @nn.compact
   def __call__(self, carry, positions_BT, valid_BT, shared, repeat):
     x_BTD, caches = carry
+    row = {} if repeat is None else {"layer": repeat}  # None: the caches are this repeat's own (unstacked)
     for j, layer_type in enumerate(self.group):
       name = f"layer_{j}"
-      layer_cache = None if caches is None else {**caches[name], **shared, "layer": repeat}
+      layer_cache = None if caches is None else {**caches[name], **shared, **row}
       x_BTD, layer_cache = DecoderLayer(self.config, layer_type, name=name)(x_BTD, positions_BT, valid_BT, layer_cache)
       if caches is not None:
         caches = {**caches, name: {k: v for k, v in layer_cache.items() if k not in _SHARED + ("layer",)}}
@@ -271,6 +272,31 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, r
   if rollback:
     cache["rollback_B"] = jnp.zeros((batch_size,), bool)
   return cache
+
+
+def unstack_layers(tree: dict, repeats: int) -> tuple:
+  """{"layer_j": {...leaves [R, ...]}} -> R trees {"layer_j": {...leaves [...]}}: the per-repeat params or
+  caches of the decode layout (`run_unstacked`)."""
+  return tuple(jax.tree_util.tree_map(lambda a, r=r: a[r], tree) for r in range(repeats))
+
+
+def run_unstacked(config: ModelConfig, layer_params: tuple, x_BTD, positions_BT, valid_BT, cache: dict):
+  """The layer stack in the decode layout: per-repeat params (`unstack_layers` of the params' "layers") and a
+  cache whose "layers" are per-repeat too, run by a Python loop instead of the scan. On CPU a scan's body
+  copies every weight it slices out of the stack and every DeltaNet state it updates in it, each step; split
+  once outside the token loop, the weights are loop-invariant and the caches update in place. Returns
+  (x_BTD before the final norm, new cache)."""
+  group, _ = config.layer_pattern()
+  x_BTD = x_BTD.astype(config.dtype)
+  shared = {k: cache[k] for k in _SHARED if k in cache}
+  new_layers = []
+  for params_r, cache_r in zip(layer_params, cache["layers"]):
+    block = _LayerGroup(config, group)
+    (x_BTD, cache_r), _ = block.apply({"params": params_r}, (x_BTD, cache_r), positions_BT, valid_BT, shared, None)
+    new_layers.append(cache_r)
+  new_cache = _advance(cache, valid_BT, x_BTD.shape)
+  new_cache["layers"] = tuple(new_layers)
+  return x_BTD, new_cache
 
 
 def positions_from_valid(valid_BT: jax.Array, offset_B: jax.Array | None = None) -> jax.Array:

@@ -50,7 +50,7 @@ def ar_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingPa
     h_B1D, cache = C.backbone(
       cfg, params, C.embed(cfg, params, s["last_B"][:, None]), pos_B1, act_B[:, None], s["cache"]
     )
-    rng, key = jax.random.split(s["rng"])
+    rng, key = smp.split_keys(s["rng"], 1, not sp.greedy)
     tok_B = smp.sample(key, C.logits(cfg, params, h_B1D[:, 0]), sp, out["presence_BV"])
     out = C.emit(out, tok_B, jnp.ones_like(act_B), stop_ids_E, max_new)
     out["steps_B"] = out["steps_B"] + act_B
@@ -125,7 +125,7 @@ def mtp_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingP
     valid_B2 = jnp.broadcast_to(act_B[:, None], (B, 2))
     pair_B2 = s["pair_B2"]
     h_B2D, cache = C.backbone(cfg, params, C.embed(cfg, params, pair_B2), pos_B2, valid_B2, s["cache"])
-    rng, k1, k2 = jax.random.split(s["rng"], 3)
+    rng, k1, k2 = smp.split_keys(s["rng"], 2, not sp.greedy)
     tok1_B = smp.sample(k1, C.logits(cfg, params, h_B2D[:, 1]), sp, out["presence_BV"])
     mtok_B2 = jnp.stack([pair_B2[:, 1], tok1_B], axis=1)
     m_B2D, mcache = C.mtp_only(cfg, params, mtok_B2, h_B2D, pos_B2, valid_B2, s["mcache"])

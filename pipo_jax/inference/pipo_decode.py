@@ -218,7 +218,7 @@ def pipo_decode(
     pos_B1 = C.next_positions(s["cache"])[:, None]
     # phase 1
     h_B1D, cache = C.pairs(cfg, params, s["pair_B2"], pos_B1, act_B[:, None], s["cache"])
-    rng, k1, k2 = jax.random.split(s["rng"], 3)
+    rng, k1, k2 = smp.split_keys(s["rng"], 2, not sp.greedy or random_pad is not None)
     logits1_BV = C.logits(cfg, params, h_B1D[:, 0])
     tok1_B = smp.sample(k1, logits1_BV, sp, out["presence_BV"], ban_id=pad)
     if forced is not None:

@@ -140,3 +140,11 @@ def sample_from_probs(key: jax.Array, p_BV: jax.Array, greedy: bool) -> jax.Arra
   if greedy:
     return jnp.argmax(p_BV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, jnp.log(jnp.maximum(p_BV, 0.0)), axis=-1).astype(jnp.int32)
+
+
+def split_keys(rng: jax.Array, n: int, needed: bool) -> tuple:
+  """(next rng, n keys) for one decode step. Split only when a key is used (sampling, a random control): a
+  greedy loop carries its key unchanged and skips the threefry work every step."""
+  if not needed:
+    return (rng,) * (n + 1)
+  return tuple(jax.random.split(rng, n + 1))

@@ -99,7 +99,7 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     logits_B2V = C.logits(cfg, params, h_B2D)
 
     # 2. accept / resample / bonus
-    rng, k_u, k_r, k_b, k_d = jax.random.split(s["rng"], 5)
+    rng, k_u, k_r, k_b, k_d = smp.split_keys(s["rng"], 4, not sp.greedy)
     accept_B, x1_B = _verify(k_u, k_r, logits_B2V[:, 0], d_B, s.get("q_BV"), sp, out["presence_BV"])
     pres1_BV = out["presence_BV"].at[rows, x1_B].set(True)
     b_B = smp.sample(k_b, logits_B2V[:, 1], sp, pres1_BV)

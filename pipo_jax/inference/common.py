@@ -36,14 +36,14 @@ def embed(cfg, params, ids_BT):
 
 
 def decode_layout(cfg: ModelConfig, params: dict) -> dict:
-  """params with the backbone's stacked layers also split per repeat ("layers_by_repeat"), which every model
-  call below then runs unrolled (qwen3_5.run_unstacked says why). Used on CPU; a TPU fuses the per-layer slice
-  of a stacked weight into its matmul, so it keeps the scan (and one copy of the weights)."""
+  """params with the backbone's stacked layers split per repeat ("layers_by_repeat", in place of "layers"),
+  which every model call below then runs unrolled (qwen3_5.run_unstacked says why). Used on CPU; a TPU fuses
+  the per-layer slice of a stacked weight into its matmul, so it keeps the scan."""
   if "layers_by_repeat" in params["backbone"]:
     return params
-  layers = params["backbone"]["layers"]
-  split = unstack_layers(layers, cfg.layer_pattern()[1])
-  return dict(params, backbone={**params["backbone"], "layers_by_repeat": split})
+  backbone = {k: v for k, v in params["backbone"].items() if k != "layers"}
+  backbone["layers_by_repeat"] = unstack_layers(params["backbone"]["layers"], cfg.layer_pattern()[1])
+  return dict(params, backbone=backbone)
 
 
 def init_backbone_cache(cfg: ModelConfig, params: dict, batch: int, max_len: int, rollback: bool = False) -> dict:

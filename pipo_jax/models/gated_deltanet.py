@@ -184,8 +184,8 @@ class GatedDeltaNet(nn.Module):
     pending: its conv input "pend_x_BC" and its update (pend_g_BH, pend_k_BHK, pend_u_BHV), state' =
     exp(g) state + k u^T. The next call applies the pending token first, except in rows where "rollback_B"
     [B] is set: those resume from before it. A rejected last token (a draft) is thus undone by a flag, with
-    no second pass and no extra state copy; a call longer than RECURRENT_MAX_TOKENS (a prefill) leaves an
-    identity update pending (g = 0, k = u = 0) and only the conv input.
+    no second pass and no extra state copy. A call longer than RECURRENT_MAX_TOKENS (a prefill) leaves an
+    identity update pending (g = 0, k = u = 0) and only the conv input, so it cannot be rolled back.
     """
     cfg = self.config
     B, T, _ = x_BTD.shape

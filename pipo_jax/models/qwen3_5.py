@@ -110,7 +110,8 @@ class _LayerGroup(nn.Module):
   """One repeat of the layer group; scanned over R repeats by Qwen35.
 
   The carry is (x_BTD, the whole stacked layer cache or None); `repeat` (int32, the scanned input) picks this
-  repeat's row, which each layer updates in place (pipo_jax/models/cache_slots.py says why).
+  repeat's row, which each layer updates in place (pipo_jax/models/cache_slots.py says why). run_unstacked
+  calls it with repeat None and this repeat's own caches.
   """
 
   config: ModelConfig

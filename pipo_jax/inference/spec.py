@@ -110,7 +110,7 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     out["proposed_B"] = out["proposed_B"] + act_B
     out["kept_B"] = out["kept_B"] + (act_B & accept_B)
 
-    # 3. rollback: slot of d invalid and DeltaNet states after x_n alone for rejected rows
+    # 3. rollback of rejected rows: d's KV slot invalid, d's pending DeltaNet update dropped next step
     keep2_B = act_B & accept_B
     valid_BS = jax.lax.dynamic_update_slice(cache["valid_BS"], keep2_B[:, None], (0, cache0["index"] + 1))
     cache = dict(cache, valid_BS=valid_BS, rollback_B=act_B & ~accept_B)

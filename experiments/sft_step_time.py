@@ -5,7 +5,9 @@
 
 Each variant is the sft loss (mlp_residual compressor, full fine-tune, AdamW) jitted once; every round times
 `--iters` steps of each variant in turn, so drifts of a shared machine hit all variants alike. Printed: the
-median step time per variant per round, and its ratio to the first variant's in the same round.
+median step time per variant per round, and its ratio to the first variant's in the same round; each round
+also times this machine's fp32 2048^2 matmul peak (metrics.measure_matmul_peak), and every variant's model
+FLOPs per step (flop_model.sft_loss, what MFU counts) are printed as a share of that round's peak.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def main():
   import jax
   import numpy as np
 
-  from pipo_jax import objectives, optim
+  from pipo_jax import flop_model, metrics, objectives, optim
   from pipo_jax.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, resolve_model_config
   from pipo_jax.models.pipo import init_pipo_params
 
@@ -60,11 +62,14 @@ def main():
     )
     state, m = step(state, batch)
     jax.block_until_ready(m)
-    steps[name] = [step, state, batch]
+    trained = flop_model.trained_modules(state.trainable)
+    flops = flop_model.sft_loss(mc, a.batch, a.length, trained, logits_chunk=1024).total
+    steps[name] = [step, state, batch, flops]
   for r in range(a.rounds):
     med = {}
+    peak = metrics.measure_matmul_peak()
     for name, _ in variants:
-      step, state, batch = steps[name]
+      step, state, batch, _ = steps[name]
       times = []
       for _ in range(a.iters):
         t0 = time.perf_counter()
@@ -74,7 +79,13 @@ def main():
       steps[name][1] = state
       med[name] = float(np.median(times))
     base = med[variants[0][0]]
-    print(f"round {r + 1}: " + ", ".join(f"{n} {1e3 * t:.1f} ms ({t / base:.2f}x)" for n, t in med.items()), flush=True)
+    print(
+      f"round {r + 1} (matmul peak {peak / 1e9:.1f} GFLOP/s): "
+      + ", ".join(
+        f"{n} {1e3 * t:.1f} ms ({t / base:.2f}x, {100 * steps[n][3] / t / peak:.1f} % of peak)" for n, t in med.items()
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

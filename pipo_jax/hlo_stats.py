@@ -246,8 +246,25 @@ def _callees(ins: Instr) -> list:
   return out
 
 
+def _sizes(comps: dict) -> dict:
+  """Instructions per computation, its callees' included (a proxy for what running it costs)."""
+  memo: dict = {}
+
+  def size(c: str) -> int:
+    if c not in memo:
+      memo[c] = 0  # guards against cycles (there are none in HLO)
+      memo[c] = sum(1 + sum(size(k) for k, _ in _callees(i) if k in comps) for i in comps[c])
+    return memo[c]
+
+  return {c: size(c) for c in comps}
+
+
 def multiplicities(comps: dict, entry: str) -> tuple:
-  """({computation: times it runs per module execution}, [(while name, trip count or None)])."""
+  """({computation: times it runs per module execution}, [(while name, trip count or None)]).
+
+  A conditional runs one branch: its largest (by instructions, callees included) is counted, the others not,
+  so the figures are those of the costliest path (e.g. pipo's decode loop with phase 2, not both loops)."""
+  sizes = _sizes(comps)
   edges, indeg, loops = defaultdict(list), defaultdict(int), []
   for cname, instrs in comps.items():
     for ins in instrs:
@@ -267,10 +284,13 @@ def multiplicities(comps: dict, entry: str) -> tuple:
       if ins.opcode == "while":
         trip = _trip_count(ins, comps)
         loops.append((ins.name, trip))
-      for callee, kind in _callees(ins):
-        if callee not in comps:
-          continue
+      callees = [(c, k) for c, k in _callees(ins) if c in comps]
+      branches = [c for c, k in callees if k == "branch"]
+      taken = max(branches, key=lambda c: sizes[c]) if branches else None
+      for callee, kind in callees:
         factor = (trip or 1) if kind == "body" else ((trip or 1) + 1) if kind == "condition" else 1
+        if kind == "branch":
+          factor, taken = (1, None) if callee == taken else (0, taken)  # the taken branch once
         edges[cname].append((callee, factor))
         indeg[callee] += 1
   mult = defaultdict(float)

@@ -279,6 +279,37 @@ def test_bytes_of_a_slice_read_through_a_nested_fusion():
   assert r["flops"] == 2 * 4 * 3 * 16
 
 
+CONDITIONAL_HLO = """
+HloModule m
+
+%small (a: f32[4,8]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  ROOT %n = f32[4,8]{1,0} negate(%a)
+}
+
+%big (b: f32[4,8]) -> f32[4,8] {
+  %b = f32[4,8]{1,0} parameter(0)
+  %w = f32[8,8]{1,0} constant({...})
+  ROOT %d = f32[4,8]{1,0} dot(%b, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (p: s32[], x: f32[4,8]) -> f32[4,8] {
+  %p = s32[] parameter(0)
+  %x = f32[4,8]{1,0} parameter(1)
+  ROOT %c = f32[4,8]{1,0} conditional(%p, %x, %x), branch_computations={%small, %big}
+}
+"""
+
+
+def test_a_conditional_counts_its_largest_branch_only():
+  """One branch runs: the [4, 8] x [8, 8] dot of the larger one, 2*4*8*8 = 512 FLOPs, reading 128 + 256 B and
+  writing 128 B; the other branch's negate is not counted (pipo's decode: two loops, one runs)."""
+  r = hlo_stats.analyze(CONDITIONAL_HLO)
+  assert r["flops"] == 2 * 4 * 8 * 8
+  assert r["bytes"] == 128 + 256 + 128
+  assert [o["name"] for o in r["ops"]] == ["d"]
+
+
 def test_scan_flops_multiplied_by_trip_count_cpu():
   f, args, expected = _scan_matmuls()
   compiled = jax.jit(f).lower(*args).compile()

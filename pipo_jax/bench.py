@@ -70,10 +70,13 @@ def timed_window(fn, min_window_s: float) -> float:
   return seconds / calls
 
 
-def spread(values) -> dict:
-  """{"median", "min", "max"} of per-round values."""
-  v = np.asarray(values, float)
-  return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+def with_spread(rec: dict, per_round: dict) -> dict:
+  """rec plus, for each name -> per-round values: the median as `name` and the spread as `name_min` / `name_max`."""
+  out = dict(rec)
+  for name, values in per_round.items():
+    v = np.asarray(values, float)
+    out[name], out[name + "_min"], out[name + "_max"] = float(np.median(v)), float(v.min()), float(v.max())
+  return out
 
 
 def prepare(config, params, mode: str, tau: float, prompt_len: int, batch: int, new_tokens: int, seed: int = 0):
@@ -131,11 +134,7 @@ def summarize(rec: dict, ttft_rounds, loop_rounds, ar: dict, ar_ttft_rounds, ar_
     "speedup_step_vs_ar": (ar_loop / ar["decode_steps"]) / (loop / rec["decode_steps"]),
     "speedup_effective_vs_ar": (rec["loop_tokens"] / loop) / (ar["loop_tokens"] / ar_loop),
   }
-  out = dict(rec, rounds=len(loop))
-  for name, values in per_round.items():
-    st = spread(values)
-    out[name], out[name + "_min"], out[name + "_max"] = st["median"], st["min"], st["max"]
-  return out
+  return with_spread(dict(rec, rounds=len(loop)), per_round)
 
 
 def plot(records: list, path: str):
@@ -199,6 +198,7 @@ def run(
       plan += [("pipo", t) for t in dict.fromkeys(taus)]
     elif m != "ar":
       plan.append((m, None))
+  params = params_for_backend(config, params)  # once, not per mode (prepare leaves it as it is)
   cases = []
   for m, t in plan:
     log(f"[bench] compiling {m}" + ("" if t is None else f" tau={t:g}"))

@@ -109,6 +109,7 @@ def layer_loop(cfg: ModelConfig, mode: str, batch: int, prompt_len: int, steps: 
 
 def profile(config, params, modes, prompt_len, batch, new_tokens, repeats, min_window_s, seed=0, log=print) -> list:
   """One record per mode: full / layers / +heads step times (median, min, max) and the derived shares."""
+  params = params_for_backend(config, params)  # the layout bench.prepare runs the real loop in, made once
   cases = []
   for mode in modes:
     if mode not in MODES:
@@ -118,8 +119,7 @@ def profile(config, params, modes, prompt_len, batch, new_tokens, repeats, min_w
     steps = rec["decode_steps"]
     fns = {"full": decode}
     for name, heads in (("layers", False), ("+heads", True)):
-      layout = params_for_backend(config, params)  # as bench.prepare runs the real loop
-      fns[name] = functools.partial(layer_loop(config, mode, batch, prompt_len, steps, heads), layout)
+      fns[name] = functools.partial(layer_loop(config, mode, batch, prompt_len, steps, heads), params)
     for fn in fns.values():
       jax.block_until_ready(fn())  # compile + warm-up
     cases.append((mode, steps, fns))
@@ -140,9 +140,7 @@ def profile(config, params, modes, prompt_len, batch, new_tokens, repeats, min_w
       "loop_step_s": full - with_heads,
       "loop_share": (full - with_heads) / full,
     }
-    for name, values in per_round.items():
-      st = bench.spread(values)
-      rec[name], rec[name + "_min"], rec[name + "_max"] = st["median"], st["min"], st["max"]
+    rec = bench.with_spread(rec, per_round)
     records.append(rec)
   return records
 

@@ -28,7 +28,7 @@ from absl import flags, logging
 
 from pipo_jax import cli
 from pipo_jax.inference import sampling
-from pipo_jax.inference.api import MODES, generate, left_pad, result_rows
+from pipo_jax.inference.api import MODES, generate, left_pad, params_for_backend, result_rows
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.io import loading
 
@@ -125,6 +125,7 @@ def run(
   if stop_ids is None and tok is not None:
     stop_ids = list(tok.special.stop_ids)
   rows = []
+  params = params_for_backend(config, params)  # once for every batch
   progress = cli.Progress(len(prompts), "generate", "prompts")
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start : start + batch_size]

@@ -98,7 +98,8 @@ class _Static:
 def params_for_backend(config: ModelConfig, params: dict) -> dict:
   """The params layout the decode programs run fastest with on the default backend: on CPU the layers split
   per repeat once (common.decode_layout); elsewhere unchanged (the TPU reads a stacked layer's slice in place).
-  Outside a jit this costs one copy of the backbone weights per call."""
+  It copies the backbone weights, so a caller that generates batch after batch converts once and passes the
+  result (generate leaves params already in this layout as they are)."""
   return C.decode_layout(config, params) if jax.default_backend() == "cpu" else params
 
 

@@ -21,6 +21,31 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# The two reference configurations (model overrides, batch, length). M is 3:1 hybrid like the real
+# models; S is the demo teacher at its training shape.
+CONFIGS = {
+  "S": (dict(preset="demo_teacher"), 16, 128),
+  "M": (
+    dict(
+      preset="demo_teacher",
+      vocab_size=4096,
+      hidden_size=256,
+      intermediate_size=768,
+      layer_types=("linear_attention",) * 3 + ("full_attention",),
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=64,
+      linear_num_key_heads=2,
+      linear_num_value_heads=4,
+      linear_key_head_dim=64,
+      linear_value_head_dim=64,
+    ),
+    4,
+    1024,
+  ),
+}
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
   name, _, rest = text.partition(":")
   kw = {}
@@ -32,9 +57,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--preset", default="demo_teacher")
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--length", type=int, default=128)
+  ap.add_argument("--config", choices=sorted(CONFIGS), default="S", help="model, batch and length (CONFIGS)")
+  ap.add_argument("--preset", help="another preset instead of --config's model")
+  ap.add_argument("--batch", type=int, help="overrides --config's batch")
+  ap.add_argument("--length", type=int, help="overrides --config's length")
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--variant", action="append", default=[])
@@ -46,11 +72,16 @@ def main():
   from pipo_jax.config import LoraConfig, LossConfig, ModelConfig, OptimConfig, resolve_model_config
   from pipo_jax.models.pipo import init_pipo_params
 
+  model_kw, batch_size, length = CONFIGS[a.config]
+  if a.preset:
+    model_kw = dict(preset=a.preset)
+  a.batch, a.length = a.batch or batch_size, a.length or length
   variants = [parse_variant(v) for v in (a.variant or ["base:"])]
+  print(f"config {a.config}: {model_kw}, batch {a.batch} x {a.length}", flush=True)
   rng = np.random.default_rng(0)
   steps = {}
   for name, kw in variants:
-    mc = resolve_model_config(dataclasses.replace(ModelConfig(preset=a.preset, compressor_type="mlp_residual"), **kw))
+    mc = resolve_model_config(dataclasses.replace(ModelConfig(compressor_type="mlp_residual", **model_kw), **kw))
     ids = rng.integers(4, mc.vocab_size, (a.batch, a.length)).astype(np.int32)
     batch = {"input_ids": ids, "labels": ids.copy()}
     params = init_pipo_params(mc, jax.random.PRNGKey(0))

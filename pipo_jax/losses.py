@@ -4,9 +4,10 @@ Axis names: N tokens (flattened batch x length), B batch, T length, C tokens of 
 D hidden size, V vocabulary.
 
 Every LM-head loss takes post-norm hidden states and the head matrix `W_DV`, never logits. The
-token axis is cut into chunks of `chunk` rows; `jax.lax.scan` walks the chunks and its body is
-wrapped in `jax.checkpoint`, so neither the forward nor the backward ever holds more than one
-[C, V] logits block (the backward recomputes a chunk's logits instead of storing them). Logits are
+token axis is cut into chunks of `chunk` rows and `jax.lax.scan` walks the chunks, so neither the forward nor
+the backward ever holds more than one [C, V] logits block. The cross entropy forms its gradients inside that
+forward loop (a custom VJP: logits, dh and dW per chunk, once); other chunked losses (`scan_token_chunks`, the
+OPD divergences) wrap their body in `jax.checkpoint`, and their backward recomputes a chunk's logits. Logits are
 produced with fp32 accumulation (`preferred_element_type`) and all softmax / loss math is fp32.
 
 Normalisation (docs/method.md#sft-losses, docs/method.md#opd-normalisation-and-loss): every stream (backbone,
@@ -26,9 +27,11 @@ exactly the loss and gradient of one batch holding all their sequences.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from pipo_jax.data import pairs
 
@@ -48,6 +51,28 @@ def head_logits(h_CD: jax.Array, W_DV: jax.Array) -> jax.Array:
   )
 
 
+def chunk_tokens(per_token: Sequence[jax.Array], pad_values: Sequence, chunk: int) -> tuple[tuple, int, int]:
+  """[N, ...] arrays -> ([n_chunks, C, ...] arrays, C, N): N is rounded up to a multiple of C (clipped to N) with
+  one fill value per array; choose values that make the padded rows invalid (label -100, weight 0, mask False)."""
+  n = per_token[0].shape[0]
+  chunk = max(1, min(int(chunk), n))
+  n_chunks = -(-n // chunk)
+  n_pad = n_chunks * chunk - n
+
+  def prep(x, v):
+    if n_pad:
+      fill = jnp.full((n_pad,) + x.shape[1:], v, x.dtype)
+      x = jnp.concatenate([x, fill], axis=0)
+    return x.reshape((n_chunks, chunk) + x.shape[1:])
+
+  return tuple(prep(x, v) for x, v in zip(per_token, pad_values)), chunk, n
+
+
+def unchunk_tokens(x: jax.Array, n: int) -> jax.Array:
+  """[n_chunks, C, ...] -> the first n rows of [n_chunks * C, ...]."""
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])[:n]
+
+
 def scan_token_chunks(
   body: Callable,
   per_token: Sequence[jax.Array],
@@ -61,25 +86,13 @@ def scan_token_chunks(
       tuple of [C, ...] arrays. It is wrapped in `jax.checkpoint`, so its [C, V] intermediates are
       recomputed in the backward pass instead of being stacked over chunks.
     per_token: arrays with a leading token axis N (all the same N).
-    pad_values: one fill value per array for the rows that round N up to a multiple of `chunk`;
-      choose values that make the padded rows invalid (label -100, weight 0, mask False).
+    pad_values: one fill value per array for the padded rows (chunk_tokens).
     chunk: tokens per chunk (clipped to N).
 
   Returns:
     (sums, per_token_out) with per-token outputs cut back to N rows.
   """
-  n = per_token[0].shape[0]
-  chunk = max(1, min(int(chunk), n))
-  n_chunks = -(-n // chunk)
-  n_pad = n_chunks * chunk - n
-
-  def prep(x, v):
-    if n_pad:
-      fill = jnp.full((n_pad,) + x.shape[1:], v, x.dtype)
-      x = jnp.concatenate([x, fill], axis=0)
-    return x.reshape((n_chunks, chunk) + x.shape[1:])
-
-  xs = tuple(prep(x, v) for x, v in zip(per_token, pad_values))
+  xs, _, n = chunk_tokens(per_token, pad_values, chunk)
   body_remat = jax.checkpoint(body, prevent_cse=False)
 
   def step(carry, x):
@@ -91,8 +104,7 @@ def scan_token_chunks(
   n_sums = len(jax.eval_shape(body, *(x[0] for x in xs))[0])
   init = tuple(jnp.zeros((), jnp.float32) for _ in range(n_sums))
   sums, outs = jax.lax.scan(step, init, xs)
-  outs = tuple(o.reshape((n_chunks * chunk,) + o.shape[2:])[:n] for o in outs)
-  return sums, outs
+  return sums, tuple(unchunk_tokens(o, n) for o in outs)
 
 
 def _flatten_tokens(h, labels, weights):
@@ -137,21 +149,92 @@ def chunked_cross_entropy(
     n_valid: fp32 scalar, number of valid tokens (unweighted).
     gold_logprob_N: fp32, labels' shape, stop-gradient log p(label) (0 at ignored positions); the
       SFT confidence target is exp of it on the MTP stream.
+
+  Under differentiation the gradients are formed in the forward chunk loop (`_ce_fwd`), so no chunk's logits
+  are computed twice.
   """
   h_ND, labels, w, shape = _flatten_tokens(h_ND, labels_N, weights_N)
+  sum_loss, n_valid, gold = _cross_entropy(chunk, h_ND, W_DV, labels, w)
+  return sum_loss, n_valid, gold.reshape(shape)
+
+
+def _chunk_log_probs(h_CD, W_DV, y_C):
+  """Logits, their log-sum-exp, the gold index (0 where invalid), validity and masked log p(label) of one chunk."""
+  logits_CV = head_logits(h_CD, W_DV)
+  valid_C = y_C != IGNORE_INDEX
+  gold_C = jnp.where(valid_C, y_C, 0)
+  lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+  logp_C = jnp.take_along_axis(logits_CV, gold_C[:, None], axis=-1)[:, 0] - lse_C
+  return logits_CV, lse_C, gold_C, valid_C, jnp.where(valid_C, logp_C, 0.0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cross_entropy(chunk, h_ND, W_DV, labels_N, w_N):
+  """(sum of -w log p(label), valid count, log p(label) [N]); the primal, run when nothing is differentiated."""
 
   def body(h_CD, y_C, w_C):
-    logits = head_logits(h_CD, W_DV)
-    valid = y_C != IGNORE_INDEX
-    safe_y = jnp.where(valid, y_C, 0)
-    gold = jnp.take_along_axis(logits, safe_y[:, None], axis=-1)[:, 0]
-    logp = gold - jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.where(valid, logp, 0.0)
-    sums = (-jnp.sum(logp * w_C), jnp.sum(valid.astype(jnp.float32)))
-    return sums, (jax.lax.stop_gradient(logp),)
+    _, _, _, valid_C, logp_C = _chunk_log_probs(h_CD, W_DV, y_C)
+    return (-jnp.sum(logp_C * w_C), jnp.sum(valid_C.astype(jnp.float32))), (logp_C,)
 
-  (sum_loss, n_valid), (gold,) = scan_token_chunks(body, (h_ND, labels, w), (0, IGNORE_INDEX, 0.0), chunk)
-  return sum_loss, n_valid, gold.reshape(shape)
+  (sum_loss, n_valid), (logp_N,) = scan_token_chunks(body, (h_ND, labels_N, w_N), (0, IGNORE_INDEX, 0.0), chunk)
+  return sum_loss, n_valid, logp_N
+
+
+def _ce_fwd(chunk, h, W, labels, w):
+  """The loss and, in the same chunk loop, d sum_loss / d h and / d W for the inputs that are differentiated
+  (`perturbed`; a frozen LM head costs no dW matmul). Per chunk: d/dlogits = w (softmax - onehot(label)), then
+  dh = dlogits W^T and dW += h^T dlogits, matmuls in the inputs' dtype accumulating in fp32 (as head_logits).
+  The backward only scales these by the incoming cotangent: autodiff through a rematerialised chunk would
+  compute every chunk's logits a second time."""
+  h_ND, W_DV, labels_N, w_N = h.value, W.value, labels.value, w.value
+  mm_dtype = jnp.promote_types(h_ND.dtype, W_DV.dtype)
+  (h_KCD, y_KC, w_KC), _, n = chunk_tokens((h_ND, labels_N, w_N), (0, IGNORE_INDEX, 0.0), chunk)
+  V = W_DV.shape[1]
+
+  def step(carry, x):
+    sum_loss, n_valid, dW_DV = carry
+    h_CD, y_C, w_C = x
+    logits_CV, lse_C, gold_C, valid_C, logp_C = _chunk_log_probs(h_CD, W_DV, y_C)
+    coef_C = jnp.where(valid_C, w_C, 0.0)
+    p_CV = jnp.exp(logits_CV - lse_C[:, None])
+    is_gold_CV = jax.lax.broadcasted_iota(jnp.int32, (1, V), 1) == gold_C[:, None]
+    dlogits_CV = (coef_C[:, None] * jnp.where(is_gold_CV, p_CV - 1.0, p_CV)).astype(mm_dtype)
+    dh_CD = None
+    if h.perturbed:
+      dh_CD = jax.lax.dot_general(
+        dlogits_CV, W_DV.astype(mm_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+      ).astype(h_ND.dtype)
+    if W.perturbed:
+      dW_DV = dW_DV + jax.lax.dot_general(
+        h_CD.astype(mm_dtype), dlogits_CV, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      )
+    carry = (sum_loss - jnp.sum(logp_C * w_C), n_valid + jnp.sum(valid_C.astype(jnp.float32)), dW_DV)
+    return carry, (logp_C, dh_CD)
+
+  dW0 = jnp.zeros(W_DV.shape, jnp.float32) if W.perturbed else None
+  (sum_loss, n_valid, dW_DV), (logp_KC, dh_KCD) = jax.lax.scan(
+    step, (jnp.float32(0.0), jnp.float32(0.0), dW0), (h_KCD, y_KC, w_KC)
+  )
+  logp_N = unchunk_tokens(logp_KC, n)
+  dh_ND = None if dh_KCD is None else unchunk_tokens(dh_KCD, n)
+  residuals = (dh_ND, None if dW_DV is None else dW_DV.astype(W_DV.dtype), logp_N if w.perturbed else None)
+  return (sum_loss, n_valid, logp_N), residuals
+
+
+def _ce_bwd(chunk, residuals, cotangents):
+  """Scale the forward's gradients by the loss's cotangent; the count and the log-probs carry no gradient."""
+  dh_ND, dW_DV, logp_N = residuals
+  g = cotangents[0]
+  if isinstance(g, SymbolicZero):
+    return None, None, None, None
+
+  def scaled(x):
+    return None if x is None else (g * x).astype(x.dtype)
+
+  return scaled(dh_ND), scaled(dW_DV), None, None if logp_N is None else -g * logp_N
+
+
+_cross_entropy.defvjp(_ce_fwd, _ce_bwd, symbolic_zeros=True)
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:

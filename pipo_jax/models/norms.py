@@ -22,12 +22,39 @@ def logical_param(module: nn.Module, name: str, init, axes: tuple, shape: tuple,
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)  # type: ignore[return-value]
 
 
-def dense(features: int, axes: tuple, config: ModelConfig, name: str) -> nn.Dense:
-  """A bias-free `nn.Dense` named like its HF module, kernel [in, out] with logical axis names `axes`, initialised
+class Dense(nn.Module):
+  """`nn.Dense` (same params `kernel` [in, out] and optional `bias`, same init and dtype promotion) computed as
+  one 2-D matmul over the flattened leading axes: [..., in] -> [N, in] @ [in, out] -> [..., out].
+
+  Why: for a 3-D input, JAX's transpose rule of the batched-axes dot_general gives the kernel gradient as a
+  transposed product that XLA:CPU materialises with a layout copy of the output cotangent, fused into its
+  elementwise producer (e.g. the SiLU derivative) as a slow transposing loop; the 2-D form's kernel gradient
+  x^T dy reads both operands in place. Measured on a SwiGLU MLP, [4, 512, 256] -> 768, fwd + bwd on 2 CPU
+  cores: 66-70 ms -> 49-50 ms.
+  """
+
+  features: int
+  use_bias: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y_NO = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())))
+    y = y_NO.reshape(*x.shape[:-1], self.features)
+    return y if bias is None else y + bias
+
+
+def dense(features: int, axes: tuple, config: ModelConfig, name: str | None) -> Dense:
+  """A bias-free `Dense` named like its HF module, kernel [in, out] with logical axis names `axes`, initialised
   N(0, initializer_range) as HF does."""
-  return nn.Dense(
+  return Dense(
     features,
-    use_bias=False,
     dtype=config.dtype,
     param_dtype=config.param_dtype,
     name=name,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pipo_jax.config import FULL, ModelConfig
-from pipo_jax.models.norms import RMSNorm
+from pipo_jax.models.norms import Dense, RMSNorm
 from pipo_jax.models.qwen3_5 import RESIDUAL_AXES, DecoderLayer, Qwen35, init_layer_cache, positions_from_valid
 
 
@@ -76,7 +76,7 @@ class Compressor(nn.Module):
         if rand
         else nn.with_logical_partitioning(kernel_init, ("embed", "embed_out"))
       )
-      return nn.Dense(
+      return Dense(
         features,
         use_bias=use_bias,
         dtype=cfg.dtype,
@@ -113,7 +113,7 @@ class ConfidenceHead(nn.Module):
     cfg = self.config
     u = jnp.concatenate([h_BJD, m_BJD], axis=-1)
     u = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, axis_name="embed2", name="norm")(u)
-    u = nn.Dense(
+    u = Dense(
       cfg.hidden_size,
       use_bias=False,
       dtype=cfg.dtype,
@@ -121,7 +121,7 @@ class ConfidenceHead(nn.Module):
       name="fc1",
       kernel_init=_normal(cfg, ("embed2", "embed_out")),
     )(u)
-    a = nn.Dense(
+    a = Dense(
       1,
       use_bias=False,
       dtype=cfg.dtype,
@@ -152,7 +152,7 @@ class MTPHead(nn.Module):
     cfg = self.config
     e_BJD = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="pre_fc_norm_embedding")(e_BJD)
     h_BJD = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="pre_fc_norm_hidden")(h_BJD.astype(e_BJD.dtype))
-    x_BJD = nn.Dense(
+    x_BJD = Dense(
       cfg.hidden_size,
       use_bias=False,
       dtype=cfg.dtype,

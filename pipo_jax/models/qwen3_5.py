@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from pipo_jax.config import FULL, LINEAR, ModelConfig
 from pipo_jax.models.attention import GatedAttention
 from pipo_jax.models.gated_deltanet import GatedDeltaNet
-from pipo_jax.models.norms import GatedRMSNorm, RMSNorm, dense  # noqa: F401  (norms re-exported)
+from pipo_jax.models.norms import PROJECTION, GatedRMSNorm, RMSNorm, dense  # noqa: F401  (norms re-exported)
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 
@@ -132,8 +132,12 @@ class _LayerGroup(nn.Module):
 
 def _remat_policy(name: str):
   if name == "dots":
-    # Save matmul outputs without batch dims (the projections); recompute the cheap elementwise rest.
-    return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    # Save matmul outputs without batch dims (the projections); recompute the cheap elementwise rest. A
+    # projection is a custom_vjp (norms.project) that the dot policy does not see: it is saved by its name.
+    policies = jax.checkpoint_policies
+    return policies.save_from_both_policies(
+      policies.checkpoint_dots_with_no_batch_dims, policies.save_only_these_names(PROJECTION)
+    )
   return None  # "full": save nothing but the group inputs
 
 

@@ -102,8 +102,10 @@ class Rollout:
     self.stop_ids = jax.device_put(np.asarray(api.stop_id_array(model_cfg, "pipo", stop_ids)), self._rep)
     self.tau = jax.device_put(np.asarray(cfg.opd.conf_threshold, np.float32), self._rep)
     lora_cfg = cfg.lora
-    # Merge on the fly: one jitted materialize per rollout, so generation sees plain (merged) kernels.
-    self._merge = jax.jit(lambda p: lora_lib.materialize(p, lora_cfg))
+    # Merge on the fly: one jitted materialize per rollout, so generation sees plain (merged) kernels, in the
+    # layout the decode programs run fastest with on this backend (api.params_for_backend: per-repeat layers on
+    # CPU, where the scanned decode step copies every weight slice it reads).
+    self._merge = jax.jit(lambda p: api.params_for_backend(model_cfg, lora_lib.materialize(p, lora_cfg)))
     rows = sharding.batch_sharding(mesh, 2)
     self._finish = jax.jit(_rollout_outputs, out_shardings=(rows, sharding.batch_sharding(mesh, 1), None))
     self._compiled = {}

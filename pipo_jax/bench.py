@@ -35,6 +35,7 @@ from pipo_jax.inference import flops
 from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, params_for_backend, prefill_fn, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.io import loading
+from pipo_jax.metrics import median_spread
 
 FLAGS = flags.FLAGS
 
@@ -74,8 +75,7 @@ def with_spread(rec: dict, per_round: dict) -> dict:
   """rec plus, for each name -> per-round values: the median as `name` and the spread as `name_min` / `name_max`."""
   out = dict(rec)
   for name, values in per_round.items():
-    v = np.asarray(values, float)
-    out[name], out[name + "_min"], out[name + "_max"] = float(np.median(v)), float(v.min()), float(v.max())
+    out[name], out[name + "_min"], out[name + "_max"] = median_spread(values)
   return out
 
 

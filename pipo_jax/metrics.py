@@ -176,3 +176,9 @@ class MetricsWriter:
       self._tb.close()
       self._jsonl.close()
       self.enabled = False
+
+
+def median_spread(values) -> tuple[float, float, float]:
+  """(median, min, max) of timed rounds: how benchmarks report a figure with its spread."""
+  v = np.asarray(values, float)
+  return float(np.median(v)), float(v.min()), float(v.max())

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipo_jax import cli
+from pipo_jax.metrics import median_spread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ def speedup_stats(tps_by_method: dict, baseline: str) -> dict:
   out = {}
   for m, tps in tps_by_method.items():
     r = np.asarray(tps, float) / base
-    out[m] = (r.tolist(), float(np.median(r)), float(r.min()), float(r.max()))
+    out[m] = (r.tolist(), *median_spread(r))
   return out
 
 

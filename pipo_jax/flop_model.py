@@ -363,26 +363,29 @@ def head_name(cfg: ModelConfig) -> str:
 def lm_head_loss(
   acc: _Acc,
   cfg: ModelConfig,
-  n_tokens: int,
+  rows: int,
+  length: int,
   chunk: int,
   dh: bool,
   dw: bool,
   extra_forward_per_token: float = 0.0,
   remat: bool = True,
 ) -> None:
-  """A chunked loss over n tokens: logits of every chunk row (the last chunk padded), dH / dW as needed.
+  """A chunked loss over `rows` x `length` tokens (losses.chunk_tokens: ceil(chunk / rows) positions of every row
+  per chunk, the length padded to whole chunks): logits of every padded position, dH / dW as needed.
   remat (losses.scan_token_chunks, the OPD divergences): the body is rematerialised, so its logits run again in
   the backward when there is more than one chunk (one chunk: the scan is inlined and XLA merges the two);
   `extra_forward_per_token`: matmuls of the body without gradient (OPD: the teacher's logits), recomputed
   likewise. remat=False: the cross entropy (losses.chunked_cross_entropy), whose gradients are formed in the
   forward chunk loop."""
-  c = max(1, min(int(chunk), n_tokens))
-  rows = -(-n_tokens // c) * c
-  logits = float(rows * lm_head_per_token(cfg))
+  per_row = max(1, min(-(-int(chunk) // rows), length))
+  n_chunks = -(-length // per_row)
+  padded = rows * n_chunks * per_row
+  logits = float(padded * lm_head_per_token(cfg))
   acc.weight(logits, dh, dw)
-  acc.fwd += rows * extra_forward_per_token
-  if remat and -(-n_tokens // c) > 1 and (dh or dw):
-    acc.rec += logits + rows * extra_forward_per_token
+  acc.fwd += padded * extra_forward_per_token
+  if remat and n_chunks > 1 and (dh or dw):
+    acc.rec += logits + padded * extra_forward_per_token
 
 
 def lora_merge(acc: _Acc, cfg: Config, model_cfg: ModelConfig, trained: frozenset) -> None:
@@ -425,10 +428,10 @@ def ar_loss(cfg: ModelConfig, B: int, T: int, trained: frozenset, logits_chunk: 
   up_embed = _trained(trained, "backbone/embed_tokens")
   u_h = backbone(acc, cfg, B, T, trained, up_embed)
   dw = _trained(trained, head_name(cfg))
-  lm_head_loss(acc, cfg, B * (T - 1), logits_chunk, u_h, dw, remat=False)
+  lm_head_loss(acc, cfg, B, T - 1, logits_chunk, u_h, dw, remat=False)
   if native_mtp:
     u_m = mtp_head(acc, cfg, B, T - 2, trained, up_embed, u_h)
-    lm_head_loss(acc, cfg, B * (T - 2), logits_chunk, u_m, dw, remat=False)
+    lm_head_loss(acc, cfg, B, T - 2, logits_chunk, u_m, dw, remat=False)
   return acc.result()
 
 
@@ -451,8 +454,8 @@ def sft_loss(cfg: ModelConfig, B: int, T: int, trained: frozenset, logits_chunk:
   acc = _Acc()
   J, u_h, u_m = _pipo_student(acc, cfg, B, T, trained, detach_conf)
   dw = _trained(trained, head_name(cfg))
-  lm_head_loss(acc, cfg, B * J, logits_chunk, u_h, dw, remat=False)
-  lm_head_loss(acc, cfg, B * J, logits_chunk, u_m, dw, remat=False)
+  lm_head_loss(acc, cfg, B, J, logits_chunk, u_h, dw, remat=False)
+  lm_head_loss(acc, cfg, B, J, logits_chunk, u_m, dw, remat=False)
   return acc.result()
 
 
@@ -471,8 +474,8 @@ def opd_loss(
   J, u_h, u_m = _pipo_student(acc, cfg, B, T, trained, detach_conf)
   dw = _trained(trained, head_name(cfg))
   teacher = float(lm_head_per_token(teacher_cfg))
-  lm_head_loss(acc, cfg, B * J, logits_chunk, u_h, dw, teacher)
-  lm_head_loss(acc, cfg, B * J, logits_chunk, u_m, dw, teacher)
+  lm_head_loss(acc, cfg, B, J, logits_chunk, u_h, dw, teacher)
+  lm_head_loss(acc, cfg, B, J, logits_chunk, u_m, dw, teacher)
   return acc.result()
 
 

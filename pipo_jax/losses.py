@@ -1,11 +1,13 @@
 """Chunked LM-head losses, normalisation helpers, confidence BCE and confidence metrics.
 
-Axis names: N tokens (flattened batch x length), B batch, T length, C tokens of one chunk,
+Axis names: N tokens (flattened batch x length), B batch, T length, R rows, K chunks, C tokens of one chunk,
 D hidden size, V vocabulary.
 
 Every LM-head loss takes post-norm hidden states and the head matrix `W_DV`, never logits. The
-token axis is cut into chunks of `chunk` rows and `jax.lax.scan` walks the chunks, so neither the forward nor
-the backward ever holds more than one [C, V] logits block. The cross entropy forms its gradients inside that
+positions of every row are cut into chunks of about `chunk` tokens in all (chunk_tokens: a slice of each row, so a
+batch-sharded mesh keeps each shard on its own rows) and `jax.lax.scan` walks the chunks, so neither the forward
+nor the backward ever holds more than one [C, V] logits block. The head is gathered whole along its FSDP axis once
+per loss call (`gathered_head`). The cross entropy forms its gradients inside that
 forward loop (a custom VJP: logits, dh and dW per chunk, once); other chunked losses (`scan_token_chunks`, the
 OPD divergences) wrap their body in `jax.checkpoint`, and their backward recomputes a chunk's logits. Logits are
 produced with fp32 accumulation (`preferred_element_type`) and all softmax / loss math is fp32.
@@ -29,11 +31,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from pipo_jax.data import pairs
+from pipo_jax.sharding import active_batch_shards
 
 IGNORE_INDEX = pairs.IGNORE  # label of unsupervised positions, defined once with the data conventions
 
@@ -51,26 +55,61 @@ def head_logits(h_CD: jax.Array, W_DV: jax.Array) -> jax.Array:
   )
 
 
+def as_rows(x: jax.Array, token_shape: tuple) -> jax.Array:
+  """An array whose leading axes are `token_shape` ([N] or [..., B, T]) -> [R, T, ...]: R rows of T tokens, the
+  leading axes merged into rows ([N] is one row). Rows stay rows so the batch axis keeps its sharding."""
+  n_axes = len(token_shape)
+  if x.shape[:n_axes] != tuple(token_shape):
+    raise ValueError(f"array {x.shape} does not start with the token axes {tuple(token_shape)}")
+  T = token_shape[-1] if n_axes else 1
+  return x.reshape((-1, T) + x.shape[n_axes:])
+
+
 def chunk_tokens(per_token: Sequence[jax.Array], pad_values: Sequence, chunk: int) -> tuple[tuple, int, int]:
-  """[N, ...] arrays -> ([n_chunks, C, ...] arrays, C, N): N is rounded up to a multiple of C (clipped to N) with
-  one fill value per array; choose values that make the padded rows invalid (label -100, weight 0, mask False)."""
-  n = per_token[0].shape[0]
-  chunk = max(1, min(int(chunk), n))
-  n_chunks = -(-n // chunk)
-  n_pad = n_chunks * chunk - n
+  """[R, T, ...] arrays -> ([K, R, C, ...] arrays, C, T): every chunk takes C = ceil(chunk / R) consecutive
+  positions of every row (about `chunk` tokens in all), T rounded up to K * C with one fill value per array;
+  choose values that make the padded positions invalid (label -100, weight 0, mask False).
+
+  Why rows: a chunk cut from the flattened [R * T] token axis holds the tokens of one or two rows, so under a
+  batch-sharded mesh each chunk lives on one shard; XLA then ran every chunk on all shards with the LM head's
+  FSDP-sharded embed axis contracted in pieces and all-reduced the fp32 [C, V] logits (TPU compiler: 7.9 TB of
+  all-reduce per chip per 4B SFT step). A chunk holding a slice of every row keeps each shard on its own rows."""
+  R, T = per_token[0].shape[:2]
+  C = max(1, min(-(-int(chunk) // R), T))
+  K = -(-T // C)
+  t_pad = K * C - T
 
   def prep(x, v):
-    if n_pad:
-      fill = jnp.full((n_pad,) + x.shape[1:], v, x.dtype)
-      x = jnp.concatenate([x, fill], axis=0)
-    return x.reshape((n_chunks, chunk) + x.shape[1:])
+    if t_pad:
+      fill = jnp.full((R, t_pad) + x.shape[2:], v, x.dtype)
+      x = jnp.concatenate([x, fill], axis=1)
+    return _swap_rows_chunks(x.reshape((R, K, C) + x.shape[2:]))
 
-  return tuple(prep(x, v) for x, v in zip(per_token, pad_values)), chunk, n
+  return tuple(prep(x, v) for x, v in zip(per_token, pad_values)), C, T
 
 
-def unchunk_tokens(x: jax.Array, n: int) -> jax.Array:
-  """[n_chunks, C, ...] -> the first n rows of [n_chunks * C, ...]."""
-  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])[:n]
+def unchunk_tokens(x_KRC: jax.Array, T: int) -> jax.Array:
+  """[K, R, C, ...] -> the first T positions of [R, K * C, ...]."""
+  K, R, C = x_KRC.shape[:3]
+  return _swap_rows_chunks(x_KRC).reshape((R, K * C) + x_KRC.shape[3:])[:, :T]
+
+
+def _swap_rows_chunks(x: jax.Array) -> jax.Array:
+  """[R, K, ...] <-> [K, R, ...]; a reshape when either is 1 (XLA:CPU copied the transposed loop inputs)."""
+  if 1 in x.shape[:2]:
+    return x.reshape((x.shape[1], x.shape[0]) + x.shape[2:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def _flat(x_RC: jax.Array) -> jax.Array:
+  """[R, C, ...] -> [R * C, ...]: a chunk's tokens as one axis for the [C, V] logits matmul."""
+  return x_RC.reshape((-1,) + x_RC.shape[2:])
+
+
+def gathered_head(W_DV: jax.Array) -> jax.Array:
+  """The LM head with its embed axis whole (vocab stays on 'tensor'): one FSDP all-gather per loss call, so the
+  chunk loop's matmuls are local to each shard's rows (a no-op without an active mesh)."""
+  return nn.with_logical_constraint(W_DV, ("act_embed", "vocab"))
 
 
 def scan_token_chunks(
@@ -79,48 +118,46 @@ def scan_token_chunks(
   pad_values: Sequence,
   chunk: int,
 ):
-  """Run `body` over token chunks with remat; add up its sums, concatenate its per-token outputs.
+  """Run `body` over token chunks with remat; add up its sums, put its per-token outputs back in place.
 
   Args:
-    body: f(*chunk_arrays) -> (sums, per_token_out): `sums` a tuple of scalars, `per_token_out` a
-      tuple of [C, ...] arrays. It is wrapped in `jax.checkpoint`, so its [C, V] intermediates are
-      recomputed in the backward pass instead of being stacked over chunks.
-    per_token: arrays with a leading token axis N (all the same N).
-    pad_values: one fill value per array for the padded rows (chunk_tokens).
-    chunk: tokens per chunk (clipped to N).
+    body: f(*chunk_arrays) -> (sums, per_token_out): the chunk arrays [C, ...] (C tokens), `sums` a tuple of
+      scalars, `per_token_out` a tuple of [C, ...] arrays. It is wrapped in `jax.checkpoint`, so its [C, V]
+      intermediates are recomputed in the backward pass instead of being stacked over chunks.
+    per_token: [R, T, ...] arrays (rows x positions, see `as_rows`), all with the same R and T.
+    pad_values: one fill value per array for the padded positions (chunk_tokens).
+    chunk: tokens per chunk (chunk_tokens).
 
   Returns:
-    (sums, per_token_out) with per-token outputs cut back to N rows.
+    (sums, per_token_out) with per-token outputs [R, T, ...].
   """
-  xs, _, n = chunk_tokens(per_token, pad_values, chunk)
+  xs, C, T = chunk_tokens(per_token, pad_values, chunk)
+  R = per_token[0].shape[0]
   body_remat = jax.checkpoint(body, prevent_cse=False)
 
   def step(carry, x):
-    sums, outs = body_remat(*x)
+    sums, outs = body_remat(*(_flat(a) for a in x))
     carry = tuple(c + s.astype(jnp.float32) for c, s in zip(carry, sums))
-    return carry, outs
+    return carry, tuple(o.reshape((R, C) + o.shape[1:]) for o in outs)
 
   # One abstract evaluation to learn how many sums the body returns.
-  n_sums = len(jax.eval_shape(body, *(x[0] for x in xs))[0])
+  n_sums = len(jax.eval_shape(body, *(_flat(x[0]) for x in xs))[0])
   init = tuple(jnp.zeros((), jnp.float32) for _ in range(n_sums))
   sums, outs = jax.lax.scan(step, init, xs)
-  return sums, tuple(unchunk_tokens(o, n) for o in outs)
+  return sums, tuple(unchunk_tokens(o, T) for o in outs)
 
 
-def _flatten_tokens(h, labels, weights):
-  """h [..., D], labels [...] -> h [N, D], labels [N], weights [N] (fp32), and labels' shape."""
+def _rows_tokens(h, labels, weights):
+  """h [..., D], labels [...] -> h [R, T, D], labels [R, T], weights [R, T] (fp32), and labels' shape."""
   shape = labels.shape
   if h.shape[:-1] != shape:
     raise ValueError(f"hidden states {h.shape} and labels {shape} disagree on the token axes")
-  h_ND = h.reshape((-1, h.shape[-1]))
-  labels_N = labels.reshape(-1).astype(jnp.int32)
   if weights is None:
-    w_N = jnp.ones(labels_N.shape, jnp.float32)
-  else:
-    if weights.shape != shape:
-      raise ValueError(f"weights {weights.shape} must have the labels' shape {shape}")
-    w_N = weights.reshape(-1).astype(jnp.float32)
-  return h_ND, labels_N, w_N, shape
+    weights = jnp.ones(shape, jnp.float32)
+  elif weights.shape != shape:
+    raise ValueError(f"weights {weights.shape} must have the labels' shape {shape}")
+  rows = partial(as_rows, token_shape=shape)
+  return rows(h), rows(labels.astype(jnp.int32)), rows(weights.astype(jnp.float32)), shape
 
 
 # ----------------------------------------------------------------------------------
@@ -153,9 +190,9 @@ def chunked_cross_entropy(
   Under differentiation the gradients are formed in the forward chunk loop (`_ce_fwd`), so no chunk's logits
   are computed twice.
   """
-  h_ND, labels, w, shape = _flatten_tokens(h_ND, labels_N, weights_N)
-  sum_loss, n_valid, gold = _cross_entropy(chunk, h_ND, W_DV, labels, w)
-  return sum_loss, n_valid, gold.reshape(shape)
+  h_RTD, labels_RT, w_RT, shape = _rows_tokens(h_ND, labels_N, weights_N)
+  sum_loss, n_valid, gold_RT = _cross_entropy(chunk, h_RTD, gathered_head(W_DV), labels_RT, w_RT)
+  return sum_loss, n_valid, gold_RT.reshape(shape)
 
 
 def _chunk_log_probs(h_CD, W_DV, y_C):
@@ -169,15 +206,15 @@ def _chunk_log_probs(h_CD, W_DV, y_C):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cross_entropy(chunk, h_ND, W_DV, labels_N, w_N):
-  """(sum of -w log p(label), valid count, log p(label) [N]); the primal, run when nothing is differentiated."""
+def _cross_entropy(chunk, h_RTD, W_DV, labels_RT, w_RT):
+  """(sum of -w log p(label), valid count, log p(label) [R, T]); the primal, run when nothing is differentiated."""
 
   def body(h_CD, y_C, w_C):
     _, _, _, valid_C, logp_C = _chunk_log_probs(h_CD, W_DV, y_C)
     return (-jnp.sum(logp_C * w_C), jnp.sum(valid_C.astype(jnp.float32))), (logp_C,)
 
-  (sum_loss, n_valid), (logp_N,) = scan_token_chunks(body, (h_ND, labels_N, w_N), (0, IGNORE_INDEX, 0.0), chunk)
-  return sum_loss, n_valid, logp_N
+  (sum_loss, n_valid), (logp_RT,) = scan_token_chunks(body, (h_RTD, labels_RT, w_RT), (0, IGNORE_INDEX, 0.0), chunk)
+  return sum_loss, n_valid, logp_RT
 
 
 def _ce_fwd(chunk, h, W, labels, w):
@@ -186,14 +223,18 @@ def _ce_fwd(chunk, h, W, labels, w):
   dh = dlogits W^T and dW += h^T dlogits, matmuls in the inputs' dtype accumulating in fp32 (as head_logits).
   The backward only scales these by the incoming cotangent: autodiff through a rematerialised chunk would
   compute every chunk's logits a second time."""
-  h_ND, W_DV, labels_N, w_N = h.value, W.value, labels.value, w.value
-  mm_dtype = jnp.promote_types(h_ND.dtype, W_DV.dtype)
-  (h_KCD, y_KC, w_KC), _, n = chunk_tokens((h_ND, labels_N, w_N), (0, IGNORE_INDEX, 0.0), chunk)
-  V = W_DV.shape[1]
+  h_RTD, W_DV, labels_RT, w_RT = h.value, W.value, labels.value, w.value
+  mm_dtype = jnp.promote_types(h_RTD.dtype, W_DV.dtype)
+  (h_KRCD, y_KRC, w_KRC), C, T = chunk_tokens((h_RTD, labels_RT, w_RT), (0, IGNORE_INDEX, 0.0), chunk)
+  R, V = h_RTD.shape[0], W_DV.shape[1]
+  # dW is summed per batch shard along an explicit leading axis S (sharded like the rows) and reduced once after
+  # the loop; a [D, V] carry would be all-reduced across the shards in every chunk.
+  S = active_batch_shards()
+  S = S if R % S == 0 else 1
 
   def step(carry, x):
-    sum_loss, n_valid, dW_DV = carry
-    h_CD, y_C, w_C = x
+    sum_loss, n_valid, dW_SDV = carry
+    h_CD, y_C, w_C = (_flat(a) for a in x)
     logits_CV, lse_C, gold_C, valid_C, logp_C = _chunk_log_probs(h_CD, W_DV, y_C)
     coef_C = jnp.where(valid_C, w_C, 0.0)
     p_CV = jnp.exp(logits_CV - lse_C[:, None])
@@ -203,27 +244,32 @@ def _ce_fwd(chunk, h, W, labels, w):
     if h.perturbed:
       dh_CD = jax.lax.dot_general(
         dlogits_CV, W_DV.astype(mm_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-      ).astype(h_ND.dtype)
+      ).astype(h_RTD.dtype)
     if W.perturbed:
-      dW_DV = dW_DV + jax.lax.dot_general(
-        h_CD.astype(mm_dtype), dlogits_CV, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      per_shard = lambda a: a.astype(mm_dtype).reshape((S, -1, a.shape[-1]))
+      dW_SDV = dW_SDV + jax.lax.dot_general(
+        per_shard(h_CD), per_shard(dlogits_CV), (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
       )
-    carry = (sum_loss - jnp.sum(logp_C * w_C), n_valid + jnp.sum(valid_C.astype(jnp.float32)), dW_DV)
-    return carry, (logp_C, dh_CD)
+    carry = (sum_loss - jnp.sum(logp_C * w_C), n_valid + jnp.sum(valid_C.astype(jnp.float32)), dW_SDV)
+    per_row = lambda a: None if a is None else a.reshape((R, C) + a.shape[1:])
+    return carry, (per_row(logp_C), per_row(dh_CD))
 
-  dW0 = jnp.zeros(W_DV.shape, jnp.float32) if W.perturbed else None
-  (sum_loss, n_valid, dW_DV), (logp_KC, dh_KCD) = jax.lax.scan(
-    step, (jnp.float32(0.0), jnp.float32(0.0), dW0), (h_KCD, y_KC, w_KC)
+  dW0 = None
+  if W.perturbed:
+    dW0 = nn.with_logical_constraint(jnp.zeros((S,) + W_DV.shape, jnp.float32), ("batch", "act_embed", "vocab"))
+  (sum_loss, n_valid, dW_SDV), (logp_KRC, dh_KRCD) = jax.lax.scan(
+    step, (jnp.float32(0.0), jnp.float32(0.0), dW0), (h_KRCD, y_KRC, w_KRC)
   )
-  logp_N = unchunk_tokens(logp_KC, n)
-  dh_ND = None if dh_KCD is None else unchunk_tokens(dh_KCD, n)
-  residuals = (dh_ND, None if dW_DV is None else dW_DV.astype(W_DV.dtype), logp_N if w.perturbed else None)
-  return (sum_loss, n_valid, logp_N), residuals
+  dW_DV = None if dW_SDV is None else jnp.sum(dW_SDV, axis=0)
+  logp_RT = unchunk_tokens(logp_KRC, T)
+  dh_RTD = None if dh_KRCD is None else unchunk_tokens(dh_KRCD, T)
+  residuals = (dh_RTD, None if dW_DV is None else dW_DV.astype(W_DV.dtype), logp_RT if w.perturbed else None)
+  return (sum_loss, n_valid, logp_RT), residuals
 
 
 def _ce_bwd(chunk, residuals, cotangents):
   """Scale the forward's gradients by the loss's cotangent; the count and the log-probs carry no gradient."""
-  dh_ND, dW_DV, logp_N = residuals
+  dh_RTD, dW_DV, logp_RT = residuals
   g = cotangents[0]
   if isinstance(g, SymbolicZero):
     return None, None, None, None
@@ -231,7 +277,7 @@ def _ce_bwd(chunk, residuals, cotangents):
   def scaled(x):
     return None if x is None else (g * x).astype(x.dtype)
 
-  return scaled(dh_ND), scaled(dW_DV), None, None if logp_N is None else -g * logp_N
+  return scaled(dh_RTD), scaled(dW_DV), None, None if logp_RT is None else -g * logp_RT
 
 
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd, symbolic_zeros=True)

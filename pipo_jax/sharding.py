@@ -189,6 +189,19 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(one, batch)
 
 
+def active_batch_shards() -> int:
+  """How many shards the active mesh and rules (use_rules) split the 'batch' logical axis into; 1 outside them.
+  Lets a loop keep per-shard partial sums along an explicit shard axis and reduce them once after the loop."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(("batch",))[0]
+  if axes is None:
+    return 1
+  sizes = dict(mesh.shape)
+  return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 @contextlib.contextmanager
 def use_rules(mesh: Mesh, rules=RULES):
   """Activate the mesh and the logical rules so nn.with_logical_constraint inside jitted code takes effect."""

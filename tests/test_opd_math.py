@@ -256,8 +256,10 @@ def test_compiled_memory_scales_with_chunk():
     f = jax.grad(lambda hs, Ws, ht, Wt, y: opd.opd_stream_loss(hs, Ws, ht, Wt, y, "topk", chunk=chunk).loss_sum, (0, 1))
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-  m128, m512 = temp(128), temp(512)
-  print(f"\nOPD topk temp bytes (T={t}, V={v}): chunk128={m128:,} chunk512={m512:,} (T*V*4={t * v * 4:,})")
-  assert 3 < m512 / m128 < 5  # linear in the chunk
-  assert m512 < 6 * 512 * v * 4 + 8 * d * v * 4
-  assert m128 < t * v * 4 / 16
+  m128, m256, m512 = temp(128), temp(256), temp(512)
+  print(f"\nOPD topk temp bytes (T={t}, V={v}): chunk128={m128:,} 256={m256:,} 512={m512:,} (T*V*4={t * v * 4:,})")
+  # Linear in the chunk: doubling it twice adds twice the bytes the first doubling added, a few [C, V] fp32
+  # blocks per chunk row; what does not grow with the chunk is O(T x D), far below one [T, V] logits array.
+  assert 1.7 < (m512 - m256) / (m256 - m128) < 2.3
+  assert (m512 - m128) < 6 * (512 - 128) * v * 4
+  assert m128 < t * v * 4 / 8

@@ -44,13 +44,14 @@ runs with different training modes report the same quantity.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pipo_jax.config import OPD_DIVERGENCES
-from pipo_jax.losses import IGNORE_INDEX, head_logits, scan_token_chunks
+from pipo_jax.losses import IGNORE_INDEX, as_rows, gathered_head, head_logits, scan_token_chunks
 
 MODES = OPD_DIVERGENCES
 
@@ -216,17 +217,17 @@ def opd_stream_loss(
   if mode not in MODES:
     raise ValueError(f"opd.divergence={mode!r}: expected one of {MODES}")
   shape = labels_N.shape
-  n = labels_N.size
-  hs = h_s_ND.reshape((n, h_s_ND.shape[-1]))
-  ht = jax.lax.stop_gradient(h_t_ND).reshape((n, h_t_ND.shape[-1]))
-  W_t = jax.lax.stop_gradient(W_t_DV)
-  y = labels_N.reshape(n).astype(jnp.int32)
-  fill = jnp.zeros((n,), bool) if fill_N is None else fill_N.reshape(n).astype(bool)
-  w = jnp.ones((n,), jnp.float32) if weights_N is None else weights_N.reshape(n).astype(jnp.float32)
-  b = jnp.zeros((n,), jnp.float32) if baseline_N is None else baseline_N.reshape(n).astype(jnp.float32)
+  rows = partial(as_rows, token_shape=shape)
+  hs = rows(h_s_ND)
+  ht = rows(jax.lax.stop_gradient(h_t_ND))
+  W_s, W_t = gathered_head(W_s_DV), gathered_head(jax.lax.stop_gradient(W_t_DV))
+  y = rows(labels_N.astype(jnp.int32))
+  fill = jnp.zeros(hs.shape[:2], bool) if fill_N is None else rows(fill_N.astype(bool))
+  w = jnp.ones(hs.shape[:2], jnp.float32) if weights_N is None else rows(weights_N.astype(jnp.float32))
+  b = jnp.zeros(hs.shape[:2], jnp.float32) if baseline_N is None else rows(baseline_N.astype(jnp.float32))
 
   def body(hs_C, ht_C, y_C, fill_C, w_C, b_C):
-    zs = head_logits(hs_C, W_s_DV)
+    zs = head_logits(hs_C, W_s)
     zt = head_logits(ht_C, W_t)
     own = jnp.argmax(jax.lax.stop_gradient(zs), axis=-1).astype(jnp.int32)
     y_C = jnp.where(fill_C, own, y_C)

@@ -467,12 +467,54 @@ def whole_param_gathers(largest: list, built: dict, mesh) -> list:
 
 
 def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: str | None = None, top: int = 10) -> dict:
-  """Any mode on compile-only TPU devices: XLA:TPU's memory, its HLO's FLOPs / bytes / collectives, a roofline."""
+  """Any mode on compile-only TPU devices: XLA:TPU's memory, its HLO's FLOPs / bytes / collectives, a roofline.
+  A program XLA:TPU cannot fit into HBM is a plan too (out_of_memory_report), not an error."""
   built = build_step(cfg, model_cfg, mesh)
-  compiled, t_lower, t_compile = compile_step(built, mesh)
+  t0 = time.time()
+  try:
+    compiled, t_lower, t_compile = compile_step(built, mesh)
+  except RuntimeError as e:
+    report = out_of_memory_report(str(e), built, cfg)
+    if report is None:
+      raise
+    report.update(compile_seconds=round(time.time() - t0, 2))
+    return report
   out = tpu_report(cfg, model_cfg, mesh, built, compiled, chip, hlo_out, top)
   out.update(lower_seconds=t_lower, compile_seconds=t_compile)
   return out
+
+
+# XLA:TPU's refusal, e.g. "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
+# temporaries (530.75G) exceeds available HBM (95.74G)." Its G is GiB (XLA prints byte sizes in binary units).
+_TPU_OOM = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S)
+_BINARY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory_report(message: str, built: dict, cfg: Config) -> dict | None:
+  """The plan of a step XLA:TPU refused for lack of HBM (None for any other error): the temporaries it needed and
+  the HBM it had (from its message), params and optimizer bytes from the abstract state (exact), fits False.
+  total_bytes = params + optimizer + batch + needed temporaries, the least the program would take."""
+  m = _TPU_OOM.search(message)
+  if m is None:
+    return None
+  temp = int(float(m.group(1)) * _BINARY_UNITS[m.group(2)])
+  usable = int(float(m.group(3)) * _BINARY_UNITS[m.group(4)])
+  program = "train_step"
+  if built["scoring"] is not None and built.get("scoring_compiled") is None:
+    program = "teacher_scoring"
+  params = per_device_bytes(built["params"]) + (per_device_bytes(built["teacher"]) if built["teacher"] is not None else 0)
+  optimizer, batch = per_device_bytes(built["optimizer"]), per_device_bytes(built["batch"])
+  return {
+    "out_of_memory": {"program": program, "temp_bytes_needed": temp, "hbm_usable_bytes": usable},
+    "compile_error": next(line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line).strip(),
+    "params_bytes": params,
+    "optimizer_bytes": optimizer,
+    "batch_bytes": batch,
+    "temp_bytes": temp,
+    "total_bytes": params + optimizer + batch + temp,
+    "length": built["length"],
+    "batch_size": cfg.data.batch_size,
+  }
 
 
 def tpu_report(
@@ -663,6 +705,13 @@ def format_plan(p: dict) -> str:
     f"  temp       {gib(p['temp_bytes'])} per device",
     f"  total      {gib(p['total_bytes'])} per device (argument + output - aliased + temp)",
   ]
+  if p.get("out_of_memory"):
+    o = p["out_of_memory"]
+    lines[3] = (
+      f"  temp       {gib(p['temp_bytes'])} per device: XLA:TPU refused the {o['program']} "
+      f"({o['hbm_usable_bytes'] / 2**30:.2f} GiB of HBM usable for it)"
+    )
+    lines[4] = f"  total      {gib(p['total_bytes'])} per device at least (params + optimizer + batch + temp)"
   if p.get("larger_program"):
     lines[-1] = (
       f"  total      {gib(p['total_bytes'])} per device: the {p['larger_program']} "

@@ -19,7 +19,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pipo_jax import hlo_stats, memory_plan, optim, sharding, tpu_plan
-from pipo_jax.config import Config, DataConfig, LoraConfig, LossConfig, MeshConfig, ModelConfig, OPDConfig, OptimConfig
+from pipo_jax.config import (
+  Config,
+  DataConfig,
+  LoraConfig,
+  LossConfig,
+  MeshConfig,
+  ModelConfig,
+  OPDConfig,
+  OptimConfig,
+  resolve_model_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5p:2x2x1"  # 4 chips: the production axes data x fsdp x tensor as 1 x 2 x 2
@@ -381,3 +391,26 @@ def test_cli_errors_are_one_line(devices):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("memory_plan: ") and msg in last, r.stderr[-2000:]
+
+
+def test_a_step_that_does_not_fit_is_a_plan_not_a_crash(devices):
+  """A step XLA:TPU refuses for lack of HBM (the tiny model with dense [T, T] attention at 256K tokens per row)
+  comes back as a plan: fits False, the temporaries XLA asked for and the HBM it had, exact params / optimizer
+  bytes. Earlier the CLI died on this, and libtpu's start-up warnings printed just above read like the cause."""
+  cfg = Config(
+    mode="sft",
+    model=ModelConfig(preset="tiny", attention_block=0),
+    mesh=MeshConfig(data=1, fsdp=4, tensor=1),
+    data=DataConfig(batch_size=4, max_length=262144),
+  )
+  p = memory_plan.plan(cfg, target="tpu", topology=TOPOLOGY)
+  oom = p["out_of_memory"]
+  assert p["fits"] is False and oom["program"] == "train_step"
+  # Dense attention holds at least one fp32 [T, T] score matrix per head of the chip's one row (T pair slots).
+  T = cfg.data.max_length // 2
+  heads = resolve_model_config(ModelConfig(preset="tiny")).num_attention_heads
+  assert oom["temp_bytes_needed"] >= heads * T * T * 4 > oom["hbm_usable_bytes"]
+  assert 0.9 * 95 * 2**30 < oom["hbm_usable_bytes"] <= 96 * 2**30  # v5p: 95 GiB per chip, less XLA's reserve
+  assert p["total_bytes"] >= p["temp_bytes"] == oom["temp_bytes_needed"]
+  assert "RESOURCE_EXHAUSTED" in p["compile_error"]
+  assert memory_plan.out_of_memory_report("INVALID_ARGUMENT: unexpected worker hostname", {}, cfg) is None

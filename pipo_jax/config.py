@@ -441,7 +441,8 @@ class LossConfig:
   mtp_weight: float = 1.0
   conf_weight: float = 1.0
   conf_detach_inputs: bool = True
-  logits_chunk: int = 2048  # tokens per LM-head chunk: peak logits memory O(chunk x vocab)
+  # Tokens per LM-head chunk (ceil(chunk / rows) positions of every row): logits memory O(chunk x vocab).
+  logits_chunk: int = 2048
   native_mtp_weight: float = 0.0  # mode=ar: auxiliary native-MTP loss (predict token t+2)
 
 

@@ -486,7 +486,9 @@ def _plan_tpu(cfg: Config, model_cfg, mesh, chip: str, hlo_out: str | None = Non
 
 # XLA:TPU's refusal, e.g. "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
 # temporaries (530.75G) exceeds available HBM (95.74G)." Its G is GiB (XLA prints byte sizes in binary units).
-_TPU_OOM = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S)
+_TPU_OOM = re.compile(
+  r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S
+)
 _BINARY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -502,7 +504,9 @@ def out_of_memory_report(message: str, built: dict, cfg: Config) -> dict | None:
   program = "train_step"
   if built["scoring"] is not None and built.get("scoring_compiled") is None:
     program = "teacher_scoring"
-  params = per_device_bytes(built["params"]) + (per_device_bytes(built["teacher"]) if built["teacher"] is not None else 0)
+  params = per_device_bytes(built["params"])
+  if built["teacher"] is not None:
+    params += per_device_bytes(built["teacher"])
   optimizer, batch = per_device_bytes(built["optimizer"]), per_device_bytes(built["batch"])
   return {
     "out_of_memory": {"program": program, "temp_bytes_needed": temp, "hbm_usable_bytes": usable},

@@ -435,12 +435,21 @@ def sharding_mismatches(compiled, built: dict) -> list:
   return out
 
 
+def _module_of(path: str) -> str:
+  """ "['backbone']['layers']['layer_3']['self_attn']['o_proj']['kernel']" -> "layer_3/self_attn/o_proj": how the
+  module appears in the op_name of the ops that consume the param."""
+  keys = re.findall(r"\['([^']+)'\]", path)[:-1]
+  return "/".join(keys[-3:])
+
+
 def whole_param_gathers(largest: list, built: dict, mesh) -> list:
   """All-gathers whose result is a whole tensor-sharded parameter (one layer of it or all of it).
 
   FSDP gathers a parameter's 'fsdp' shards per layer by design (ZeRO-3); a gather that also undoes its
   'tensor' split means the model-parallel sharding the rules asked for is not used where the param is
-  consumed. Matched by shape (singleton dims ignored) against the largest collectives of the HLO.
+  consumed. Matched by shape (singleton dims ignored) against the largest collectives of the HLO; where the
+  gather's op_name names a module of the model, that module must be the param's (the 9B's GDN in_proj_qkv
+  gathered over fsdp alone is [4096, 4096], the whole shape of its o_proj).
   """
   import jax
 
@@ -449,19 +458,25 @@ def whole_param_gathers(largest: list, built: dict, mesh) -> list:
   if mesh.shape.get("tensor", 1) == 1:
     return []
   squeeze = lambda dims: tuple(d for d in dims if d != 1)
-  whole = {}
+  whole: dict = {}
+  modules = set()
   for path, x in jax.tree_util.tree_leaves_with_path((built["params"], built["teacher"])):
     if "tensor" in jax.tree_util.tree_leaves(tuple(x.sharding.spec)) and len(x.shape) >= 2:
       name = jax.tree_util.keystr(path)
-      whole[squeeze(x.shape)] = name
-      whole[squeeze(x.shape[1:])] = name
+      modules.add(_module_of(name))
+      for dims in {squeeze(x.shape), squeeze(x.shape[1:])}:
+        whole.setdefault(dims, []).append(name)
   hits = []
   for c in largest:
     if c["kind"] != "all-gather":
       continue
     for _, dims in hlo_stats.array_shapes(c["shape"]):
-      if squeeze(dims) in whole:
-        hits.append(dict(c, param=whole[squeeze(dims)]))
+      names = whole.get(squeeze(dims), [])
+      named = [n for n in names if _module_of(n) in c["op_name"]]
+      if not named and any(m in c["op_name"] for m in modules):
+        names = []  # the gather feeds another module, whose shard merely has this param's whole shape
+      if named or names:
+        hits.append(dict(c, param=(named or names)[0]))
         break
   return hits
 

@@ -139,3 +139,46 @@ def test_cli_json(tmp_path):
   assert plan["num_devices"] == 4 and plan["fits"] is True
   for k in ("params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes"):
     assert plan[k] > 0
+
+
+def test_whole_param_gather_detector_reads_the_consumer_module():
+  """A gather of a whole tensor-sharded param is flagged; one whose shape merely equals it while its op_name
+  names another module (an FSDP-only gather of the 9B's GDN in_proj_qkv is [4096, 4096], the whole o_proj) is
+  not; a gather whose op_name names no module falls back to the shape."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from pipo_jax import sharding
+
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+  spec = lambda *axes: NamedSharding(mesh, P(*axes))
+  params = {
+    "layers": {
+      "layer_3": {
+        "self_attn": {
+          "o_proj": {"kernel": jax.ShapeDtypeStruct((1, 64, 64), "bfloat16", sharding=spec(None, "tensor", "fsdp"))}
+        }
+      },
+      "layer_0": {
+        "linear_attn": {
+          "in_proj_qkv": {
+            "kernel": jax.ShapeDtypeStruct((1, 64, 128), "bfloat16", sharding=spec(None, "fsdp", "tensor"))
+          }
+        }
+      },
+    }
+  }
+  gather = lambda op_name: {
+    "kind": "all-gather",
+    "bytes": 8192,
+    "times": 1,
+    "shape": "bf16[1,64,64]{2,1,0}",
+    "op_name": op_name,
+  }
+  built = {"params": params, "teacher": None}
+  fsdp_only = gather("jit(step)/while/body/layers/layer_0/linear_attn/in_proj_qkv/dot_general")
+  real = gather("jit(step)/while/body/layers/layer_3/self_attn/o_proj/dot_general")
+  anonymous = gather("jit(step)/while/body/sharding_constraint")
+  assert memory_plan.whole_param_gathers([fsdp_only], built, mesh) == []
+  hits = memory_plan.whole_param_gathers([real, anonymous], built, mesh)
+  assert [h["param"] for h in hits] == ["[0]['layers']['layer_3']['self_attn']['o_proj']['kernel']"] * 2, hits

@@ -8,14 +8,16 @@ checkpoints every 2 steps) on generated data:
   B  2 processes x 4 devices, mesh data=8                         via launch/local_multiprocess.sh
   C  2 processes x 4 devices, mesh data=2,fsdp=2,tensor=2, resumed from B's step-2 checkpoint
 
-Checked: B's per-step losses equal A's (<= 1e-6) and so do its final params (up to fp32 reduction order); only
+Checked: B's per-step losses equal A's (1e-6 relative: a few fp32 ulps, since the LM-head loss chunks hold a slice of
+every row and their partial sums cross processes) and so do its final params (up to fp32 reduction order); only
 process 0 writes metrics (one metrics.jsonl line per step, one TensorBoard file, no progress lines from process 1)
 while every process writes its own data-iterator state; C restores B's checkpoint collectively onto another mesh
 (params resharded, the data iterator where it stopped) and its steps 3-4 and final params match the uninterrupted A
 within fp tolerance (tensor parallelism reorders reductions).
 
-Slow: five jax processes each compile the step (19 min wall on a 2-core machine shared with ~10 other busy
-processes; losses were bitwise equal, max |param diff| 8e-7 A-B, 1.1e-6 A-C), so it is excluded from the default
+Slow: five jax processes each compile the step (3-19 min wall on a 2-core machine, depending on what else runs;
+2 December: step-4 losses 2e-6 apart A-B (11.247358 vs 11.247360), max |param diff| 1.7e-7 A-B and A-C), so it is
+excluded from the default
 run: `pytest -m slow tests/test_multihost.py -s` prints the wall times.
 
 `test_opd_two_processes_match_one_and_resume_on_another_mesh` does the same for the tiny OPD recipe (each process
@@ -195,8 +197,8 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
 
   t_all = time.time()
   la, lb, out_b, wall_a, wall_b = _run_a_and_b("", flagfile, wa, wb, common)
-  for s in la:
-    assert abs(la[s] - lb[s]) <= 1e-6, (s, la[s], lb[s])
+  for s in la:  # fp32 rounding: gloo adds the shards' loss partials in another order than one process does
+    assert abs(la[s] - lb[s]) <= 1e-6 * max(1.0, abs(la[s])), (s, la[s], lb[s])
   assert la[STEPS] < la[1]  # it trains
 
   # Only process 0 writes logs and metrics; each process saves its own data-iterator state.

@@ -435,6 +435,14 @@ class LoraConfig:
   targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def logits_chunk_layout(rows: int, length: int, chunk: int) -> tuple[int, int]:
+  """(positions per row in a chunk, number of chunks) of an LM-head loss over `rows` rows of `length` tokens cut
+  into chunks of about `chunk` tokens: C = ceil(chunk / rows) positions of every row (clipped to [1, length]),
+  K = ceil(length / C). losses.chunk_tokens cuts them so; flop_model counts the padded rows * K * C positions."""
+  per_row = max(1, min(-(-int(chunk) // rows), length))
+  return per_row, -(-length // per_row)
+
+
 @dataclasses.dataclass
 class LossConfig:
   backbone_weight: float = 1.0

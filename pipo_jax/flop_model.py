@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipo_jax.config import FULL, Config, ModelConfig
+from pipo_jax.config import FULL, Config, ModelConfig, logits_chunk_layout
 
 # ----------------------------------------------------------------------------------------------------------------
 # Result type and the trained-parameter set
@@ -378,8 +378,7 @@ def lm_head_loss(
   `extra_forward_per_token`: matmuls of the body without gradient (OPD: the teacher's logits), recomputed
   likewise. remat=False: the cross entropy (losses.chunked_cross_entropy), whose gradients are formed in the
   forward chunk loop."""
-  per_row = max(1, min(-(-int(chunk) // rows), length))
-  n_chunks = -(-length // per_row)
+  per_row, n_chunks = logits_chunk_layout(rows, length, chunk)
   padded = rows * n_chunks * per_row
   logits = float(padded * lm_head_per_token(cfg))
   acc.weight(logits, dh, dw)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from pipo_jax.config import logits_chunk_layout
 from pipo_jax.data import pairs
 from pipo_jax.sharding import active_batch_shards
 
@@ -76,8 +77,7 @@ def chunk_tokens(per_token: Sequence[jax.Array], pad_values: Sequence, chunk: in
   v5p-8: 3,880 GiB of all-reduce per chip per step). A chunk holding a slice of every row keeps each shard on its
   own rows."""
   R, T = per_token[0].shape[:2]
-  C = max(1, min(-(-int(chunk) // R), T))
-  K = -(-T // C)
+  C, K = logits_chunk_layout(R, T, chunk)
   t_pad = K * C - T
 
   def prep(x, v):

@@ -715,22 +715,20 @@ def plan(
 
 def format_plan(p: dict) -> str:
   gib = lambda b: f"{b / 2**30:10.3f} GiB"
+  temp_note, total_note = "", " (argument + output - aliased + temp)"
+  if p.get("out_of_memory"):
+    o = p["out_of_memory"]
+    temp_note = f": XLA:TPU refused the {o['program']} ({o['hbm_usable_bytes'] / 2**30:.2f} GiB of HBM usable for it)"
+    total_note = " at least (params + optimizer + batch + temp)"
   lines = [
     f"memory plan: mode={p['mode']} model={p['model']} devices={p['num_devices']} mesh={p['mesh']} "
     f"batch={p['batch_size']}x{p['length']} accum={p['grad_accum_steps']} dtype={p['dtype']} "
     f"remat={p['remat']} lora_rank={p['lora_rank']} (compile {p.get('compile_seconds', 0):.0f}s)",
     f"  params     {gib(p['params_bytes'])} per device",
     f"  optimizer  {gib(p['optimizer_bytes'])} per device",
-    f"  temp       {gib(p['temp_bytes'])} per device",
-    f"  total      {gib(p['total_bytes'])} per device (argument + output - aliased + temp)",
+    f"  temp       {gib(p['temp_bytes'])} per device{temp_note}",
+    f"  total      {gib(p['total_bytes'])} per device{total_note}",
   ]
-  if p.get("out_of_memory"):
-    o = p["out_of_memory"]
-    lines[3] = (
-      f"  temp       {gib(p['temp_bytes'])} per device: XLA:TPU refused the {o['program']} "
-      f"({o['hbm_usable_bytes'] / 2**30:.2f} GiB of HBM usable for it)"
-    )
-    lines[4] = f"  total      {gib(p['total_bytes'])} per device at least (params + optimizer + batch + temp)"
   if p.get("larger_program"):
     lines[-1] = (
       f"  total      {gib(p['total_bytes'])} per device: the {p['larger_program']} "

@@ -395,8 +395,8 @@ def test_cli_errors_are_one_line(devices):
 
 def test_a_step_that_does_not_fit_is_a_plan_not_a_crash(devices):
   """A step XLA:TPU refuses for lack of HBM (the tiny model with dense [T, T] attention at 256K tokens per row)
-  comes back as a plan: fits False, the temporaries XLA asked for and the HBM it had, exact params / optimizer
-  bytes. Earlier the CLI died on this, and libtpu's start-up warnings printed just above read like the cause."""
+  comes back as a plan: fits False, the temporaries XLA asked for and the HBM it had. Earlier the CLI died on this,
+  and libtpu's start-up warnings printed just above read like the cause."""
   cfg = Config(
     mode="sft",
     model=ModelConfig(preset="tiny", attention_block=0),

@@ -12,7 +12,7 @@ import pytest
 from jax.scipy.special import gammaincc
 
 from pipo_jax.config import ModelConfig, resolve_model_config
-from pipo_jax.inference import pipo_decode
+from pipo_jax.inference import common, pipo_decode
 from pipo_jax.inference.api import _Static, generate, left_pad, stop_id_array
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.models.pipo import PipoModel, init_pipo_params
@@ -187,7 +187,7 @@ def _pipo_forced(params, ids, valid, forced, *, cfg_key, max_new):
     cfg, params, ids, valid, stop, jax.random.PRNGKey(0), tau, sp=GREEDY, max_new=max_new, forced_BN=forced, trace=True
   )
   st = pipo_decode.pipo_decode(cfg, params, st, stop, tau, sp=GREEDY, max_new=max_new)
-  return st["trace"], st["out"]["raw_BN"]
+  return st["trace"], common.finalize(st["out"], max_new, cfg.pad_token_id)["raw"]
 
 
 def test_pipo_teacher_forced_logits_equal_training_forward(model):
@@ -257,6 +257,11 @@ def test_pipo_threshold_extremes(pipo_run):
   assert np.all(rlen == 8) and np.all(np.asarray(always.steps) == 4)
   assert int(always.phase2_runs) == 4  # prefill + 3 decode steps, batched
   np.testing.assert_array_equal(always.drafts_kept, always.drafts_proposed)
+  # tau <= 0 runs the token loop without the confidence head; the gated loop (tau just above 0), whose gate
+  # keeps every draft here, must emit the same stream.
+  gated = pipo_run(1e-30)
+  np.testing.assert_array_equal(gated.drafts_kept, gated.drafts_proposed)
+  np.testing.assert_array_equal(np.asarray(gated.raw), raw)
   # Same greedy token1 stream at step 0 whatever tau (phase 1 at prefill does not depend on tau).
   np.testing.assert_array_equal(np.asarray(never.raw)[:, 0], raw[:, 0])
 

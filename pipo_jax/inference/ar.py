@@ -30,9 +30,9 @@ def ar_prefill(
   cache = C.init_backbone_cache(cfg, params, B, T + max_new)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, key = jax.random.split(rng)
-  out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
-  tok_B = smp.sample(key, C.logits(cfg, params, h_BTD[:, -1]), sp, out["presence_BV"])
-  out = C.emit(out, tok_B, jnp.ones((B,), bool), stop_ids_E, max_new)
+  out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id, sp.uses_presence)
+  tok_B = smp.sample(key, C.logits(cfg, params, h_BTD[:, -1]), sp, C.presence(out))
+  out, _ = C.emit(out, tok_B[:, None], jnp.ones((B, 1), bool), stop_ids_E, max_new)
   out["steps_B"] = out["steps_B"] + 1
   return {"cache": cache, "last_B": tok_B, "out": out, "rng": rng, "step": jnp.zeros((), jnp.int32)}
 
@@ -51,8 +51,8 @@ def ar_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingPa
       cfg, params, C.embed(cfg, params, s["last_B"][:, None]), pos_B1, act_B[:, None], s["cache"]
     )
     rng, key = smp.split_keys(s["rng"], 1, not sp.greedy)
-    tok_B = smp.sample(key, C.logits(cfg, params, h_B1D[:, 0]), sp, out["presence_BV"])
-    out = C.emit(out, tok_B, jnp.ones_like(act_B), stop_ids_E, max_new)
+    tok_B = smp.sample(key, C.logits(cfg, params, h_B1D[:, 0]), sp, C.presence(out))
+    out, _ = C.emit(out, tok_B[:, None], jnp.ones_like(act_B)[:, None], stop_ids_E, max_new)
     out["steps_B"] = out["steps_B"] + act_B
     return {"cache": cache, "last_B": tok_B, "out": out, "rng": rng, "step": s["step"] + 1}
 
@@ -86,10 +86,10 @@ def mtp_prefill(
   cache = C.init_backbone_cache(cfg, params, B, S)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, k1, k2 = jax.random.split(rng, 3)
-  out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
-  tok1_B = smp.sample(k1, C.logits(cfg, params, h_BTD[:, -1]), sp, out["presence_BV"])
+  out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id, sp.uses_presence)
+  tok1_B = smp.sample(k1, C.logits(cfg, params, h_BTD[:, -1]), sp, C.presence(out))
   m_BD, mcache = mtp_prompt_pass(cfg, params, h_BTD, ids_BT, valid_BT, tok1_B, S)
-  tok2_B = smp.sample(k2, C.logits(cfg, params, m_BD), sp, out["presence_BV"].at[jnp.arange(B), tok1_B].set(True))
+  tok2_B = smp.sample(k2, C.logits(cfg, params, m_BD), sp, C.with_token(C.presence(out), tok1_B))
   return _mtp_emit(
     {"cache": cache, "mcache": mcache, "out": out, "rng": rng, "step": jnp.zeros((), jnp.int32)},
     tok1_B,
@@ -101,13 +101,13 @@ def mtp_prefill(
 
 
 def _mtp_emit(s, tok1_B, tok2_B, act_B, stop_ids_E, max_new):
-  out = C.emit(s["out"], tok1_B, jnp.ones_like(act_B), stop_ids_E, max_new)
-  proposed_B = out["active_B"]
-  out = C.emit(out, tok2_B, jnp.ones_like(act_B), stop_ids_E, max_new)
+  tok_B2 = jnp.stack([tok1_B, tok2_B], axis=1)
+  out, written_B2 = C.emit(s["out"], tok_B2, jnp.ones(tok_B2.shape, bool), stop_ids_E, max_new)
+  proposed_B = written_B2[:, 1]  # the draft was reached (token1 neither stopped the row nor met the budget)
   out["steps_B"] = out["steps_B"] + act_B
   out["proposed_B"] = out["proposed_B"] + proposed_B
   out["kept_B"] = out["kept_B"] + proposed_B
-  return dict(s, out=out, pair_B2=jnp.stack([tok1_B, tok2_B], axis=1))
+  return dict(s, out=out, pair_B2=tok_B2)
 
 
 def mtp_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingParams, max_new: int) -> dict:
@@ -126,11 +126,10 @@ def mtp_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.SamplingP
     pair_B2 = s["pair_B2"]
     h_B2D, cache = C.backbone(cfg, params, C.embed(cfg, params, pair_B2), pos_B2, valid_B2, s["cache"])
     rng, k1, k2 = smp.split_keys(s["rng"], 2, not sp.greedy)
-    tok1_B = smp.sample(k1, C.logits(cfg, params, h_B2D[:, 1]), sp, out["presence_BV"])
+    tok1_B = smp.sample(k1, C.logits(cfg, params, h_B2D[:, 1]), sp, C.presence(out))
     mtok_B2 = jnp.stack([pair_B2[:, 1], tok1_B], axis=1)
     m_B2D, mcache = C.mtp_only(cfg, params, mtok_B2, h_B2D, pos_B2, valid_B2, s["mcache"])
-    pres_BV = out["presence_BV"].at[jnp.arange(B), tok1_B].set(True)
-    tok2_B = smp.sample(k2, C.logits(cfg, params, m_B2D[:, 1]), sp, pres_BV)
+    tok2_B = smp.sample(k2, C.logits(cfg, params, m_B2D[:, 1]), sp, C.with_token(C.presence(out), tok1_B))
     s = {"cache": cache, "mcache": mcache, "out": out, "rng": rng, "step": s["step"] + 1}
     return _mtp_emit(s, tok1_B, tok2_B, act_B, stop_ids_E, max_new)
 

@@ -3,13 +3,16 @@
 Axis vocabulary: B batch, T prompt tokens, N raw output slots, M max_new_tokens, V vocabulary, D model dim.
 
 Output tracker `out` (a dict pytree carried through `lax.while_loop`):
-  raw_BN        int32 every emitted slot in order, PAD slots included (pipo token2 PADs); unused slots = PAD id
-  padslot_BN    bool  True where the slot is a PAD slot (not a token). Ids are not enough: PAD may equal EOS.
+  raw_BN        int32 every emitted slot in order, PAD slots included (pipo token2 PADs) and written as
+                PAD_SLOT (-1): ids alone cannot mark them, PAD may equal EOS; unused slots = PAD id
   raw_len_B     int32 slots written
   count_B       int32 emitted tokens (non-PAD slots); `max_new_tokens` bounds this
   active_B      bool  still generating (False after a stop id or when count reaches max_new_tokens)
-  presence_BV   bool  tokens emitted so far (presence penalty)
+  presence_BV   bool  tokens emitted so far; only when sampling applies a presence penalty (`presence(out)`)
   steps_B, proposed_B, kept_B  int32 per-row statistics (see GenerateResult)
+
+A decode step's slots are appended by one `emit` call (one scatter into raw_BN, one into presence_BV): on a
+small model every op of the token loop costs about a microsecond whatever its size (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -98,71 +101,102 @@ def next_positions(cache: dict) -> jax.Array:
 # -- output tracker -------------------------------------------------------------------------------------
 
 
-def init_out(batch: int, num_slots: int, vocab: int, pad_id: int) -> dict:
+PAD_SLOT = -1  # raw_BN's mark of a PAD slot (finalize turns it back into the PAD id and raw_is_pad)
+
+
+def init_out(batch: int, num_slots: int, vocab: int, pad_id: int, presence: bool) -> dict:
+  """An empty tracker; presence: keep the emitted-token sets (only a presence penalty reads them)."""
   B, N = batch, num_slots
   pad_id = 0 if pad_id is None else pad_id  # ar/mtp on a config without a PAD id: any filler works
   z = jnp.zeros((B,), jnp.int32)
-  return {
+  out = {
     "raw_BN": jnp.full((B, N), pad_id, jnp.int32),
-    "padslot_BN": jnp.zeros((B, N), bool),
     "raw_len_B": z,
     "count_B": z,
     "active_B": jnp.ones((B,), bool),
-    "presence_BV": jnp.zeros((B, vocab), bool),
     "steps_B": z,
     "proposed_B": z,
     "kept_B": z,
   }
+  if presence:
+    out["presence_BV"] = jnp.zeros((B, vocab), bool)
+  return out
+
+
+def presence(out: dict) -> jax.Array | None:
+  """The tracker's emitted-token sets [B, V], or None when sampling does not read them."""
+  return out.get("presence_BV")
+
+
+def with_token(presence_BV: jax.Array | None, tok_B: jax.Array) -> jax.Array | None:
+  """presence_BV with tok_B marked (a token emitted within the step, before the tracker has it)."""
+  if presence_BV is None:
+    return None
+  return presence_BV.at[jnp.arange(tok_B.shape[0]), tok_B].set(True)
 
 
 def emit(
   out: dict,
-  tok_B: jax.Array,
-  allowed_B: jax.Array,
+  tok_BK: jax.Array,
+  allowed_BK: jax.Array,
   stop_ids_E: jax.Array,
   max_new: int,
-  pad_slot_B: jax.Array | None = None,
-) -> dict:
-  """Append one slot per row where the row is active and `allowed_B`.
+  pad_slot_BK: jax.Array | None = None,
+) -> tuple[dict, jax.Array]:
+  """Append a step's K slots per row, in order: slot k is written where the row is still active after slots
+  0..k-1 and `allowed_BK[:, k]`. -> (out, written_BK).
 
   A non-PAD slot counts toward max_new_tokens, is recorded for the presence penalty and stops the row when
-  it is a stop id (the stop token itself is kept). A PAD slot is written to the raw stream only.
-  stop_ids_E int32 [E] (entries < 0 are unused).
+  it is a stop id (the stop token itself is kept; later slots of the step are dropped). A PAD slot is written
+  to the raw stream only. stop_ids_E int32 [E] (entries < 0 are unused).
   """
   B, N = out["raw_BN"].shape
-  V = out["presence_BV"].shape[-1]
-  rows = jnp.arange(B)
-  do_B = out["active_B"] & allowed_B
-  pad_B = jnp.zeros((B,), bool) if pad_slot_B is None else pad_slot_B
-  idx_B = jnp.where(do_B, out["raw_len_B"], N)  # N is out of range: mode="drop" skips the write
-  real_B = do_B & ~pad_B
-  stop_B = real_B & jnp.any(tok_B[:, None] == stop_ids_E[None, :], axis=-1)
-  count_B = out["count_B"] + real_B
-  return dict(
+  K = tok_BK.shape[1]
+  pad_BK = jnp.zeros((B, K), bool) if pad_slot_BK is None else pad_slot_BK
+  active_B, count_B, len_B = out["active_B"], out["count_B"], out["raw_len_B"]
+  written, idx, real = [], [], []
+  for k in range(K):  # K <= 2: a few [B] vectors, fused into one op
+    do_B = active_B & allowed_BK[:, k]
+    real_B = do_B & ~pad_BK[:, k]
+    stop_B = real_B & jnp.any(tok_BK[:, k, None] == stop_ids_E[None, :], axis=-1)
+    idx.append(jnp.where(do_B, len_B, N))  # N is out of range: mode="drop" skips the write
+    written.append(do_B)
+    real.append(real_B)
+    count_B = count_B + real_B
+    len_B = len_B + do_B
+    active_B = active_B & ~stop_B & (count_B < max_new)
+  written_BK, idx_BK, real_BK = (jnp.stack(a, axis=1) for a in (written, idx, real))
+  rows_BK = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
+  new = dict(
     out,
-    raw_BN=out["raw_BN"].at[rows, idx_B].set(tok_B, mode="drop"),
-    padslot_BN=out["padslot_BN"].at[rows, idx_B].set(pad_B, mode="drop"),
-    raw_len_B=out["raw_len_B"] + do_B,
+    raw_BN=out["raw_BN"].at[rows_BK, idx_BK].set(jnp.where(pad_BK, PAD_SLOT, tok_BK), mode="drop"),
+    raw_len_B=len_B,
     count_B=count_B,
-    presence_BV=out["presence_BV"].at[rows, jnp.where(real_B, tok_B, V)].set(True, mode="drop"),
-    active_B=out["active_B"] & ~stop_B & (count_B < max_new),
+    active_B=active_B,
   )
+  if "presence_BV" in out:
+    V = out["presence_BV"].shape[-1]
+    new["presence_BV"] = out["presence_BV"].at[rows_BK, jnp.where(real_BK, tok_BK, V)].set(True, mode="drop")
+  return new, written_BK
 
 
 def finalize(out: dict, max_new: int, pad_id: int, phase2_runs=None) -> dict:
   """Tracker -> the arrays of GenerateResult (tokens compacted without PAD slots, statistics)."""
   B, N = out["raw_BN"].shape
-  keep_BN = (jnp.arange(N)[None, :] < out["raw_len_B"][:, None]) & ~out["padslot_BN"]
+  pad_id = 0 if pad_id is None else pad_id
+  is_pad_BN = out["raw_BN"] == PAD_SLOT
+  raw_BN = jnp.where(is_pad_BN, pad_id, out["raw_BN"])
+  keep_BN = (jnp.arange(N)[None, :] < out["raw_len_B"][:, None]) & ~is_pad_BN
   dest_BN = jnp.where(keep_BN, jnp.cumsum(keep_BN, axis=-1) - 1, max_new)
   rows_BN = jnp.broadcast_to(jnp.arange(B)[:, None], (B, N))
-  tokens_BM = jnp.full((B, max_new), pad_id, jnp.int32).at[rows_BN, dest_BN].set(out["raw_BN"], mode="drop")
+  tokens_BM = jnp.full((B, max_new), pad_id, jnp.int32).at[rows_BN, dest_BN].set(raw_BN, mode="drop")
   slots_B = out["raw_len_B"]
   pad_slots_B = slots_B - out["count_B"]
   return {
     "tokens": tokens_BM,
     "num_tokens": out["count_B"],
-    "raw": out["raw_BN"],
-    "raw_is_pad": out["padslot_BN"],
+    "raw": raw_BN,
+    "raw_is_pad": is_pad_BN,
     "raw_len": slots_B,
     "steps": out["steps_B"],
     "tokens_emitted": out["count_B"],

@@ -16,9 +16,9 @@ Prefill (one pass):
 Decode step k (compressed position p = L_r + k - 1 per row):
   phase 1: backbone on the last emitted pair (token1, token2-or-PAD) -> h_p -> token1 (PAD masked);
   phase 2: MTP + confidence on (e(token1), h_p) at position p -> token2, or PAD.
-Threshold tau (traced, one compilation serves every value): tau < 0 keeps every token2; tau >= 1 skips
-phase 2 entirely (lax.cond; `phase2_runs` counts executions: prefill included); otherwise token2 is
-replaced by PAD where sigmoid(conf) < tau (strict).
+Threshold tau (traced, one compilation serves every value): tau <= 0 keeps every token2 (the decode loop then
+skips the confidence head, whose answer is known); tau >= 1 skips phase 2 entirely (`phase2_runs` counts
+executions: prefill included); otherwise token2 is replaced by PAD where sigmoid(conf) < tau (strict).
 Random-PAD control (`random_pad`, traced, None = off): token2 is replaced by PAD by an independent coin flip
 with that probability instead of by the confidence gate (the paper's Fig. 6 "Random" baseline; phase 2 and the
 confidence head still run, so its cost matches the gated decode; the caller passes tau < 1).
@@ -57,21 +57,41 @@ def pair_layout(ids_BT, valid_BT, pad_id: int):
 
 
 def _phase2(
-  cfg, params, key, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache, tau, presence_BV, sp, forced2_B, random_pad=None
+  cfg,
+  params,
+  key,
+  tok1_BJ,
+  h_BJD,
+  pos_BJ,
+  valid_BJ,
+  mcache,
+  tau,
+  presence_BV,
+  sp,
+  forced2_B,
+  random_pad=None,
+  gated: bool = True,
 ):
   """MTP + confidence on the slots; token2 from the last slot, gated by tau (or by a coin flip: random_pad).
+  gated=False (the caller knows tau <= 0): every token2 is kept and the confidence head does not run (conf 0).
   Returns (token2 or PAD [B], is_pad_slot [B], logits2_BV, conf_B, mcache)."""
-  m_BJD, conf_BJ, mcache = C.mtp(cfg, params, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache)
-  conf_B = conf_BJ[:, -1]
   tok1_B = tok1_BJ[:, -1]
   B = tok1_B.shape[0]
+  if gated:
+    m_BJD, conf_BJ, mcache = C.mtp(cfg, params, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache)
+    conf_B = conf_BJ[:, -1]
+  else:
+    m_BJD, mcache = C.mtp_only(cfg, params, tok1_BJ, h_BJD, pos_BJ, valid_BJ, mcache)
+    conf_B = jnp.zeros((B,), jnp.float32)
   logits2_BV = C.logits(cfg, params, m_BJD[:, -1])
-  pres_BV = presence_BV.at[jnp.arange(B), tok1_B].set(True)  # token1 is already emitted in this completion
+  pres_BV = C.with_token(presence_BV, tok1_B)  # token1 is already emitted in this completion
   if forced2_B is None:
     # PAD is banned here too: the MTP is never trained to emit it, so a PAD token2 only ever means "gated".
     tok2_B = smp.sample(key, logits2_BV, sp, pres_BV, ban_id=cfg.pad_token_id)
     keep_B = jax.nn.sigmoid(conf_B) >= tau  # PAD where sigmoid(conf) < tau (strict)
-    if random_pad is not None:
+    if not gated:
+      keep_B = jnp.ones((B,), bool)
+    elif random_pad is not None:
       # fold_in leaves `key` (token2's sample) untouched, so the control differs from the gate only in the PADs.
       u_B = jax.random.uniform(jax.random.fold_in(key, 1), (B,))
       keep_B = u_B >= random_pad
@@ -103,6 +123,15 @@ def _phase2_cond(
 
   run2 = tau < 1.0
   return run2, jax.lax.cond(run2, run, lambda mc: _skipped_phase2(cfg, tok1_BJ.shape[0], mc), mcache)
+
+
+def _emit_pair(out, tok1_B, tok2_B, pad2_B, stop_ids_E, max_new):
+  """Append a step's (token1, token2-or-PAD) -> (out, reached_B: token1 left the row active, so its token2
+  slot was written; with phase 2 run, that is a proposed draft)."""
+  tok_B2 = jnp.stack([tok1_B, tok2_B], axis=1)
+  pad_B2 = jnp.stack([jnp.zeros_like(pad2_B), pad2_B], axis=1)
+  out, written_B2 = C.emit(out, tok_B2, jnp.ones(tok_B2.shape, bool), stop_ids_E, max_new, pad_slot_BK=pad_B2)
+  return out, written_B2[:, 1]
 
 
 def _record(trace, k, logits1_BV, logits2_BV, conf_B):
@@ -141,12 +170,11 @@ def pipo_prefill(
   ppos_BL = positions_from_valid(pvalid_BL)
   h_BLD, cache = C.pairs(cfg, params, ids2, ppos_BL, pvalid_BL, C.init_backbone_cache(cfg, params, B, S))
   rng, k1, k2 = jax.random.split(rng, 3)
-  out = C.init_out(B, 2 * max_new, cfg.vocab_size, pad)
+  out = C.init_out(B, 2 * max_new, cfg.vocab_size, pad, sp.uses_presence)
   logits1_BV = C.logits(cfg, params, h_BLD[:, -1])
-  tok1_B = smp.sample(k1, logits1_BV, sp, out["presence_BV"], ban_id=pad)
+  tok1_B = smp.sample(k1, logits1_BV, sp, C.presence(out), ban_id=pad)
   if forced_BN is not None:
     tok1_B = forced_BN[:, 0]
-  out = C.emit(out, tok1_B, jnp.ones((B,), bool), stop_ids_E, max_new)
 
   mcache0 = init_mtp_cache(cfg, B, S)
   tok1_BL = jnp.concatenate([ids2[:, 2::2], tok1_B[:, None]], axis=1)
@@ -161,13 +189,13 @@ def pipo_prefill(
     pvalid_BL,
     mcache0,
     tau,
-    out["presence_BV"],
+    C.presence(out),
     sp,
     None if forced_BN is None else forced_BN[:, 1],
     random_pad,
   )
-  proposed_B = out["active_B"] & run2
-  out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
+  out, proposed_B = _emit_pair(out, tok1_B, tok2_B, pad2_B, stop_ids_E, max_new)
+  proposed_B = proposed_B & run2
   out["steps_B"] = out["steps_B"] + 1
   out["proposed_B"] = out["proposed_B"] + proposed_B
   out["kept_B"] = out["kept_B"] + (proposed_B & ~pad2_B)
@@ -201,15 +229,17 @@ def pipo_decode(
   random_pad: jax.Array | None = None,
 ) -> dict:
   """Decode steps until every row is done; at most max_new - 1 steps after the prefill (each step emits
-  at least one token). Whether phase 2 runs (tau < 1) is decided once, outside the token loop: two loops are
-  compiled and lax.cond picks one, so no step pays for a conditional around the MTP cache (on the demo model
-  on CPU that cond cost 14 us of a 316 us step)."""
+  at least one token). Which phase 2 runs is decided once, outside the token loop: none (tau >= 1), ungated
+  (tau <= 0: every token2 is kept, so the confidence head is skipped) or gated. One loop per case is compiled
+  and lax.switch picks one, so no step pays for a conditional around the MTP cache (on the demo model on CPU
+  that cond cost 14 us of a 316 us step). A random-PAD control or a recorded trace always takes the gated loop
+  (the control must cost what the gate costs; the trace records the confidences)."""
   pad = cfg.pad_token_id
 
   def cond(s):
     return jnp.any(s["out"]["active_B"]) & (s["step"] < max_new - 1)
 
-  def body(s, phase2: bool):
+  def body(s, phase2: str):
     out = s["out"]
     act_B = out["active_B"]
     B = act_B.shape[0]
@@ -220,13 +250,12 @@ def pipo_decode(
     h_B1D, cache = C.pairs(cfg, params, s["pair_B2"], pos_B1, act_B[:, None], s["cache"])
     rng, k1, k2 = smp.split_keys(s["rng"], 2, not sp.greedy or random_pad is not None)
     logits1_BV = C.logits(cfg, params, h_B1D[:, 0])
-    tok1_B = smp.sample(k1, logits1_BV, sp, out["presence_BV"], ban_id=pad)
+    tok1_B = smp.sample(k1, logits1_BV, sp, C.presence(out), ban_id=pad)
     if forced is not None:
       tok1_B = forced[:, 2 * k]
-    out = C.emit(out, tok1_B, jnp.ones((B,), bool), stop_ids_E, max_new)
     # phase 2
-    run2 = jnp.asarray(phase2)
-    if phase2:
+    run2 = jnp.asarray(phase2 != "off")
+    if phase2 != "off":
       forced2_B = None if forced is None else forced[:, 2 * k + 1]
       tok1_B1, valid_B1 = tok1_B[:, None], act_B[:, None]
       phase2_out = _phase2(
@@ -239,16 +268,17 @@ def pipo_decode(
         valid_B1,
         s["mcache"],
         tau,
-        out["presence_BV"],
+        C.presence(out),
         sp,
         forced2_B,
         random_pad,
+        gated=phase2 == "gated",
       )
       tok2_B, pad2_B, logits2_BV, conf_B, mcache = phase2_out
     else:
       tok2_B, pad2_B, logits2_BV, conf_B, mcache = _skipped_phase2(cfg, B, s["mcache"])
-    proposed_B = out["active_B"] & run2
-    out = C.emit(out, tok2_B, jnp.ones((B,), bool), stop_ids_E, max_new, pad_slot_B=pad2_B)
+    out, proposed_B = _emit_pair(out, tok1_B, tok2_B, pad2_B, stop_ids_E, max_new)
+    proposed_B = proposed_B & run2
     out["steps_B"] = out["steps_B"] + act_B
     out["proposed_B"] = out["proposed_B"] + proposed_B
     out["kept_B"] = out["kept_B"] + (proposed_B & ~pad2_B)
@@ -264,7 +294,10 @@ def pipo_decode(
       "forced": forced,
     }
 
-  def loop(phase2: bool):
+  def loop(phase2: str):
     return lambda s: jax.lax.while_loop(cond, lambda x: body(x, phase2), s)
 
-  return jax.lax.cond(tau < 1.0, loop(True), loop(False), state)
+  if random_pad is not None or state["trace"] is not None:
+    return jax.lax.cond(tau < 1.0, loop("gated"), loop("off"), state)
+  case = jnp.where(tau >= 1.0, 0, jnp.where(tau <= 0.0, 1, 2))
+  return jax.lax.switch(case, [loop("off"), loop("ungated"), loop("gated")], state)

@@ -37,6 +37,11 @@ class SamplingParams:
   def greedy(self) -> bool:
     return self.temperature <= 0.0
 
+  @property
+  def uses_presence(self) -> bool:
+    """Whether sampling reads the emitted-token sets (the decode loops track them only then)."""
+    return self.presence_penalty != 0.0
+
   @classmethod
   def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
     return cls(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p), float(cfg.presence_penalty))

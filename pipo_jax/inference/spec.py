@@ -42,13 +42,13 @@ def spec_prefill(
   cache = C.init_backbone_cache(cfg, params, B, S, rollback=True)
   h_BTD, cache = C.backbone(cfg, params, C.embed(cfg, params, ids_BT), positions_from_valid(valid_BT), valid_BT, cache)
   rng, k1, k2 = jax.random.split(rng, 3)
-  out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id)
-  tok_B = smp.sample(k1, C.logits(cfg, params, h_BTD[:, -1]), sp, out["presence_BV"])
-  out = C.emit(out, tok_B, jnp.ones((B,), bool), stop_ids_E, max_new)
+  out = C.init_out(B, max_new, cfg.vocab_size, cfg.pad_token_id, sp.uses_presence)
+  tok_B = smp.sample(k1, C.logits(cfg, params, h_BTD[:, -1]), sp, C.presence(out))
+  out, _ = C.emit(out, tok_B[:, None], jnp.ones((B, 1), bool), stop_ids_E, max_new)
   out["steps_B"] = out["steps_B"] + 1
   m_BD, mcache = mtp_prompt_pass(cfg, params, h_BTD, ids_BT, valid_BT, tok_B, S)
   state = {"cache": cache, "mcache": mcache, "last_B": tok_B, "out": out, "rng": rng, "step": jnp.zeros((), jnp.int32)}
-  return dict(state, **_draft(k2, cfg, params, m_BD, sp, out["presence_BV"]))
+  return dict(state, **_draft(k2, cfg, params, m_BD, sp, C.presence(out)))
 
 
 def _draft(key, cfg: ModelConfig, params, m_BD, sp: smp.SamplingParams, presence_BV) -> dict:
@@ -87,7 +87,6 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     out = s["out"]
     act_B = out["active_B"]
     B = act_B.shape[0]
-    rows = jnp.arange(B)
     cache0 = s["cache"]
     base_B = C.next_positions(cache0)
     pos_B2 = base_B[:, None] + jnp.arange(2)[None]
@@ -100,12 +99,12 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
 
     # 2. accept / resample / bonus
     rng, k_u, k_r, k_b, k_d = smp.split_keys(s["rng"], 4, not sp.greedy)
-    accept_B, x1_B = _verify(k_u, k_r, logits_B2V[:, 0], d_B, s.get("q_BV"), sp, out["presence_BV"])
-    pres1_BV = out["presence_BV"].at[rows, x1_B].set(True)
+    accept_B, x1_B = _verify(k_u, k_r, logits_B2V[:, 0], d_B, s.get("q_BV"), sp, C.presence(out))
+    pres1_BV = C.with_token(C.presence(out), x1_B)
     b_B = smp.sample(k_b, logits_B2V[:, 1], sp, pres1_BV)
 
-    out = C.emit(out, x1_B, jnp.ones_like(act_B), stop_ids_E, max_new)
-    out = C.emit(out, b_B, accept_B, stop_ids_E, max_new)
+    tok_B2, allowed_B2 = jnp.stack([x1_B, b_B], axis=1), jnp.stack([jnp.ones_like(act_B), accept_B], axis=1)
+    out, _ = C.emit(out, tok_B2, allowed_B2, stop_ids_E, max_new)
     out["steps_B"] = out["steps_B"] + act_B
     out["proposed_B"] = out["proposed_B"] + act_B
     out["kept_B"] = out["kept_B"] + (act_B & accept_B)
@@ -120,7 +119,7 @@ def spec_decode(cfg: ModelConfig, params, state, stop_ids_E, *, sp: smp.Sampling
     mvalid_B2 = jnp.stack([act_B, keep2_B], axis=1)
     m_B2D, mcache = C.mtp_only(cfg, params, mtok_B2, h_B2D, pos_B2, mvalid_B2, s["mcache"])
     m_BD = jnp.where(accept_B[:, None], m_B2D[:, 1], m_B2D[:, 0])
-    pres_next_BV = jnp.where(accept_B[:, None], pres1_BV.at[rows, b_B].set(True), pres1_BV)
+    pres_next_BV = None if pres1_BV is None else jnp.where(accept_B[:, None], C.with_token(pres1_BV, b_B), pres1_BV)
     last_B = jnp.where(accept_B, b_B, x1_B)
     nxt = {"cache": cache, "mcache": mcache, "last_B": last_B, "out": out, "rng": rng, "step": s["step"] + 1}
     return dict(nxt, **_draft(k_d, cfg, params, m_BD, sp, pres_next_BV))

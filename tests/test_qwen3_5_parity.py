@@ -208,6 +208,30 @@ def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
   assert rel(jnp.concatenate([o1, o2], 1), o_ref) <= 1e-4 and rel(s2, s_ref) <= 1e-4
 
 
+def test_gdn_few_token_closed_form_equals_recurrent():
+  """The decode steps' closed form (one read of the state, one rank-T update) vs the token-by-token rule, for
+  1-4 tokens, with a decay of -300 in the mix, and the state after T - 1 tokens that a rollback cache keeps."""
+  rng = np.random.RandomState(2)
+  B, H, K, V = 2, 3, 8, 5
+  for T in (1, 2, 3, 4):
+    q = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32)) * K**-0.5
+    k = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32))
+    v = jnp.asarray(rng.randn(B, T, H, V), jnp.float32)
+    g = -jnp.asarray(np.where(rng.rand(B, T, H) < 0.2, 300.0, rng.rand(B, T, H)), jnp.float32)
+    beta = jax.nn.sigmoid(jnp.asarray(rng.randn(B, T, H), jnp.float32))
+    s0 = jnp.asarray(rng.randn(B, H, K, V), jnp.float32)
+    o_ref, s_ref = gdn.recurrent_gated_delta_rule(q, k, v, g, beta, s0)
+    o, s, u = gdn.few_token_delta_rule(q, k, v, g, beta, s0)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-5, atol=1e-5)
+    _, s_head_ref = gdn.recurrent_gated_delta_rule(q[:, :-1], k[:, :-1], v[:, :-1], g[:, :-1], beta[:, :-1], s0)
+    _, s_head, _ = gdn.few_token_delta_rule(q, k, v, g, beta, s0, applied=T - 1)
+    np.testing.assert_allclose(np.asarray(s_head), np.asarray(s_head_ref), rtol=1e-5, atol=1e-5)
+    # the last token's pending update completes the state
+    s_full = gdn.apply_token_update(s_head, g[:, -1], k[:, -1], u[:, -1])
+    np.testing.assert_allclose(np.asarray(s_full), np.asarray(s_ref), rtol=1e-5, atol=1e-5)
+
+
 def test_unrolled_and_remat_equal_scanned(models):
   import dataclasses
 

@@ -24,10 +24,9 @@ from pipo_jax.models.norms import GatedRMSNorm, dense, logical_param
 from pipo_jax.models.triangular import unit_lower_solve
 
 _HI = jax.lax.Precision.HIGHEST
-# Decode steps of up to this many tokens (a verify pair, an MTP draft pair) run the token-by-token rule,
-# unrolled: the chunked form's cumsums, decay matrix and triangular solve cost far more than T rank-1 updates
-# there, and an unrolled loop has no while-loop iterations (pipo_jax.bench, demo model: the mtp step went from
-# 0.50 to 0.38 ms together with the in-place cache writes of cache_slots.py).
+# Decode steps of up to this many tokens (a verify pair, an MTP draft pair) run few_token_delta_rule: one read
+# of the state for all tokens and one rank-T update. The chunked form's padding, decay matrix and triangular
+# solve cost more there, and the token-by-token rule passes over the state six times per token.
 RECURRENT_MAX_TOKENS = 4
 
 
@@ -48,8 +47,7 @@ def torch_softplus(x: jax.Array) -> jax.Array:
 def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV):
   """Token-by-token delta rule: decay, delta write, then read. All inputs fp32.
 
-  Returns (o_BTHV, final state_BHKV). Used for decode steps of a few tokens (unrolled) and as the test
-  reference.
+  Returns (o_BTHV, final state_BHKV). The definition the other forms are tested against.
   """
 
   def step(S_BHKV, inputs):
@@ -65,17 +63,52 @@ def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BH
   return jnp.moveaxis(o_TBHV, 0, 1), state_BHKV
 
 
-def last_token_update(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, state_BHKV):
-  """One token of the delta rule without forming the new state: -> (o_BHV, u_BHV). The new state is
-  exp(g) * state + k u^T (apply_token_update), so a cache can keep the old state and (g, k, u) pending."""
-  decay_BH = jnp.exp(g_BH)
-  u_BHV = beta_BH[..., None] * (v_BHV - decay_BH[..., None] * _einsum("bhkv,bhk->bhv", state_BHKV, k_BHK))
-  kq_BH = jnp.sum(k_BHK * q_BHK, axis=-1)
-  return decay_BH[..., None] * _einsum("bhkv,bhk->bhv", state_BHKV, q_BHK) + u_BHV * kq_BH[..., None], u_BHV
+def few_token_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, applied: int | None = None):
+  """The delta rule for a few tokens (a decode step) in closed form: one read of the state for all of them and
+  one rank-T update, instead of the token-by-token rule's six passes over the state per token (decay written
+  out, read for the delta, rank-1 update written, read for the output). All inputs fp32.
+
+  With gam_t = g_1 + ... + g_t (the log decay since the call started) and S_0 the state before it:
+    u_t = beta_t (v_t - e^gam_t S_0^T k_t - sum_{s<t} e^(gam_t - gam_s) (k_s . k_t) u_s)
+    o_t = e^gam_t S_0^T q_t + sum_{s<=t} e^(gam_t - gam_s) (k_s . q_t) u_s
+    S_n = e^gam_n S_0 + sum_{s<=n} e^(gam_n - gam_s) k_s u_s^T
+  (unrolling the recurrence S_t = e^g_t S_{t-1} + k_t u_t^T, u_t = beta_t (v_t - e^g_t S_{t-1}^T k_t)).
+  Returns (o_BTHV, S_n with n = `applied` tokens (default all T), u_BTHV): a rollback cache applies T - 1
+  and keeps the last token's (g, k, u) pending (apply_token_update).
+  """
+  T = q_BTHK.shape[1]
+  n = T if applied is None else applied
+  gam_BHT = jnp.moveaxis(jnp.cumsum(g_BTH, axis=1), 1, -1)
+  k_BHTK, q_BHTK, v_BHTV = (jnp.moveaxis(a, 1, 2) for a in (k_BTHK, q_BTHK, v_BTHV))
+  kq_BHXK = jnp.concatenate([k_BHTK, q_BHTK], axis=2)  # X = 2T rows: k_1..k_T, q_1..q_T
+  read_BHXV = _einsum("bhkv,bhxk->bhxv", state_BHKV, kq_BHXK)  # S_0^T k_t, S_0^T q_t: the one read of S_0
+  # k_t . k_s and q_t . k_s: 2T^2 short dot products, as one elementwise reduction that XLA fuses
+  dots_BHXT = jnp.sum(kq_BHXK[..., :, None, :] * k_BHTK[..., None, :, :], axis=-1)
+  # e^(gam_t - gam_s) for s <= t (masked before exp: gam_t - gam_s > 0 above the diagonal)
+  i = np.arange(T)
+  decay_BHTT = jnp.exp(jnp.where(i[:, None] >= i[None, :], gam_BHT[..., :, None] - gam_BHT[..., None, :], -jnp.inf))
+  start_BHT1 = jnp.exp(gam_BHT)[..., None]
+  beta_BHT1 = jnp.moveaxis(beta_BTH, 1, -1)[..., None]
+  u = []
+  for t in range(T):  # T <= RECURRENT_MAX_TOKENS: a few [B, H, V] vectors
+    acc_BHV = v_BHTV[:, :, t] - start_BHT1[:, :, t] * read_BHXV[:, :, t]
+    for j in range(t):
+      acc_BHV = acc_BHV - (decay_BHTT[:, :, t, j] * dots_BHXT[:, :, t, j])[..., None] * u[j]
+    u.append(beta_BHT1[:, :, t] * acc_BHV)
+  u_BHTV = jnp.stack(u, axis=2)
+  mix_BHTT = decay_BHTT * dots_BHXT[:, :, T:]  # causal (s <= t): the mask sits in the decay
+  o_BHTV = start_BHT1 * read_BHXV[:, :, T:] + _einsum("bhts,bhsv->bhtv", mix_BHTT, u_BHTV)
+  if n == 0:
+    new_BHKV = state_BHKV
+  else:
+    weight_BHS1 = decay_BHTT[:, :, n - 1, :n, None]  # e^(gam_n - gam_s)
+    update_BHKV = _einsum("bhsk,bhsv->bhkv", weight_BHS1 * k_BHTK[:, :, :n], u_BHTV[:, :, :n])
+    new_BHKV = start_BHT1[:, :, n - 1, :, None] * state_BHKV + update_BHKV
+  return jnp.moveaxis(o_BHTV, 2, 1), new_BHKV, jnp.moveaxis(u_BHTV, 2, 1)
 
 
 def apply_token_update(state_BHKV, g_BH, k_BHK, u_BHV):
-  """exp(g) * state + k u^T: a pending token update (last_token_update) made real."""
+  """exp(g) * state + k u^T: a pending token update (few_token_delta_rule's u of the last token) made real."""
   return state_BHKV * jnp.exp(g_BH)[..., None, None] + k_BHK[..., :, None] * u_BHV[..., None, :]
 
 
@@ -242,7 +275,7 @@ class GatedDeltaNet(nn.Module):
       new_prev_BWC = jnp.concatenate([prev_BWC.astype(mixed_BTC.dtype), mixed_BTC], axis=1)[:, T - 1 : T + W - 2]
       pending["pend_x_BC"] = mixed_BTC[:, -1]
     elif T <= RECURRENT_MAX_TOKENS and cache is not None:
-      o_BTHV, state_BHKV = recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
+      o_BTHV, state_BHKV, _ = few_token_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
     else:
       o_BTHV, state_BHKV = chunked_gated_delta_rule(
         q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, cfg.gdn_chunk_size
@@ -269,13 +302,7 @@ class GatedDeltaNet(nn.Module):
         state_BHKV,
         {"pend_g_BH": zero(g_BTH[:, 0]), "pend_k_BHK": zero(k_BTHK[:, 0]), "pend_u_BHV": zero(v_BTHV[:, 0])},
       )
-    outs = []
-    if T > 1:
-      o_head_BTHV, state_BHKV = recurrent_gated_delta_rule(
-        q_BTHK[:, :-1], k_BTHK[:, :-1], v_BTHV[:, :-1], g_BTH[:, :-1], beta_BTH[:, :-1], state_BHKV
-      )
-      outs.append(o_head_BTHV)
-    k_BHK, g_BH = k_BTHK[:, -1], g_BTH[:, -1]
-    o_BHV, u_BHV = last_token_update(q_BTHK[:, -1], k_BHK, v_BTHV[:, -1], g_BH, beta_BTH[:, -1], state_BHKV)
-    o_BTHV = jnp.concatenate([*outs, o_BHV[:, None]], axis=1)
-    return o_BTHV, state_BHKV, {"pend_g_BH": g_BH, "pend_k_BHK": k_BHK, "pend_u_BHV": u_BHV}
+    o_BTHV, state_BHKV, u_BTHV = few_token_delta_rule(
+      q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, applied=T - 1
+    )
+    return o_BTHV, state_BHKV, {"pend_g_BH": g_BTH[:, -1], "pend_k_BHK": k_BTHK[:, -1], "pend_u_BHV": u_BTHV[:, -1]}

@@ -168,7 +168,8 @@ def flop_model_speedup(per_step: dict, rec: dict):
     return 1.0
   if rec["mode"] != "pipo":
     return None
-  pipo = per_step["pipo_tau_ge_1"] if rec["conf_threshold"] >= 1.0 else per_step["pipo_tau_lt_1"]
+  tau = rec["conf_threshold"]
+  pipo = per_step["pipo_tau_ge_1" if tau >= 1.0 else "pipo_tau_le_0" if tau <= 0.0 else "pipo_tau_lt_1"]
   return rec["tokens_per_step"] * per_step["ar"] / pipo
 
 
@@ -253,7 +254,8 @@ def main(argv):
   print(
     f"matmul-FLOP model of the pipo/ar effective speed-up (what a compute-bound decode would reach; "
     f"small-batch decode is bandwidth-bound, so measured eff_x may exceed it): "
-    f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
+    f"tau>=1: {b['bound_tau_ge_1']:.3f}x, tau<=0 (ungated): {b['bound_tau_le_0']:.3f}x, "
+    f"tau<1 all drafts kept: {b['bound_tau_lt_1_all_kept']:.3f}x, "
     f"tau<1 none kept: {b['bound_tau_lt_1_none_kept']:.3f}x"
   )
   print(f"median over {FLAGS.repeats} rounds (min-max over rounds in brackets)")

@@ -129,9 +129,11 @@ def test_bench_pipo_on_release_dir(loaded):
   assert recs[("pipo", 1.0)]["tokens_per_step"] == 1.0  # phase 2 skipped
   f = flops.per_step(loaded.config, 16 + 8 // 2)
   # The FLOP model of each record, by hand: tokens per step x FLOPs(ar) / FLOPs(the mode's step).
-  assert recs[("pipo", -1.0)]["flop_model_speedup"] == pytest.approx(2 * f["ar"] / f["pipo_tau_lt_1"])
+  # At tau <= 0 the decode loop skips the confidence head, and so does its FLOP model.
+  assert recs[("pipo", -1.0)]["flop_model_speedup"] == pytest.approx(2 * f["ar"] / f["pipo_tau_le_0"])
+  assert f["pipo_tau_lt_1"] - f["pipo_tau_le_0"] == flops.confidence_head(loaded.config)
   assert recs[("pipo", 1.0)]["flop_model_speedup"] == pytest.approx(f["ar"] / f["pipo_tau_ge_1"])
-  assert recs[("pipo", -1.0)]["flop_model_speedup"] == pytest.approx(f["bound_tau_lt_1_all_kept"])
+  assert recs[("pipo", -1.0)]["flop_model_speedup"] == pytest.approx(f["bound_tau_le_0"])
 
 
 def _cli(tool, *args, cwd=None, timeout=600):

@@ -12,7 +12,7 @@ Output tracker `out` (a dict pytree carried through `lax.while_loop`):
   steps_B, proposed_B, kept_B  int32 per-row statistics (see GenerateResult)
 
 A decode step's slots are appended by one `emit` call (one scatter into raw_BN, one into presence_BV): on a
-small model every op of the token loop costs about a microsecond whatever its size (docs/performance.md).
+small model every op of the token loop costs about a microsecond whatever its size (docs/design.md#inference-engine).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def emit(
   pad_BK = jnp.zeros((B, K), bool) if pad_slot_BK is None else pad_slot_BK
   active_B, count_B, len_B = out["active_B"], out["count_B"], out["raw_len_B"]
   written, idx, real = [], [], []
-  for k in range(K):  # K <= 2: a few [B] vectors, fused into one op
+  for k in range(K):  # K is 1 or 2: a few [B] vectors, which XLA fuses
     do_B = active_B & allowed_BK[:, k]
     real_B = do_B & ~pad_BK[:, k]
     stop_B = real_B & jnp.any(tok_BK[:, k, None] == stop_ids_E[None, :], axis=-1)

@@ -55,13 +55,16 @@ def per_step(cfg: ModelConfig, ctx_tokens: int) -> dict:
   """FLOPs per decode step at an uncompressed context of ctx_tokens (pipo attends over ctx_tokens / 2 pairs)."""
   ar = backbone_token(cfg, ctx_tokens) + lm_head(cfg)
   pipo_p1 = compressor(cfg) + backbone_token(cfg, ctx_tokens // 2) + lm_head(cfg)
-  pipo_p2 = mtp_layer(cfg, ctx_tokens // 2) + confidence_head(cfg) + lm_head(cfg)
+  pipo_p2 = mtp_layer(cfg, ctx_tokens // 2) + lm_head(cfg)  # at tau <= 0 the confidence head does not run
+  gate = confidence_head(cfg)
   return {
     "ar": ar,
     "pipo_tau_ge_1": pipo_p1,
-    "pipo_tau_lt_1": pipo_p1 + pipo_p2,
+    "pipo_tau_le_0": pipo_p1 + pipo_p2,
+    "pipo_tau_lt_1": pipo_p1 + pipo_p2 + gate,
     # upper bounds of pipo/ar effective-token speed-up at equal FLOP throughput
     "bound_tau_ge_1": ar / pipo_p1,  # 1 token per step
-    "bound_tau_lt_1_all_kept": 2 * ar / (pipo_p1 + pipo_p2),  # 2 tokens per step
-    "bound_tau_lt_1_none_kept": ar / (pipo_p1 + pipo_p2),
+    "bound_tau_lt_1_all_kept": 2 * ar / (pipo_p1 + pipo_p2 + gate),  # 2 tokens per step, gated
+    "bound_tau_le_0": 2 * ar / (pipo_p1 + pipo_p2),  # every draft kept, no gate
+    "bound_tau_lt_1_none_kept": ar / (pipo_p1 + pipo_p2 + gate),
   }

@@ -88,13 +88,14 @@ def _phase2(
   if forced2_B is None:
     # PAD is banned here too: the MTP is never trained to emit it, so a PAD token2 only ever means "gated".
     tok2_B = smp.sample(key, logits2_BV, sp, pres_BV, ban_id=cfg.pad_token_id)
-    keep_B = jax.nn.sigmoid(conf_B) >= tau  # PAD where sigmoid(conf) < tau (strict)
     if not gated:
       keep_B = jnp.ones((B,), bool)
     elif random_pad is not None:
       # fold_in leaves `key` (token2's sample) untouched, so the control differs from the gate only in the PADs.
       u_B = jax.random.uniform(jax.random.fold_in(key, 1), (B,))
       keep_B = u_B >= random_pad
+    else:
+      keep_B = jax.nn.sigmoid(conf_B) >= tau  # PAD where sigmoid(conf) < tau (strict)
   else:
     tok2_B, keep_B = forced2_B, jnp.ones((B,), bool)
   tok2_B = jnp.where(keep_B, tok2_B, cfg.pad_token_id)

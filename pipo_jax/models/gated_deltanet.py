@@ -89,7 +89,7 @@ def few_token_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, ap
   decay_BHTT = jnp.exp(jnp.where(i[:, None] >= i[None, :], gam_BHT[..., :, None] - gam_BHT[..., None, :], -jnp.inf))
   start_BHT1 = jnp.exp(gam_BHT)[..., None]
   beta_BHT1 = jnp.moveaxis(beta_BTH, 1, -1)[..., None]
-  u = []
+  u: list[jax.Array] = []
   for t in range(T):  # T <= RECURRENT_MAX_TOKENS: a few [B, H, V] vectors
     acc_BHV = v_BHTV[:, :, t] - start_BHT1[:, :, t] * read_BHXV[:, :, t]
     for j in range(t):

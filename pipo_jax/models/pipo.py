@@ -68,7 +68,9 @@ class Compressor(nn.Module):
     kind, rand = cfg.compressor_type, cfg.compressor_random_init
     D = cfg.hidden_size
     a_BLD, b_BLD = e_BL2D[..., 0, :], e_BL2D[..., 1, :]
-    p_BL2D = jnp.concatenate([a_BLD, b_BLD], axis=-1)  # token1 in dims 0..D-1, token2 in D..2D-1
+    # [a; b]: token1 in dims 0..D-1, token2 in D..2D-1. A reshape of the pair axis is that concatenation
+    # (row-major), without a concatenate op in every decode step.
+    p_BL2D = e_BL2D.reshape(*e_BL2D.shape[:-2], 2 * D)
 
     def dense(features, name, kernel_init, use_bias=True):
       init = (

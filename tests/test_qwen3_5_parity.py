@@ -177,17 +177,21 @@ def test_left_padded_batch_matches_single_prompts(models):
     assert err <= TOL and err_step <= TOL
 
 
-def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
-  """Chunked form (chunk 16 and 64, split prefill) vs token-by-token recurrence, with decays down to
-  -300 per step that would give inf*0 = NaN without masking before exp."""
-  rng = np.random.RandomState(1)
-  B, T, H, K, V = 2, 100, 3, 8, 5
+def _delta_rule_inputs(rng, T: int, strong_decay_share: float, B=2, H=3, K=8, V=5):
+  """Random delta-rule inputs (q, k, v, g, beta, state): unit keys and queries as the layer makes them, log
+  decays in (-1, 0) except a share of -300."""
   q = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32)) * K**-0.5
   k = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32))
   v = jnp.asarray(rng.randn(B, T, H, V), jnp.float32)
-  g = -jnp.asarray(np.where(rng.rand(B, T, H) < 0.1, 300.0, rng.rand(B, T, H)), jnp.float32)
+  g = -jnp.asarray(np.where(rng.rand(B, T, H) < strong_decay_share, 300.0, rng.rand(B, T, H)), jnp.float32)
   beta = jax.nn.sigmoid(jnp.asarray(rng.randn(B, T, H), jnp.float32))
-  s0 = jnp.asarray(rng.randn(B, H, K, V), jnp.float32)
+  return q, k, v, g, beta, jnp.asarray(rng.randn(B, H, K, V), jnp.float32)
+
+
+def test_gdn_chunked_equals_recurrent_and_survives_strong_decay():
+  """Chunked form (chunk 16 and 64, split prefill) vs token-by-token recurrence, with decays down to
+  -300 per step that would give inf*0 = NaN without masking before exp."""
+  q, k, v, g, beta, s0 = _delta_rule_inputs(np.random.RandomState(1), 100, strong_decay_share=0.1)
   recurrent = jax.jit(gdn.recurrent_gated_delta_rule)
   chunked = jax.jit(gdn.chunked_gated_delta_rule, static_argnums=6)
   o_ref, s_ref = recurrent(q, k, v, g, beta, s0)
@@ -212,14 +216,8 @@ def test_gdn_few_token_closed_form_equals_recurrent():
   """The decode steps' closed form (one read of the state, one rank-T update) vs the token-by-token rule, for
   1-4 tokens, with a decay of -300 in the mix, and the state after T - 1 tokens that a rollback cache keeps."""
   rng = np.random.RandomState(2)
-  B, H, K, V = 2, 3, 8, 5
   for T in (1, 2, 3, 4):
-    q = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32)) * K**-0.5
-    k = gdn.l2norm(jnp.asarray(rng.randn(B, T, H, K), jnp.float32))
-    v = jnp.asarray(rng.randn(B, T, H, V), jnp.float32)
-    g = -jnp.asarray(np.where(rng.rand(B, T, H) < 0.2, 300.0, rng.rand(B, T, H)), jnp.float32)
-    beta = jax.nn.sigmoid(jnp.asarray(rng.randn(B, T, H), jnp.float32))
-    s0 = jnp.asarray(rng.randn(B, H, K, V), jnp.float32)
+    q, k, v, g, beta, s0 = _delta_rule_inputs(rng, T, strong_decay_share=0.2)
     o_ref, s_ref = gdn.recurrent_gated_delta_rule(q, k, v, g, beta, s0)
     o, s, u = gdn.few_token_delta_rule(q, k, v, g, beta, s0)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)

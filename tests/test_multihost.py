@@ -17,8 +17,7 @@ within fp tolerance (tensor parallelism reorders reductions).
 
 Slow: five jax processes each compile the step (3-19 min wall on a 2-core machine, depending on what else runs;
 2 December: step-4 losses 2e-6 apart A-B (11.247358 vs 11.247360), max |param diff| 1.7e-7 A-B and A-C), so it is
-excluded from the default
-run: `pytest -m slow tests/test_multihost.py -s` prints the wall times.
+excluded from the default run: `pytest -m slow tests/test_multihost.py -s` prints the wall times.
 
 `test_opd_two_processes_match_one_and_resume_on_another_mesh` does the same for the tiny OPD recipe (each process
 rolls out its own prompt rows; 2 accumulated rollout batches per step). It compiles generation, teacher scoring and

@@ -104,10 +104,15 @@ def next_positions(cache: dict) -> jax.Array:
 PAD_SLOT = -1  # raw_BN's mark of a PAD slot (finalize turns it back into the PAD id and raw_is_pad)
 
 
-def init_out(batch: int, num_slots: int, vocab: int, pad_id: int, presence: bool) -> dict:
+def _filler(pad_id: int | None) -> int:
+  """The id of unused slots: the PAD id, or any id (0) for ar/mtp on a config without one."""
+  return 0 if pad_id is None else pad_id
+
+
+def init_out(batch: int, num_slots: int, vocab: int, pad_id: int | None, presence: bool) -> dict:
   """An empty tracker; presence: keep the emitted-token sets (only a presence penalty reads them)."""
   B, N = batch, num_slots
-  pad_id = 0 if pad_id is None else pad_id  # ar/mtp on a config without a PAD id: any filler works
+  pad_id = _filler(pad_id)
   z = jnp.zeros((B,), jnp.int32)
   out = {
     "raw_BN": jnp.full((B, N), pad_id, jnp.int32),
@@ -180,10 +185,10 @@ def emit(
   return new, written_BK
 
 
-def finalize(out: dict, max_new: int, pad_id: int, phase2_runs=None) -> dict:
+def finalize(out: dict, max_new: int, pad_id: int | None, phase2_runs=None) -> dict:
   """Tracker -> the arrays of GenerateResult (tokens compacted without PAD slots, statistics)."""
   B, N = out["raw_BN"].shape
-  pad_id = 0 if pad_id is None else pad_id
+  pad_id = _filler(pad_id)
   is_pad_BN = out["raw_BN"] == PAD_SLOT
   raw_BN = jnp.where(is_pad_BN, pad_id, out["raw_BN"])
   keep_BN = (jnp.arange(N)[None, :] < out["raw_len_B"][:, None]) & ~is_pad_BN

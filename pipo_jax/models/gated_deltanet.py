@@ -27,7 +27,7 @@ _HI = jax.lax.Precision.HIGHEST
 # Decode steps of up to this many tokens (a verify pair, an MTP draft pair) run few_token_delta_rule: one read
 # of the state for all tokens and one rank-T update. The chunked form's padding, decay matrix and triangular
 # solve cost more there, and the token-by-token rule passes over the state six times per token.
-RECURRENT_MAX_TOKENS = 4
+FEW_TOKEN_MAX = 4
 
 
 def _einsum(spec, *ops):
@@ -58,8 +58,7 @@ def recurrent_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BH
     return S_BHKV, _einsum("bhkv,bhk->bhv", S_BHKV, q)
 
   xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
-  T = q_BTHK.shape[1]
-  state_BHKV, o_TBHV = jax.lax.scan(step, state_BHKV, xs, unroll=T <= RECURRENT_MAX_TOKENS)
+  state_BHKV, o_TBHV = jax.lax.scan(step, state_BHKV, xs)
   return jnp.moveaxis(o_TBHV, 0, 1), state_BHKV
 
 
@@ -90,7 +89,7 @@ def few_token_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, ap
   start_BHT1 = jnp.exp(gam_BHT)[..., None]
   beta_BHT1 = jnp.moveaxis(beta_BTH, 1, -1)[..., None]
   u: list[jax.Array] = []
-  for t in range(T):  # T <= RECURRENT_MAX_TOKENS: a few [B, H, V] vectors
+  for t in range(T):  # T <= FEW_TOKEN_MAX: a few [B, H, V] vectors
     acc_BHV = v_BHTV[:, :, t] - start_BHT1[:, :, t] * read_BHXV[:, :, t]
     for j in range(t):
       acc_BHV = acc_BHV - (decay_BHTT[:, :, t, j] * dots_BHXT[:, :, t, j])[..., None] * u[j]
@@ -217,7 +216,7 @@ class GatedDeltaNet(nn.Module):
     pending: its conv input "pend_x_BC" and its update (pend_g_BH, pend_k_BHK, pend_u_BHV), state' =
     exp(g) state + k u^T. The next call applies the pending token first, except in rows where "rollback_B"
     [B] is set: those resume from before it. A rejected last token (a draft) is thus undone by a flag, with
-    no second pass and no extra state copy. A call longer than RECURRENT_MAX_TOKENS (a prefill) leaves an
+    no second pass and no extra state copy. A call longer than FEW_TOKEN_MAX (a prefill) leaves an
     identity update pending (g = 0, k = u = 0) and only the conv input, so it cannot be rolled back.
     """
     cfg = self.config
@@ -274,7 +273,7 @@ class GatedDeltaNet(nn.Module):
       # the conv window before the last token (the token itself is pending)
       new_prev_BWC = jnp.concatenate([prev_BWC.astype(mixed_BTC.dtype), mixed_BTC], axis=1)[:, T - 1 : T + W - 2]
       pending["pend_x_BC"] = mixed_BTC[:, -1]
-    elif T <= RECURRENT_MAX_TOKENS and cache is not None:
+    elif T <= FEW_TOKEN_MAX and cache is not None:
       o_BTHV, state_BHKV, _ = few_token_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV)
     else:
       o_BTHV, state_BHKV = chunked_gated_delta_rule(
@@ -292,7 +291,7 @@ class GatedDeltaNet(nn.Module):
   def _rollback_rule(self, q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV):
     """The delta rule for a rollback cache -> (o_BTHV, state before the last token, its pending update)."""
     T = q_BTHK.shape[1]
-    if T > RECURRENT_MAX_TOKENS:  # a prefill: run everything, leave an identity update pending
+    if T > FEW_TOKEN_MAX:  # a prefill: run everything, leave an identity update pending
       o_BTHV, state_BHKV = chunked_gated_delta_rule(
         q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV, self.config.gdn_chunk_size
       )

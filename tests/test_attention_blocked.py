@@ -128,3 +128,39 @@ def test_gated_attention_uses_blocked_path_and_matches_dense():
   err = float(np.abs(np.where(valid[..., None], np.asarray(o_d - o_b), 0)).max())
   print(f"GatedAttention blocked vs dense max|diff| = {err:.2e}")
   assert err <= TOL
+
+
+def _brute_force_attention(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS):
+  """Per (row, query, head): softmax over the visible slots, in float64 numpy."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q_BTGRK, k_BSGK, v_BSGK))
+  B, T, G, R, K = q.shape
+  out = np.zeros_like(q)
+  for b in range(B):
+    for t in range(T):
+      seen = [s for s in range(k.shape[1]) if s <= int(query_slot_T[t]) and bool(key_valid_BS[b, s])]
+      for g in range(G):
+        for r in range(R):
+          scores = np.array([q[b, t, g, r] @ k[b, s, g] for s in seen]) / np.sqrt(K)
+          p = np.exp(scores - scores.max())
+          out[b, t, g, r] = (p / p.sum()) @ v[b, seen, g]
+  return out
+
+
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_decode_step_attention_on_the_cache_layout(T):
+  """A decode step's attention read from the cache layout (K [B, G, K, S], V [B, G, S, K]): CPU's elementwise
+  products reduced in place and the einsums a TPU runs, against a brute-force softmax; slots past the step and
+  invalid slots (a left pad, a rolled-back draft) hidden."""
+  rng = np.random.RandomState(3)
+  B, S, G, R, K = 3, 11, 2, 3, 8
+  q, k, v = _inputs(rng, B, T, S, G, R, K)
+  valid = np.ones((B, S), bool)
+  valid[0, :3] = False  # left pad
+  valid[1, 5] = False  # a rejected draft's slot
+  index = 6  # the step's queries sit at slots 6..6+T-1; later slots hold garbage that must stay hidden
+  slots = jnp.arange(T) + index
+  ref = _brute_force_attention(q, k, v, np.asarray(slots), valid)
+  k_BGKS, v_BGSK = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+  for fn in (attention._cached_few_query_attention, lambda *a: attention._cached_attention(*a, block=0)):
+    got = jax.jit(fn)(q, k_BGKS, v_BGSK, slots, jnp.asarray(valid))
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,8 @@ D model dim, H query heads, G kv heads, R = H/G query heads per kv head, K head 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,10 @@ from pipo_jax.models.norms import RMSNorm, dense
 # Masked scores use the most negative finite fp32 instead of -inf: a query row whose keys are all masked
 # (a left-pad query) then gets a uniform softmax instead of NaN; its output is never used.
 _MASK_VALUE = float(np.finfo(np.float32).min)
+
+# A cached call with at most this many queries is a decode step (ar and pipo 1, mtp and mtp_spec 2 per row);
+# on CPU it reads the cache through _cached_few_query_attention.
+DECODE_QUERIES_MAX = 4
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -53,6 +59,13 @@ def apply_partial_rope(x_BTNK: jax.Array, cos_BTP: jax.Array, sin_BTP: jax.Array
   return jnp.concatenate([rot, rest], axis=-1)
 
 
+def _masked_scores(scores_BGRTS: jax.Array, query_slot_T: jax.Array, key_valid_BS: jax.Array) -> jax.Array:
+  """Scaled-by-caller fp32 scores with slot s hidden from query t unless s <= query_slot_T[t] and valid."""
+  S = key_valid_BS.shape[1]
+  mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
+  return jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
+
+
 def _dense_attention(
   q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, query_slot_T: jax.Array, key_valid_BS: jax.Array
 ) -> jax.Array:
@@ -60,13 +73,41 @@ def _dense_attention(
 
   Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s].
   """
-  S, K = k_BSGK.shape[1], q_BTGRK.shape[-1]
-  mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
-  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32)
-  scores_BGRTS = scores_BGRTS * np.float32(K**-0.5)
-  scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
-  probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BTGRK.dtype)  # softmax in fp32
+  K = q_BTGRK.shape[-1]
+  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32) * np.float32(K**-0.5)
+  probs_BGRTS = jax.nn.softmax(_masked_scores(scores_BGRTS, query_slot_T, key_valid_BS), axis=-1)
+  probs_BGRTS = probs_BGRTS.astype(q_BTGRK.dtype)  # softmax in fp32
   return jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+
+
+def _cached_few_query_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid_BS) -> jax.Array:
+  """_dense_attention for a decode step, reading the cache in its own layout: the scores and the outputs as
+  elementwise products reduced over K and over S, in fp32. XLA:CPU fuses each product into its reduction and
+  reads the cache once, in place; the einsums made it copy every full-attention layer's K and V cache into a
+  transposed layout at every step, half of the demo teacher's batch-32 decode step (docs/design.md#inference-
+  engine). -> o_BTGRK in q's dtype."""
+  K = q_BTGRK.shape[-1]
+  q_BGRTK1 = jnp.transpose(q_BTGRK, (0, 2, 3, 1, 4)).astype(jnp.float32)[..., None]
+  scores_BGRTS = jnp.sum(q_BGRTK1 * k_BGKS[:, :, None, None].astype(jnp.float32), axis=-2) * np.float32(K**-0.5)
+  probs_BGRTS = jax.nn.softmax(_masked_scores(scores_BGRTS, query_slot_T, key_valid_BS), axis=-1)
+  o_BGRTK = jnp.sum(probs_BGRTS[..., None] * v_BGSK[:, :, None, None].astype(jnp.float32), axis=-2)
+  return jnp.transpose(o_BGRTK, (0, 3, 1, 2, 4)).astype(q_BTGRK.dtype)
+
+
+def _attend(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block: int) -> jax.Array:
+  """Blocked attention for long calls (training, long prefill: never materialise [T, S], memory O(block^2) per
+  head, fwd + bwd); dense for short ones (one small [T, S] tile is cheaper than a scan)."""
+  dtype = q_BTGRK.dtype
+  k_BSGK, v_BSGK = k_BSGK.astype(dtype), v_BSGK.astype(dtype)
+  if block and q_BTGRK.shape[1] > block:
+    return blocked_attention(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block, block)
+  return _dense_attention(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS)
+
+
+def _cached_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid_BS, block: int) -> jax.Array:
+  """_attend on the cache layout (the einsums: what a TPU's matrix unit runs, at every call length)."""
+  k_BSGK, v_BSGK = jnp.transpose(k_BGKS, (0, 3, 1, 2)), jnp.swapaxes(v_BGSK, 1, 2)
+  return _attend(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block)
 
 
 class GatedAttention(nn.Module):
@@ -84,14 +125,13 @@ class GatedAttention(nn.Module):
   ) -> tuple[jax.Array, dict | None]:
     """x_BTD (already input-normed) -> (out_BTD, new cache).
 
-    cache (optional): {"k_BSGK", "v_BSGK", "index" (int32 scalar: first slot to write), "valid_BS"
+    cache (optional): {"k_BGKS", "v_BGSK", "index" (int32 scalar: first slot to write), "valid_BS"
     (key validity *before* this call)}. The T new keys are written at slots index..index+T-1 and the queries
     attend causally by slot: query t sees slots s <= index + t that are valid.
     """
     cfg = self.config
     B, T, _ = x_BTD.shape
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    dtype = jnp.dtype(cfg.dtype)
 
     qg_BTHK2 = dense(H * 2 * K, ("embed", "heads"), cfg, "q_proj")(x_BTD).reshape(B, T, H, 2 * K)
     q_BTHK, gate_BTHK = qg_BTHK2[..., :K], qg_BTHK2[..., K:]
@@ -108,18 +148,16 @@ class GatedAttention(nn.Module):
 
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), bool)
+    # GQA: query head h = g*R + r reads kv head g = h // R (HF repeat_kv == repeat_interleave).
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
     if cache is None:
-      k_BSGK, v_BSGK = k_BTGK, v_BTGK
-      key_valid_BS = valid_BT
-      query_slot_T = jnp.arange(T)
-      new_cache = None
+      o_BTGRK, new_cache = _attend(q_BTGRK, k_BTGK, v_BTGK, jnp.arange(T), valid_BT, cfg.attention_block), None
     else:
       index = cache["index"]
       key_valid_BS = jax.lax.dynamic_update_slice(cache["valid_BS"], valid_BT, (0, index))
       query_slot_T = index + jnp.arange(T)
-      # The cache is laid out as the decode matmuls read it: K as [B, G, K, S] (scores q @ K), V as
-      # [B, G, S, K] (p @ V). Stored as [B, S, G, K], every decode step copied each layer's whole cache into
-      # those layouts before its matmuls (measured with pipo_jax.decode_profile).
+      # The cache is laid out as a decode step reads it: K as [B, G, K, S], V as [B, G, S, K] (the einsums'
+      # contraction layouts, and the layouts whose products _cached_few_query_attention reduces in place).
       new_cache = dict(
         cache,
         k_BGKS=write_state(cache, "k_BGKS", jnp.transpose(k_BTGK, (0, 2, 3, 1)), (0, 0, 0, index)),
@@ -127,19 +165,12 @@ class GatedAttention(nn.Module):
         valid_BS=key_valid_BS,
         index=index + T,
       )
-      k_BSGK = jnp.transpose(read_state(new_cache, "k_BGKS"), (0, 3, 1, 2))
-      v_BSGK = jnp.swapaxes(read_state(new_cache, "v_BGSK"), 1, 2)
-    # GQA: query head h = g*R + r reads kv head g = h // R (HF repeat_kv == repeat_interleave).
-    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-    block = cfg.attention_block
-    if block and T > block:
-      # Long calls (training, long prefill): never materialise [T, S] (memory O(block^2) per head, fwd + bwd).
-      # Short calls and decode stay dense: one small [T, S] tile is cheaper than a scan.
-      o_BTGRK = blocked_attention(
-        q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T, key_valid_BS, block, block
-      )
-    else:
-      o_BTGRK = _dense_attention(q_BTGRK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), query_slot_T, key_valid_BS)
+      k_BGKS, v_BGSK = read_state(new_cache, "k_BGKS"), read_state(new_cache, "v_BGSK")
+      attention = functools.partial(_cached_attention, block=cfg.attention_block)
+      if T <= DECODE_QUERIES_MAX:
+        # Picked when lowering for a platform (an AOT TPU compile on a CPU host gets the einsums).
+        attention = functools.partial(jax.lax.platform_dependent, cpu=_cached_few_query_attention, default=attention)
+      o_BTGRK = attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid_BS)
     o_BTF = o_BTGRK.reshape(B, T, H * K)
     # The gate multiplies the concatenated head outputs, before o_proj (as HF).
     o_BTF = o_BTF * jax.nn.sigmoid(gate_BTHK.reshape(B, T, H * K))

@@ -33,6 +33,7 @@ from absl import flags, logging
 from pipo_jax import cli
 from pipo_jax.inference import flops
 from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, params_for_backend, prefill_fn, stop_id_array
+from pipo_jax.inference.pipo_decode import PHASE2_LOOPS, phase2_case
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.io import loading
 from pipo_jax.metrics import median_spread
@@ -168,8 +169,8 @@ def flop_model_speedup(per_step: dict, rec: dict):
     return 1.0
   if rec["mode"] != "pipo":
     return None
-  tau = rec["conf_threshold"]
-  pipo = per_step["pipo_tau_ge_1" if tau >= 1.0 else "pipo_tau_le_0" if tau <= 0.0 else "pipo_tau_lt_1"]
+  loop = PHASE2_LOOPS[int(phase2_case(rec["conf_threshold"]))]
+  pipo = per_step[{"off": "pipo_tau_ge_1", "ungated": "pipo_tau_le_0", "gated": "pipo_tau_lt_1"}[loop]]
   return rec["tokens_per_step"] * per_step["ar"] / pipo
 
 

@@ -7,7 +7,8 @@ For every mode three programs of the same number of steps and the same cache siz
   full     the mode's real token loop (inference.api.decode_fn, greedy, no stop ids), per decode step;
   layers   a fori_loop that runs only the mode's model layers on its step shape: ar the backbone on 1 token;
            mtp and mtp_spec the backbone on 2 tokens then the MTP layer on 2 slots (mtp_spec with the rollback
-           cache); pipo the compressor + backbone on 1 pair then MTP + confidence on 1 slot;
+           cache); pipo the compressor + backbone on 1 pair then MTP on 1 slot (the full loop runs at
+           tau = -1, which keeps every draft without the confidence head);
   +heads   the same plus the LM heads the mode computes per step (ar 1, mtp 2, mtp_spec 3: both verified
            positions and the next draft, pipo 2) and their greedy argmax.
 Each step's tokens come from the previous step's outputs, so nothing is hoisted out of the loop. heads =
@@ -95,11 +96,7 @@ def layer_loop(cfg: ModelConfig, mode: str, batch: int, prompt_len: int, steps: 
       if J:
         mpos_BJ = pos_B[:, None] + jnp.arange(J)[None]
         mtok_BJ = jnp.stack([tok_B] * J, axis=1)
-        if mode == "pipo":
-          m_BJD, conf_BJ, mcache = C.mtp(cfg, params, mtok_BJ, h_BXD, mpos_BJ, jnp.ones((B, J), bool), mcache)
-          m_BJD = m_BJD + conf_BJ[..., None].astype(m_BJD.dtype)  # keep the confidence head live
-        else:
-          m_BJD, mcache = C.mtp_only(cfg, params, mtok_BJ, h_BXD, mpos_BJ, jnp.ones((B, J), bool), mcache)
+        m_BJD, mcache = C.mtp_only(cfg, params, mtok_BJ, h_BXD, mpos_BJ, jnp.ones((B, J), bool), mcache)
       return cache, mcache, next_tokens(params, h_BXD, m_BJD)
 
     return jax.lax.fori_loop(0, steps, body, (cache, mcache, tok_B))[2]

@@ -56,6 +56,16 @@ def pair_layout(ids_BT, valid_BT, pad_id: int):
   return ids2.astype(jnp.int32), q_BT2 >= 0
 
 
+# The token loops pipo_decode compiles, indexed by phase2_case(tau).
+PHASE2_LOOPS = ("off", "ungated", "gated")
+
+
+def phase2_case(tau):
+  """Which of PHASE2_LOOPS a threshold runs (tau a float or a traced scalar): phase 2 off for tau >= 1,
+  every draft kept without the confidence head for tau <= 0, gated otherwise."""
+  return jnp.where(tau >= 1.0, 0, jnp.where(tau <= 0.0, 1, 2))
+
+
 def _phase2(
   cfg,
   params,
@@ -300,5 +310,4 @@ def pipo_decode(
 
   if random_pad is not None or state["trace"] is not None:
     return jax.lax.cond(tau < 1.0, loop("gated"), loop("off"), state)
-  case = jnp.where(tau >= 1.0, 0, jnp.where(tau <= 0.0, 1, 2))
-  return jax.lax.switch(case, [loop("off"), loop("ungated"), loop("gated")], state)
+  return jax.lax.switch(phase2_case(tau), [loop(kind) for kind in PHASE2_LOOPS], state)

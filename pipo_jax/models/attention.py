@@ -96,7 +96,8 @@ def _cached_few_query_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid
 
 def _attend(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS, block: int) -> jax.Array:
   """Blocked attention for long calls (training, long prefill: never materialise [T, S], memory O(block^2) per
-  head, fwd + bwd); dense for short ones (one small [T, S] tile is cheaper than a scan)."""
+  head, fwd + bwd); dense for short ones (one small [T, S] tile is cheaper than a scan). K and V run in q's dtype,
+  the compute dtype (a cache may be stored wider)."""
   dtype = q_BTGRK.dtype
   k_BSGK, v_BSGK = k_BSGK.astype(dtype), v_BSGK.astype(dtype)
   if block and q_BTGRK.shape[1] > block:

@@ -29,8 +29,8 @@ Params tree (under params["backbone"]):
 
 Cache (init_cache): {"index": int32 scalar (next slot to write), "valid_BS": bool [B, S],
   "layers": {"layer_{j}": per-layer state with a leading [R] axis}} where a full-attention state is
-  {"k_BGKS", "v_BGSK"} (K after k_norm + RoPE, raw V; laid out as the decode matmuls read them) and a
-  linear state is {"conv_BWC" [B, W-1, C] pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}.
+  {"k_BGKS", "v_BGSK"} (K after k_norm + RoPE, raw V; laid out as a decode step reads them: GatedAttention) and
+  a linear state is {"conv_BWC" [B, W-1, C] pre-activation conv inputs, "state_BHKV" fp32 [B, Hv, dk, dv]}.
   init_cache(rollback=True) adds "rollback_B" bool [B] and, per linear layer, the pending last token
   "pend_x_BC", "pend_g_BH", "pend_k_BHK", "pend_u_BHV" (GatedDeltaNet says how).
 """

@@ -1,4 +1,5 @@
-"""Blocked (flash-style) attention == the dense path, forward and gradient; O(block) compiled memory."""
+"""Blocked (flash-style) attention == the dense path, forward and gradient; O(block) compiled memory; a decode
+step's attention on the cache layout (both platforms' forms) == a brute-force softmax."""
 
 import jax
 import jax.numpy as jnp

@@ -84,8 +84,8 @@ def _cached_few_query_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid
   """_dense_attention for a decode step, reading the cache in its own layout: the scores and the outputs as
   elementwise products reduced over K and over S, in fp32. XLA:CPU fuses each product into its reduction and
   reads the cache once, in place; the einsums made it copy every full-attention layer's K and V cache into a
-  transposed layout at every step, half of the demo teacher's batch-32 decode step (docs/design.md#inference-
-  engine). -> o_BTGRK in q's dtype."""
+  transposed layout at every step, more than half of the demo teacher's batch-32 decode step
+  (docs/design.md#inference-engine). -> o_BTGRK in q's dtype."""
   K = q_BTGRK.shape[-1]
   q_BGRTK1 = jnp.transpose(q_BTGRK, (0, 2, 3, 1, 4)).astype(jnp.float32)[..., None]
   scores_BGRTS = jnp.sum(q_BGRTK1 * k_BGKS[:, :, None, None].astype(jnp.float32), axis=-2) * np.float32(K**-0.5)

@@ -309,5 +309,5 @@ def pipo_decode(
     return lambda s: jax.lax.while_loop(cond, lambda x: body(x, phase2), s)
 
   if random_pad is not None or state["trace"] is not None:
-    return jax.lax.cond(tau < 1.0, loop("gated"), loop("off"), state)
+    return jax.lax.cond(phase2_case(tau) == 0, loop("off"), loop("gated"), state)
   return jax.lax.switch(phase2_case(tau), [loop(kind) for kind in PHASE2_LOOPS], state)

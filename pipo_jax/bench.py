@@ -33,7 +33,7 @@ from absl import flags, logging
 from pipo_jax import cli
 from pipo_jax.inference import flops
 from pipo_jax.inference.api import MODES, _check_mode, _Static, decode_fn, params_for_backend, prefill_fn, stop_id_array
-from pipo_jax.inference.pipo_decode import phase2_case
+from pipo_jax.inference.pipo_decode import PHASE2_LOOPS, phase2_case
 from pipo_jax.inference.sampling import SamplingParams
 from pipo_jax.io import loading
 from pipo_jax.metrics import median_spread
@@ -162,8 +162,9 @@ def plot(records: list, path: str):
   plt.close(fig)
 
 
-# flops.per_step's entry for each of pipo_decode.PHASE2_LOOPS (phase 2 off, ungated, gated).
-PIPO_STEP_FLOPS = ("pipo_tau_ge_1", "pipo_tau_le_0", "pipo_tau_lt_1")
+# flops.per_step's entry for each of pipo_decode.PHASE2_LOOPS, by loop name (not by position, so a reordered
+# PHASE2_LOOPS cannot silently pair a loop with another loop's FLOPs).
+PIPO_STEP_FLOPS = {"off": "pipo_tau_ge_1", "ungated": "pipo_tau_le_0", "gated": "pipo_tau_lt_1"}
 
 
 def flop_model_speedup(per_step: dict, rec: dict):
@@ -173,7 +174,7 @@ def flop_model_speedup(per_step: dict, rec: dict):
     return 1.0
   if rec["mode"] != "pipo":
     return None
-  pipo = per_step[PIPO_STEP_FLOPS[int(phase2_case(rec["conf_threshold"]))]]
+  pipo = per_step[PIPO_STEP_FLOPS[PHASE2_LOOPS[int(phase2_case(rec["conf_threshold"]))]]]
   return rec["tokens_per_step"] * per_step["ar"] / pipo
 
 

@@ -1,5 +1,6 @@
-"""Blocked (flash-style) attention == the dense path, forward and gradient; O(block) compiled memory; a decode
-step's attention on the cache layout (both platforms' forms) == a brute-force softmax."""
+"""Blocked (flash-style) attention == the dense path, forward and gradient; both == a brute-force softmax (full
+causal with a left pad, and a cached multi-query step); O(block) compiled memory; a decode step's attention on the
+cache layout (both platforms' forms) == a brute-force softmax."""
 
 import jax
 import jax.numpy as jnp
@@ -132,19 +133,47 @@ def test_gated_attention_uses_blocked_path_and_matches_dense():
 
 
 def _brute_force_attention(q_BTGRK, k_BSGK, v_BSGK, query_slot_T, key_valid_BS):
-  """Per (row, query, head): softmax over the visible slots, in float64 numpy."""
+  """Per (row, query, head): softmax over the visible slots, in float64 numpy (zero where a query sees no slot)."""
   q, k, v = (np.asarray(a, np.float64) for a in (q_BTGRK, k_BSGK, v_BSGK))
   B, T, G, R, K = q.shape
   out = np.zeros_like(q)
   for b in range(B):
     for t in range(T):
       seen = [s for s in range(k.shape[1]) if s <= int(query_slot_T[t]) and bool(key_valid_BS[b, s])]
+      if not seen:
+        continue
       for g in range(G):
         for r in range(R):
           scores = np.array([q[b, t, g, r] @ k[b, s, g] for s in seen]) / np.sqrt(K)
           p = np.exp(scores - scores.max())
           out[b, t, g, r] = (p / p.sum()) @ v[b, seen, g]
   return out
+
+
+@pytest.mark.parametrize(
+  "T,S,index,pad", [(13, 13, 0, 4), (5, 17, 7, 2)], ids=["full_causal_left_pad", "cached_5_queries"]
+)
+def test_dense_and_blocked_equal_brute_force(T, S, index, pad):
+  """The training / prefill forms against the float64 brute force on the query rows that see a key: row 0
+  left-padded by `pad` slots, row 1 not; queries at slots index..index+T-1 (the cached form when S > T)."""
+  rng = np.random.RandomState(4)
+  B, G, R, K = 2, 2, 3, 8
+  q, k, v = _inputs(rng, B, T, S, G, R, K)
+  valid = np.zeros((B, S), bool)
+  valid[:, : index + T] = True
+  valid[0, :pad] = False
+  slots = index + jnp.arange(T)
+  ref = _brute_force_attention(q, k, v, np.asarray(slots), valid)
+  seen_BT = np.array([[any(valid[b, : index + t + 1]) for t in range(T)] for b in range(B)])
+  assert (~seen_BT).sum() == max(pad - index, 0)  # row 0's pad queries of the full causal case see nothing
+  for name, fn in (
+    ("dense", attention._dense_attention),
+    ("blocked", lambda *a: blocked_attention(*a, 4, 8)),
+  ):
+    got = np.asarray(jax.jit(fn)(q, k, v, slots, jnp.asarray(valid)))
+    err = np.abs(got - ref)[seen_BT].max()
+    print(f"  {name}: max|attention - float64 brute force| = {err:.2e}")
+    assert err <= TOL, (name, err)
 
 
 @pytest.mark.parametrize("T", [1, 2, 4])

@@ -59,25 +59,28 @@ def apply_partial_rope(x_BTNK: jax.Array, cos_BTP: jax.Array, sin_BTP: jax.Array
   return jnp.concatenate([rot, rest], axis=-1)
 
 
-def _masked_scores(scores_BGRTS: jax.Array, query_slot_T: jax.Array, key_valid_BS: jax.Array) -> jax.Array:
-  """Scaled-by-caller fp32 scores with slot s hidden from query t unless s <= query_slot_T[t] and valid."""
+def _visible_BTS(query_slot_T: jax.Array, key_valid_BS: jax.Array) -> jax.Array:
+  """Query t sees slot s iff s <= query_slot_T[t] and key_valid_BS[b, s]."""
   S = key_valid_BS.shape[1]
-  mask_BTS = (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
-  return jnp.where(mask_BTS[:, None, None], scores_BGRTS, _MASK_VALUE)
+  return (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
 
 
 def _dense_attention(
   q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, query_slot_T: jax.Array, key_valid_BS: jax.Array
 ) -> jax.Array:
-  """Reference path: full masked [B, G, R, T, S] fp32 scores. -> o_BTGRK [B, T, G, R, K] in q's dtype.
+  """Reference path: full masked [B, G, T, R, S] fp32 scores. -> o_BTGRK [B, T, G, R, K] in q's dtype.
 
-  Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s].
+  Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s]. The scores keep q's own order of
+  its free axes (t before r), the order the dot emits them in: a [B, G, R, T, S] order cost XLA:CPU one more
+  transposed copy of the whole score matrix per layer and training step (3 -> 2; 126 -> 93 MiB of attention
+  layout copies on experiments/sft_step_time.py's config M).
   """
   K = q_BTGRK.shape[-1]
-  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK).astype(jnp.float32) * np.float32(K**-0.5)
-  probs_BGRTS = jax.nn.softmax(_masked_scores(scores_BGRTS, query_slot_T, key_valid_BS), axis=-1)
-  probs_BGRTS = probs_BGRTS.astype(q_BTGRK.dtype)  # softmax in fp32
-  return jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK)
+  scores_BGTRS = jnp.einsum("btgrk,bsgk->bgtrs", q_BTGRK, k_BSGK).astype(jnp.float32) * np.float32(K**-0.5)
+  visible_BGTRS = _visible_BTS(query_slot_T, key_valid_BS)[:, None, :, None, :]
+  probs_BGTRS = jax.nn.softmax(jnp.where(visible_BGTRS, scores_BGTRS, _MASK_VALUE), axis=-1)
+  probs_BGTRS = probs_BGTRS.astype(q_BTGRK.dtype)  # softmax in fp32
+  return jnp.einsum("bgtrs,bsgk->btgrk", probs_BGTRS, v_BSGK)
 
 
 def _cached_few_query_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid_BS) -> jax.Array:
@@ -89,7 +92,8 @@ def _cached_few_query_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid
   K = q_BTGRK.shape[-1]
   q_BGRTK1 = jnp.transpose(q_BTGRK, (0, 2, 3, 1, 4)).astype(jnp.float32)[..., None]
   scores_BGRTS = jnp.sum(q_BGRTK1 * k_BGKS[:, :, None, None].astype(jnp.float32), axis=-2) * np.float32(K**-0.5)
-  probs_BGRTS = jax.nn.softmax(_masked_scores(scores_BGRTS, query_slot_T, key_valid_BS), axis=-1)
+  visible_BGRTS = _visible_BTS(query_slot_T, key_valid_BS)[:, None, None]
+  probs_BGRTS = jax.nn.softmax(jnp.where(visible_BGRTS, scores_BGRTS, _MASK_VALUE), axis=-1)
   o_BGRTK = jnp.sum(probs_BGRTS[..., None] * v_BGSK[:, :, None, None].astype(jnp.float32), axis=-2)
   return jnp.transpose(o_BGRTK, (0, 3, 1, 2, 4)).astype(q_BTGRK.dtype)
 

@@ -1,6 +1,7 @@
 """Blocked (flash-style) attention == the dense path, forward and gradient; both == a brute-force softmax (full
-causal with a left pad, and a cached multi-query step); O(block) compiled memory; a decode step's attention on the
-cache layout (both platforms' forms) == a brute-force softmax."""
+causal with a left pad, and a cached multi-query step); the dense path's gradient == autodiff of the plain
+softmax; O(block) compiled memory; a decode step's attention on the cache layout (both platforms' forms) == a
+brute-force softmax."""
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,33 @@ def test_dense_and_blocked_equal_brute_force(T, S, index, pad):
     got = np.asarray(jax.jit(fn)(q, k, v, slots, jnp.asarray(valid)))
     err = np.abs(got - ref)[seen_BT].max()
     print(f"  {name}: max|attention - float64 brute force| = {err:.2e}")
+    assert err <= TOL, (name, err)
+
+
+def test_dense_gradient_equals_autodiff_of_the_plain_softmax():
+  """_dense_attention's hand-written products (custom VJPs ordering the gradient dots) against JAX autodiff of the
+  textbook masked softmax(q k^T / sqrt(K)) v, on a GQA causal call with a left pad."""
+  rng = np.random.RandomState(5)
+  B, T, G, R, K = 2, 19, 2, 3, 8
+  q, k, v = _inputs(rng, B, T, T, G, R, K)
+  valid = np.ones((B, T), bool)
+  valid[1, :4] = False
+  slots, w = jnp.arange(T), jnp.asarray(rng.randn(B, T, G, R, K), jnp.float32)
+  visible_BTS = (np.arange(T)[None, None, :] <= np.arange(T)[None, :, None]) & valid[:, None, :]
+  w = w * jnp.asarray(visible_BTS.any(-1))[:, :, None, None, None]  # pad queries' outputs are never read
+
+  def plain(q, k, v):
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k) / np.sqrt(K)
+    probs = jax.nn.softmax(jnp.where(jnp.asarray(visible_BTS)[:, None, None], scores, -1e30), axis=-1)
+    return jnp.einsum("bgrts,bsgk->btgrk", probs, v)
+
+  def grads(fn):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+
+  got = grads(lambda q, k, v: attention._dense_attention(q, k, v, slots, jnp.asarray(valid)))
+  for name, a, b in zip("qkv", got, grads(plain)):
+    err = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    print(f"  d{name}: max|hand-written - autodiff| = {err:.2e}")
     assert err <= TOL, (name, err)
 
 

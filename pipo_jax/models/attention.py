@@ -65,22 +65,69 @@ def _visible_BTS(query_slot_T: jax.Array, key_valid_BS: jax.Array) -> jax.Array:
   return (jnp.arange(S)[None, None, :] <= query_slot_T[None, :, None]) & key_valid_BS[:, None, :]
 
 
+# The two products of dense attention with hand-written gradients. Autodiff's gradient products contract the
+# score-sized operand over its (t, r) rows, which XLA:CPU's dot canonicalisation serves with a transposed copy of
+# the whole [T, S] matrix (dK from dS, dV from P: two per layer and training step). Here the small operand (q or
+# dO, [T, K] per head) is the one contracted over its rows, so no score-sized copy is made; a TPU picks layouts
+# freely either way. Dimension numbers: ((lhs contracting, rhs contracting), (lhs batch, rhs batch)).
+
+
+@jax.custom_vjp
+def _scores_BGTRS(q_BTGRK: jax.Array, k_BSGK: jax.Array) -> jax.Array:
+  """q k^T per (b, g) -> [B, G, T, R, S]: q's free axes in q's order (t, r), the order the dot emits."""
+  return jax.lax.dot_general(q_BTGRK, k_BSGK, (((4,), (3,)), ((0, 2), (0, 2))))
+
+
+def _scores_fwd(q_BTGRK, k_BSGK):
+  return _scores_BGTRS(q_BTGRK, k_BSGK), (q_BTGRK, k_BSGK)
+
+
+def _scores_bwd(res, dscores_BGTRS):
+  q_BTGRK, k_BSGK = res
+  dq_BGTRK = jax.lax.dot_general(dscores_BGTRS, k_BSGK, (((4,), (1,)), ((0, 1), (0, 2))))
+  dk_BGKS = jax.lax.dot_general(q_BTGRK, dscores_BGTRS, (((1, 3), (2, 3)), ((0, 2), (0, 1))))
+  return jnp.transpose(dq_BGTRK, (0, 2, 1, 3, 4)), jnp.transpose(dk_BGKS, (0, 3, 1, 2))
+
+
+_scores_BGTRS.defvjp(_scores_fwd, _scores_bwd)
+
+
+@jax.custom_vjp
+def _mix_BTGRK(probs_BGTRS: jax.Array, v_BSGK: jax.Array) -> jax.Array:
+  """probs v per (b, g) -> [B, T, G, R, K]."""
+  o_BGTRK = jax.lax.dot_general(probs_BGTRS, v_BSGK, (((4,), (1,)), ((0, 1), (0, 2))))
+  return jnp.transpose(o_BGTRK, (0, 2, 1, 3, 4))
+
+
+def _mix_fwd(probs_BGTRS, v_BSGK):
+  return _mix_BTGRK(probs_BGTRS, v_BSGK), (probs_BGTRS, v_BSGK)
+
+
+def _mix_bwd(res, do_BTGRK):
+  probs_BGTRS, v_BSGK = res
+  do_BGTRK = jnp.transpose(do_BTGRK, (0, 2, 1, 3, 4))
+  dprobs_BGTRS = jax.lax.dot_general(do_BGTRK, v_BSGK, (((4,), (3,)), ((0, 1), (0, 2))))
+  dv_BGKS = jax.lax.dot_general(do_BGTRK, probs_BGTRS, (((2, 3), (2, 3)), ((0, 1), (0, 1))))
+  return dprobs_BGTRS, jnp.transpose(dv_BGKS, (0, 3, 1, 2))
+
+
+_mix_BTGRK.defvjp(_mix_fwd, _mix_bwd)
+
+
 def _dense_attention(
   q_BTGRK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, query_slot_T: jax.Array, key_valid_BS: jax.Array
 ) -> jax.Array:
   """Reference path: full masked [B, G, T, R, S] fp32 scores. -> o_BTGRK [B, T, G, R, K] in q's dtype.
 
-  Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s]. The scores keep q's own order of
-  its free axes (t before r), the order the dot emits them in: a [B, G, R, T, S] order cost XLA:CPU one more
-  transposed copy of the whole score matrix per layer and training step (3 -> 2; 126 -> 93 MiB of attention
-  layout copies on experiments/sft_step_time.py's config M).
+  Query t attends to slot s iff s <= query_slot_T[t] and key_valid_BS[b, s]. On experiments/sft_step_time.py's
+  config M the score layout and the two products above took XLA:CPU's attention layout copies from 126 to
+  32 MiB per training step (three transposed copies of each layer's score matrix to none).
   """
   K = q_BTGRK.shape[-1]
-  scores_BGTRS = jnp.einsum("btgrk,bsgk->bgtrs", q_BTGRK, k_BSGK).astype(jnp.float32) * np.float32(K**-0.5)
+  scores_BGTRS = _scores_BGTRS(q_BTGRK, k_BSGK).astype(jnp.float32) * np.float32(K**-0.5)
   visible_BGTRS = _visible_BTS(query_slot_T, key_valid_BS)[:, None, :, None, :]
   probs_BGTRS = jax.nn.softmax(jnp.where(visible_BGTRS, scores_BGTRS, _MASK_VALUE), axis=-1)
-  probs_BGTRS = probs_BGTRS.astype(q_BTGRK.dtype)  # softmax in fp32
-  return jnp.einsum("bgtrs,bsgk->btgrk", probs_BGTRS, v_BSGK)
+  return _mix_BTGRK(probs_BGTRS.astype(q_BTGRK.dtype), v_BSGK)  # softmax in fp32
 
 
 def _cached_few_query_attention(q_BTGRK, k_BGKS, v_BGSK, query_slot_T, key_valid_BS) -> jax.Array:

@@ -115,7 +115,10 @@ def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV
   """Chunked parallel delta rule, continuing from state_BHKV. All inputs fp32.
 
   Returns (o_BTHV, final state_BHKV). T is zero-padded to a multiple of the chunk; zero padding at the end
-  leaves outputs and the final state exact.
+  leaves outputs and the final state exact. Chunks lead every intermediate ([N, B, H, L, ...]): the scan over
+  them then reads its inputs and stacks its outputs in place, where a [B, H, N, ...] order made XLA copy each
+  of them chunk-major and back, forward and backward (config M of experiments/sft_step_time.py: 120 MiB of
+  layout copies per training step).
   """
   B, T, H, K = k_BTHK.shape
   V = v_BTHV.shape[-1]
@@ -123,34 +126,34 @@ def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV
   pad = (-T) % L
   N = (T + pad) // L
 
-  def to_chunks(a):  # [B, T, H, ...] -> [B, H, N, L, ...]
+  def to_chunks(a):  # [B, T, H, ...] -> [N, B, H, L, ...]
     a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
     a = a.reshape((B, N, L) + a.shape[2:])
-    return jnp.moveaxis(a, 3, 1)
+    return jnp.transpose(a, (1, 0, 3, 2) + tuple(range(4, a.ndim)))
 
   q, k, v, g, beta = (to_chunks(a) for a in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
-  gam_BHNL = jnp.cumsum(g, axis=-1)  # cumulative log-decay inside each chunk
+  gam_NBHL = jnp.cumsum(g, axis=-1)  # cumulative log-decay inside each chunk
   i = jnp.arange(L)
   causal_ij = i[:, None] >= i[None, :]
   strict_ij = i[:, None] > i[None, :]
   # Mask *before* exp: above the diagonal gam_i - gam_j > 0 can reach 1e4 and exp would overflow to inf,
   # and inf * 0 is NaN.
-  diff_BHNij = gam_BHNL[..., :, None] - gam_BHNL[..., None, :]
-  decay_BHNij = jnp.exp(jnp.where(causal_ij, diff_BHNij, -jnp.inf))
+  diff_NBHij = gam_NBHL[..., :, None] - gam_NBHL[..., None, :]
+  decay_NBHij = jnp.exp(jnp.where(causal_ij, diff_NBHij, -jnp.inf))
 
-  kk_BHNij = _einsum("bhnik,bhnjk->bhnij", k, k)
-  lower_BHNij = jnp.where(strict_ij, beta[..., :, None] * kk_BHNij * decay_BHNij, 0.0)
+  kk_NBHij = _einsum("nbhik,nbhjk->nbhij", k, k)
+  lower_NBHij = jnp.where(strict_ij, beta[..., :, None] * kk_NBHij * decay_NBHij, 0.0)
   # One unit-lower-triangular solve gives both U = (I+L)^-1 diag(beta) V and W = (I+L)^-1 diag(beta e^gam) K
   # (matmul-only: lax.linalg.triangular_solve deadlocks XLA's CPU thread pool, see models/triangular.py).
-  rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gam_BHNL))[..., None] * k], axis=-1)
-  sol = unit_lower_solve(lower_BHNij, rhs)
-  u_BHNLV, w_BHNLK = sol[..., :V], sol[..., V:]
+  rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gam_NBHL))[..., None] * k], axis=-1)
+  sol = unit_lower_solve(lower_NBHij, rhs)
+  u_NBHLV, w_NBHLK = sol[..., :V], sol[..., V:]
 
-  qk_BHNij = jnp.where(causal_ij, _einsum("bhnik,bhnjk->bhnij", q, k) * decay_BHNij, 0.0)
-  q_dec = q * jnp.exp(gam_BHNL)[..., None]
-  gam_last_BHN = gam_BHNL[..., -1]
+  qk_NBHij = jnp.where(causal_ij, _einsum("nbhik,nbhjk->nbhij", q, k) * decay_NBHij, 0.0)
+  q_dec = q * jnp.exp(gam_NBHL)[..., None]
+  gam_last_NBH = gam_NBHL[..., -1]
   # exp(gam_C - gam_i) rather than exp(gam_C)/exp(gam_i): the latter is 0/0 for strong decays.
-  k_dec = k * jnp.exp(gam_last_BHN[..., None] - gam_BHNL)[..., None]
+  k_dec = k * jnp.exp(gam_last_NBH[..., None] - gam_NBHL)[..., None]
 
   def step(S_BHKV, xs):
     u, w, qd, qk, kd, glast = xs
@@ -159,10 +162,10 @@ def chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV
     S_BHKV = jnp.exp(glast)[..., None, None] * S_BHKV + _einsum("bhlk,bhlv->bhkv", kd, v_new)
     return S_BHKV, o
 
-  xs = tuple(jnp.moveaxis(a, 2, 0) for a in (u_BHNLV, w_BHNLK, q_dec, qk_BHNij, k_dec, gam_last_BHN))
+  xs = (u_NBHLV, w_NBHLK, q_dec, qk_NBHij, k_dec, gam_last_NBH)
   state_BHKV, o_NBHLV = jax.lax.scan(step, state_BHKV, xs)
-  o_BTHV = jnp.moveaxis(o_NBHLV, 0, 2).reshape(B, H, N * L, V)[:, :, :T]
-  return jnp.moveaxis(o_BTHV, 1, 2), state_BHKV
+  o_BTHV = jnp.transpose(o_NBHLV, (1, 0, 3, 2, 4)).reshape(B, N * L, H, V)[:, :T]
+  return o_BTHV, state_BHKV
 
 
 class CausalConv(nn.Module):
